@@ -1,0 +1,368 @@
+"""Command line: ``onnxopt run | inspect | validate | passes``. The only module that prints.
+
+Exit codes: 0 success; 1 validation failed (no model written unless ``--force``); 2 bad usage or bad
+input (one line on stderr, nothing written); 3 a pass or onnxopt itself failed; 130 interrupted.
+``--debug`` shows tracebacks instead of one-line errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from onnxopt.errors import OnnxoptError, UsageError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"onnxopt: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxopt", description="Make ONNX models small and fast: prune, split, svd, quant.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log one line per pass and stage")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="optimize a model with a list of passes and validate the result")
+    run.add_argument("model", help="input .onnx model (never overwritten)")
+    run.add_argument("--passes", default="", help="comma-separated pass names, in order (see 'onnxopt passes')")
+    run.add_argument("-o", "--output", required=True, help="output .onnx path")
+    run.add_argument("--data", help="calibration data .npz keyed by input name (optional 'labels')")
+    run.add_argument("--eval", help="held-out evaluation data .npz for validation (default: --data)")
+    run.add_argument("--report", help="write the JSON report here")
+    run.add_argument("--force", action="store_true", help="write the model even when validation fails")
+    run.add_argument("--no-validate", action="store_true", help="skip the final validation")
+    run.add_argument("--latency", action="store_true", help="measure onnxruntime latency before and after")
+    _add_budget_options(run)
+    _add_data_options(run)
+    _add_pass_options(run)
+
+    inspect = sub.add_parser("inspect", help="per-layer shapes, parameters and MACs")
+    inspect.add_argument("model")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...", help="fix a dynamic input")
+
+    val = sub.add_parser("validate", help="compare an optimized model with its original")
+    val.add_argument("original")
+    val.add_argument("optimized")
+    val.add_argument("--data", help="evaluation data .npz (default: seeded random inputs)")
+    val.add_argument("--json", action="store_true", help="print the validation report as JSON")
+    _add_budget_options(val)
+    _add_data_options(val)
+
+    sub.add_parser("passes", help="list the registered passes")
+    return parser
+
+
+def _add_budget_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("error budget (default: exact 1e-5 for exact passes)")
+    group.add_argument("--max-accuracy-drop", type=_non_negative, metavar="PP", help="percentage points")
+    group.add_argument("--min-cosine", type=float, metavar="C", help="lowest per-sample cosine similarity")
+    group.add_argument("--max-rel-l2", type=_non_negative, metavar="E", help="highest per-sample relative L2 error")
+    group.add_argument("--max-abs", type=_non_negative, metavar="E", help="highest max|diff| / max(1, max|y|)")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="batch size for dynamic batch axes")
+    parser.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...", help="fix a dynamic input")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random inputs and passes")
+
+
+def _add_pass_options(parser: argparse.ArgumentParser) -> None:
+    from onnxopt import registry
+
+    for name in registry.available():
+        try:
+            cls = registry.get_pass(name)
+        except OnnxoptError:
+            continue
+        fields = dataclasses.fields(cls.config_class)
+        if not fields:
+            continue
+        group = parser.add_argument_group(f"'{name}' pass options")
+        for field in fields:
+            flag = f"--{name}-{field.name.replace('_', '-')}"
+            help_text = field.metadata.get("help", "")
+            default = field.default if field.default is not dataclasses.MISSING else None
+            dest = f"pass__{name}__{field.name}"
+            if isinstance(default, bool):
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            else:
+                kind = type(default) if default is not None else str
+                group.add_argument(
+                    flag, dest=dest, type=kind, default=None, choices=field.metadata.get("choices"), help=help_text
+                )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.debug:
+        logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        sys.stderr.write("onnxopt: interrupted; nothing was written\n")
+        return EXIT_INTERRUPTED
+    except OnnxoptError as e:
+        if args.debug:
+            raise
+        sys.stderr.write(f"onnxopt: error: {_one_line(e)}\n")
+        return EXIT_USAGE
+    except Exception as e:
+        if args.debug:
+            raise
+        sys.stderr.write(f"onnxopt: failed: {_one_line(e)} (run with --debug for the traceback)\n")
+        return EXIT_FAILED
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from onnxopt import registry
+
+    table = registry.available()
+    width = max((len(n) for n in table), default=0)
+    for name in table:
+        cls = registry.get_pass(name)
+        kind = "exact" if cls.exact else "lossy"
+        print(f"{name:<{width}}  [{kind}]  {cls.summary()}")
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from onnxopt import cost, data, graph
+
+    model = graph.load(args.model)
+    shapes = data.parse_shape_overrides(args.input_shape)
+    result = cost.estimate(model, input_shapes=shapes)
+    if args.json:
+        payload = result.to_json() | {"nodes": [dataclasses.asdict(n) for n in result.nodes]}
+        print(json.dumps(payload, indent=1))
+        return EXIT_OK
+    specs = ", ".join(s.describe() for s in data.input_specs(model))
+    print(f"{args.model}: opset {graph.default_opset(model)}, IR {model.ir_version}, inputs {specs}")
+    rows = [("node", "op", "output shape", "params", "MACs")]
+    for node in result.nodes:
+        if node.macs or node.params:
+            shape = "x".join(map(str, node.output_shape)) if node.output_shape else "?"
+            rows.append((node.name[-40:], node.op_type, shape, f"{node.params:,}", f"{node.macs:,}"))
+    _print_table(rows)
+    print(
+        f"total: {result.params:,} params, {result.macs:,} MACs ({result.macs / 1e9:.3f} G), "
+        f"{result.ops:,} other ops, {result.bytes:,} bytes, {len(result.nodes)} nodes"
+    )
+    unknown = sum(1 for n in result.nodes if n.output_shape is None)
+    if unknown:
+        print(f"note: {unknown} nodes have unknown shapes (their MACs count 0); fix dynamic inputs with --input-shape")
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from onnxopt import data, graph
+    from onnxopt.validate import Budget, validate
+
+    original = graph.load(args.original)
+    graph.load(args.optimized)  # clear errors for a bad file before onnxruntime sees it
+    shapes = data.parse_shape_overrides(args.input_shape)
+    if args.data:
+        source = data.as_source(args.data, original, batch_size=args.batch_size, what="data")
+    else:
+        source = data.random_source(original, seed=args.seed, shapes=shapes)
+    budget = _budget(args) or Budget.default(exact=False, has_labels=source.has_labels)
+    report = validate(args.original, args.optimized, source, budget)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        _print_validation(report)
+    return EXIT_OK if report.ok else EXIT_INVALID
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from onnxopt import data, graph, registry
+    from onnxopt.manager import PassManager
+
+    source, output = Path(args.model), Path(args.output)
+    _check_output_path(source, output)
+    if args.report:
+        _check_output_path(source, Path(args.report))
+    names = [n.strip() for n in args.passes.split(",") if n.strip()]
+    options = _pass_options(args, names)
+    passes = [registry.make_pass(name, **options.get(name, {})) for name in names]
+    manager = PassManager(
+        passes,
+        data=args.data,
+        eval_data=args.eval,
+        budget=_budget(args),
+        validate=not args.no_validate,
+        batch_size=args.batch_size,
+        input_shapes=data.parse_shape_overrides(args.input_shape),
+        seed=args.seed,
+        progress=_progress_printer(),
+    )
+    report = manager.run(source)
+    latency = _measure_latency(source, report.model, manager, args) if args.latency else None
+    _print_run(report, latency)
+    payload = report.to_json()
+    if latency is not None:
+        payload["latency_us"] = latency
+    if args.report:
+        _write_json_atomic(Path(args.report), payload)
+    if not report.ok and not args.force:
+        print(f"validation failed: nothing written to {output} (use --force to write it anyway)")
+        return EXIT_INVALID
+    graph.save(report.model, output)
+    print(f"wrote {output}")
+    return EXIT_OK if report.ok else EXIT_INVALID
+
+
+def _pass_options(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
+    options: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if not key.startswith("pass__") or value is None:
+            continue
+        _, pass_name, field = key.split("__", 2)
+        if pass_name not in names:
+            flag = f"--{pass_name}-{field.replace('_', '-')}"
+            raise UsageError(f"{flag} was given but '{pass_name}' is not in --passes")
+        options.setdefault(pass_name, {})[field] = value
+    return options
+
+
+def _budget(args: argparse.Namespace):
+    from onnxopt.validate import Budget
+
+    budget = Budget(
+        max_accuracy_drop=args.max_accuracy_drop,
+        min_cosine=args.min_cosine,
+        max_rel_l2=args.max_rel_l2,
+        max_abs=args.max_abs,
+    )
+    return None if budget.is_empty() else budget
+
+
+def _check_output_path(source: Path, output: Path) -> None:
+    if output.exists() and source.exists() and os.path.samefile(source, output):
+        raise UsageError(f"{output}: refusing to overwrite the input model; choose another output path")
+    if output.is_dir():
+        raise UsageError(f"{output}: is a directory; give a file name")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{output}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{output}: directory {parent} is not writable")
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _measure_latency(source: Path, optimized, manager, args) -> dict[str, float]:
+    from onnxopt import data, graph
+    from onnxopt.runtime import measure_latency
+
+    original = graph.load(source)
+    feeds = next(iter(data.random_source(original, seed=args.seed, shapes=manager.input_shapes))).feeds
+    before, after = measure_latency([source, optimized], feeds)
+    return {"before": round(before.median_us, 2), "after": round(after.median_us, 2)}
+
+
+def _print_run(report, latency: dict[str, float] | None) -> None:
+    for record in report.passes:
+        state = "changed" if record.modified else "unchanged"
+        print(f"pass {record.name}: {state}, {len(record.changes)} sites rewritten, {len(record.skipped)} skipped, "
+              f"{record.seconds:.2f} s")
+        for skip in record.skipped[:10]:
+            print(f"  skipped {skip.site}: {skip.reason}")
+        if len(record.skipped) > 10:
+            print(f"  ... {len(record.skipped) - 10} more skipped sites in the report")
+    before, after = report.before, report.after
+    rows = [("", "before", "after", "ratio")]
+    for label, b, a in (("params", before.params, after.params), ("MACs", before.macs, after.macs),
+                        ("bytes", before.bytes, after.bytes)):
+        rows.append((label, f"{b:,}", f"{a:,}", f"{a / b:.3f}" if b else "-"))
+    if latency is not None:
+        rows.append(("latency us", f"{latency['before']:.1f}", f"{latency['after']:.1f}",
+                     f"{latency['after'] / latency['before']:.3f}"))
+    if report.validation is not None and report.validation.accuracy is not None:
+        acc = report.validation.accuracy
+        rows.append(("accuracy %", f"{acc['before']:.2f}", f"{acc['after']:.2f}", ""))
+    _print_table(rows)
+    if report.validation is not None:
+        _print_validation(report.validation)
+
+
+def _print_validation(report) -> None:
+    print(f"validation on {report.samples} samples of {report.data} ({report.budget.describe()}): "
+          f"{'ok' if report.ok else 'FAILED'}")
+    for name, diff in report.outputs.items():
+        top1 = f", top-1 agreement {diff.top1_agreement:.4f}" if diff.top1_agreement is not None else ""
+        print(f"  {name}: max abs {diff.max_abs:.3g}, cosine {diff.cosine:.6f}, rel L2 {diff.rel_l2:.3g}{top1}")
+    for failure in report.failures:
+        print(f"  failed: {failure}")
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+def _progress_printer():
+    if not sys.stderr.isatty():
+        return None
+
+    def show(stage: str, done: int, total: int | None) -> None:
+        of = f"/{total}" if total else ""
+        end = "\n" if total and done >= total else ""
+        sys.stderr.write(f"\r{stage}: {done}{of} samples{end}")
+        sys.stderr.flush()
+
+    return show
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return " ".join(text.split())[:500]
+
+
+_COMMANDS = {"run": _cmd_run, "inspect": _cmd_inspect, "validate": _cmd_validate, "passes": _cmd_passes}

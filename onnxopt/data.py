@@ -1,0 +1,302 @@
+"""Calibration and evaluation data: `.npz` files, arrays, feed-dict iterables, callables, or random inputs.
+
+Whatever the user gives becomes a :class:`DataSource`: something that can be iterated *again* after each
+pass (statistics are re-collected on the rewritten model), yielding :class:`Batch` objects whose feeds
+match the model's data inputs in name, dtype and shape.
+
+Array data (an ``.npz`` file or a mapping of arrays) is keyed by input name with the samples on axis 0;
+an optional ``labels`` array gives class labels for accuracy. Keys written as ``input__<name>`` (the
+reference files in ``../shared/models``) are accepted too, and ``output__*`` keys are ignored. Arrays are
+cut into batches of the model's fixed batch size, or of ``batch_size`` when the batch axis is dynamic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import graph as graph_io
+from onnxopt.errors import DataError
+
+__all__ = [
+    "Feeds",
+    "DataLike",
+    "Batch",
+    "InputSpec",
+    "DataSource",
+    "input_specs",
+    "as_source",
+    "random_source",
+    "parse_shape_overrides",
+]
+
+logger = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+DataLike = Union[str, os.PathLike, Mapping[str, np.ndarray], Iterable[Mapping[str, Any]], Callable[[], Iterable]]
+LABELS = "labels"
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One batch: feeds for the model's data inputs, and labels when the data has them."""
+
+    feeds: Feeds
+    labels: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        first = next(iter(self.feeds.values()))
+        return int(first.shape[0]) if first.ndim else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A data input of the model: name, numpy dtype and shape (``None`` for an unknown dim)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        if self.shape and self.shape[0] is not None:
+            return self.shape[0]
+        return None
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else "x".join("N" if d is None else str(d) for d in self.shape)
+        return f"{self.name} ({self.dtype}, {dims})"
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The model's data inputs (graph inputs that are not initializers)."""
+    specs = []
+    for value in graph_io.data_inputs(model):
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        shape = None
+        if value.shape is not None:
+            shape = tuple(d if isinstance(d, int) and d > 0 else None for d in value.shape)
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+    return specs
+
+
+class DataSource:
+    """A re-iterable source of batches for one model."""
+
+    def __init__(self, factory: Callable[[], Iterable[Batch]], description: str, samples: int | None = None):
+        self._factory = factory
+        self.description = description
+        self.samples = samples
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self._factory())
+
+    def __repr__(self) -> str:
+        return f"DataSource({self.description!r}, samples={self.samples})"
+
+    @property
+    def has_labels(self) -> bool:
+        first = next(iter(self), None)
+        return first is not None and first.labels is not None
+
+
+def as_source(data: DataLike | DataSource, model: ir.Model, *, batch_size: int = 16, what: str = "data") -> DataSource:
+    """Turn user data into a :class:`DataSource` checked against ``model``'s inputs.
+
+    Raises:
+        DataError: unreadable file, missing or unknown input names, wrong shapes or dtypes, NaN/Inf.
+    """
+    if isinstance(data, DataSource):
+        return data
+    specs = input_specs(model)
+    if isinstance(data, str | os.PathLike):
+        arrays = _load_npz(Path(data), what)
+        return _array_source(arrays, specs, batch_size, f"{what} {Path(data).name}")
+    if isinstance(data, Mapping):
+        return _array_source(dict(data), specs, batch_size, f"{what} arrays")
+    if callable(data):
+        return DataSource(lambda: (_check_feed_dict(f, specs, what) for f in data()), f"{what} callable")
+    if isinstance(data, Iterator):
+        raise DataError(
+            f"{what}: a one-shot iterator/generator cannot be read again after each pass; "
+            "pass a list of feed dicts or a callable returning a fresh iterator"
+        )
+    if isinstance(data, Iterable):
+        items = list(data)
+        checked = [_check_feed_dict(f, specs, what) for f in items]
+        samples = sum(b.size for b in checked)
+        return DataSource(lambda: iter(checked), f"{what} feed dicts", samples)
+    raise DataError(f"{what}: unsupported data of type {type(data).__name__}")
+
+
+def random_source(
+    model: ir.Model,
+    *,
+    samples: int = 8,
+    seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> DataSource:
+    """Seeded random inputs (standard normal floats, small non-negative integers) for models without data."""
+    specs = input_specs(model)
+    batches: list[Batch] = []
+    rng = np.random.default_rng(seed)
+    shapes = dict(shapes or {})
+    concrete = {}
+    for spec in specs:
+        concrete[spec.name] = _concrete_shape(spec, shapes.get(spec.name))
+    batch = concrete[specs[0].name][0] if specs and concrete[specs[0].name] else 1
+    count = max(1, samples // max(batch, 1))
+    for _ in range(count):
+        feeds = {}
+        for spec in specs:
+            feeds[spec.name] = _random_array(rng, spec.dtype, concrete[spec.name])
+        batches.append(Batch(feeds))
+    return DataSource(lambda: iter(batches), f"random inputs (seed {seed})", count * batch)
+
+
+def parse_shape_overrides(text: Sequence[str] | None) -> dict[str, list[int]]:
+    """Parse ``name=1,3,224,224`` items (CLI ``--input-shape``)."""
+    result: dict[str, list[int]] = {}
+    for item in text or ():
+        name, sep, dims = item.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            result[name] = [int(d) for d in dims.replace("x", ",").split(",") if d]
+        except ValueError:
+            raise DataError(f"--input-shape {item!r}: expected NAME=D0,D1,... (for example x=1,3,224,224)") from None
+    return result
+
+
+def _concrete_shape(spec: InputSpec, override: Sequence[int] | None) -> tuple[int, ...]:
+    if override is not None:
+        if spec.shape is not None and len(override) != len(spec.shape):
+            raise DataError(f"input '{spec.name}': --input-shape has rank {len(override)}, model has {len(spec.shape)}")
+        return tuple(int(d) for d in override)
+    if spec.shape is None:
+        raise DataError(f"input '{spec.name}' has an unknown shape; give --data or --input-shape {spec.name}=...")
+    dims = []
+    for axis, dim in enumerate(spec.shape):
+        if dim is None:
+            if axis != 0:
+                raise DataError(
+                    f"input '{spec.name}' has a dynamic dim {axis}; give --data or --input-shape {spec.name}=..."
+                )
+            dim = 1
+        dims.append(dim)
+    return tuple(dims)
+
+
+def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(dtype)
+    if dtype.kind in "iu":
+        return rng.integers(0, 10, shape).astype(dtype)
+    raise DataError(f"cannot make random inputs of dtype {dtype}; give --data")
+
+
+def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{what} {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except Exception as e:
+        raise DataError(f"{what} {path}: not a readable .npz file ({str(e).splitlines()[0][:200]})") from e
+    renamed = {}
+    for key, array in arrays.items():
+        if key.startswith("output__"):
+            continue
+        renamed[key.removeprefix("input__")] = array
+    if not renamed:
+        raise DataError(f"{what} {path}: holds no arrays")
+    return renamed
+
+
+def _array_source(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], batch_size: int, description: str):
+    labels = arrays.pop(LABELS, None)
+    _check_names(arrays.keys(), specs, description)
+    counts = {name: int(np.asarray(a).shape[0]) if np.ndim(a) else 1 for name, a in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{description}: arrays have different sample counts {counts}")
+    total = next(iter(counts.values()))
+    if labels is not None and len(labels) != total:
+        raise DataError(f"{description}: 'labels' has {len(labels)} entries for {total} samples")
+    checked = {spec.name: _check_array(arrays[spec.name], spec, description, batch_axis=True) for spec in specs}
+    fixed = {spec.fixed_batch for spec in specs if spec.fixed_batch is not None}
+    if len(fixed) > 1:
+        raise DataError(f"{description}: the model's inputs have different fixed batch sizes {sorted(fixed)}")
+    fixed_batch = fixed.pop() if fixed else None
+    step = fixed_batch or max(1, int(batch_size))
+    if fixed_batch and total < fixed_batch:
+        raise DataError(f"{description}: {total} samples, but the model's fixed batch size is {fixed_batch}")
+    usable = total - total % fixed_batch if fixed_batch else total
+    if usable < total:
+        logger.warning("%s: %d samples left over after batches of %d are not used", description, total - usable, step)
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, usable, step):
+            stop = min(start + step, usable)
+            feeds = {name: array[start:stop] for name, array in checked.items()}
+            yield Batch(feeds, None if labels is None else np.asarray(labels[start:stop]))
+
+    return DataSource(batches, description, usable)
+
+
+def _check_names(keys: Iterable[str], specs: Sequence[InputSpec], description: str) -> None:
+    expected = {spec.name for spec in specs}
+    given = set(keys)
+    missing = sorted(expected - given)
+    unknown = sorted(given - expected)
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"no array for input {', '.join(repr(m) for m in missing)}")
+        if unknown:
+            parts.append(f"unknown name {', '.join(repr(u) for u in unknown)}")
+        wanted = ", ".join(spec.describe() for spec in specs)
+        raise DataError(f"{description}: {'; '.join(parts)} (the model takes {wanted})")
+
+
+def _check_array(array: Any, spec: InputSpec, description: str, *, batch_axis: bool) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype != spec.dtype:
+        if array.dtype.kind in "OUSV" or not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
+            raise DataError(
+                f"{description}: input '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}"
+            )
+        array = array.astype(spec.dtype)
+    if spec.shape is not None:
+        dims = list(spec.shape)
+        actual = list(array.shape)
+        if batch_axis and dims:
+            dims[0] = None
+        if len(actual) != len(dims) or any(d is not None and d != a for d, a in zip(dims, actual, strict=False)):
+            expected = "x".join("N" if d is None else str(d) for d in dims)
+            raise DataError(
+                f"{description}: input '{spec.name}' has shape {'x'.join(map(str, actual))}, "
+                f"the model expects {expected}"
+            )
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        raise DataError(f"{description}: input '{spec.name}' contains NaN or Inf values")
+    return np.ascontiguousarray(array)
+
+
+def _check_feed_dict(item: Mapping[str, Any], specs: Sequence[InputSpec], what: str) -> Batch:
+    if not isinstance(item, Mapping):
+        raise DataError(f"{what}: expected feed dicts {{input name: array}}, got {type(item).__name__}")
+    feeds = dict(item)
+    labels = feeds.pop(LABELS, None)
+    _check_names(feeds.keys(), specs, what)
+    checked = {spec.name: _check_array(feeds[spec.name], spec, what, batch_axis=False) for spec in specs}
+    return Batch(checked, None if labels is None else np.asarray(labels))

@@ -1,0 +1,216 @@
+"""Graph I/O and helpers: the edge where ONNX protobuf becomes an ``onnx_ir`` model and back.
+
+Inside the engine and the passes a model is an ``ir.Model``. Protobuf appears only here (load, save,
+checker, shape inference) and in :mod:`onnxopt.runtime` (onnxruntime sessions).
+
+Loading accepts any default-domain opset from :data:`MIN_OPSET` to :data:`MAX_OPSET` (what the pinned
+onnxruntime runs), old and new IR versions, and weights stored as initializers, as graph inputs with
+initializers (old exporters), or as ``Constant``/``ConstantOfShape`` nodes: :func:`const_array` reads
+all three. Saving writes an IR version onnxruntime accepts, switches to external data when the weights
+approach protobuf's 2 GB limit, and is atomic: the file appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.errors import ModelLoadError, ModelSaveError
+
+__all__ = [
+    "MIN_OPSET",
+    "MAX_OPSET",
+    "MAX_IR_VERSION",
+    "EXTERNAL_DATA_THRESHOLD",
+    "load",
+    "save",
+    "to_proto",
+    "from_proto",
+    "clone",
+    "default_opset",
+    "data_inputs",
+    "const_array",
+    "weight_bytes",
+    "temporary_model_file",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 7
+# onnxruntime 1.31 runs default-domain opsets up to 26 and IR versions up to 13 (measured); onnx 1.23
+# writes IR 14 by default, which onnxruntime rejects, so saving clamps the IR version.
+MAX_OPSET = 26
+MAX_IR_VERSION = 13
+# Protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Read, check and deserialize an ONNX model file.
+
+    Raises:
+        ModelLoadError: missing or empty file, not an ONNX protobuf, a model that fails
+            ``onnx.checker``, or an opset outside what onnxruntime runs.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, not an ONNX model file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: file is empty")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError, RuntimeWarning-derived errors, ...
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(e)})") from e
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph found)")
+    opset = _proto_default_opset(proto)
+    if opset is None:
+        raise ModelLoadError(f"{path}: model imports no default-domain opset")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelLoadError(
+            f"{path}: opset {opset} is not supported (onnxopt handles opsets {MIN_OPSET} to {MAX_OPSET})"
+        )
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: fails the ONNX checker: {_first_line(e)}") from e
+    del proto
+    try:
+        return ir.load(path)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot be read by onnx_ir ({_first_line(e)})") from e
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically and return the path.
+
+    The model and, when used, its ``<name>.data`` external-data file are written into a temporary
+    directory beside the target and renamed into place only once complete, so an interrupted save
+    leaves no partial output. ``external_data=None`` decides from the weight size.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ModelSaveError(f"{path}: is a directory; give a file name for the output model")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ModelSaveError(f"{path}: directory {parent} does not exist")
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    if external_data is None:
+        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data" if external_data else None
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise ModelSaveError(f"{path}: cannot write in {parent} ({e.strerror})") from e
+    try:
+        tmp_model = tmp_dir / path.name
+        ir.save(model, tmp_model, external_data=data_name)
+        if data_name is not None:
+            os.replace(tmp_dir / data_name, parent / data_name)
+        os.replace(tmp_model, path)
+    except OSError as e:
+        raise ModelSaveError(f"{path}: cannot write ({e.strerror or e})") from e
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.debug("saved %s (external data: %s)", path, data_name)
+    return path
+
+
+@contextlib.contextmanager
+def temporary_model_file(model: ir.Model) -> Iterator[Path]:
+    """Save ``model`` into a fresh temporary directory and yield the file path; removed on exit.
+
+    onnxruntime sessions are opened from a path, never from bytes: a model with external data
+    opened from bytes fails "External data path validation failed".
+    """
+    tmp_dir = Path(tempfile.mkdtemp(prefix="onnxopt-"))
+    try:
+        yield save(model, tmp_dir / "model.onnx")
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize to protobuf (for the checker, shape inference and small in-memory sessions)."""
+    return ir.to_proto(model)
+
+
+def from_proto(proto: onnx.ModelProto) -> ir.Model:
+    """Deserialize a protobuf model into onnx_ir."""
+    return ir.from_proto(proto)
+
+
+def clone(model: ir.Model) -> ir.Model:
+    """A deep copy whose graph can be changed without touching ``model``."""
+    return model.clone()
+
+
+def default_opset(model: ir.Model) -> int:
+    """The model's default-domain (``ai.onnx``) opset version."""
+    version = model.opset_imports.get("")
+    if version is None:
+        version = model.opset_imports.get("ai.onnx")
+    if version is None:
+        raise ModelLoadError("model imports no default-domain opset")
+    return version
+
+
+def data_inputs(model: ir.Model) -> list[ir.Value]:
+    """Graph inputs that take data: those without an initializer of the same name.
+
+    Old exporters (IR < 4) list every weight as a graph input as well; those are not fed.
+    """
+    graph = model.graph
+    return [value for value in graph.inputs if value.name not in graph.initializers]
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant content of ``value`` as numpy, or ``None`` when it is not a constant.
+
+    Reads initializers (also when they are listed as graph inputs) and outputs of ``Constant``
+    nodes. A graph input that is *not* an initializer is never constant.
+    """
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    return tensor.numpy()
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of all initializer data in the main graph."""
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def value_names(values: Sequence[ir.Value]) -> list[str]:
+    """Names of ``values``, for messages."""
+    return [v.name or "<unnamed>" for v in values]
+
+
+def _proto_default_opset(proto: onnx.ModelProto) -> int | None:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]

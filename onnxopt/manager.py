@@ -1,0 +1,228 @@
+"""PassManager: runs passes in order with statistics, cleanup, timing and validation against the original.
+
+    report = PassManager(["prune", "svd"], data="calib.npz", eval_data="eval.npz",
+                         budget=Budget(max_accuracy_drop=0.5)).run("model.onnx")
+    report.model            # the optimized ir.Model
+    report.to_json()        # the stable report schema (see RunReport.to_json)
+
+Each pass runs once, in the order given (data-driven passes compound when repeated instead of
+converging). Before a pass that asks for statistics they are collected on the *current* model unless
+valid ones are present; after a pass that modified the model they are invalidated and the graph is
+cleaned (unused nodes removed, shapes re-inferred). A failing pass is named with the passes before it.
+Validation compares the result with the original reloaded from its file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+
+from onnxopt import cost, registry
+from onnxopt import data as data_mod
+from onnxopt import graph as graph_io
+from onnxopt.errors import CalibrationError
+from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip
+from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
+from onnxopt.validate import Budget, ValidationReport, validate
+
+__all__ = ["PassRecord", "RunReport", "PassManager"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int | None], None]
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """What one pass did."""
+
+    name: str
+    modified: bool
+    changes: list[Change]
+    skipped: list[Skip]
+    seconds: float
+    stats_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "modified": self.modified,
+            "changed": [dataclasses.asdict(c) for c in self.changes],
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "seconds": round(self.seconds, 4),
+            "stats_seconds": round(self.stats_seconds, 4),
+        }
+
+
+@dataclasses.dataclass
+class RunReport:
+    """Result of :meth:`PassManager.run`. ``model`` is the optimized model (not part of the JSON)."""
+
+    model: ir.Model
+    before: cost.ModelCost
+    after: cost.ModelCost
+    passes: list[PassRecord]
+    validation: ValidationReport | None
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.validation is None or self.validation.ok
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable report schema read by tools and benchmarks."""
+        validation = self.validation.to_json() if self.validation is not None else None
+        return {
+            "model": {"before": self.before.to_json(), "after": self.after.to_json()},
+            "passes": [record.to_json() for record in self.passes],
+            "validation": validation,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+class PassManager:
+    """Runs passes over a model; see the module docstring.
+
+    Args:
+        passes: pass objects or registry names.
+        data: calibration data (``.npz`` path, arrays, feed dicts, callable, or DataSource).
+        eval_data: held-out data for validation; without it validation uses ``data``, and without
+            both, seeded random inputs.
+        budget: the error budget; by default exact (1e-5) when every pass is exact, else
+            ``Budget.default``.
+        validate: compare the result with the original at the end.
+        input_shapes: concrete shapes for dynamic inputs (cost model, random inputs).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[OptPass | str],
+        *,
+        data: data_mod.DataLike | data_mod.DataSource | None = None,
+        eval_data: data_mod.DataLike | data_mod.DataSource | None = None,
+        budget: Budget | None = None,
+        validate: bool = True,
+        batch_size: int = 16,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> None:
+        self.passes = [registry.make_pass(p) if isinstance(p, str) else p for p in passes]
+        self.data = data
+        self.eval_data = eval_data
+        self.budget = budget
+        self.validate = validate
+        self.batch_size = batch_size
+        self.input_shapes = dict(input_shapes or {})
+        self.seed = seed
+        self.progress = progress
+
+    def run(self, model: ir.Model | str | os.PathLike) -> RunReport:
+        """Optimize ``model`` (a path is loaded; an ``ir.Model`` is changed in place) and validate it."""
+        start = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            if isinstance(model, ir.Model):
+                original_path = stack.enter_context(graph_io.temporary_model_file(model))
+            else:
+                original_path = Path(model)
+                model = graph_io.load(original_path)
+            calib = self._source(self.data, model, "calibration data")
+            held_out = self._source(self.eval_data, model, "evaluation data")
+            needs_check = self.validate or not all(p.exact for p in self.passes)
+            check_data = held_out or calib or (self._random(model) if needs_check else None)
+            budget = self.budget or self._default_budget(check_data)
+            context = PassContext(
+                budget=budget,
+                data=calib,
+                eval_data=held_out,
+                check=None
+                if check_data is None
+                else lambda candidate: validate(original_path, candidate, check_data, budget, check=False),
+                seed=self.seed,
+            )
+            before = cost.estimate(model, input_shapes=self.input_shapes)
+            records = [self._run_pass(p, model, context, calib, done) for done, p in self._enumerate()]
+            after = cost.estimate(model, input_shapes=self.input_shapes)
+            report = None
+            if self.validate:
+                report = validate(original_path, model, check_data, budget, progress=self._progress("validating"))
+        return RunReport(model, before, after, records, report, time.perf_counter() - start)
+
+    def _enumerate(self):
+        for index, pass_ in enumerate(self.passes):
+            yield [p.name for p in self.passes[:index]], pass_
+
+    def _run_pass(
+        self,
+        pass_: OptPass,
+        model: ir.Model,
+        context: PassContext,
+        calib: data_mod.DataSource | None,
+        done: list[str],
+    ) -> PassRecord:
+        stats_seconds = 0.0
+        request = pass_.stats_request(model)
+        if request:
+            existing = get_stats(model)
+            missing = request if existing is None else existing.missing(request)
+            if missing:
+                if calib is None:
+                    raise CalibrationError(f"pass '{pass_.name}' needs calibration data: give --data")
+                t0 = time.perf_counter()
+                table: StatsTable = collect_stats(model, calib, missing, progress=self._progress("calibrating"))
+                attach_stats(model, table)
+                stats_seconds = time.perf_counter() - t0
+        pass_.context = context
+        t0 = time.perf_counter()
+        try:
+            result = pass_(model)
+        except Exception as e:
+            after = f" after {done}" if done else " (first pass)"
+            raise ir.passes.PassError(f"pass '{pass_.name}' failed{after}: {e}") from e
+        finally:
+            pass_.context = None
+        seconds = time.perf_counter() - t0
+        changes = result.changes if isinstance(result, OptResult) else []
+        skipped = result.skipped if isinstance(result, OptResult) else []
+        if result.modified:
+            if STATS_KEY in model.meta:
+                model.meta.invalidate(STATS_KEY)
+            RemoveUnusedNodesPass()(model)
+            ShapeInferencePass(strict_mode=False)(model)
+        logger.info(
+            "pass %s: %s, %d changes, %d skipped, %.3f s",
+            pass_.name,
+            "modified" if result.modified else "unchanged",
+            len(changes),
+            len(skipped),
+            seconds,
+        )
+        return PassRecord(pass_.name, bool(result.modified), list(changes), list(skipped), seconds, stats_seconds)
+
+    def _source(self, data, model: ir.Model, what: str) -> data_mod.DataSource | None:
+        if data is None:
+            return None
+        return data_mod.as_source(data, model, batch_size=self.batch_size, what=what)
+
+    def _random(self, model: ir.Model) -> data_mod.DataSource:
+        return data_mod.random_source(model, seed=self.seed, shapes=self.input_shapes)
+
+    def _default_budget(self, check_data: data_mod.DataSource | None) -> Budget:
+        exact = all(p.exact for p in self.passes)
+        has_labels = not exact and check_data is not None and check_data.has_labels
+        return Budget.default(exact=exact, has_labels=has_labels)
+
+    def _progress(self, stage: str) -> Callable[[int, int | None], None] | None:
+        if self.progress is None:
+            return None
+        callback = self.progress
+        return lambda done, total: callback(stage, done, total)

@@ -1,0 +1,110 @@
+"""The pass interface: OptPass (an onnx_ir in-place pass), its config, result and run context.
+
+A pass has one entry point, ``pass_(model) -> OptResult``. onnx_ir's ``PassBase.__call__`` runs
+``requires()`` (preconditions), ``call()``, then ``ensures()`` and checks the pass really was in place.
+``OptResult.changes`` lists each rewritten site and ``OptResult.skipped`` each declined site with its
+reason; ``modified`` must be true exactly when the model changed.
+
+Passes that need data declare it through :meth:`OptPass.stats_request`; the pass manager collects the
+statistics before the pass runs and puts them in ``model.meta`` (:func:`onnxopt.stats.get_stats`).
+Passes that search for the strongest setting within the error budget call ``self.context.check(model)``,
+which validates a candidate against the original model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import onnx_ir as ir
+
+from onnxopt import graph as graph_io
+from onnxopt.stats import StatsRequest
+
+if TYPE_CHECKING:
+    from onnxopt.data import DataSource
+    from onnxopt.validate import Budget, ValidationReport
+
+__all__ = ["Change", "Skip", "OptResult", "PassConfig", "PassContext", "OptPass"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One rewritten site: the node or value and what was done to it."""
+
+    site: str
+    what: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """One declined site and the reason."""
+
+    site: str
+    reason: str
+
+
+@dataclasses.dataclass
+class OptResult(ir.passes.PassResult):
+    """``PassResult`` plus the changed and skipped sites."""
+
+    changes: list[Change] = dataclasses.field(default_factory=list)
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+    """Options of a pass. Subclasses add fields; the CLI exposes each as ``--<pass>-<field>``."""
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What the pass manager gives a pass: the budget, the data, and a validator against the original."""
+
+    budget: Budget
+    data: DataSource | None = None
+    eval_data: DataSource | None = None
+    check: Callable[[ir.Model], ValidationReport] | None = None
+    seed: int = 0
+
+
+class OptPass(ir.passes.InPlacePass):
+    """Base class of onnxopt's passes.
+
+    Subclasses set ``name`` (the CLI/registry name), ``exact`` (output-preserving up to rounding),
+    ``config_class`` and implement ``call``.
+    """
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+    config_class: ClassVar[type[PassConfig]] = PassConfig
+
+    def __init__(self, config: PassConfig | None = None) -> None:
+        super().__init__()
+        if config is not None and not isinstance(config, self.config_class):
+            raise TypeError(f"pass '{self.name}' takes a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config if config is not None else self.config_class()
+        self.context: PassContext | None = None
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring (``onnxopt passes``)."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def stats_request(self, model: ir.Model) -> StatsRequest:
+        """Statistics this pass needs on ``model``; empty by default."""
+        return StatsRequest()
+
+    def requires(self, model: ir.Model) -> None:
+        """Default precondition: a default-domain opset in the supported range."""
+        opset = graph_io.default_opset(model)
+        if not graph_io.MIN_OPSET <= opset <= graph_io.MAX_OPSET:
+            raise ir.passes.PreconditionError(f"pass '{self.name}': opset {opset} is not supported")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
