@@ -295,20 +295,31 @@ def _measure_latency(source: Path, optimized, manager, args) -> dict[str, float]
 def _print_run(report, latency: dict[str, float] | None) -> None:
     for record in report.passes:
         state = "changed" if record.modified else "unchanged"
-        print(f"pass {record.name}: {state}, {len(record.changes)} sites rewritten, {len(record.skipped)} skipped, "
-              f"{record.seconds:.2f} s")
+        print(
+            f"pass {record.name}: {state}, {len(record.changes)} sites rewritten, {len(record.skipped)} skipped, "
+            f"{record.seconds:.2f} s"
+        )
         for skip in record.skipped[:10]:
             print(f"  skipped {skip.site}: {skip.reason}")
         if len(record.skipped) > 10:
             print(f"  ... {len(record.skipped) - 10} more skipped sites in the report")
     before, after = report.before, report.after
     rows = [("", "before", "after", "ratio")]
-    for label, b, a in (("params", before.params, after.params), ("MACs", before.macs, after.macs),
-                        ("bytes", before.bytes, after.bytes)):
+    for label, b, a in (
+        ("params", before.params, after.params),
+        ("MACs", before.macs, after.macs),
+        ("bytes", before.bytes, after.bytes),
+    ):
         rows.append((label, f"{b:,}", f"{a:,}", f"{a / b:.3f}" if b else "-"))
     if latency is not None:
-        rows.append(("latency us", f"{latency['before']:.1f}", f"{latency['after']:.1f}",
-                     f"{latency['after'] / latency['before']:.3f}"))
+        rows.append(
+            (
+                "latency us",
+                f"{latency['before']:.1f}",
+                f"{latency['after']:.1f}",
+                f"{latency['after'] / latency['before']:.3f}",
+            )
+        )
     if report.validation is not None and report.validation.accuracy is not None:
         acc = report.validation.accuracy
         rows.append(("accuracy %", f"{acc['before']:.2f}", f"{acc['after']:.2f}", ""))
@@ -318,8 +329,10 @@ def _print_run(report, latency: dict[str, float] | None) -> None:
 
 
 def _print_validation(report) -> None:
-    print(f"validation on {report.samples} samples of {report.data} ({report.budget.describe()}): "
-          f"{'ok' if report.ok else 'FAILED'}")
+    print(
+        f"validation on {report.samples} samples of {report.data} ({report.budget.describe()}): "
+        f"{'ok' if report.ok else 'FAILED'}"
+    )
     for name, diff in report.outputs.items():
         top1 = f", top-1 agreement {diff.top1_agreement:.4f}" if diff.top1_agreement is not None else ""
         print(f"  {name}: max abs {diff.max_abs:.3g}, cosine {diff.cosine:.6f}, rel L2 {diff.rel_l2:.3g}{top1}")
@@ -330,7 +343,9 @@ def _print_validation(report) -> None:
 def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in pairs]
+        print("  ".join(cells))
 
 
 def _progress_printer():

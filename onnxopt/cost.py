@@ -163,7 +163,9 @@ def _weight_values(model: ir.Model) -> set[int]:
     return weights
 
 
-def _infer_shapes(model: ir.Model, overrides: dict[str, Sequence[int]], batch: int) -> dict[int, tuple[int, ...] | None]:
+def _infer_shapes(
+    model: ir.Model, overrides: dict[str, Sequence[int]], batch: int
+) -> dict[int, tuple[int, ...] | None]:
     """Shapes of every value of ``model`` (keyed by ``id`` of the original values) with inputs made concrete."""
     from onnx_ir.passes.common import ShapeInferencePass
 
@@ -172,7 +174,9 @@ def _infer_shapes(model: ir.Model, overrides: dict[str, Sequence[int]], batch: i
         if value.name in overrides:
             value.shape = ir.Shape(list(overrides[value.name]))
         elif value.shape is not None:
-            dims = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else None) for i, d in enumerate(value.shape)]
+            dims = [
+                d if isinstance(d, int) and d > 0 else (batch if i == 0 else None) for i, d in enumerate(value.shape)
+            ]
             if any(d is None for d in dims):
                 value.shape = ir.Shape([d if d is not None else ir.SymbolicDim(None) for d in dims])
             else:

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -40,7 +40,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
-DataLike = Union[str, os.PathLike, Mapping[str, np.ndarray], Iterable[Mapping[str, Any]], Callable[[], Iterable]]
+DataLike = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, Any]] | Callable[[], Iterable]
 LABELS = "labels"
 
 

@@ -252,7 +252,9 @@ class GramReducer:
         return GramStats(self.rows, self._xtx.copy(), self._sum.copy())
 
 
-def unfold_conv_input(x: np.ndarray, kernel_shape: tuple[int, ...], attrs: Mapping[str, object]) -> Iterable[np.ndarray]:
+def unfold_conv_input(
+    x: np.ndarray, kernel_shape: tuple[int, ...], attrs: Mapping[str, object]
+) -> Iterable[np.ndarray]:
     """Yield the im2col rows of ``x`` (N, C, *spatial) for a Conv, in chunks.
 
     Each row has length ``C·prod(kernel_shape)`` ordered like ``W.reshape(M, -1)``, so ``rows @ W.T``
@@ -350,7 +352,9 @@ def collect_stats(
     table = StatsTable(samples=samples, source=data.description)
     table.channels = {name: r.result() for name, r in channel_reducers.items()}
     table.grams = {name: r.result() for name, (_, r) in gram_reducers.items()}
-    logger.info("statistics: %d values, %d Gram matrices over %d samples", len(table.channels), len(table.grams), samples)
+    logger.info(
+        "statistics: %d values, %d Gram matrices over %d samples", len(table.channels), len(table.grams), samples
+    )
     return table
 
 
