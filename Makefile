@@ -1,0 +1,33 @@
+# `make demo`: set up a virtual environment and optimize the MNIST model shipped in models/.
+# `make test`: set up the same environment and run the test suite (what CI runs, through .ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	mkdir -p out
+	$(BIN)/onnxopt run models/mnist_mlp/mnist_mlp.onnx --passes simplify \
+		--data models/mnist_mlp/calib.npz --eval models/mnist_mlp/eval.npz \
+		--latency -o out/mnist_mlp.opt.onnx --report out/mnist_mlp.report.json
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python bench/stats_memory.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

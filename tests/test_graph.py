@@ -1,0 +1,106 @@
+"""Loading, saving and constant helpers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt import graph
+from onnxopt.errors import ModelLoadError, ModelSaveError
+from tests import builders
+
+
+def test_load_rejects_bad_files(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        graph.load(tmp_path / "missing.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="empty"):
+        graph.load(tmp_path / "empty.onnx")
+    (tmp_path / "text.onnx").write_text("hello, this is not a model\n" * 20)
+    with pytest.raises(ModelLoadError):
+        graph.load(tmp_path / "text.onnx")
+    whole = builders.mlp().SerializeToString()
+    (tmp_path / "cut.onnx").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ModelLoadError):
+        graph.load(tmp_path / "cut.onnx")
+    with pytest.raises(ModelLoadError, match="directory"):
+        graph.load(tmp_path)
+
+
+def test_load_rejects_unsupported_opset_and_checker_failures(tmp_path):
+    old = builders.mlp()
+    old.opset_import[0].version = 6
+    builders.save(old, tmp_path / "old.onnx")
+    with pytest.raises(ModelLoadError, match="opset 6 is not supported"):
+        graph.load(tmp_path / "old.onnx")
+    broken = builders.mlp()
+    broken.graph.node[0].input[1] = "does_not_exist"
+    builders.save(broken, tmp_path / "broken.onnx")
+    with pytest.raises(ModelLoadError, match="checker"):
+        graph.load(tmp_path / "broken.onnx")
+
+
+def test_weights_as_graph_inputs_and_constant_nodes_are_constants(tmp_path):
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones(2, np.float32), "cv")),
+        helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=1),
+    ]
+    proto = builders.make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3]), helper.make_tensor_value_info("w", 1, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(w, "w")],
+        ir_version=3,
+        opset=8,
+    )
+    model = graph.load(builders.save(proto, tmp_path / "m.onnx"))
+    assert [v.name for v in graph.data_inputs(model)] == ["x"]
+    gemm = model.graph.node(1)
+    np.testing.assert_array_equal(graph.const_array(gemm.inputs[1]), w)
+    np.testing.assert_array_equal(graph.const_array(gemm.inputs[2]), np.ones(2, np.float32))
+    assert graph.const_array(gemm.inputs[0]) is None
+
+
+def test_save_is_atomic_and_clamps_ir_version(tmp_path):
+    model = ir.from_proto(builders.mlp())
+    model.ir_version = 14
+    out = graph.save(model, tmp_path / "out.onnx")
+    assert onnx.load(str(out)).ir_version == graph.MAX_IR_VERSION
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx"]  # no temporary left behind
+    with pytest.raises(ModelSaveError, match="is a directory"):
+        graph.save(model, tmp_path)
+    with pytest.raises(ModelSaveError, match="does not exist"):
+        graph.save(model, tmp_path / "no" / "such" / "dir.onnx")
+
+
+def test_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
+    model = ir.from_proto(builders.mlp())
+
+    def explode(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ir, "save", explode)
+    with pytest.raises(ModelSaveError, match="No space left"):
+        graph.save(model, tmp_path / "out.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_large_weights_go_to_external_data(tmp_path, monkeypatch):
+    """Above the threshold the weights are written to <name>.data; the model still loads and runs the same."""
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 100)
+    proto = builders.mlp(sizes=(64, 64, 4))
+    model = ir.from_proto(proto)
+    out = graph.save(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size >= 64 * 64 * 4
+    reloaded = graph.load(out)
+    from onnxopt.runtime import Session
+
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_array_equal(Session(reloaded).run({"x": x})["y"], builders.run(proto, {"x": x})["y"])
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]

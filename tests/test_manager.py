@@ -1,0 +1,137 @@
+"""PassManager: order, statistics lifecycle, cleanup, failure naming, report schema; registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxopt import registry, stats
+from onnxopt.errors import CalibrationError, UnknownPassError
+from onnxopt.manager import PassManager
+from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig
+from onnxopt.validate import Budget
+from tests import builders
+
+
+class _NeedsStats(OptPass):
+    """Records the statistics it was given; changes nothing."""
+
+    name = "needs_stats"
+    seen: list
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.seen = []
+
+    def stats_request(self, model):
+        return stats.StatsRequest(values=frozenset({"h1"}))
+
+    def call(self, model):
+        self.seen.append(stats.get_stats(model))
+        return OptResult(model, modified=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScaleConfig(PassConfig):
+    factor: float = 1.0
+
+
+class _ScaleOutput(OptPass):
+    """Multiplies the last weight (lossy unless factor is 1) and leaves a dangling node for cleanup."""
+
+    name = "scale"
+    exact = False
+    config_class = _ScaleConfig
+
+    def call(self, model):
+        w = model.graph.initializers["w2"]
+        w.const_value = ir.tensor(w.const_value.numpy() * self.config.factor, name="w2")
+        dangling = ir.node("Relu", [model.graph.inputs[0]], name="dangling")
+        model.graph.append(dangling)
+        return OptResult(model, modified=True, changes=[Change("w2", f"scaled by {self.config.factor}")])
+
+
+class _Boom(OptPass):
+    name = "boom"
+
+    def call(self, model):
+        raise RuntimeError("kaput")
+
+
+@pytest.fixture()
+def mlp_file(tmp_path):
+    return builders.save(builders.mlp(sizes=(8, 16, 4)), tmp_path / "mlp.onnx")
+
+
+def _data(n=32):
+    return {"x": np.random.default_rng(3).standard_normal((n, 8)).astype(np.float32)}
+
+
+def test_stats_collected_before_and_invalidated_after_a_modifying_pass(mlp_file):
+    first, second = _NeedsStats(), _NeedsStats()
+    report = PassManager([first, _ScaleOutput(), second], data=_data(), budget=None).run(mlp_file)
+    table1, table2 = first.seen[0], second.seen[0]
+    assert table1 is not None and table2 is not None and table1 is not table2  # re-collected after 'scale'
+    assert table1.channels["h1"].samples == 32
+    assert [r.name for r in report.passes] == ["needs_stats", "scale", "needs_stats"]
+    assert report.passes[1].modified and report.passes[1].changes[0].site == "w2"
+    assert report.passes[0].stats_seconds > 0 and report.passes[2].stats_seconds > 0
+    assert all(node.name != "dangling" for node in report.model.graph)  # cleanup removed the unused node
+
+
+def test_stats_reused_while_the_model_is_unchanged(mlp_file):
+    first, second = _NeedsStats(), _NeedsStats()
+    PassManager([first, second], data=_data()).run(mlp_file)
+    assert first.seen[0] is second.seen[0]
+
+
+def test_pass_needing_stats_without_data_is_a_clear_error(mlp_file):
+    with pytest.raises(CalibrationError, match="'needs_stats' needs calibration data"):
+        PassManager([_NeedsStats()]).run(mlp_file)
+
+
+def test_failing_pass_is_named_with_the_passes_before(mlp_file):
+    with pytest.raises(ir.passes.PassError, match=r"pass 'boom' failed after \['scale'\]: kaput"):
+        PassManager([_ScaleOutput(), _Boom()], data=_data()).run(mlp_file)
+
+
+def test_validation_budget_and_report_schema(mlp_file):
+    exact = PassManager([_ScaleOutput(_ScaleConfig(1.0))], data=_data()).run(mlp_file)
+    assert exact.ok and exact.validation.outputs["y"].max_abs == 0
+    lossy = PassManager([_ScaleOutput(_ScaleConfig(1.5))], data=_data(), budget=Budget(max_abs=1e-3)).run(mlp_file)
+    assert not lossy.ok and "max abs" in lossy.validation.failures[0]
+    payload = lossy.to_json()
+    assert set(payload["model"]) == {"before", "after"}
+    assert {"params", "macs", "bytes"} <= set(payload["model"]["before"])
+    assert {"name", "changed", "skipped", "seconds"} <= set(payload["passes"][0])
+    assert {"ok", "outputs", "accuracy"} <= set(payload["validation"])
+    assert {"max_abs", "cosine", "rel_l2", "top1_agreement"} <= set(payload["validation"]["outputs"]["y"])
+
+
+def test_in_memory_model_is_compared_with_its_state_before_the_passes():
+    model = ir.from_proto(builders.mlp(sizes=(8, 16, 4)))
+    report = PassManager([_ScaleOutput(_ScaleConfig(2.0))], data=_data(), budget=None).run(model)
+    assert report.model is model
+    assert report.validation.outputs["y"].max_abs > 0.1
+
+
+def test_registry_lists_and_imports_every_pass():
+    for name in registry.available():
+        cls = registry.get_pass(name)
+        assert issubclass(cls, OptPass) and cls.name == name and cls.summary()
+    assert importlib.import_module("onnxopt.passes.simplify").SimplifyPass is registry.get_pass("simplify")
+    with pytest.raises(UnknownPassError, match="unknown pass 'nope'; choose from .*simplify"):
+        registry.get_pass("nope")
+
+
+def test_entry_point_passes_are_found(monkeypatch):
+    class _EP:
+        name, value = "third", "tests.test_manager:_Boom"
+
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [_EP()])
+    assert registry.available()["third"] == "tests.test_manager:_Boom"
+    assert registry.get_pass("third") is _Boom

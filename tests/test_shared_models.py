@@ -1,0 +1,64 @@
+"""Every third-party model in ../shared/models: loads, inspects, round-trips unchanged, simplifies exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxopt import cli
+from tests import builders
+from tests.conftest import shared_models
+
+pytestmark = pytest.mark.shared
+MODELS = shared_models() or [pytest.param(None, marks=pytest.mark.skip(reason="../shared is absent"))]
+
+
+def _ids(path):
+    return path.stem if path is not None else "absent"
+
+
+def _reference(path):
+    ref = np.load(str(path).replace(".onnx", ".ref.npz"))
+    feeds = {k.removeprefix("input__"): ref[k] for k in ref.files if k.startswith("input__")}
+    outputs = {k.removeprefix("output__"): ref[k] for k in ref.files if k.startswith("output__")}
+    return feeds, outputs
+
+
+def _run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("path", MODELS, ids=_ids)
+def test_round_trip_and_inspect(path, tmp_path, capsys):
+    code, out, err = _run_cli(
+        capsys, "run", path, "--passes", "", "--data", str(path).replace(".onnx", ".ref.npz"),
+        "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json",
+    )  # fmt: skip
+    assert code == 0, out + err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["validation"]["ok"]
+    assert all(o["max_abs"] == 0 for o in report["validation"]["outputs"].values())
+    feeds, expected = _reference(path)
+    got = builders.run(onnx.load(tmp_path / "out.onnx"), feeds)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(got[name], builders.run(onnx.load(path), feeds)[name])
+        np.testing.assert_allclose(got[name], array, rtol=1e-4, atol=1e-4)  # the stored reference output
+    shape_args = [f"--input-shape={name}={','.join(map(str, a.shape))}" for name, a in feeds.items()]
+    code, out, err = _run_cli(capsys, "inspect", path, *shape_args)
+    assert code == 0 and "total:" in out and "note:" not in out, out + err
+
+
+@pytest.mark.parametrize("path", MODELS, ids=_ids)
+def test_simplify_is_exact(path, tmp_path, capsys):
+    code, out, err = _run_cli(
+        capsys, "run", path, "--passes", "simplify", "--data", str(path).replace(".onnx", ".ref.npz"),
+        "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json",
+    )  # fmt: skip
+    assert code == 0, out + err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["validation"]["ok"] and report["validation"]["budget"] == {"max_abs": 1e-5}
