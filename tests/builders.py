@@ -62,7 +62,9 @@ def conv_net(
             numpy_helper.from_array((0.1 * rng.standard_normal(c1)).astype(np.float32), "bn_m"),
             numpy_helper.from_array((1 + 0.1 * rng.random(c1)).astype(np.float32), "bn_v"),
         ]
-        nodes.append(helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn1"], name="bn1"))
+        nodes.append(
+            helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn1"], name="bn1")
+        )
         act_in = "bn1"
     nodes += [
         helper.make_node("Relu", [act_in], ["r1"], name="relu1"),

@@ -35,15 +35,15 @@ BAD_INPUTS = {
     "text file": (lambda d, m: ["run", _text(d), "-o", d / "o.onnx"], "not"),
     "unknown pass": (lambda d, m: ["run", m, "--passes", "simplify,zap", "-o", d / "o.onnx"], "unknown pass 'zap'"),
     "data names": (lambda d, m: ["run", m, "--data", _npz(d, y=np.zeros((4, 3, 10, 10))), "-o", d / "o.onnx"], "'x'"),
-    "data shapes": (lambda d, m: ["run", m, "--data", _npz(d, x=np.zeros((4, 1, 28, 28))), "-o", d / "o.onnx"], "shape"),
-    "data NaN": (lambda d, m: ["run", m, "--data", _npz(d, x=np.full((4, 3, 10, 10), np.nan)), "-o", d / "o.onnx"], "NaN"),
-    "data dtype": (lambda d, m: ["run", m, "--data", _npz(d, x=np.array([["a"] * 10] * 4)), "-o", d / "o.onnx"], "dtype"),
+    "data shapes": (lambda d, m: ["run", m, "--data", _npz(d, x=np.zeros((4, 1, 28, 28))), "-o", d / "o.onnx"], "shape"),  # noqa: E501
+    "data NaN": (lambda d, m: ["run", m, "--data", _npz(d, x=np.full((4, 3, 10, 10), np.nan)), "-o", d / "o.onnx"], "NaN"),  # noqa: E501
+    "data dtype": (lambda d, m: ["run", m, "--data", _npz(d, x=np.array([["a"] * 10] * 4)), "-o", d / "o.onnx"], "dtype"),  # noqa: E501
     "missing data file": (lambda d, m: ["run", m, "--data", d / "none.npz", "-o", d / "o.onnx"], "no such file"),
     "output is input": (lambda d, m: ["run", m, "-o", m], "overwrite the input"),
     "output is a directory": (lambda d, m: ["run", m, "-o", d], "directory"),
     "output dir missing": (lambda d, m: ["run", m, "-o", d / "x" / "o.onnx"], "does not exist"),
     "bad option value": (lambda d, m: ["run", m, "-o", d / "o.onnx", "--max-abs", "-1"], "must be >= 0"),
-    "option of absent pass": (lambda d, m: ["run", m, "-o", d / "o.onnx", "--simplify-fold-limit", "5"], "not in --passes"),
+    "option of absent pass": (lambda d, m: ["run", m, "-o", d / "o.onnx", "--simplify-fold-limit", "5"], "not in --passes"),  # noqa: E501
     "inspect missing": (lambda d, m: ["inspect", d / "nope.onnx"], "no such file"),
     "bad input shape": (lambda d, m: ["inspect", m, "--input-shape", "x"], "--input-shape"),
 }  # fmt: skip
