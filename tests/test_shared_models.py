@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,7 +13,6 @@ from onnxopt import cli
 from tests import builders
 from tests.conftest import shared_models
 
-pytestmark = pytest.mark.shared
 MODELS = shared_models() or [pytest.param(None, marks=pytest.mark.skip(reason="../shared is absent"))]
 
 
@@ -33,6 +33,7 @@ def _run_cli(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("path", MODELS, ids=_ids)
 def test_round_trip_and_inspect(path, tmp_path, capsys):
     code, out, err = _run_cli(
@@ -53,6 +54,7 @@ def test_round_trip_and_inspect(path, tmp_path, capsys):
     assert code == 0 and "total:" in out and "note:" not in out, out + err
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("path", MODELS, ids=_ids)
 def test_simplify_is_exact(path, tmp_path, capsys):
     code, out, err = _run_cli(
@@ -62,3 +64,17 @@ def test_simplify_is_exact(path, tmp_path, capsys):
     assert code == 0, out + err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["validation"]["ok"] and report["validation"]["budget"] == {"max_abs": 1e-5}
+
+
+LIGHT = sorted((Path(onnx.__file__).parent / "backend/test/data/light").glob("light_*.onnx"))
+
+
+@pytest.mark.parametrize("path", LIGHT, ids=lambda p: p.stem)
+def test_onnx_wheel_light_models_round_trip_and_simplify_exactly(path, tmp_path, capsys):
+    for passes in ("", "simplify"):
+        code, out, err = _run_cli(
+            capsys, "run", path, "--passes", passes, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json"
+        )
+        assert code == 0, out + err
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["validation"]["ok"] and report["validation"]["budget"] == {"max_abs": 1e-5}
