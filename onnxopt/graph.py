@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -197,11 +197,6 @@ def weight_bytes(model: ir.Model) -> int:
         if value.const_value is not None:
             total += value.const_value.nbytes
     return total
-
-
-def value_names(values: Sequence[ir.Value]) -> list[str]:
-    """Names of ``values``, for messages."""
-    return [v.name or "<unnamed>" for v in values]
 
 
 def _proto_default_opset(proto: onnx.ModelProto) -> int | None:

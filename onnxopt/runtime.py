@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnxopt import graph as graph_io
 
-__all__ = ["Session", "open_session", "Latency", "measure_latency"]
+__all__ = ["Session", "Latency", "measure_latency"]
 
 
 class Session:
@@ -56,11 +56,6 @@ class Session:
         names = list(outputs) if outputs is not None else self.output_names
         results = self.inner.run(names, {k: feeds[k] for k in self.input_names})
         return dict(zip(names, results, strict=True))
-
-
-def open_session(source: ir.Model | str | os.PathLike, *, optimize: bool = False, threads: int = 1) -> Session:
-    """Open a CPU session on an ``ir.Model`` or a model file."""
-    return Session(source, optimize=optimize, threads=threads)
 
 
 @dataclasses.dataclass(frozen=True)

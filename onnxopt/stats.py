@@ -129,9 +129,6 @@ class StatsTable:
     channels: dict[str, ChannelStats] = dataclasses.field(default_factory=dict)
     grams: dict[str, GramStats] = dataclasses.field(default_factory=dict)
 
-    def covers(self, request: StatsRequest) -> bool:
-        return request.values <= self.channels.keys() and request.grams <= self.grams.keys()
-
     def missing(self, request: StatsRequest) -> StatsRequest:
         return StatsRequest(request.values - self.channels.keys(), request.grams - self.grams.keys())
 

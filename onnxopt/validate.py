@@ -138,8 +138,6 @@ class _OutputAccumulator:
         self.classes = True
 
     def update(self, ref: np.ndarray, got: np.ndarray) -> None:
-        if ref.dtype.kind not in "fc":
-            ref, got = ref.astype(np.float64), got.astype(np.float64)
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
         diff = got64 - ref64
         if diff.size:

@@ -33,16 +33,20 @@ def _run_cli(capsys, *argv):
     return code, out, err
 
 
+def _run_report(capsys, tmp_path, path, passes, *extra):
+    """``onnxopt run`` with a report; asserts exit 0 and an exact-budget, passing validation."""
+    out_path, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, out, err = _run_cli(capsys, "run", path, "--passes", passes, "-o", out_path, "--report", report_path, *extra)
+    assert code == 0, out + err
+    report = json.loads(report_path.read_text())
+    assert report["validation"]["ok"] and report["validation"]["budget"] == {"max_abs": 1e-5}
+    return report
+
+
 @pytest.mark.shared
 @pytest.mark.parametrize("path", MODELS, ids=_ids)
 def test_round_trip_and_inspect(path, tmp_path, capsys):
-    code, out, err = _run_cli(
-        capsys, "run", path, "--passes", "", "--data", str(path).replace(".onnx", ".ref.npz"),
-        "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json",
-    )  # fmt: skip
-    assert code == 0, out + err
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["validation"]["ok"]
+    report = _run_report(capsys, tmp_path, path, "", "--data", str(path).replace(".onnx", ".ref.npz"))
     assert all(o["max_abs"] == 0 for o in report["validation"]["outputs"].values())
     feeds, expected = _reference(path)
     got = builders.run(onnx.load(tmp_path / "out.onnx"), feeds)
@@ -57,13 +61,7 @@ def test_round_trip_and_inspect(path, tmp_path, capsys):
 @pytest.mark.shared
 @pytest.mark.parametrize("path", MODELS, ids=_ids)
 def test_simplify_is_exact(path, tmp_path, capsys):
-    code, out, err = _run_cli(
-        capsys, "run", path, "--passes", "simplify", "--data", str(path).replace(".onnx", ".ref.npz"),
-        "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json",
-    )  # fmt: skip
-    assert code == 0, out + err
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["validation"]["ok"] and report["validation"]["budget"] == {"max_abs": 1e-5}
+    _run_report(capsys, tmp_path, path, "simplify", "--data", str(path).replace(".onnx", ".ref.npz"))
 
 
 LIGHT = sorted((Path(onnx.__file__).parent / "backend/test/data/light").glob("light_*.onnx"))
@@ -72,9 +70,4 @@ LIGHT = sorted((Path(onnx.__file__).parent / "backend/test/data/light").glob("li
 @pytest.mark.parametrize("path", LIGHT, ids=lambda p: p.stem)
 def test_onnx_wheel_light_models_round_trip_and_simplify_exactly(path, tmp_path, capsys):
     for passes in ("", "simplify"):
-        code, out, err = _run_cli(
-            capsys, "run", path, "--passes", passes, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json"
-        )
-        assert code == 0, out + err
-        report = json.loads((tmp_path / "r.json").read_text())
-        assert report["validation"]["ok"] and report["validation"]["budget"] == {"max_abs": 1e-5}
+        _run_report(capsys, tmp_path, path, passes)
