@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="write the model even when validation fails")
     run.add_argument("--no-validate", action="store_true", help="skip the final validation")
     run.add_argument("--latency", action="store_true", help="measure onnxruntime latency before and after")
+    run.add_argument("--no-simplify", action="store_true", help="don't wrap the passes in the lossless 'simplify' pass")
+    run.add_argument(
+        "--keep-initializer-inputs",
+        action="store_true",
+        help="keep weights that the model lists as graph inputs overridable (simplify leaves them)",
+    )
     _add_budget_options(run)
     _add_data_options(run)
     _add_pass_options(run)
@@ -205,7 +211,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.report:
         _check_output_path(source, Path(args.report))
     names = [n.strip() for n in args.passes.split(",") if n.strip()]
+    if names and not args.no_simplify and "simplify" not in names:
+        names = ["simplify", *names]
+        if registry.get_pass(names[-1]).simplify_after:
+            names.append("simplify")
     options = _pass_options(args, names)
+    if args.keep_initializer_inputs:
+        if "simplify" not in names:
+            raise UsageError("--keep-initializer-inputs applies to the 'simplify' pass, which this run does not use")
+        options.setdefault("simplify", {})["keep_initializer_inputs"] = True
     passes = [registry.make_pass(name, **options.get(name, {})) for name in names]
     manager = PassManager(
         passes,
@@ -217,6 +231,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         input_shapes=data.parse_shape_overrides(args.input_shape),
         seed=args.seed,
         progress=_progress_printer(),
+        simplify=False,  # already placed in `names`, with the user's simplify options
     )
     report = manager.run(source)
     latency = _measure_latency(source, report.model, manager, args) if args.latency else None

@@ -100,6 +100,8 @@ class PassManager:
         budget: the error budget; by default exact (1e-5) when every pass is exact, else
             ``Budget.default``.
         validate: compare the result with the original at the end.
+        simplify: wrap a non-empty pass list that does not name ``simplify`` itself with the lossless
+            ``simplify`` pass, first and (unless the last pass sets ``simplify_after = False``) last.
         input_shapes: concrete shapes for dynamic inputs (cost model, random inputs).
     """
 
@@ -115,8 +117,14 @@ class PassManager:
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         seed: int = 0,
         progress: Progress | None = None,
+        simplify: bool = True,
     ) -> None:
         self.passes = [registry.make_pass(p) if isinstance(p, str) else p for p in passes]
+        if simplify and self.passes and not any(p.name == "simplify" for p in self.passes):
+            last_allows = self.passes[-1].simplify_after
+            self.passes = [registry.make_pass("simplify"), *self.passes]
+            if last_allows:
+                self.passes.append(registry.make_pass("simplify"))
         self.data = data
         self.eval_data = eval_data
         self.budget = budget

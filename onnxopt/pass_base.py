@@ -76,12 +76,15 @@ class OptPass(ir.passes.InPlacePass):
     """Base class of onnxopt's passes.
 
     Subclasses set ``name`` (the CLI/registry name), ``exact`` (output-preserving up to rounding),
-    ``config_class`` and implement ``call``.
+    ``config_class``, optionally ``simplify_after``, and implement ``call``.
     """
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     config_class: ClassVar[type[PassConfig]] = PassConfig
+    # False for a pass whose output a final cleanup would undo (constant folding a quantized weight's
+    # DequantizeLinear would turn it back into float).
+    simplify_after: ClassVar[bool] = True
 
     def __init__(self, config: PassConfig | None = None) -> None:
         super().__init__()

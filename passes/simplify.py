@@ -6,11 +6,13 @@ Steps, each exact up to float rounding:
    ``keep_initializer_inputs``; onnxruntime can then fold them (Ultraface: BatchNorms on weight
    inputs). The IR version is raised to 4, the first that allows initializers outside the inputs.
 2. ``Constant`` nodes become initializers (onnx_ir ``LiftConstantsToInitializersPass``).
-3. onnxscript's optimizer folds constants, including ``ConstantOfShape``-made weights, up to
-   ``fold_limit`` elements per tensor.
-4. onnxscript rewrite rules fold BatchNormalization into a preceding Conv/ConvTranspose/Gemm and drop
-   no-op Dropout/Transpose/Reshape chains.
-5. Duplicate initializers are merged and unused nodes removed.
+3. Duplicate initializers are merged; then ``ConstantOfShape``-made weights (the onnx wheel's light
+   models) become initializers of their own, up to ``fold_limit`` elements each (``_fold``).
+4. onnxscript's constant folding and default rules fold the remaining constant subgraphs.
+5. onnxscript rewrite rules fold BatchNormalization into a preceding Conv/ConvTranspose/Gemm, drop no-op
+   Dropout/Transpose/Reshape/Cast chains and turn 2-D MatMul+Add into Gemm.
+6. Per-channel Mul/Add after Conv/ConvTranspose/Gemm (tf2onnx's BatchNorm) fold into weight and bias
+   (``_fold``); Identity nodes and unused nodes go.
 
 Before::
 
@@ -30,6 +32,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
+from onnxopt.passes import _fold
 
 __all__ = ["SimplifyConfig", "SimplifyPass"]
 
@@ -45,6 +48,7 @@ _RULES = (
     "transpose_transpose_rule",
     "reshape_reshape_rule",
     "no_op_cast_rule",
+    "matmul_add_to_gemm_rule",
 )
 
 
@@ -79,9 +83,19 @@ class SimplifyPass(OptPass):
                 changes.append(Change("graph inputs", f"{len(lifted)} initializers are no longer graph inputs"))
         if ir_common.LiftConstantsToInitializersPass(lift_all_constants=False)(model).modified:
             changes.append(Change("Constant nodes", "lifted to initializers"))
-        self._step(skipped, "constant folding", lambda: _fold(model, config.fold_limit))
-        self._step(skipped, "rewrite rules", lambda: _rewrite(model))
+        # Deduplicate before the placeholder weights are folded: each folded weight stays its own tensor.
         ir_common.DeduplicateInitializersPass()(model)
+        for name in _fold.fold_constant_of_shape(model, config.fold_limit):
+            changes.append(Change(name, "ConstantOfShape folded into an initializer"))
+        self._step(skipped, "constant folding", lambda: _optimize(model, config.fold_limit))
+        # Affine folds first so MatMul+Mul+Add ends as MatMul+Add for the Gemm rule, again after the
+        # BatchNorm rules, whose fused Conv may be followed by another Mul/Add.
+        affine = _fold.fold_affine_into_producer(model)
+        self._step(skipped, "rewrite rules", lambda: _rewrite(model))
+        affine += _fold.fold_affine_into_producer(model)
+        for name in affine:
+            changes.append(Change(name, "per-channel Mul/Add folded into weight and bias"))
+        ir_common.IdentityEliminationPass()(model)
         ir_common.RemoveUnusedNodesPass()(model)
         nodes_after = _op_counts(model)
         for op in sorted(set(nodes_before) | set(nodes_after)):
@@ -99,10 +113,25 @@ class SimplifyPass(OptPass):
             skipped.append(Skip(what, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
 
 
-def _fold(model: ir.Model, limit: int) -> None:
-    import onnxscript.optimizer
+def _optimize(model: ir.Model, limit: int) -> None:
+    """onnxscript's ``optimize_ir`` without its initializer deduplication.
 
-    onnxscript.optimizer.optimize_ir(model, input_size_limit=limit, output_size_limit=limit, inline=True)
+    Dedup would merge the placeholder weights just folded from ConstantOfShape (equal values), making
+    them shared initializers that prune/svd must then skip; real weights were deduplicated before.
+    """
+    import onnxscript.optimizer
+    from onnxscript import rewriter
+
+    ir_common.InlinePass()(model)
+    for _ in range(2):
+        onnxscript.optimizer.fold_constants_ir(
+            model, onnx_shape_inference=True, input_size_limit=limit, output_size_limit=limit
+        )
+        rewriter.rewrite(model)  # onnxscript's default, output-preserving rules
+        ir_common.RemoveUnusedNodesPass()(model)
+    ir_common.RemoveUnusedFunctionsPass()(model)
+    ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    ir_common.CommonSubexpressionEliminationPass()(model)
 
 
 def _rewrite(model: ir.Model) -> None:

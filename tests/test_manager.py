@@ -73,7 +73,7 @@ def _data(n=32):
 
 def test_stats_collected_before_and_invalidated_after_a_modifying_pass(mlp_file):
     first, second = _NeedsStats(), _NeedsStats()
-    report = PassManager([first, _ScaleOutput(), second], data=_data(), budget=None).run(mlp_file)
+    report = PassManager([first, _ScaleOutput(), second], simplify=False, data=_data(), budget=None).run(mlp_file)
     table1, table2 = first.seen[0], second.seen[0]
     assert table1 is not None and table2 is not None and table1 is not table2  # re-collected after 'scale'
     assert table1.channels["h1"].samples == 32
@@ -85,24 +85,26 @@ def test_stats_collected_before_and_invalidated_after_a_modifying_pass(mlp_file)
 
 def test_stats_reused_while_the_model_is_unchanged(mlp_file):
     first, second = _NeedsStats(), _NeedsStats()
-    PassManager([first, second], data=_data()).run(mlp_file)
+    PassManager([first, second], simplify=False, data=_data()).run(mlp_file)
     assert first.seen[0] is second.seen[0]
 
 
 def test_pass_needing_stats_without_data_is_a_clear_error(mlp_file):
     with pytest.raises(CalibrationError, match="'needs_stats' needs calibration data"):
-        PassManager([_NeedsStats()]).run(mlp_file)
+        PassManager([_NeedsStats()], simplify=False).run(mlp_file)
 
 
 def test_failing_pass_is_named_with_the_passes_before(mlp_file):
     with pytest.raises(ir.passes.PassError, match=r"pass 'boom' failed after \['scale'\]: kaput"):
-        PassManager([_ScaleOutput(), _Boom()], data=_data()).run(mlp_file)
+        PassManager([_ScaleOutput(), _Boom()], simplify=False, data=_data()).run(mlp_file)
 
 
 def test_validation_budget_and_report_schema(mlp_file):
-    exact = PassManager([_ScaleOutput(_ScaleConfig(1.0))], data=_data()).run(mlp_file)
+    exact = PassManager([_ScaleOutput(_ScaleConfig(1.0))], simplify=False, data=_data()).run(mlp_file)
     assert exact.ok and exact.validation.outputs["y"].max_abs == 0
-    lossy = PassManager([_ScaleOutput(_ScaleConfig(1.5))], data=_data(), budget=Budget(max_abs=1e-3)).run(mlp_file)
+    lossy = PassManager(
+        [_ScaleOutput(_ScaleConfig(1.5))], simplify=False, data=_data(), budget=Budget(max_abs=1e-3)
+    ).run(mlp_file)
     assert not lossy.ok and "max abs" in lossy.validation.failures[0]
     payload = lossy.to_json()
     assert set(payload["model"]) == {"before", "after"}
@@ -114,9 +116,22 @@ def test_validation_budget_and_report_schema(mlp_file):
 
 def test_in_memory_model_is_compared_with_its_state_before_the_passes():
     model = ir.from_proto(builders.mlp(sizes=(8, 16, 4)))
-    report = PassManager([_ScaleOutput(_ScaleConfig(2.0))], data=_data(), budget=None).run(model)
+    report = PassManager([_ScaleOutput(_ScaleConfig(2.0))], simplify=False, data=_data(), budget=None).run(model)
     assert report.model is model
     assert report.validation.outputs["y"].max_abs > 0.1
+
+
+def test_simplify_wraps_a_pipeline_by_default(mlp_file):
+    report = PassManager([_ScaleOutput()], data=_data()).run(mlp_file)
+    assert [r.name for r in report.passes] == ["simplify", "scale", "simplify"]
+    assert report.ok  # factor 1: exact, so the default budget is exact too
+
+    class _Final(_ScaleOutput):
+        simplify_after = False
+
+    assert [p.name for p in PassManager([_Final()]).passes] == ["simplify", "scale"]
+    assert [p.name for p in PassManager(["simplify"]).passes] == ["simplify"]
+    assert PassManager([]).passes == []
 
 
 def test_registry_lists_and_imports_every_pass():

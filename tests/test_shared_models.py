@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from onnxopt import cli
+from onnxopt.passes.simplify import SimplifyConfig
 from tests import builders
 from tests.conftest import shared_models
 
@@ -71,3 +73,16 @@ LIGHT = sorted((Path(onnx.__file__).parent / "backend/test/data/light").glob("li
 def test_onnx_wheel_light_models_round_trip_and_simplify_exactly(path, tmp_path, capsys):
     for passes in ("", "simplify"):
         _run_report(capsys, tmp_path, path, passes)
+    # ConstantOfShape placeholder weights became initializers (but those over the fold limit, vgg19's fc6)
+    optimized = onnx.load(tmp_path / "out.onnx")
+    inits = {i.name for i in optimized.graph.initializer}
+    left = [n for n in optimized.graph.node if n.op_type == "ConstantOfShape"]
+    limit = SimplifyConfig().fold_limit
+    assert all(np.prod(numpy_helper.to_array(_init(optimized, n.input[0]))) > limit for n in left)
+    for node in optimized.graph.node:
+        if node.op_type in ("Conv", "Gemm") and node.input[1] not in inits:
+            assert node.input[1] in {out for n in left for out in n.output}
+
+
+def _init(model, name):
+    return next(i for i in model.graph.initializer if i.name == name)
