@@ -130,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("onnxopt: interrupted; nothing was written\n")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `onnxopt inspect big.onnx | head`
+        sys.stderr.close()
+        return EXIT_OK
     except OnnxoptError as e:
         if args.debug:
             raise

@@ -40,6 +40,8 @@ __all__ = [
     "data_inputs",
     "const_array",
     "weight_bytes",
+    "fresh_name",
+    "add_initializer",
     "temporary_model_file",
 ]
 
@@ -188,6 +190,25 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if tensor is None:
         return None
     return tensor.numpy()
+
+
+def fresh_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``... : a name no value of ``graph`` uses yet."""
+    taken = set(graph.initializers) | {v.name for v in graph.inputs}
+    taken |= {out.name for node in graph for out in node.outputs}
+    name, index = base, 0
+    while name in taken:
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer under a fresh name derived from ``base``."""
+    value = ir.Value(name=fresh_name(graph, base), const_value=ir.tensor(np.ascontiguousarray(array)))
+    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
 
 
 def weight_bytes(model: ir.Model) -> int:

@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "onnxopt.passes"
 
 BUILTIN_PASSES: dict[str, str] = {
     "simplify": "onnxopt.passes.simplify:SimplifyPass",
+    "prune": "onnxopt.passes.prune:ChannelPrunePass",
 }
 
 

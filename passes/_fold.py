@@ -54,9 +54,7 @@ def fold_constant_of_shape(model: ir.Model, limit: int) -> list[str]:
         attr = node.attributes.get("value")
         fill = attr.value.numpy().reshape(-1) if attr is not None else np.zeros(1, np.float32)
         array = np.full(dims, fill[0], dtype=fill.dtype)
-        value = ir.Value(name=_fresh_name(graph, f"{out.name}_folded"), const_value=ir.tensor(array))
-        value.shape, value.dtype = ir.Shape(dims), out.dtype or ir.DataType.from_numpy(array.dtype)
-        graph.register_initializer(value)
+        value = graph_io.add_initializer(graph, f"{out.name}_folded", array)
         ir.convenience.replace_all_uses_with(out, value)
         graph.remove(node, safe=True)
         folded.append(out.name)
@@ -107,7 +105,7 @@ def _fold_one(graph: ir.Graph, node: ir.Node) -> bool:
         shape = [1] * weight.ndim
         shape[w_axis] = channels
         new_weight = (weight.astype(np.float64) * per_channel.reshape(shape)).astype(weight.dtype)
-        node.replace_input_with(1, _initializer(graph, node.inputs[1].name, new_weight))
+        node.replace_input_with(1, graph_io.add_initializer(graph, node.inputs[1].name, new_weight))
         new_bias = bias * per_channel
     else:
         new_bias = bias + per_channel
@@ -115,7 +113,7 @@ def _fold_one(graph: ir.Graph, node: ir.Node) -> bool:
         base = bias_value.name if bias_value is not None else f"{node.name or out.name}_bias"
         if len(node.inputs) < 3:
             node.resize_inputs(3)
-        node.replace_input_with(2, _initializer(graph, base, new_bias.astype(weight.dtype)))
+        node.replace_input_with(2, graph_io.add_initializer(graph, base, new_bias.astype(weight.dtype)))
     result = consumer.outputs[0]
     out.shape, out.dtype = result.shape or out.shape, result.dtype or out.dtype
     name = result.name
@@ -161,20 +159,3 @@ def _per_channel(constant: np.ndarray, channels: int, rank: int) -> np.ndarray |
         if dim != 1 and not (axis == 1 and dim == channels):
             return None
     return np.broadcast_to(constant.astype(np.float64).reshape(-1), (channels,)).copy()
-
-
-def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=_fresh_name(graph, base), const_value=ir.tensor(array))
-    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(value)
-    return value
-
-
-def _fresh_name(graph: ir.Graph, base: str) -> str:
-    taken = set(graph.initializers) | {v.name for v in graph.inputs}
-    taken |= {out.name for node in graph for out in node.outputs}
-    name, index = base, 0
-    while name in taken:
-        index += 1
-        name = f"{base}_{index}"
-    return name

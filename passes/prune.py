@@ -1,0 +1,299 @@
+"""`prune`: remove dead and unimportant channels and neurons, judged from activations, as a smaller dense model.
+
+Before (fc1 has 4 neurons, neuron 2 never fires on the calibration data)::
+
+    X ─ Gemm(W1: 4×K, b1) ─ Relu ─ Gemm(W2: M×4, b2) ─ Y
+
+After::
+
+    X ─ Gemm(W1[[0,1,3]], b1[[0,1,3]]) ─ Relu ─ Gemm(W2[:, [0,1,3]], b2 + W2[:, 2]·μ₂) ─ Y
+
+with ``μ₂`` the neuron's constant activation (0 for a dead ReLU), so removing a dead or constant channel
+is exact. Channels that must go together (BatchNorm, residual Add, Concat, depthwise Conv, Flatten→Gemm,
+Pad, Transpose) are found by :mod:`onnxopt.passes._channel_groups`; the surgery is in
+:mod:`onnxopt.passes._prune_apply`.
+
+Criteria (``criterion``), judged on the activations the next layer reads:
+
+- ``dead``: zero on every calibration sample (the thesis's vanilla pruning);
+- ``apoz``: average percentage of zeros ≥ ``threshold`` (APoZ paper, Network Trimming);
+- ``outlier``: activation frequency below mean − 2·std of its layer (the thesis's outlier pruning);
+- ``constant``: standard deviation ≤ ``threshold`` × the layer's mean |activation| (any activation function);
+  the constant is folded into the next layer's bias;
+- ``ratio``: the lowest-scoring ``ratio`` of each layer group, by ``score``: ``contribution`` (RMS activation ×
+  norm of the next layer's weights for that channel), ``apoz`` or ``mean`` (mean |activation|).
+
+When ``threshold`` or ``ratio`` is left negative, the pass searches the strongest setting whose result passes
+validation within the run's error budget (bisection, ``steps`` validations). ``refit`` re-fits the next
+layer's remaining weights by least squares on the calibration activations. Each layer group keeps at least
+``min_channels`` channels and, with ``align`` > 1, a multiple of ``align`` (onnxruntime's fast convolution
+kernels want multiples of 8 or 16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxopt import graph as graph_io
+from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
+from onnxopt.passes._channel_groups import Analysis, Unit, analyze
+from onnxopt.passes._prune_apply import apply_removal
+from onnxopt.stats import StatsRequest, StatsTable, get_stats
+
+__all__ = ["PruneConfig", "ChannelPrunePass", "CRITERIA", "SCORES"]
+
+logger = logging.getLogger(__name__)
+
+CRITERIA = ("dead", "apoz", "outlier", "constant", "ratio")
+SCORES = ("contribution", "apoz", "mean")
+_DEFAULT_THRESHOLD = {"apoz": 0.9, "constant": 1e-3}
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig(PassConfig):
+    criterion: str = dataclasses.field(default="ratio", metadata={"choices": CRITERIA, "help": "what to remove"})
+    threshold: float = dataclasses.field(
+        default=-1.0, metadata={"help": "apoz: min fraction of zeros; constant: max relative std (<0: search)"}
+    )
+    ratio: float = dataclasses.field(default=-1.0, metadata={"help": "ratio: fraction per layer (<0: search)"})
+    score: str = dataclasses.field(default="contribution", metadata={"choices": SCORES, "help": "ranking"})
+    max_ratio: float = dataclasses.field(default=0.9, metadata={"help": "upper end of the ratio search"})
+    min_channels: int = dataclasses.field(default=1, metadata={"help": "channels every layer keeps"})
+    align: int = dataclasses.field(default=1, metadata={"help": "keep channel counts multiples of this"})
+    refit: bool = dataclasses.field(default=False, metadata={"help": "least-squares re-fit of the next layer"})
+    steps: int = dataclasses.field(default=7, metadata={"help": "validations in the search"})
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"prune criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"prune score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.ratio > 1 or self.max_ratio > 1 or self.min_channels < 1 or self.align < 1 or self.steps < 1:
+            raise ValueError("prune: ratio and max_ratio must be <= 1; min_channels, align and steps >= 1")
+
+
+class ChannelPrunePass(OptPass):
+    """Remove dead and unimportant channels/neurons judged from activations (dead, apoz, outlier, constant, ratio)."""
+
+    name = "prune"
+    exact = False
+    config_class = PruneConfig
+
+    def stats_request(self, model: ir.Model) -> StatsRequest:
+        analysis = self._analyze(model)
+        values = {a.space.value.name for a in analysis.actions if a.kind == "consumer"}
+        grams = set()
+        if self.config.refit:
+            grams = {a.node.name for a in analysis.actions if a.kind == "consumer" and _refittable(a.node)}
+        return StatsRequest(frozenset(values), frozenset(grams))
+
+    def call(self, model: ir.Model) -> OptResult:
+        config: PruneConfig = self.config
+        analysis = self._analyze(model)
+        stats = get_stats(model)
+        if stats is None:
+            raise ir.passes.PreconditionError("pass 'prune' needs activation statistics: give calibration data")
+        skipped = _blocked(analysis)
+        scored = _score_units(analysis, stats, model)
+        setting = self._choose_setting(model, scored)
+        chosen = _select(analysis, scored, config, setting)
+        if not chosen:
+            return OptResult(model, modified=False, skipped=skipped)
+        _apply(model, analysis, chosen, scored, stats, config)
+        changes = _describe(analysis, chosen, setting, config)
+        return OptResult(model, modified=True, changes=changes, skipped=skipped)
+
+    # --- search --------------------------------------------------------------------------------------
+    def _choose_setting(self, model: ir.Model, scored: dict) -> float:
+        config: PruneConfig = self.config
+        if config.criterion in ("dead", "outlier"):
+            return 0.0
+        given = config.ratio if config.criterion == "ratio" else config.threshold
+        if given >= 0:
+            return given
+        check = self.context.check if self.context is not None else None
+        if check is None:
+            if config.criterion == "ratio":
+                raise ir.passes.PreconditionError("prune: give --prune-ratio, or data and a budget to search with")
+            return _DEFAULT_THRESHOLD[config.criterion]
+        # strength grows with the ratio, and falls with the apoz threshold / grows with the constant threshold
+        if config.criterion == "ratio":
+            lo, hi, stronger_is_higher = 0.0, config.max_ratio, True
+        elif config.criterion == "apoz":
+            lo, hi, stronger_is_higher = 0.5, 1.0, False
+        else:
+            lo, hi, stronger_is_higher = 0.0, 0.5, True
+        best = lo if stronger_is_higher else hi
+        for _ in range(config.steps):
+            mid = (lo + hi) / 2
+            ok = self._trial(model, scored, mid, check)
+            logger.debug("prune search: %s=%.4f -> %s", config.criterion, mid, "ok" if ok else "fails")
+            if ok == stronger_is_higher:
+                lo = mid
+            else:
+                hi = mid
+            if ok:
+                best = mid
+        return best
+
+    def _trial(self, model: ir.Model, scored: dict, setting: float, check) -> bool:
+        candidate = model.clone()
+        analysis = self._analyze(candidate)
+        stats = get_stats(model)
+        chosen = _select(analysis, _score_units(analysis, stats, candidate), self.config, setting)
+        if not chosen:
+            return True
+        _apply(candidate, analysis, chosen, _score_units(analysis, stats, candidate), stats, self.config)
+        ShapeInferencePass(strict_mode=False)(candidate)
+        return check(candidate).ok
+
+    @staticmethod
+    def _analyze(model: ir.Model) -> Analysis:
+        ShapeInferencePass(strict_mode=False)(model)
+        return analyze(model)
+
+
+# --- scoring and selection ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Scored:
+    unit: Unit
+    dead: bool
+    apoz: float
+    freq: float
+    rel_std: float
+    mean_abs: float
+    contribution: float
+
+
+def _score_units(analysis: Analysis, stats: StatsTable, model: ir.Model) -> dict[int, _Scored]:
+    """Per unit (keyed by its first slot), the statistics of the channels the next layers read."""
+    consumers = {}
+    for action in analysis.actions:
+        if action.kind == "consumer":
+            consumers.setdefault(id(action.space.value), []).append(action)
+    owner = analysis._slot_owner()
+    layer_scale: dict[int, float] = {}
+    scored = {}
+    for unit in analysis.units:
+        if unit.blocked:
+            continue
+        dead, apoz, freq, rel_std, mean_abs, contribution = True, 1.0, 0.0, 0.0, 0.0, 0.0
+        seen = False
+        for slot in unit.slots:
+            space = owner[slot]
+            if id(space.value) not in consumers:
+                continue
+            s = stats.channels.get(space.value.name)
+            if s is None:
+                continue
+            c = slot - space.base
+            seen = True
+            if id(space.value) not in layer_scale:
+                layer_scale[id(space.value)] = float(np.mean(s.abs_mean)) + 1e-12
+            dead = dead and s.min[c] == 0 and s.max[c] == 0
+            apoz = min(apoz, float(s.zero_frac[c]))
+            freq = max(freq, float(s.pos_frac[c]))
+            rel_std = max(rel_std, float(s.std[c]) / layer_scale[id(space.value)])
+            mean_abs = max(mean_abs, float(s.abs_mean[c]))
+            rms = float(np.sqrt(s.sq_mean[c]))
+            for action in consumers[id(space.value)]:
+                weight = graph_io.const_array(action.node.inputs[1])
+                contribution += rms * float(np.linalg.norm(np.take(weight, c, axis=action.weight_axis)))
+        if seen:
+            scored[unit.slots[0]] = _Scored(unit, dead, apoz, freq, rel_std, mean_abs, contribution)
+    return scored
+
+
+def _select(analysis: Analysis, scored: dict[int, _Scored], config: PruneConfig, setting: float) -> list[_Scored]:
+    by_group: dict[int, list[_Scored]] = {}
+    for item in scored.values():
+        by_group.setdefault(item.unit.group, []).append(item)
+    owner = analysis._slot_owner()
+    chosen: list[_Scored] = []
+    for items in by_group.values():
+        candidates = _candidates(items, config, setting)
+        if not candidates:
+            continue
+        # every value of the group keeps min_channels (and an aligned count, when asked)
+        remaining: dict[int, int] = {}
+        for item in items:
+            for slot in item.unit.slots:
+                remaining[id(owner[slot].value)] = owner[slot].size
+        taken = []
+        for item in candidates:
+            counts = {}
+            for slot in item.unit.slots:
+                counts[id(owner[slot].value)] = counts.get(id(owner[slot].value), 0) + 1
+            if all(remaining[v] - n >= config.min_channels for v, n in counts.items()):
+                for v, n in counts.items():
+                    remaining[v] -= n
+                taken.append(item)
+        if config.align > 1 and taken:
+            sizes = [owner[item.unit.slots[0]].size for item in taken[:1]]
+            keep = sizes[0] - len(taken)
+            surplus = keep % config.align
+            if surplus and keep - surplus + config.align <= sizes[0]:
+                taken = taken[: len(taken) - (config.align - surplus)]
+        chosen.extend(taken)
+    return chosen
+
+
+def _candidates(items: list[_Scored], config: PruneConfig, setting: float) -> list[_Scored]:
+    criterion = config.criterion
+    if criterion == "dead":
+        return [i for i in items if i.dead]
+    if criterion == "apoz":
+        return sorted((i for i in items if i.apoz >= setting), key=lambda i: -i.apoz)
+    if criterion == "constant":
+        return sorted((i for i in items if i.rel_std <= setting), key=lambda i: i.rel_std)
+    if criterion == "outlier":
+        freqs = np.array([i.freq for i in items])
+        cut = freqs.mean() - 2 * freqs.std()
+        return sorted((i for i in items if i.freq < cut), key=lambda i: i.freq)
+    key = {"contribution": lambda i: i.contribution, "apoz": lambda i: -i.apoz, "mean": lambda i: i.mean_abs}
+    ordered = sorted(items, key=key[config.score])
+    dead = [i for i in ordered if i.dead]
+    count = max(len(dead), int(np.floor(setting * len(items) + 1e-9)))
+    return dead + [i for i in ordered if not i.dead][: count - len(dead)]
+
+
+def _apply(model, analysis: Analysis, chosen, scored, stats: StatsTable, config: PruneConfig) -> None:
+    removed = analysis.removed_by_space([item.unit for item in chosen])
+    means = {}
+    for space in analysis.spaces.values():
+        channel = stats.channels.get(space.value.name)
+        if channel is not None and id(space.value) in removed:
+            means[id(space.value)] = channel.mean
+    grams = stats.grams if config.refit else None
+    apply_removal(model, analysis, removed, means, grams)
+
+
+def _blocked(analysis: Analysis) -> list[Skip]:
+    reasons: dict[str, int] = {}
+    for unit in analysis.units:
+        if unit.blocked:
+            reasons[unit.blocked] = reasons.get(unit.blocked, 0) + 1
+    return [Skip(f"{count} channels", f"kept: {reason}") for reason, count in reasons.items()]
+
+
+def _describe(analysis: Analysis, chosen, setting: float, config: PruneConfig) -> list[Change]:
+    removed = analysis.removed_by_space([item.unit for item in chosen])
+    changes = []
+    for action in analysis.actions:
+        if action.kind == "producer" and id(action.space.value) in removed:
+            before = action.space.size
+            after = before - len(removed[id(action.space.value)])
+            what = f"{before} -> {after} channels ({config.criterion}"
+            what += f" {setting:.4g})" if config.criterion not in ("dead", "outlier") else ")"
+            changes.append(Change(action.node.name or action.space.value.name, what))
+    return changes
+
+
+def _refittable(node: ir.Node) -> bool:
+    group = node.attributes.get("group")
+    return node.op_type in ("Gemm", "MatMul") or (node.op_type == "Conv" and (group is None or group.value == 1))
