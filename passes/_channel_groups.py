@@ -524,9 +524,47 @@ def _tie_same(analysis: Analysis, node: ir.Node) -> None:
     analysis.tie(space, out)
 
 
-def _shape_only(analysis: Analysis, node: ir.Node) -> None:
-    """Shape/Size read only the shape: a pruned model has a different one, so the value is blocked."""
-    _block_inputs(analysis, node, f"{node.op_type} reads the shape")
+def _shape(analysis: Analysis, node: ir.Node) -> None:
+    """Shape is harmless when only dims other than the channel axis are read from it (Gather of the batch)."""
+    tracked = _tracked(analysis, node)
+    if not tracked:
+        return
+    space = tracked[0][1]
+    rank = _rank(space.value) or 0
+    dims = list(range(rank))[_attr(node, "start", 0) : _attr(node, "end", rank)]
+    for use in node.outputs[0].uses():
+        user = use.node
+        indices = graph_io.const_array(user.inputs[1]) if user.op_type == "Gather" and use.idx == 0 else None
+        if indices is None or any(dims[int(i)] == space.axis for i in np.atleast_1d(indices)):
+            analysis.block(space, f"Shape '{node.name}' is read for the channel count")
+            return
+    if node.outputs[0].is_graph_output():
+        analysis.block(space, f"Shape '{node.name}' is a graph output")
+
+
+def _slice(analysis: Analysis, node: ir.Node) -> None:
+    """Slice on other axes keeps the channels (CIFAR ResNet shortcuts take x[:, :, ::2, ::2])."""
+    tracked = [(i, s) for i, s in _tracked(analysis, node) if i == 0]
+    if not tracked:
+        return
+    space = tracked[0][1]
+    rank = _rank(space.value) or 0
+    axes = _attr(node, "axes")
+    if axes is None and len(node.inputs) > 3 and node.inputs[3] is not None:
+        axes = graph_io.const_array(node.inputs[3])
+    if axes is None:
+        starts = _attr(node, "starts")
+        if starts is None and len(node.inputs) > 1:
+            starts = graph_io.const_array(node.inputs[1])
+        axes = range(len(starts)) if starts is not None else None
+    if axes is None or space.axis in {int(a) % rank for a in np.atleast_1d(np.asarray(list(axes)))}:
+        analysis.block(space, f"Slice '{node.name}' on the channel axis")
+        return
+    _tie_same(analysis, node)
+
+
+def _size(analysis: Analysis, node: ir.Node) -> None:
+    _block_inputs(analysis, node, "Size reads the element count")
 
 
 _HANDLERS: dict[str, Callable[[Analysis, ir.Node], None]] = {
@@ -546,6 +584,7 @@ _HANDLERS: dict[str, Callable[[Analysis, ir.Node], None]] = {
     "ReduceSum": _reduce,
     "Softmax": _softmax,
     "LogSoftmax": _softmax,
-    "Shape": _shape_only,
-    "Size": _shape_only,
+    "Shape": _shape,
+    "Size": _size,
+    "Slice": _slice,
 }

@@ -29,7 +29,12 @@ import onnx_ir as ir
 
 from onnxopt import graph as graph_io
 
-__all__ = ["fold_constant_of_shape", "fold_affine_into_producer"]
+__all__ = [
+    "fold_constant_of_shape",
+    "fold_affine_into_producer",
+    "remove_inference_dropout",
+    "constant_reshape_targets",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,83 @@ def fold_constant_of_shape(model: ir.Model, limit: int) -> list[str]:
         graph.remove(node, safe=True)
         folded.append(out.name)
     return folded
+
+
+def remove_inference_dropout(model: ir.Model) -> list[str]:
+    """Dropout is the identity at inference: remove it when its mask is unused and it is not in training mode.
+
+    onnxscript's rule only matches an explicit ``training_mode=False`` input; exporters (opset 9-11) write
+    Dropout with neither.
+    """
+    graph = model.graph
+    removed = []
+    for node in tuple(graph):
+        if node.op_type != "Dropout" or node.domain not in _DEFAULT_DOMAINS:
+            continue
+        training = node.inputs[2] if len(node.inputs) > 2 else None
+        if training is not None and not (
+            graph_io.const_array(training) is not None and not graph_io.const_array(training).any()
+        ):
+            continue
+        if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+            continue
+        out, source = node.outputs[0], node.inputs[0]
+        if out.is_graph_output() and (source.is_graph_input() or source.is_graph_output()):
+            continue
+        name = out.name
+        ir.convenience.replace_all_uses_with(out, source, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        if source.is_graph_output() and not source.is_graph_input():
+            source.name = name  # a graph output keeps its public name
+        removed.append(name)
+    return removed
+
+
+def constant_reshape_targets(model: ir.Model) -> list[str]:
+    """``Reshape(x, Concat(Unsqueeze(Gather(Shape(x), i)), ...))`` → ``Reshape(x, [..., 0, ...])``.
+
+    PyTorch exports ``x.view(x.size(0), -1)`` as a runtime shape computation; the dim it copies from ``x``
+    at the same position is what Reshape's ``0`` means (``allowzero`` unset), so the target becomes a
+    constant, shape inference can follow it, and the Shape/Gather/Unsqueeze/Concat chain goes.
+    """
+    graph = model.graph
+    rewritten = []
+    for node in tuple(graph):
+        if node.op_type != "Reshape" or node.domain not in _DEFAULT_DOMAINS or node.attributes.get("allowzero"):
+            continue
+        concat = node.inputs[1].producer() if node.inputs[1] is not None else None
+        if concat is None or concat.op_type != "Concat":
+            continue
+        target: list[int] = []
+        for piece in concat.inputs:
+            constant = graph_io.const_array(piece)
+            if constant is not None:
+                target.extend(int(v) for v in constant.reshape(-1))
+                continue
+            if not _copies_dim(piece, node.inputs[0], len(target)):
+                break
+            target.append(0)
+        else:
+            node.replace_input_with(
+                1, graph_io.add_initializer(graph, f"{node.name or 'reshape'}_shape", np.array(target, np.int64))
+            )
+            rewritten.append(node.name)
+    return rewritten
+
+
+def _copies_dim(piece: ir.Value, source: ir.Value, position: int) -> bool:
+    """``piece`` is ``Unsqueeze(Gather(Shape(source), position))``: a 1-element copy of that dim."""
+    unsqueeze = piece.producer()
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze":
+        return False
+    gather = unsqueeze.inputs[0].producer()
+    if gather is None or gather.op_type != "Gather":
+        return False
+    index = graph_io.const_array(gather.inputs[1])
+    shape = gather.inputs[0].producer()
+    if index is None or index.size != 1 or shape is None or shape.op_type != "Shape" or shape.attributes:
+        return False
+    return shape.inputs[0] is source and int(index.reshape(-1)[0]) == position
 
 
 def fold_affine_into_producer(model: ir.Model) -> list[str]:

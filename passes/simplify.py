@@ -49,6 +49,16 @@ _RULES = (
     "reshape_reshape_rule",
     "no_op_cast_rule",
     "matmul_add_to_gemm_rule",
+    "materialize_reshape_shape_rule",
+    "collapse_slice_rule",
+    "collapse_slice2_rule",
+    "unsqueeze_unsqueeze_rule",
+    "squeeze_reshape_1d_rule",
+    "no_op_expand_rule",
+    "successive_relu_rule",
+    "successive_clip_rule",
+    "successive_clip_relu_rule",
+    "successive_relu_clip_rule",
 )
 
 
@@ -87,6 +97,10 @@ class SimplifyPass(OptPass):
         ir_common.DeduplicateInitializersPass()(model)
         for name in _fold.fold_constant_of_shape(model, config.fold_limit):
             changes.append(Change(name, "ConstantOfShape folded into an initializer"))
+        for name in _fold.remove_inference_dropout(model):
+            changes.append(Change(name, "inference-mode Dropout removed"))
+        for name in _fold.constant_reshape_targets(model):
+            changes.append(Change(name, "runtime Reshape target made constant"))
         self._step(skipped, "constant folding", lambda: _optimize(model, config.fold_limit))
         # Affine folds first so MatMul+Mul+Add ends as MatMul+Add for the Gemm rule, again after the
         # BatchNorm rules, whose fused Conv may be followed by another Mul/Add.
