@@ -91,6 +91,7 @@ class Analysis:
         self.skipped: list[tuple[str, str]] = []
         self._parent: list[int] = []
         self._blocked_slots: dict[int, str] = {}
+        self._producer_slots: set[int] = set()
         self._value_graph = nx.Graph()
 
     # --- slots -------------------------------------------------------------------------------------
@@ -125,6 +126,10 @@ class Analysis:
                 self.union(a.base + i, b.base + j)
         self._value_graph.add_edge(id(a.value), id(b.value))
 
+    def produced(self, space: Space) -> None:
+        """Mark ``space`` as made by a layer (so its channels form units, prunable or blocked)."""
+        self._producer_slots.update(range(space.base, space.base + space.size))
+
     def block(self, space: Space, reason: str, slots: range | None = None) -> None:
         for i in slots if slots is not None else range(space.size):
             self._blocked_slots.setdefault(space.base + i, reason)
@@ -134,7 +139,7 @@ class Analysis:
         members: dict[int, list[int]] = {}
         for slot in range(len(self._parent)):
             members.setdefault(self.find(slot), []).append(slot)
-        producers = {a.space.base + i for a in self.actions if a.kind == "producer" for i in range(a.space.size)}
+        producers = self._producer_slots
         groups = {v: g for g, comp in enumerate(nx.connected_components(self._value_graph)) for v in comp}
         owner = self._slot_owner()
         for slots in members.values():
@@ -264,6 +269,7 @@ def _conv(analysis: Analysis, node: ir.Node) -> None:
             else:
                 analysis.block(in_space, f"weight of '{node.name}' is shared or a graph input")
         if out is not None:
+            analysis.produced(out)
             if private:
                 analysis.actions.append(Action("producer", node, out, weight_axis=1 if transpose else 0))
             else:
@@ -272,6 +278,7 @@ def _conv(analysis: Analysis, node: ir.Node) -> None:
     channels_in = _dim(x, 1)
     if not transpose and channels_in == group and weight.shape[1] == 1 and out is not None and private:
         multiplier = out.size // group
+        analysis.produced(out)
         if in_space is None:
             analysis.actions.append(Action("producer", node, out, weight_axis=0))
             return
@@ -281,6 +288,7 @@ def _conv(analysis: Analysis, node: ir.Node) -> None:
     if in_space is not None:
         analysis.block(in_space, f"grouped {node.op_type} '{node.name}' (group {group})")
     if out is not None:
+        analysis.produced(out)
         analysis.block(out, f"grouped {node.op_type} '{node.name}' (group {group})")
 
 
@@ -297,7 +305,7 @@ def _gemm(analysis: Analysis, node: ir.Node) -> None:
     else:  # MatMul: X (..., K) @ W (K, M)
         in_axis, out_axis_w = 0, 1
         out_axis = (_rank(node.outputs[0]) or 0) - 1
-    reason = f"weight of '{node.name}' is not a private constant matrix"
+    reason = f"weight of '{node.name}' is shared, a graph input or not a constant matrix"
     if in_space is not None:
         if usable and in_space.axis == (_rank(x) or 0) - 1:
             analysis.actions.append(Action("consumer", node, in_space, weight_axis=in_axis))
@@ -305,6 +313,7 @@ def _gemm(analysis: Analysis, node: ir.Node) -> None:
             analysis.block(in_space, reason)
     out = _out_space(analysis, node.outputs[0], out_axis) if out_axis >= 0 else None
     if out is not None:
+        analysis.produced(out)
         if usable:
             analysis.actions.append(Action("producer", node, out, weight_axis=out_axis_w))
         else:

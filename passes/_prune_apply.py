@@ -43,9 +43,11 @@ def apply_removal(
     grams: Mapping[str, GramStats] | None = None,
 ) -> None:
     """Remove ``removed[id(value)]`` channels everywhere; ``means[id(value)]`` are the activation means."""
+    empty = np.array([], dtype=np.int64)
     for action in analysis.actions:
-        drop = removed.get(id(action.space.value))
-        if drop is None or not len(drop):
+        drop = removed.get(id(action.space.value), empty)
+        out_drop = removed.get(id(action.out_space.value), empty) if action.out_space is not None else empty
+        if not len(drop) and not len(out_drop):
             continue
         handler = _APPLY[action.kind]
         handler(model, action, drop, removed, means, grams)
