@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_options(val)
     _add_data_options(val)
 
+    conv = sub.add_parser("convert", help="convert a Keras file, SavedModel directory or TFLite file to ONNX")
+    conv.add_argument("source", help=".keras/.h5 file, SavedModel directory or .tflite file")
+    conv.add_argument("-o", "--output", required=True, help="output .onnx path")
+    conv.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
+    conv.add_argument("--nchw", action="store_true", help="make NHWC image inputs NCHW")
+    conv.add_argument("--data", help=".npz of sample inputs to validate the conversion on (default: random)")
+
     sub.add_parser("passes", help="list the registered passes")
     return parser
 
@@ -203,6 +210,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     else:
         _print_validation(report)
     return EXIT_OK if report.ok else EXIT_INVALID
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from onnxopt import convert
+
+    source, output = Path(args.source), Path(args.output)
+    _check_output_path(source, output)
+    data = None
+    if args.data:
+        from onnxopt.data import load_npz
+
+        data = load_npz(Path(args.data), "data")
+    result = convert.convert_file(source, output, opset=args.opset, nchw=args.nchw, data=data)
+    print(
+        f"wrote {output}: validated against the source on {result.samples} samples, "
+        f"max error {result.max_error:.3g} (tolerance {result.tolerance:g})"
+    )
+    return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -398,4 +423,10 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split())[:500]
 
 
-_COMMANDS = {"run": _cmd_run, "inspect": _cmd_inspect, "validate": _cmd_validate, "passes": _cmd_passes}
+_COMMANDS = {
+    "run": _cmd_run,
+    "inspect": _cmd_inspect,
+    "validate": _cmd_validate,
+    "passes": _cmd_passes,
+    "convert": _cmd_convert,
+}

@@ -35,6 +35,7 @@ __all__ = [
     "as_source",
     "random_source",
     "parse_shape_overrides",
+    "load_npz",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def as_source(data: DataLike | DataSource, model: ir.Model, *, batch_size: int =
         return data
     specs = input_specs(model)
     if isinstance(data, str | os.PathLike):
-        arrays = _load_npz(Path(data), what)
+        arrays = load_npz(Path(data), what)
         return _array_source(arrays, specs, batch_size, f"{what} {Path(data).name}")
     if isinstance(data, Mapping):
         return _array_source(dict(data), specs, batch_size, f"{what} arrays")
@@ -205,7 +206,7 @@ def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, .
     raise DataError(f"cannot make random inputs of dtype {dtype}; give --data")
 
 
-def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+def load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{what} {path}: no such file")
     try:
