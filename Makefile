@@ -16,9 +16,9 @@ setup: $(STAMP)
 
 demo: setup
 	mkdir -p out
-	$(BIN)/onnxopt run models/mnist_mlp/mnist_mlp.onnx --passes simplify \
-		--data models/mnist_mlp/calib.npz --eval models/mnist_mlp/eval.npz \
-		--latency -o out/mnist_mlp.opt.onnx --report out/mnist_mlp.report.json
+	$(BIN)/onnxopt run models/tiny_mlp/tiny_mlp.onnx --passes simplify \
+		--data models/tiny_mlp/calib.npz --eval models/tiny_mlp/eval.npz \
+		--latency -o out/tiny_mlp.opt.onnx --report out/tiny_mlp.report.json
 
 test: setup
 	$(BIN)/python -m pytest

@@ -1,6 +1,6 @@
 """Memory of the statistics collector as the calibration set grows (1x -> 10x): it must stay flat.
 
-    python bench/stats_memory.py [--model models/mnist_mlp/mnist_mlp.onnx --data models/mnist_mlp/calib.npz]
+    python bench/stats_memory.py [--model models/tiny_mlp/tiny_mlp.onnx --data models/tiny_mlp/calib.npz]
 
 Each size runs in a fresh subprocess, streaming batches from a callable (the data is never held whole), and
 collects per-channel statistics of every Relu output plus the Gram matrices of every Gemm. Printed: samples,
@@ -57,8 +57,8 @@ def measure(model_path: str, data_path: str, repeat: int, batch: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "models/mnist_mlp/mnist_mlp.onnx"))
-    parser.add_argument("--data", default=str(ROOT / "models/mnist_mlp/calib.npz"))
+    parser.add_argument("--model", default=str(ROOT / "models/tiny_mlp/tiny_mlp.onnx"))
+    parser.add_argument("--data", default=str(ROOT / "models/tiny_mlp/calib.npz"))
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -324,14 +324,14 @@ def test_search_finds_the_strongest_ratio_within_the_budget(tmp_path):
 
 def test_refit_lowers_the_output_error_at_the_same_ratio():
     """On the trained MNIST MLP in models/: least-squares re-fit of the next layer vs plain removal."""
-    root = Path(__file__).resolve().parents[2] / "models" / "mnist_mlp"
+    root = Path(__file__).resolve().parents[2] / "models" / "tiny_mlp"
     errors, accuracy = {}, {}
     for refit in (False, True):
         config = PruneConfig(ratio=0.5, refit=refit)
         report = PassManager(
             [ChannelPrunePass(config)], data=root / "calib.npz", eval_data=root / "eval.npz", budget=Budget(),
             simplify=False,
-        ).run(root / "mnist_mlp.onnx")  # fmt: skip
+        ).run(root / "tiny_mlp.onnx")  # fmt: skip
         errors[refit] = report.validation.outputs["logits"].rel_l2
         accuracy[refit] = report.validation.accuracy["after"]
     assert errors[True] < 0.7 * errors[False]

@@ -1,12 +1,12 @@
 """Train a small MNIST MLP with plain numpy and export it as ONNX.
 
 Usage:
-    python models/mnist_mlp.py --data DIR [--out models/mnist_mlp]
+    python models/tiny_mlp.py --data DIR [--out models/tiny_mlp]
 
 DIR must hold the four original MNIST IDX gz files. The script is deterministic
 (fixed seed, float32 math) and offline. It writes into the out dir:
 
-    mnist_mlp.onnx  784 -> 256 -> 128 -> 10 MLP (Gemm/Relu), input "input" [N,784], output "logits" [N,10]
+    tiny_mlp.onnx  784 -> 256 -> 128 -> 10 MLP (Gemm/Relu), input "input" [N,784], output "logits" [N,10]
     calib.npz       "input": first 1000 train images (float32 [1000,784], pixel/255), "labels": int64
     eval.npz        "input": first 2000 test images (float32 [2000,784], pixel/255), "labels": int64
     README.md       provenance, accuracy, sizes
@@ -160,7 +160,7 @@ def build_onnx(params, doc: str) -> onnx.ModelProto:
             cur = relu_out
     graph = helper.make_graph(
         nodes,
-        "mnist_mlp",
+        "tiny_mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 784])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
         initializer=inits,
@@ -169,7 +169,7 @@ def build_onnx(params, doc: str) -> onnx.ModelProto:
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
         ir_version=IR_VERSION,
-        producer_name="onnxopt-models/mnist_mlp.py",
+        producer_name="onnxopt-models/tiny_mlp.py",
         doc_string=doc,
     )
     return model
@@ -184,7 +184,7 @@ def dir_size(path: str) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="dir with the four MNIST IDX .gz files")
-    ap.add_argument("--out", default="models/mnist_mlp", help="output dir (default: models/mnist_mlp)")
+    ap.add_argument("--out", default="models/tiny_mlp", help="output dir (default: models/tiny_mlp)")
     args = ap.parse_args(argv)
 
     paths = {k: os.path.join(args.data, v) for k, v in FILES.items()}
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
 
     # ONNX export + checks
     doc = (
-        f"MNIST MLP 784-256-128-10 (Gemm/Relu), trained with numpy by models/mnist_mlp.py "
+        f"MNIST MLP 784-256-128-10 (Gemm/Relu), trained with numpy by models/tiny_mlp.py "
         f"(SGD momentum {MOMENTUM}, {EPOCHS} epochs, batch {BATCH}, seed 0). "
         f"Input: pixel/255 float32 [N,784]. Test accuracy (10k, numpy): {np_acc:.4f}"
     )
@@ -228,19 +228,19 @@ def main(argv=None) -> int:
     onnx.checker.check_model(model, full_check=True)
 
     os.makedirs(args.out, exist_ok=True)
-    onnx_path = os.path.join(args.out, "mnist_mlp.onnx")
+    onnx_path = os.path.join(args.out, "tiny_mlp.onnx")
     onnx.save_model(model, onnx_path)
     np.savez_compressed(os.path.join(args.out, "calib.npz"), input=train_x[:1000].copy(), labels=train_y[:1000].copy())
     np.savez_compressed(os.path.join(args.out, "eval.npz"), input=test_x[:2000].copy(), labels=test_y[:2000].copy())
 
-    sizes = {f: os.path.getsize(os.path.join(args.out, f)) for f in ("mnist_mlp.onnx", "calib.npz", "eval.npz")}
+    sizes = {f: os.path.getsize(os.path.join(args.out, f)) for f in ("tiny_mlp.onnx", "calib.npz", "eval.npz")}
     kib = {f: f"{s / 1024:.0f} KiB" for f, s in sizes.items()}
     readme_lines = [
-        "# mnist_mlp",
+        "# tiny_mlp",
         "",
         "Small MNIST multilayer perceptron (784 -> 256 -> 128 -> 10, Gemm/Relu/Gemm/Relu/Gemm), "
         "trained with plain numpy; a test model for onnxopt.",
-        f"Made with `python models/mnist_mlp.py --data <MNIST dir> --out {args.out}` (deterministic: seed 0, "
+        f"Made with `python models/tiny_mlp.py --data <MNIST dir> --out {args.out}` (deterministic: seed 0, "
         f"SGD momentum {MOMENTUM}, cosine LR {LR}, {EPOCHS} epochs, batch {BATCH}, float32).",
         f"Input `input` float32 [N,784] = pixel/255 (no other normalisation); output `logits` float32 [N,10]; "
         f"opset {OPSET}, IR version {IR_VERSION}.",
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
         f"(numpy forward: {np_acc:.4f}).",
         f"Parameters: {n_params:,} float32 (fc1 784x256, fc2 256x128, fc3 128x10; "
         "weights stored (out,in) with Gemm transB=1).",
-        f"Files: `mnist_mlp.onnx` {kib['mnist_mlp.onnx']}; `calib.npz` {kib['calib.npz']} "
+        f"Files: `tiny_mlp.onnx` {kib['tiny_mlp.onnx']}; `calib.npz` {kib['calib.npz']} "
         f"(first 1000 train images + int64 labels); `eval.npz` {kib['eval.npz']} "
         "(first 2000 test images + int64 labels).",
     ]
