@@ -30,6 +30,7 @@ import onnx_ir as ir
 from onnxopt import graph as graph_io
 
 __all__ = [
+    "unshare",
     "fold_constant_of_shape",
     "fold_affine_into_producer",
     "remove_inference_dropout",
@@ -64,6 +65,20 @@ def fold_constant_of_shape(model: ir.Model, limit: int) -> list[str]:
         graph.remove(node, safe=True)
         folded.append(out.name)
     return folded
+
+
+def unshare(model: ir.Model, names: set[str]) -> int:
+    """Give every extra reader of the initializers ``names`` its own copy; returns the copies made."""
+    graph = model.graph
+    copies = 0
+    for name in sorted(names):
+        value = graph.initializers.get(name)
+        if value is None or value.const_value is None:
+            continue
+        for use in list(value.uses())[1:]:
+            use.node.replace_input_with(use.idx, graph_io.add_initializer(graph, name, value.const_value.numpy()))
+            copies += 1
+    return copies
 
 
 def remove_inference_dropout(model: ir.Model) -> list[str]:

@@ -6,12 +6,14 @@ Steps, each exact up to float rounding:
    ``keep_initializer_inputs``; onnxruntime can then fold them (Ultraface: BatchNorms on weight
    inputs). The IR version is raised to 4, the first that allows initializers outside the inputs.
 2. ``Constant`` nodes become initializers (onnx_ir ``LiftConstantsToInitializersPass``).
-3. Duplicate initializers are merged; then ``ConstantOfShape``-made weights (the onnx wheel's light
-   models) become initializers of their own, up to ``fold_limit`` elements each (``_fold``).
+3. ``ConstantOfShape``-made weights (the onnx wheel's light models) become initializers, up to
+   ``fold_limit`` elements each (``_fold``); inference Dropout goes, runtime Reshape targets become constant.
 4. onnxscript's constant folding and default rules fold the remaining constant subgraphs.
 5. onnxscript rewrite rules fold BatchNormalization into a preceding Conv/ConvTranspose/Gemm, drop no-op
    Dropout/Transpose/Reshape/Cast chains and turn 2-D MatMul+Add into Gemm.
-6. Per-channel Mul/Add after Conv/ConvTranspose/Gemm (tf2onnx's BatchNorm) fold into weight and bias
+6. Equal initializers are merged and identical nodes eliminated (CSE); a folded placeholder weight that
+   is then read by several nodes is copied per reader again, so prune/svd can still rewrite it.
+7. Per-channel Mul/Add after Conv/ConvTranspose/Gemm (tf2onnx's BatchNorm) fold into weight and bias
    (``_fold``); Identity nodes and unused nodes go.
 
 Before::
@@ -93,15 +95,20 @@ class SimplifyPass(OptPass):
                 changes.append(Change("graph inputs", f"{len(lifted)} initializers are no longer graph inputs"))
         if ir_common.LiftConstantsToInitializersPass(lift_all_constants=False)(model).modified:
             changes.append(Change("Constant nodes", "lifted to initializers"))
-        # Deduplicate before the placeholder weights are folded: each folded weight stays its own tensor.
-        ir_common.DeduplicateInitializersPass()(model)
-        for name in _fold.fold_constant_of_shape(model, config.fold_limit):
+        folded = _fold.fold_constant_of_shape(model, config.fold_limit)
+        for name in folded:
             changes.append(Change(name, "ConstantOfShape folded into an initializer"))
         for name in _fold.remove_inference_dropout(model):
             changes.append(Change(name, "inference-mode Dropout removed"))
         for name in _fold.constant_reshape_targets(model):
             changes.append(Change(name, "runtime Reshape target made constant"))
         self._step(skipped, "constant folding", lambda: _optimize(model, config.fold_limit))
+        # Merge equal weights so identical nodes reading them merge too (what onnxruntime's own CSE does with
+        # placeholder ConstantOfShape weights), then give every remaining reader of a folded placeholder its
+        # own copy again: prune and svd skip shared weights, and the original had none.
+        ir_common.DeduplicateHashedInitializersPass()(model)  # sha512, and values compared on a hash match
+        ir_common.CommonSubexpressionEliminationPass()(model)
+        _fold.unshare(model, {v.name for v in model.graph.initializers.values() if v.name.endswith("_folded")})
         # Affine folds first so MatMul+Mul+Add ends as MatMul+Add for the Gemm rule, again after the
         # BatchNorm rules, whose fused Conv may be followed by another Mul/Add.
         affine = _fold.fold_affine_into_producer(model)
@@ -128,11 +135,7 @@ class SimplifyPass(OptPass):
 
 
 def _optimize(model: ir.Model, limit: int) -> None:
-    """onnxscript's ``optimize_ir`` without its initializer deduplication.
-
-    Dedup would merge the placeholder weights just folded from ConstantOfShape (equal values), making
-    them shared initializers that prune/svd must then skip; real weights were deduplicated before.
-    """
+    """onnxscript's ``optimize_ir``, with the deduplication done by the caller (see ``call``)."""
     import onnxscript.optimizer
     from onnxscript import rewriter
 
