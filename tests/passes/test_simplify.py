@@ -118,8 +118,9 @@ def test_constant_of_shape_weights_become_separate_initializers():
     nodes = [
         helper.make_node("ConstantOfShape", ["wshape"], ["w1"], value=fill),
         helper.make_node("ConstantOfShape", ["wshape"], ["w2"], value=fill),
+        helper.make_node("Relu", ["x"], ["rx"]),
         helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1] * 4),
-        helper.make_node("Conv", ["x", "w2"], ["d"], pads=[1] * 4),
+        helper.make_node("Conv", ["rx", "w2"], ["d"], pads=[1] * 4),  # another input: no CSE merge
         helper.make_node("Add", ["c", "d"], ["y"]),
     ]
     proto = builders.make_model(
@@ -132,11 +133,33 @@ def test_constant_of_shape_weights_become_separate_initializers():
     assert "ConstantOfShape" not in _ops(out)
     weights = [n.input[1] for n in out.graph.node if n.op_type == "Conv"]
     inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
-    assert len(set(weights)) == 2 and all(w in inits for w in weights)  # identical values, still two tensors
+    assert len(set(weights)) == 2 and all(w in inits for w in weights)  # equal values, still two tensors
     assert inits[weights[0]].shape == (4, 3, 3, 3)
     _assert_same(proto, out, _x())
     small, _ = _simplify(proto, fold_limit=10)
     assert not any("ConstantOfShape folded" in c.what for c in small.changes)
+
+
+def test_identical_nodes_on_placeholder_weights_merge():
+    """Equal folded weights on the same input: one Conv remains (as onnxruntime's CSE would make it)."""
+    shape = numpy_helper.from_array(np.array([4, 3, 3, 3], np.int64), "wshape")
+    fill = numpy_helper.from_array(np.array([0.01], np.float32), "fill")
+    nodes = [
+        helper.make_node("ConstantOfShape", ["wshape"], ["w1"], value=fill),
+        helper.make_node("ConstantOfShape", ["wshape"], ["w2"], value=fill),
+        helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1] * 4),
+        helper.make_node("Conv", ["x", "w2"], ["d"], pads=[1] * 4),
+        helper.make_node("Add", ["c", "d"], ["y"]),
+    ]
+    proto = builders.make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", 1, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", 1, ["N", 4, 6, 6])],
+        [shape],
+    )
+    _, out = _simplify(proto)
+    assert _ops(out) == ["Conv", "Add"]
+    _assert_same(proto, out, _x())
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -158,3 +181,23 @@ def test_declines_on_a_clean_graph():
     result, out = _simplify(proto)
     assert not result.modified and not result.changes
     assert onnx.load_from_string(before) == proto
+
+
+def test_output_converts_to_ort_format_for_onnxruntime_mobile(tmp_path):
+    """The simplified model must still go through onnxruntime's ORT-format converter and load from the .ort file."""
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    proto = onnx.load(DATA / "keras_bn_tf2onnx.onnx")
+    _, out = _simplify(proto)
+    onnx.save(out, tmp_path / "model.onnx")
+    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "required_operators.config").exists()
+    session = ort.InferenceSession(str(tmp_path / "model.ort"), providers=["CPUExecutionProvider"])
+    feeds = {"image": np.random.default_rng(4).standard_normal((2, 16, 16, 3)).astype(np.float32)}
+    got = session.run(None, feeds)[0]
+    np.testing.assert_allclose(got, builders.run(proto, feeds)[session.get_outputs()[0].name], rtol=1e-5, atol=1e-5)
