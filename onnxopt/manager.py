@@ -32,7 +32,7 @@ from onnxopt import graph as graph_io
 from onnxopt.errors import CalibrationError
 from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip
 from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
-from onnxopt.validate import Budget, ValidationReport, validate
+from onnxopt.validate import Budget, Reference, ValidationReport, validate
 
 __all__ = ["PassRecord", "RunReport", "PassManager"]
 
@@ -152,9 +152,7 @@ class PassManager:
                 budget=budget,
                 data=calib,
                 eval_data=held_out,
-                check=None
-                if check_data is None
-                else lambda candidate: validate(original_path, candidate, check_data, budget, check=False),
+                check=None if check_data is None else self._checker(original_path, check_data, budget),
                 seed=self.seed,
             )
             before = cost.estimate(model, input_shapes=self.input_shapes)
@@ -164,6 +162,18 @@ class PassManager:
             if self.validate:
                 report = validate(original_path, model, check_data, budget, progress=self._progress("validating"))
         return RunReport(model, before, after, records, report, time.perf_counter() - start)
+
+    @staticmethod
+    def _checker(original_path: Path, check_data: data_mod.DataSource, budget: Budget):
+        """``context.check``: validate a candidate against the original, whose outputs are computed once."""
+        reference: list[Reference] = []
+
+        def check(candidate: ir.Model) -> ValidationReport:
+            if not reference:
+                reference.append(Reference(original_path))
+            return validate(reference[0], candidate, check_data, budget, check=False)
+
+        return check
 
     def _enumerate(self):
         for index, pass_ in enumerate(self.passes):
@@ -178,6 +188,7 @@ class PassManager:
         done: list[str],
     ) -> PassRecord:
         stats_seconds = 0.0
+        pass_.context = context
         request = pass_.stats_request(model)
         if request:
             existing = get_stats(model)
@@ -189,7 +200,6 @@ class PassManager:
                 table: StatsTable = collect_stats(model, calib, missing, progress=self._progress("calibrating"))
                 attach_stats(model, table)
                 stats_seconds = time.perf_counter() - t0
-        pass_.context = context
         t0 = time.perf_counter()
         try:
             result = pass_(model)

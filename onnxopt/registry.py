@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "onnxopt.passes"
 BUILTIN_PASSES: dict[str, str] = {
     "simplify": "onnxopt.passes.simplify:SimplifyPass",
     "prune": "onnxopt.passes.prune:ChannelPrunePass",
+    "svd": "onnxopt.passes.svd:GemmSvdPass",
 }
 
 

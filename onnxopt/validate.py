@@ -32,7 +32,7 @@ from onnxopt.data import DataSource
 from onnxopt.errors import ValidationError
 from onnxopt.runtime import Session
 
-__all__ = ["Budget", "OutputDiff", "ValidationReport", "validate"]
+__all__ = ["Budget", "OutputDiff", "ValidationReport", "Reference", "validate"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +176,33 @@ class _OutputAccumulator:
         )
 
 
+class Reference:
+    """The original model's session, with its outputs on one data source cached (up to ``cache_bytes``).
+
+    A pass that searches its strength validates many candidates against the same original on the same
+    data; the original then runs once per batch instead of once per candidate.
+    """
+
+    def __init__(self, original: ir.Model | str | os.PathLike, cache_bytes: int = 256 << 20) -> None:
+        self.session = Session(original)
+        self.output_names = self.session.output_names
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+        self._room = cache_bytes
+
+    def run(self, index: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        outputs = self.session.run(feeds)
+        size = sum(a.nbytes for a in outputs.values())
+        if size <= self._room:
+            self._cache[index] = outputs
+            self._room -= size
+        return outputs
+
+
 def validate(
-    original: ir.Model | str | os.PathLike | Session,
+    original: ir.Model | str | os.PathLike | Reference,
     optimized: ir.Model | str | os.PathLike | Session,
     data: DataSource,
     budget: Budget,
@@ -187,7 +212,7 @@ def validate(
 ) -> ValidationReport:
     """Compare ``optimized`` with ``original`` on ``data`` and judge the result by ``budget``."""
     report = ValidationReport(ok=False, samples=0, data=data.description, budget=budget)
-    reference = original if isinstance(original, Session) else Session(original)
+    reference = original if isinstance(original, Reference) else Reference(original, cache_bytes=0)
     try:
         candidate = optimized if isinstance(optimized, Session) else Session(optimized)
     except Exception as e:
@@ -207,8 +232,8 @@ def validate(
     correct = {"before": 0, "after": 0}
     labelled = 0
     score_output = None
-    for batch in data:
-        ref_out = reference.run(batch.feeds)
+    for index, batch in enumerate(data):
+        ref_out = reference.run(index, batch.feeds)
         got_out = candidate.run(batch.feeds, reference.output_names)
         for name, acc in accumulators.items():
             if ref_out[name].shape != got_out[name].shape:
