@@ -100,27 +100,28 @@ class ChannelPrunePass(OptPass):
             raise ir.passes.PreconditionError("pass 'prune' needs activation statistics: give calibration data")
         skipped = _blocked(analysis)
         scored = _score_units(analysis, stats, model)
-        setting = self._choose_setting(model, scored)
-        chosen = _select(analysis, scored, config, setting)
+        setting, per_group = self._choose_setting(model, scored)
+        chosen = _select(analysis, scored, config, setting, per_group)
         if not chosen:
             return OptResult(model, modified=False, skipped=skipped)
         _apply(model, analysis, chosen, scored, stats, config)
-        changes = _describe(analysis, chosen, setting, config)
+        changes = _describe(analysis, chosen, setting, per_group, config)
         return OptResult(model, modified=True, changes=changes, skipped=skipped)
 
     # --- search --------------------------------------------------------------------------------------
-    def _choose_setting(self, model: ir.Model, scored: dict) -> float:
+    def _choose_setting(self, model: ir.Model, scored: dict) -> tuple[float, dict[int, float]]:
+        """The criterion's setting, and per layer group ratios refined by the search (ratio only)."""
         config: PruneConfig = self.config
         if config.criterion in ("dead", "outlier"):
-            return 0.0
+            return 0.0, {}
         given = config.ratio if config.criterion == "ratio" else config.threshold
         if given >= 0:
-            return given
+            return given, {}
         check = self.context.check if self.context is not None else None
         if check is None:
             if config.criterion == "ratio":
                 raise ir.passes.PreconditionError("prune: give --prune-ratio, or data and a budget to search with")
-            return _DEFAULT_THRESHOLD[config.criterion]
+            return _DEFAULT_THRESHOLD[config.criterion], {}
         # strength grows with the ratio, and falls with the apoz threshold / grows with the constant threshold
         if config.criterion == "ratio":
             lo, hi, stronger_is_higher = 0.0, config.max_ratio, True
@@ -128,11 +129,29 @@ class ChannelPrunePass(OptPass):
             lo, hi, stronger_is_higher = 0.5, 1.0, False
         else:
             lo, hi, stronger_is_higher = 0.0, 0.5, True
+        best = self._bisect(model, lo, hi, stronger_is_higher, lambda v: (v, {}), check)
+        if config.criterion != "ratio":
+            return best, {}
+        # Phase 2 (greedy by layer): layers differ in redundancy; raise each group's ratio alone, largest first.
+        per_group: dict[int, float] = {}
+        sizes: dict[int, int] = {}
+        for item in scored.values():
+            sizes[item.unit.group] = sizes.get(item.unit.group, 0) + 1
+        for group in sorted(sizes, key=lambda g: -sizes[g]):
+            if sizes[group] < 2:
+                continue
+            trial = lambda v, g=group: (best, {**per_group, g: v})  # noqa: E731
+            found = self._bisect(model, best, config.max_ratio, True, trial, check, steps=max(3, config.steps // 2))
+            if found > best:
+                per_group[group] = found
+        return best, per_group
+
+    def _bisect(self, model, lo: float, hi: float, stronger_is_higher: bool, make, check, steps: int = 0) -> float:
         best = lo if stronger_is_higher else hi
-        for _ in range(config.steps):
+        for _ in range(steps or self.config.steps):
             mid = (lo + hi) / 2
-            ok = self._trial(model, scored, mid, check)
-            logger.debug("prune search: %s=%.4f -> %s", config.criterion, mid, "ok" if ok else "fails")
+            ok = self._trial(model, *make(mid), check)
+            logger.debug("prune search: %s=%.4f -> %s", self.config.criterion, mid, "ok" if ok else "fails")
             if ok == stronger_is_higher:
                 lo = mid
             else:
@@ -141,14 +160,15 @@ class ChannelPrunePass(OptPass):
                 best = mid
         return best
 
-    def _trial(self, model: ir.Model, scored: dict, setting: float, check) -> bool:
+    def _trial(self, model: ir.Model, setting: float, per_group: dict[int, float], check) -> bool:
         candidate = model.clone()
         analysis = self._analyze(candidate)
         stats = get_stats(model)
-        chosen = _select(analysis, _score_units(analysis, stats, candidate), self.config, setting)
+        scored = _score_units(analysis, stats, candidate)
+        chosen = _select(analysis, scored, self.config, setting, per_group)
         if not chosen:
             return True
-        _apply(candidate, analysis, chosen, _score_units(analysis, stats, candidate), stats, self.config)
+        _apply(candidate, analysis, chosen, scored, stats, self.config)
         ShapeInferencePass(strict_mode=False)(candidate)
         return check(candidate).ok
 
@@ -209,14 +229,20 @@ def _score_units(analysis: Analysis, stats: StatsTable, model: ir.Model) -> dict
     return scored
 
 
-def _select(analysis: Analysis, scored: dict[int, _Scored], config: PruneConfig, setting: float) -> list[_Scored]:
+def _select(
+    analysis: Analysis,
+    scored: dict[int, _Scored],
+    config: PruneConfig,
+    setting: float,
+    per_group: dict[int, float] | None = None,
+) -> list[_Scored]:
     by_group: dict[int, list[_Scored]] = {}
     for item in scored.values():
         by_group.setdefault(item.unit.group, []).append(item)
     owner = analysis._slot_owner()
     chosen: list[_Scored] = []
-    for items in by_group.values():
-        candidates = _candidates(items, config, setting)
+    for group, items in by_group.items():
+        candidates = _candidates(items, config, (per_group or {}).get(group, setting))
         if not candidates:
             continue
         # every value of the group keeps min_channels (and an aligned count, when asked)
@@ -281,16 +307,22 @@ def _blocked(analysis: Analysis) -> list[Skip]:
     return [Skip(f"{count} channels", f"kept: {reason}") for reason, count in reasons.items()]
 
 
-def _describe(analysis: Analysis, chosen, setting: float, config: PruneConfig) -> list[Change]:
+def _describe(
+    analysis: Analysis, chosen, setting: float, per_group: dict[int, float], config: PruneConfig
+) -> list[Change]:
     removed = analysis.removed_by_space([item.unit for item in chosen])
+    owner = analysis._slot_owner()
+    group_of = {id(owner[slot].value): item.unit.group for item in chosen for slot in item.unit.slots}
     changes = []
     for action in analysis.actions:
         if action.kind == "producer" and id(action.space.value) in removed:
             before = action.space.size
             after = before - len(removed[id(action.space.value)])
             what = f"{before} -> {after} channels ({config.criterion}"
-            what += f" {setting:.4g})" if config.criterion not in ("dead", "outlier") else ")"
-            changes.append(Change(action.node.name or action.space.value.name, what))
+            if config.criterion not in ("dead", "outlier"):
+                value = per_group.get(group_of.get(id(action.space.value), -1), setting)
+                what += f" {value:.4g}"
+            changes.append(Change(action.node.name or action.space.value.name, what + ")"))
     return changes
 
 
