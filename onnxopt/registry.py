@@ -25,6 +25,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "simplify": "onnxopt.passes.simplify:SimplifyPass",
     "prune": "onnxopt.passes.prune:ChannelPrunePass",
     "svd": "onnxopt.passes.svd:GemmSvdPass",
+    "split": "onnxopt.passes.split:ConvSplitPass",
 }
 
 

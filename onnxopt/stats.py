@@ -44,6 +44,7 @@ __all__ = [
     "attach_stats",
     "get_stats",
     "unfold_conv_input",
+    "conv_pads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ def unfold_conv_input(
     rank = len(spatial)
     strides = list(attrs.get("strides") or [1] * rank)
     dilations = list(attrs.get("dilations") or [1] * rank)
-    pads = _conv_pads(spatial, kernel_shape, strides, dilations, attrs)
+    pads = conv_pads(spatial, kernel_shape, strides, dilations, attrs)
     padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)])
     extent = [d * (k - 1) + 1 for k, d in zip(kernel_shape, dilations, strict=True)]
     windows = np.lib.stride_tricks.sliding_window_view(padded, extent, axis=tuple(range(2, 2 + rank)))
@@ -280,7 +281,8 @@ def unfold_conv_input(
             yield np.ascontiguousarray(patches[i, start : start + step]).reshape(-1, row_len)
 
 
-def _conv_pads(spatial, kernel_shape, strides, dilations, attrs) -> list[int]:
+def conv_pads(spatial, kernel_shape, strides, dilations, attrs) -> list[int]:
+    """Explicit ``[begin..., end...]`` pads of a Conv, resolving ``auto_pad`` from the input's spatial size."""
     rank = len(spatial)
     auto_pad = attrs.get("auto_pad", "NOTSET")
     if isinstance(auto_pad, bytes):

@@ -123,7 +123,10 @@ class GemmSvdPass(OptPass):
             gram = grams.get(site.node.name)
             rank = self._choose_rank(model, site, spectra[id(site.node)], gram)
             if rank is None:
-                skipped.append(Skip(site.node.name, "no rank that saves work keeps the error budget"))
+                reason = "no rank that saves work keeps the error budget"
+                if config.rank or config.energy >= 0:
+                    reason = f"the rank asked for would not save work (at most rank {site.max_rank} does)"
+                skipped.append(Skip(site.node.name or site.node.outputs[0].name, reason))
                 continue
             k, m = site.weight.shape
             _replace(model, site, *factorize(site.weight, rank, gram))
@@ -136,7 +139,7 @@ class GemmSvdPass(OptPass):
     def _choose_rank(self, model: ir.Model, site: _Site, spectrum: np.ndarray, gram) -> int | None:
         config: SvdConfig = self.config
         if config.rank:
-            return min(config.rank, site.max_rank)
+            return config.rank if config.rank <= site.max_rank else None
         if config.energy >= 0:
             energy = np.cumsum(spectrum**2) / max(float(np.sum(spectrum**2)), 1e-30)
             rank = int(np.searchsorted(energy, config.energy - 1e-12) + 1)

@@ -94,9 +94,19 @@ def test_structure_and_savings_condition():
     inits = {i.name: numpy_helper.to_array(i).shape for i in out.graph.initializer}
     assert sorted(inits.values()) == [(5, 32), (32,), (64, 5)]
     assert "rank 5" in result.changes[0].what
-    # a rank that would not save work is capped at the largest one that does: 64·32/(64+32) -> 21
-    result, _ = _run_pass(_gemm(w), SvdConfig(rank=40, data_aware=False))
-    assert "rank 21" in result.changes[0].what
+    # a rank that would not save work leaves the layer alone: at most 64·32/(64+32) -> 21 saves
+    proto = _gemm(w)
+    result, out = _run_pass(proto, SvdConfig(rank=22, data_aware=False))
+    assert not result.modified and "at most rank 21" in result.skipped[0].reason
+    assert [n.op_type for n in out.graph.node] == ["Gemm"]
+
+
+def test_never_larger_512_by_1000_at_rank_400():
+    w = np.random.default_rng(9).standard_normal((512, 1000))
+    proto = _gemm(w, bias=False)
+    result, out = _run_pass(proto, SvdConfig(rank=400, data_aware=False))
+    assert not result.modified and onnx.load_from_string(proto.SerializeToString()).graph == proto.graph
+    assert [n.op_type for n in out.graph.node] == ["Gemm"]
 
 
 def test_data_aware_beats_plain_svd_on_correlated_inputs():

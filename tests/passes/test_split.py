@@ -1,0 +1,127 @@
+"""split: exact on really separable kernels, per-axis strides/pads/dilations, never larger, skips."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.passes.split import ConvSplitPass, SplitConfig, split_depthwise, split_spatial
+from tests import builders
+
+RNG = np.random.default_rng(0)
+
+
+def _conv(weight, *, bias=True, hw=(12, 10), **attrs):
+    l_out, k_in, kh, kw = weight.shape
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "w")]
+    inputs = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(RNG.standard_normal(l_out).astype(np.float32), "b"))
+        inputs.append("b")
+    node = helper.make_node("Conv", inputs, ["y"], name="conv", kernel_shape=[kh, kw], **attrs)
+    proto = builders.make_model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k_in, *hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, l_out, None, None])],
+        inits,
+    )
+    return onnx.shape_inference.infer_shapes(proto)
+
+
+def _split(proto, **config):
+    model = ir.from_proto(proto)
+    result = ConvSplitPass(SplitConfig(**config))(model)
+    out = ir.to_proto(model)
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+    out = ir.to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    return result, out
+
+
+def _same(reference, candidate, tol=1e-5):
+    x = RNG.standard_normal([d.dim_value for d in reference.graph.input[0].type.tensor_type.shape.dim])
+    feeds = {"x": x.astype(np.float32)}
+    np.testing.assert_allclose(
+        builders.run(candidate, feeds)["y"], builders.run(reference, feeds)["y"], rtol=tol, atol=tol
+    )
+
+
+def _separable(l_out, k_in, kh, kw, rank):
+    """A kernel whose (K·kh)×(L·kw) matrix has exactly ``rank``: sum of vertical ⊗ horizontal products."""
+    w = np.zeros((l_out, k_in, kh, kw))
+    for _ in range(rank):
+        vertical = RNG.standard_normal((k_in, kh))
+        horizontal = RNG.standard_normal((l_out, kw))
+        w += np.einsum("ki,lj->lkij", vertical, horizontal)
+    return w
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"pads": [1, 1, 1, 1]},
+        {"pads": [0, 2, 1, 0], "strides": [2, 1]},
+        {"pads": [1, 1, 1, 1], "strides": [1, 2], "dilations": [2, 1]},
+        {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+        {"auto_pad": "VALID"},
+    ],
+)
+def test_spatial_split_of_a_separable_kernel_is_exact(attrs):
+    weight = _separable(16, 8, 3, 3, rank=2)
+    proto = _conv(weight, **attrs)
+    result, out = _split(proto, rank=2)
+    assert result.modified
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    kernels = [next(a.ints for a in n.attribute if a.name == "kernel_shape") for n in convs]
+    assert kernels == [[3, 1], [1, 3]]
+    _same(proto, out)
+
+
+def test_depthwise_split_of_an_exact_product_is_exact():
+    k_in, l_out, mult = 6, 20, 2
+    depth = RNG.standard_normal((k_in * mult, 1, 3, 3))
+    point = RNG.standard_normal((l_out, k_in * mult))
+    weight = np.einsum("lc,cij->lcij", point, depth[:, 0]).reshape(l_out, k_in, mult, 3, 3).sum(axis=2)
+    proto = _conv(weight, pads=[1, 1, 1, 1], strides=[2, 2])
+    result, out = _split(proto, mode="depthwise", rank=mult)
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert [next((a.i for a in n.attribute if a.name == "group"), 1) for n in convs] == [k_in, 1]
+    _same(proto, out)
+
+
+def test_full_rank_factors_reproduce_any_kernel():
+    weight = RNG.standard_normal((5, 4, 3, 3))
+    w1, w2, s = split_spatial(weight, min(4 * 3, 5 * 3))
+    rebuilt = np.einsum("pki,lpj->lkij", w1[..., 0], w2[:, :, 0, :])
+    np.testing.assert_allclose(rebuilt, weight, atol=1e-10)
+    depth, point, _ = split_depthwise(weight, 9)
+    rebuilt = np.einsum("lc,cij->lcij", point[:, :, 0, 0], depth[:, 0]).reshape(5, 4, 9, 3, 3).sum(axis=2)
+    np.testing.assert_allclose(rebuilt, weight, atol=1e-10)
+
+
+def test_a_layer_that_cannot_save_work_is_left_alone():
+    proto = _conv(RNG.standard_normal((2, 1, 3, 3)))  # K=1, L=2: P < 3·1·2/3 = 2 -> only P = 1 could save
+    result, out = _split(proto, rank=3)
+    assert not result.modified and "at most rank 1" in result.skipped[0].reason
+    proto = _conv(RNG.standard_normal((1, 1, 2, 2)))  # P < 2·1·1/2 = 1: no rank saves
+    result, _ = _split(proto, rank=1)
+    assert not result.modified and "cannot save work" in result.skipped[0].reason
+
+
+def test_skips_grouped_convs_and_conv_transpose():
+    proto = _conv(RNG.standard_normal((8, 2, 3, 3)), group=4, pads=[1] * 4)
+    proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 8
+    result, _ = _split(onnx.shape_inference.infer_shapes(proto), rank=1)
+    assert not result.modified and "grouped" in result.skipped[0].reason
+
+
+def test_energy_picks_the_exact_rank_of_a_separable_kernel():
+    proto = _conv(_separable(16, 8, 3, 3, rank=3), pads=[1, 1, 1, 1])
+    result, out = _split(proto, energy=0.999999)
+    assert "rank 3" in result.changes[0].what
+    _same(proto, out)
