@@ -10,8 +10,8 @@ given). MACs, one multiply plus one add each, as the ResNet paper counts "multip
 
 Every other computing node counts ``numel`` of its first output as ``ops`` (elementwise work: BatchNorm,
 activations, Add, pools per output), and data-movement nodes (Reshape, Transpose, Concat, ...) count
-nothing. Parameters are the elements of floating-point constant inputs (initializers, also when listed
-as graph inputs, and ``Constant``/``ConstantOfShape`` outputs), each counted once per model.
+nothing. Parameters are the elements of floating-point and 8/4-bit integer constant inputs (initializers,
+also when listed as graph inputs, and ``Constant``/``ConstantOfShape`` outputs), each counted once per model.
 """
 
 from __future__ import annotations
@@ -152,9 +152,10 @@ def _weight_values(model: ir.Model) -> set[int]:
     """ids of floating-point constant values that feed nodes: initializers and Constant/ConstantOfShape outputs."""
     graph = model.graph
     weights = set()
+    low_bit = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4}
     for value in graph.initializers.values():
-        if value.dtype is not None and value.dtype.is_floating_point():
-            weights.add(id(value))
+        if value.dtype is not None and (value.dtype.is_floating_point() or value.dtype in low_bit):
+            weights.add(id(value))  # float weights, and quantized ones (int8/int4 read by DequantizeLinear...)
     for node in graph:
         if node.op_type in ("Constant", "ConstantOfShape") and node.domain in ("", "ai.onnx"):
             out = node.outputs[0]

@@ -42,6 +42,7 @@ __all__ = [
     "weight_bytes",
     "fresh_name",
     "add_initializer",
+    "copy_dtype",
     "temporary_model_file",
 ]
 
@@ -209,6 +210,12 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
     graph.register_initializer(value)
     return value
+
+
+def copy_dtype(source: ir.Value, target: ir.Value) -> None:
+    """Give ``target`` the element type of ``source`` when it is known (a ``None`` type cannot be serialized)."""
+    if source.dtype is not None:
+        target.dtype = source.dtype
 
 
 def weight_bytes(model: ir.Model) -> int:

@@ -26,6 +26,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "prune": "onnxopt.passes.prune:ChannelPrunePass",
     "svd": "onnxopt.passes.svd:GemmSvdPass",
     "split": "onnxopt.passes.split:ConvSplitPass",
+    "quant": "onnxopt.passes.quant:Int8QuantPass",
 }
 
 

@@ -224,7 +224,7 @@ def _append_bias_add(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
         consumer.replace_input_with(index, add.outputs[0])
     if out.is_graph_output():
         ir.convenience.replace_all_uses_with(out, add.outputs[0], replace_graph_outputs=True)
-    add.outputs[0].dtype = out.dtype
+    graph_io.copy_dtype(out, add.outputs[0])
 
 
 _APPLY = {

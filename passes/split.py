@@ -252,7 +252,7 @@ def _replace(model: ir.Model, site: _Site, rank: int, mode: str) -> None:
         "Conv", [node.inputs[0], w1_value], attributes=first_attrs, name=graph_io.fresh_name(graph, f"{base}_split_0")
     )
     first.outputs[0].name = graph_io.fresh_name(graph, f"{base}_split_h")
-    first.outputs[0].dtype = node.outputs[0].dtype
+    graph_io.copy_dtype(node.outputs[0], first.outputs[0])
     graph.insert_before(node, first)
     for key in ("auto_pad", "pads", "strides", "dilations", "kernel_shape", "group"):
         node.attributes.pop(key, None)

@@ -206,7 +206,7 @@ def _replace(model: ir.Model, site: _Site, left: np.ndarray, right: np.ndarray) 
     p = graph_io.add_initializer(graph, f"{base}_svd_P", right.astype(dtype))
     first = ir.node("MatMul", [node.inputs[0], o], name=graph_io.fresh_name(graph, f"{base}_svd_0"))
     first.outputs[0].name = graph_io.fresh_name(graph, f"{base}_svd_h")
-    first.outputs[0].dtype = node.outputs[0].dtype
+    graph_io.copy_dtype(node.outputs[0], first.outputs[0])
     graph.insert_before(node, first)
     if node.op_type == "Gemm":
         beta = node.attributes.get("beta")

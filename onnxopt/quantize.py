@@ -1,0 +1,229 @@
+"""onnxruntime.quantization behind one small interface (files in, file out), used by the `quant` pass.
+
+onnxopt does not re-implement quantization: it prepares models so that onnxruntime's tools work on them
+(opset ≥ 13 for per-axis QDQ, an IR version onnxruntime accepts), feeds calibration data from a
+:class:`~onnxopt.data.DataSource`, and measures per-tensor quantization noise with onnxruntime's
+``qdq_loss_debug`` so the pass can keep the worst layers in float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import onnx
+
+from onnxopt import graph as graph_io
+from onnxopt.data import DataSource
+
+__all__ = [
+    "MIN_QDQ_OPSET",
+    "prepare",
+    "quantize_static",
+    "quantize_dynamic",
+    "quantize_weight4",
+    "gemm_to_matmul",
+    "tensor_noise",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_QDQ_OPSET = 13  # per-axis DequantizeLinear; below it onnxruntime's per-channel output fails to load
+
+
+@contextlib.contextmanager
+def _quiet_root() -> Iterator[None]:
+    """onnxruntime.quantization warns through the root logger ("Please consider pre-processing...")."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def prepare(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst`` with the default opset raised to 13 when lower (onnx's version converter)."""
+    proto = onnx.load(str(src))
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < MIN_QDQ_OPSET:
+        proto = onnx.version_converter.convert_version(proto, MIN_QDQ_OPSET)
+    proto.ir_version = min(max(proto.ir_version, 7), graph_io.MAX_IR_VERSION)
+    # stale or initializer value_info trips the quantizers' strict shape inference when they rewrite weights
+    del proto.graph.value_info[:]
+    onnx.save(proto, str(dst))
+    return Path(dst)
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over a DataSource (re-iterable)."""
+
+    def __init__(self, data: DataSource, max_batches: int | None = None) -> None:
+        self._data = data
+        self._max = max_batches
+        self.rewind()
+
+    def get_next(self):
+        if self._max is not None and self._count >= self._max:
+            return None
+        batch = next(self._iter, None)
+        self._count += 1
+        return None if batch is None else dict(batch.feeds)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._data)
+        self._count = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+def quantize_static(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    data: DataSource,
+    *,
+    per_channel: bool = True,
+    method: str = "minmax",
+    exclude: Sequence[str] = (),
+) -> Path:
+    """QDQ int8 (signed activations and symmetric weights, per channel by default), calibrated on ``data``."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})(data)
+    with _quiet_root():
+        ort_quantize_static(
+            str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+            nodes_to_exclude=list(exclude) or None,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+        )  # fmt: skip
+    return Path(dst)
+
+
+def quantize_dynamic(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = False) -> Path:
+    """Dynamic quantization: int8 weights, activations quantized at run time (MatMul/Gemm/... )."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    # unsigned weights: signed per-channel dynamic Conv is far slower here (../shared/FINDINGS.md)
+    weight = QuantType.QInt8 if per_channel else QuantType.QUInt8
+    with _quiet_root():
+        ort_quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=weight)
+    return Path(dst)
+
+
+def quantize_weight4(src: str | os.PathLike, dst: str | os.PathLike, *, block_size: int = 32) -> Path:
+    """4-bit block-quantized MatMul weights (``MatMulNBits``); Gemm is rewritten to MatMul+Add first."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import ShapeInferencePass
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = graph_io.load(src)
+    gemm_to_matmul(model)
+    ShapeInferencePass(strict_mode=False)(model)  # the new MatMul/Add outputs get their shapes
+    proto = ir.to_proto(model)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(proto, block_size=block_size, is_symmetric=True)
+    with _quiet_root():
+        quantizer.process()
+    onnx.save(quantizer.model.model, str(dst))
+    return Path(dst)
+
+
+def gemm_to_matmul(model) -> int:
+    """``Gemm(X, B, C)`` with a constant B and no transA → ``MatMul(X, alpha·B')`` [+ ``Add(beta·C)``].
+
+    MatMulNBitsQuantizer only quantizes MatMul (onnxscript's Gemm rule only matches Reshape-Gemm-Reshape).
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    count = 0
+    for node in tuple(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        weight = graph_io.const_array(node.inputs[1])
+        has_c = len(node.inputs) > 2 and node.inputs[2] is not None
+        bias = graph_io.const_array(node.inputs[2]) if has_c else None
+        if attrs.get("transA", 0) or weight is None or len(node.inputs[1].uses()) != 1 or (has_c and bias is None):
+            continue
+        w = (weight.T if attrs.get("transB", 0) else weight) * attrs.get("alpha", 1.0)
+        w_value = graph_io.add_initializer(graph, f"{node.inputs[1].name}_matmul", w.astype(weight.dtype))
+        matmul = ir.node("MatMul", [node.inputs[0], w_value], name=graph_io.fresh_name(graph, f"{node.name}_matmul"))
+        graph_io.copy_dtype(node.outputs[0], matmul.outputs[0])
+        graph.insert_before(node, matmul)
+        result = matmul.outputs[0]
+        if bias is not None:
+            b_value = graph_io.add_initializer(
+                graph, f"{node.name}_bias", (bias * attrs.get("beta", 1.0)).astype(bias.dtype)
+            )
+            add = ir.node("Add", [result, b_value], name=graph_io.fresh_name(graph, f"{node.name}_add"))
+            graph_io.copy_dtype(node.outputs[0], add.outputs[0])
+            graph.insert_before(node, add)
+            result = add.outputs[0]
+        name = node.outputs[0].name
+        ir.convenience.replace_all_uses_with(node.outputs[0], result, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        result.name = name
+        count += 1
+    return count
+
+
+def tensor_noise(float_path: str | os.PathLike, data: DataSource, batches: int = 4) -> dict[str, float]:
+    """Per activation of the float model, the SQNR (dB) of int8 quantization of that tensor *alone*.
+
+    Each tensor is quantized as onnxruntime's MinMax calibration would (per tensor, asymmetric, range from
+    the same batches) and compared with its float value, with no error carried in from earlier layers, so
+    a low SQNR marks a tensor whose range int8 cannot hold (outlier channels). ``{tensor name: sqnr_db}``.
+    """
+    import numpy as np
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    from onnxopt.runtime import Session
+
+    model = graph_io.load(float_path)
+    ShapeInferencePass(strict_mode=False)(model)
+    outputs = {v.name for v in model.graph.outputs}
+    names = []
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name and value.dtype is not None and value.dtype.is_floating_point():
+                names.append(value.name)
+                if value.name not in outputs:
+                    model.graph.outputs.append(value)
+    session = Session(model)
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for index, batch in enumerate(data):
+        if index >= batches:
+            break
+        result = session.run(batch.feeds, names)
+        for name in names:
+            collected[name].append(result[name].astype(np.float64).reshape(-1))
+    noise = {}
+    for name, parts in collected.items():
+        if not parts:
+            continue
+        values = np.concatenate(parts)
+        low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+        scale = (high - low) / 255.0 or 1.0
+        zero = np.round(-low / scale) - 128
+        dequant = (np.clip(np.round(values / scale) + zero, -128, 127) - zero) * scale
+        error = float(np.sum((values - dequant) ** 2))
+        signal = float(np.sum(values**2))
+        noise[name] = 10 * np.log10(signal / error) if error > 0 and signal > 0 else float("inf")
+    return noise
