@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_budget_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("error budget (default: exact 1e-5 for exact passes)")
     group.add_argument("--max-accuracy-drop", type=_non_negative, metavar="PP", help="percentage points")
+    group.add_argument(
+        "--max-mse-increase", type=_non_negative, metavar="R", help="relative task-MSE increase (0.01 = 1%%)"
+    )
     group.add_argument("--min-cosine", type=float, metavar="C", help="lowest per-sample cosine similarity")
     group.add_argument("--max-rel-l2", type=_non_negative, metavar="E", help="highest per-sample relative L2 error")
     group.add_argument("--max-abs", type=_non_negative, metavar="E", help="highest max|diff| / max(1, max|y|)")
@@ -295,6 +298,7 @@ def _budget(args: argparse.Namespace):
 
     budget = Budget(
         max_accuracy_drop=args.max_accuracy_drop,
+        max_mse_increase=args.max_mse_increase,
         min_cosine=args.min_cosine,
         max_rel_l2=args.max_rel_l2,
         max_abs=args.max_abs,
@@ -366,6 +370,9 @@ def _print_run(report, latency: dict[str, float] | None) -> None:
     if report.validation is not None and report.validation.accuracy is not None:
         acc = report.validation.accuracy
         rows.append(("accuracy %", f"{acc['before']:.2f}", f"{acc['after']:.2f}", ""))
+    if report.validation is not None and report.validation.task_mse is not None:
+        mse = report.validation.task_mse
+        rows.append(("task MSE", f"{mse['before']:.4g}", f"{mse['after']:.4g}", f"{mse['after'] / mse['before']:.3f}"))
     _print_table(rows)
     if report.validation is not None:
         _print_validation(report.validation)

@@ -8,7 +8,9 @@ Per output, over all samples (streamed, nothing kept but running extremes and co
 - ``rel_l2``: the worst ‖y' − y‖ / ‖y‖ of one sample;
 - ``top1_agreement``: for class-score outputs (shape (N, C), C ≥ 2), the fraction of samples whose argmax
   is unchanged;
-- with labels, task accuracy (in %) of both models on the first class-score output.
+- with integer (or one-hot) labels, task accuracy (in %) of both models on the first class-score output;
+  with floating-point labels shaped like an output (regression targets, or the input for an autoencoder),
+  the task's mean squared error of both models (``task_mse``).
 
 The optimized model must also pass ``onnx.checker.check_model(full_check=True)``, whose strict shape
 inference catches stale shapes that onnxruntime only warns about. Sessions use ``ORT_DISABLE_ALL`` so
@@ -42,13 +44,15 @@ class Budget:
     """How far an optimized model may drift from the original. ``None`` means "not checked".
 
     Attributes:
-        max_accuracy_drop: accuracy loss allowed, in percentage points (needs labels).
+        max_accuracy_drop: accuracy loss allowed, in percentage points (needs class labels).
+        max_mse_increase: relative task-MSE increase allowed, 0.01 = 1% (needs regression targets).
         min_cosine: lowest allowed per-sample cosine similarity, for every output.
         max_rel_l2: highest allowed per-sample relative L2 error, for every output.
         max_abs: highest allowed ``max|Δ| / max(1, max|y|)``, for every output.
     """
 
     max_accuracy_drop: float | None = None
+    max_mse_increase: float | None = None
     min_cosine: float | None = None
     max_rel_l2: float | None = None
     max_abs: float | None = None
@@ -74,6 +78,8 @@ class Budget:
         parts = []
         if self.max_accuracy_drop is not None:
             parts.append(f"accuracy drop <= {self.max_accuracy_drop:g} pp")
+        if self.max_mse_increase is not None:
+            parts.append(f"task MSE increase <= {100 * self.max_mse_increase:g}%")
         if self.min_cosine is not None:
             parts.append(f"cosine >= {self.min_cosine:g}")
         if self.max_rel_l2 is not None:
@@ -105,6 +111,7 @@ class ValidationReport:
     budget: Budget
     outputs: dict[str, OutputDiff] = dataclasses.field(default_factory=dict)
     accuracy: dict[str, float] | None = None
+    task_mse: dict[str, float] | None = None
     checker_error: str | None = None
     failures: list[str] = dataclasses.field(default_factory=list)
 
@@ -120,6 +127,7 @@ class ValidationReport:
             "budget": {k: v for k, v in dataclasses.asdict(self.budget).items() if v is not None},
             "outputs": {name: _finite(dataclasses.asdict(diff)) for name, diff in self.outputs.items()},
             "accuracy": self.accuracy,
+            "task_mse": self.task_mse,
             "checker_error": self.checker_error,
             "failures": list(self.failures),
         }
@@ -231,6 +239,7 @@ def validate(
     accumulators = {name: _OutputAccumulator() for name in reference.output_names}
     correct = {"before": 0, "after": 0}
     labelled = 0
+    squared, targets = {"before": 0.0, "after": 0.0}, 0
     score_output = None
     for index, batch in enumerate(data):
         ref_out = reference.run(index, batch.feeds)
@@ -242,7 +251,14 @@ def validate(
                 )
                 return report
             acc.update(ref_out[name], got_out[name])
-        if batch.labels is not None:
+        if batch.labels is not None and batch.labels.dtype.kind == "f" and batch.labels.ndim > 1:
+            target_output = _target_output(ref_out, batch.labels)
+            if target_output is not None:
+                target = batch.labels.reshape(ref_out[target_output].shape).astype(np.float64)
+                squared["before"] += float(np.sum((ref_out[target_output] - target) ** 2))
+                squared["after"] += float(np.sum((got_out[target_output] - target) ** 2))
+                targets += target.size
+        elif batch.labels is not None:
             score_output = score_output or _score_output(ref_out, batch.labels)
             if score_output is not None:
                 labels = _label_indices(batch.labels)
@@ -255,6 +271,8 @@ def validate(
     report.outputs = {name: acc.result() for name, acc in accumulators.items()}
     if labelled:
         report.accuracy = {k: 100.0 * v / labelled for k, v in correct.items()}
+    if targets:
+        report.task_mse = {k: v / targets for k, v in squared.items()}
     report.failures.extend(_judge(report, budget))
     report.ok = not report.failures and report.samples > 0
     if report.samples == 0:
@@ -272,6 +290,16 @@ def _judge(report: ValidationReport, budget: Budget) -> list[str]:
             failures.append(f"output '{name}': relative L2 {diff.rel_l2:.3g} > {budget.max_rel_l2:g}")
         if budget.max_abs is not None and not diff.scaled_abs <= budget.max_abs:
             failures.append(f"output '{name}': max abs error {diff.scaled_abs:.3g} (scaled) > {budget.max_abs:g}")
+    if budget.max_mse_increase is not None:
+        if report.task_mse is None:
+            failures.append("a task-MSE budget was given but the data has no regression targets ('labels')")
+        else:
+            before, after = report.task_mse["before"], report.task_mse["after"]
+            if not after <= before * (1 + budget.max_mse_increase) + 1e-30:
+                failures.append(
+                    f"task MSE {after:.4g} vs {before:.4g}: +{100 * (after / before - 1):.2f}% > "
+                    f"{100 * budget.max_mse_increase:g}%"
+                )
     if budget.max_accuracy_drop is not None:
         if report.accuracy is None:
             failures.append("an accuracy budget was given but the data has no labels for a class-score output")
@@ -288,6 +316,13 @@ def _judge(report: ValidationReport, budget: Budget) -> list[str]:
 def _score_output(outputs: Mapping[str, np.ndarray], labels: np.ndarray) -> str | None:
     for name, array in outputs.items():
         if array.ndim == 2 and array.shape[1] >= 2 and array.shape[0] == len(labels):
+            return name
+    return None
+
+
+def _target_output(outputs: Mapping[str, np.ndarray], labels: np.ndarray) -> str | None:
+    for name, array in outputs.items():
+        if array.size == labels.size and array.shape[0] == labels.shape[0]:
             return name
     return None
 

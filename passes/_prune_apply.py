@@ -6,7 +6,8 @@ action is applied:
 - producer: ``W ← take(W, keep, out_axis)``, ``B ← B[keep]``;
 - consumer: ``W ← take(W, keep, in_axis)`` and, for each removed input channel ``c`` whose activation is the
   constant ``μ_c`` (0 for a dead ReLU channel), ``B ← B + Σ_c μ_c · Σ_k W[:, c, k]``: exact for Gemm,
-  MatMul and unpadded Conv, exact for any Conv when ``μ_c = 0``;
+  MatMul and unpadded Conv, exact for any Conv when ``μ_c = 0``; for a live channel the mean is the
+  first-order compensation. Not for ConvTranspose, whose taps overlap unevenly;
 - depthwise Conv: its weight and bias lose the output channels, ``group`` the input channels;
 - per-channel parameters (BatchNormalization, PRelu, Mul/Add constants) lose the removed entries;
 - Pad on the channel axis pads as many fewer zero channels as were removed from the padding;
@@ -87,7 +88,8 @@ def _consumer(model, action: Action, drop, removed, means, grams) -> None:
     out_axis = {"Conv": 0, "ConvTranspose": 1}.get(node.op_type, 1 - axis)
     # contribution of the removed inputs, as constants, to every output channel
     delta = None
-    if mu is not None and np.any(mu[drop] != 0):
+    # ConvTranspose spreads a constant input unevenly (overlapping taps with stride > 1): no bias folding
+    if mu is not None and node.op_type != "ConvTranspose" and np.any(mu[drop] != 0):
         removed_part = np.take(weight, drop, axis=axis)
         shape = [1] * weight.ndim
         shape[axis] = len(drop)

@@ -62,7 +62,7 @@ class PruneConfig(PassConfig):
     )
     ratio: float = dataclasses.field(default=-1.0, metadata={"help": "ratio: fraction per layer (<0: search)"})
     score: str = dataclasses.field(default="contribution", metadata={"choices": SCORES, "help": "ranking"})
-    max_ratio: float = dataclasses.field(default=0.9, metadata={"help": "upper end of the ratio search"})
+    max_ratio: float = dataclasses.field(default=0.99, metadata={"help": "upper end of the ratio search"})
     min_channels: int = dataclasses.field(default=1, metadata={"help": "channels every layer keeps"})
     align: int = dataclasses.field(default=1, metadata={"help": "keep channel counts multiples of this"})
     refit: bool = dataclasses.field(default=False, metadata={"help": "least-squares re-fit of the next layer"})
