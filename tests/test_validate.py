@@ -94,3 +94,18 @@ def test_default_budgets():
     assert Budget.default(exact=True, has_labels=True) == Budget(max_abs=1e-5)
     assert Budget.default(exact=False, has_labels=True) == Budget(max_accuracy_drop=0.5)
     assert Budget.default(exact=False, has_labels=False) == Budget(min_cosine=0.999)
+
+
+def test_regression_targets_give_task_mse_and_its_budget(mlp_file):
+    model = graph.load(mlp_file)
+    x = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)
+    y = builders.run(onnx.load(mlp_file), {"x": x})["y"]
+    target = (y + np.random.default_rng(2).standard_normal(y.shape) * 0.1).astype(np.float32)
+    source = data.as_source({"x": x, "labels": target}, model, batch_size=16)
+    same = validate(mlp_file, model, source, Budget(max_mse_increase=0.0))
+    expected = float(np.mean((y.astype(np.float64) - target) ** 2))
+    assert same.ok and same.accuracy is None
+    assert same.task_mse["before"] == pytest.approx(expected, rel=1e-6) == same.task_mse["after"]
+    worse = validate(mlp_file, _perturbed(mlp_file, 0.5), source, Budget(max_mse_increase=0.01))
+    assert not worse.ok and "task MSE" in worse.failures[0]
+    assert worse.task_mse["after"] > 1.01 * worse.task_mse["before"]
