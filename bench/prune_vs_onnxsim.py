@@ -1,6 +1,6 @@
 """Structured pruning side by side on MNIST models: onnxopt `prune` vs onnxsim 0.8.1's structured pruning.
 
-    python bench/prune.py --mnist ../shared/data/mnist [--shared ../shared] [--budget 0.5] [--out FILE]
+    python bench/prune_vs_onnxsim.py --mnist ../shared/data/mnist [--shared ../shared] [--budget 0.5] [--out FILE]
 
 Method, the same for every tool: calibration on 1,000 MNIST training images; the accuracy budget (percentage
 points) is enforced on a validation split of 2,000 *training* images (50,000-51,999) that neither the
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         rows.append(row)
     labels = [k for k in rows[0] if k not in ("model", "macs", "acc")] if rows else []
     lines = [
-        f"Measured {datetime.date.today()}: `python bench/prune.py --mnist DIR --budget {args.budget}`"
+        f"Measured {datetime.date.today()}: `python bench/prune_vs_onnxsim.py --mnist DIR --budget {args.budget}`"
         f"{' --refit' if args.refit else ''}",
         "(accuracy on the full MNIST test set; the budget is checked on a validation split of training images)",
         "",
