@@ -16,7 +16,7 @@ setup: $(STAMP)
 
 demo: setup
 	mkdir -p out
-	$(BIN)/onnxopt run models/tiny_mlp/tiny_mlp.onnx --passes simplify \
+	$(BIN)/onnxopt run models/tiny_mlp/tiny_mlp.onnx --passes prune,quant \
 		--data models/tiny_mlp/calib.npz --eval models/tiny_mlp/eval.npz \
 		--latency -o out/tiny_mlp.opt.onnx --report out/tiny_mlp.report.json
 
