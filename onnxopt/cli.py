@@ -79,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--nchw", action="store_true", help="make NHWC image inputs NCHW")
     conv.add_argument("--data", help=".npz of sample inputs to validate the conversion on (default: random)")
 
+    exp = sub.add_parser("export", help="write an ORT-format model for onnxruntime mobile, validated")
+    exp.add_argument("model")
+    exp.add_argument("--format", choices=["ort"], default="ort", help="output format (ORT for onnxruntime mobile)")
+    exp.add_argument("-o", "--output", required=True, help="output directory")
+    exp.add_argument("--data", help=".npz of sample inputs to validate on (default: random)")
+
+    bench = sub.add_parser("bench", help="size, params, MACs, latency and accuracy of models, side by side")
+    bench.add_argument("models", nargs="+")
+    bench.add_argument("--data", help="evaluation .npz (labels give accuracy); its first batch times latency")
+    bench.add_argument("--threads", default="1,2", help="intra-op thread counts, comma-separated")
+    bench.add_argument("--rounds", type=_positive_int, default=15)
+    bench.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...", help="fix a dynamic input")
+    bench.add_argument("--json", action="store_true", help="print JSON")
+
     sub.add_parser("passes", help="list the registered passes")
     return parser
 
@@ -230,6 +244,51 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         f"wrote {output}: validated against the source on {result.samples} samples, "
         f"max error {result.max_error:.3g} (tolerance {result.tolerance:g})"
     )
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from onnxopt import data, graph
+    from onnxopt.export import export_ort
+
+    source = None
+    if args.data:
+        source = data.as_source(args.data, graph.load(args.model), what="data")
+    result = export_ort(args.model, args.output, data=source)
+    print(
+        f"wrote {result.ort_path} and {result.config_path}: the ORT model matches the ONNX model on "
+        f"{result.samples} samples (max error {result.max_abs:.3g})"
+    )
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from onnxopt import data
+    from onnxopt.benchmark import bench_models
+
+    try:
+        threads = [int(t) for t in args.threads.split(",") if t]
+    except ValueError:
+        raise UsageError(f"--threads {args.threads!r}: expected comma-separated integers") from None
+    results = bench_models(
+        args.models, data=args.data, threads=threads, rounds=args.rounds,
+        input_shapes=data.parse_shape_overrides(args.input_shape),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=1))
+        return EXIT_OK
+    header = ["model", "bytes", "params", "MACs"] + [f"{t} thr us (min-max)" for t in threads]
+    header += ["accuracy %", "agreement"]
+    rows = [tuple(header)]
+    for r in results:
+        cells = [Path(r.path).name, f"{r.bytes:,}", f"{r.params:,}", f"{r.macs:,}"]
+        for t in threads:
+            lat = r.latency_us[t]
+            cells.append(f"{lat['median']:.1f} ({lat['min']:.0f}-{lat['max']:.0f})")
+        cells.append("-" if r.accuracy is None else f"{r.accuracy:.2f}")
+        cells.append("-" if r.agreement is None else f"{r.agreement:.4f}")
+        rows.append(tuple(cells))
+    _print_table(rows)
     return EXIT_OK
 
 
@@ -436,4 +495,6 @@ _COMMANDS = {
     "validate": _cmd_validate,
     "passes": _cmd_passes,
     "convert": _cmd_convert,
+    "export": _cmd_export,
+    "bench": _cmd_bench,
 }

@@ -167,3 +167,28 @@ def test_python_m_entry_point_and_debug_traceback(workdir):
         [sys.executable, "-m", "onnxopt", "--debug", "inspect", str(d / "nope.onnx")], capture_output=True, text=True
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_export_ort_loads_and_matches(workdir, capsys):
+    import onnxruntime as ort
+
+    d, model = workdir
+    code, out, err = _run(capsys, "export", model, "-o", d / "mobile", "--data", d / "calib.npz")
+    assert code == 0, err
+    assert (d / "mobile" / "net.ort").exists() and (d / "mobile" / "required_operators.config").exists()
+    assert "Conv" in (d / "mobile" / "required_operators.config").read_text()
+    session = ort.InferenceSession(str(d / "mobile" / "net.ort"), providers=["CPUExecutionProvider"])
+    x = np.load(d / "calib.npz")["x"]
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], builders.run(onnx.load(model), {"x": x})["y"],
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_bench_reports_every_model(workdir, capsys):
+    d, model = workdir
+    code, out, _ = _run(capsys, "bench", model, model, "--threads", "1", "--rounds", "2", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert len(rows) == 2 and rows[0]["macs"] == rows[1]["macs"] > 0
+    assert set(rows[0]["latency_us"]["1"]) == {"median", "min", "max"}
+    code, _, err = _run(capsys, "bench", model, "--threads", "one")
+    assert code == 2 and "--threads" in err
