@@ -63,9 +63,11 @@ def main(argv=None) -> int:
             feeds = next(iter(data.as_source(ref, graph.load(path)))).feeds
             before, after = measure_latency([path, out], feeds, rounds=9)
             diff = min(report.validation.outputs.values(), key=lambda d: d.cosine)
+            macs = report.after.macs / max(report.before.macs, 1)
+            params = report.after.params / report.before.params
             lines.append(
                 f"| {path.stem} | {name} | {len(record.changes)} sites, {len(record.skipped)} skipped | "
-                f"{report.after.macs / max(report.before.macs, 1):.3f} | {report.after.params / report.before.params:.3f} | "
+                f"{macs:.3f} | {params:.3f} | "
                 f"{after.median_us / before.median_us:.2f} | {diff.cosine:.5f} | {diff.rel_l2:.3g} |"
             )
     text = "\n".join(lines)
