@@ -29,7 +29,7 @@ PIPELINES = {
     "split": ["split"],
     "svd": ["svd"],
     "quant": ["quant"],
-    "prune,svd,quant": ["prune", "svd", "quant"],
+    "prune+svd+quant": ["prune", "svd", "quant"],
 }
 
 

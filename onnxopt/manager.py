@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, ShapeInferencePass
 
 from onnxopt import cost, registry
 from onnxopt import data as data_mod
@@ -143,6 +143,8 @@ class PassManager:
             else:
                 original_path = Path(model)
                 model = graph_io.load(original_path)
+            # unique node and value names: statistics, Gram matrices and fallbacks are keyed by name
+            NameFixPass()(model)
             calib = self._source(self.data, model, "calibration data")
             held_out = self._source(self.eval_data, model, "evaluation data")
             needs_check = self.validate or not all(p.exact for p in self.passes)

@@ -52,11 +52,30 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and opset < MIN_QDQ_OPSET:
         proto = onnx.version_converter.convert_version(proto, MIN_QDQ_OPSET)
+    _flatten_gemm_bias(proto)
     proto.ir_version = min(max(proto.ir_version, 7), graph_io.MAX_IR_VERSION)
     # stale or initializer value_info trips the quantizers' strict shape inference when they rewrite weights
     del proto.graph.value_info[:]
     onnx.save(proto, str(dst))
     return Path(dst)
+
+
+def _flatten_gemm_bias(proto: onnx.ModelProto) -> None:
+    """A Gemm bias of shape (1, N) becomes (N,): onnxruntime's per-channel int32 bias adjustment indexes it per
+    output channel and fails on the 2-D form ("truth value of an array ... is ambiguous", mnist8)."""
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in proto.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    for node in proto.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        init = inits[node.input[2]]
+        if len(init.dims) == 2 and init.dims[0] == 1 and readers.get(init.name) == 1:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).reshape(-1), init.name))
 
 
 class _Reader:

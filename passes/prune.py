@@ -26,8 +26,9 @@ Criteria (``criterion``), judged on the activations the next layer reads:
 When ``threshold`` or ``ratio`` is left negative, the pass searches the strongest setting whose result passes
 validation within the run's error budget (bisection, ``steps`` validations). ``refit`` re-fits the next
 layer's remaining weights by least squares on the calibration activations. Each layer group keeps at least
-``min_channels`` channels and, with ``align`` > 1, a multiple of ``align`` (onnxruntime's fast convolution
-kernels want multiples of 8 or 16).
+``min_channels`` channels and, with ``ratio`` and at least 2·``align`` channels, a multiple of ``align`` (8 by
+default): onnxruntime's fast convolution kernels want multiples of 8; odd counts made a pruned MobileNet-style
+model 1.9x slower here despite 20% fewer MACs).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ class PruneConfig(PassConfig):
     score: str = dataclasses.field(default="contribution", metadata={"choices": SCORES, "help": "ranking"})
     max_ratio: float = dataclasses.field(default=0.99, metadata={"help": "upper end of the ratio search"})
     min_channels: int = dataclasses.field(default=1, metadata={"help": "channels every layer keeps"})
-    align: int = dataclasses.field(default=1, metadata={"help": "keep channel counts multiples of this"})
+    align: int = dataclasses.field(
+        default=8, metadata={"help": "keep channel counts multiples of this (layers of at least 2x align)"}
+    )
     refit: bool = dataclasses.field(default=False, metadata={"help": "least-squares re-fit of the next layer"})
     steps: int = dataclasses.field(default=7, metadata={"help": "validations in the search"})
 
@@ -259,12 +262,12 @@ def _select(
                 for v, n in counts.items():
                     remaining[v] -= n
                 taken.append(item)
-        if config.align > 1 and taken:
-            sizes = [owner[item.unit.slots[0]].size for item in taken[:1]]
-            keep = sizes[0] - len(taken)
+        if config.criterion == "ratio" and config.align > 1 and taken and len(items) >= 2 * config.align:
+            # keep a multiple of `align` of the group's channels: remove fewer rather than more
+            keep = len(items) - len(taken)
             surplus = keep % config.align
-            if surplus and keep - surplus + config.align <= sizes[0]:
-                taken = taken[: len(taken) - (config.align - surplus)]
+            if surplus:
+                taken = taken[: max(0, len(taken) - (config.align - surplus))]
         chosen.extend(taken)
     return chosen
 
