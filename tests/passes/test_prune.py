@@ -316,7 +316,7 @@ def test_search_finds_the_strongest_ratio_within_the_budget(tmp_path):
     # one notch stronger than the found ratio misses the budget (the search is not timid)
     found = float(report.passes[0].changes[0].what.split("ratio ")[1].rstrip(")"))
     stronger = PassManager(
-        [ChannelPrunePass(PruneConfig(ratio=min(found + 0.1, 0.9)))], data=feeds, budget=Budget(min_cosine=0.99),
+        [ChannelPrunePass(PruneConfig(ratio=min(found + 0.1, 0.9), align=1))], data=feeds, budget=Budget(min_cosine=0.99),
         simplify=False,
     ).run(path)  # fmt: skip
     assert not stronger.ok
