@@ -309,14 +309,17 @@ def test_search_finds_the_strongest_ratio_within_the_budget(tmp_path):
     proto = builders.mlp(sizes=(8, 64, 4), seed=5)
     path = builders.save(proto, tmp_path / "m.onnx")
     feeds = _feeds(proto, n=64)
-    report = PassManager(["prune"], data=feeds, budget=Budget(min_cosine=0.99), simplify=False).run(path)
+    search = ChannelPrunePass(PruneConfig(align=1))
+    report = PassManager([search], data=feeds, budget=Budget(min_cosine=0.99), simplify=False).run(path)
     assert report.ok and report.passes[0].modified
     kept = report.after.params / report.before.params
     assert kept < 0.95
     # one notch stronger than the found ratio misses the budget (the search is not timid)
     found = float(report.passes[0].changes[0].what.split("ratio ")[1].rstrip(")"))
     stronger = PassManager(
-        [ChannelPrunePass(PruneConfig(ratio=min(found + 0.1, 0.9), align=1))], data=feeds, budget=Budget(min_cosine=0.99),
+        [ChannelPrunePass(PruneConfig(ratio=min(found + 0.1, 0.9), align=1))],
+        data=feeds,
+        budget=Budget(min_cosine=0.99),
         simplify=False,
     ).run(path)  # fmt: skip
     assert not stronger.ok
