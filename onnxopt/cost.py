@@ -183,6 +183,9 @@ def _infer_shapes(
             else:
                 value.shape = ir.Shape(dims)
     initializer_names = set(copy.graph.initializers)
+    for value in copy.graph.initializers.values():  # tools leave stale declared shapes (onnxsim's pruning)
+        if value.const_value is not None:
+            value.shape = ir.Shape(list(value.const_value.shape))
     for node in copy.graph:
         for output in node.outputs:
             if output.name not in initializer_names:
