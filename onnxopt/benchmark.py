@@ -71,7 +71,7 @@ def bench_models(
                     "max": round(latency.max_us, 2),
                 }  # fmt: skip
     if data:
-        _quality(paths, models, source, results)
+        _quality(paths, source, results)
     return results
 
 
@@ -83,7 +83,7 @@ def _random_feeds(model) -> dict[str, np.ndarray]:
     return next(iter(data_mod.random_source(model, seed=0))).feeds
 
 
-def _quality(paths, models, source, results) -> None:
+def _quality(paths, source, results) -> None:
     sessions = [Session(p) for p in paths]
     correct = [0] * len(paths)
     agree = [0.0] * len(paths)

@@ -102,12 +102,12 @@ class ChannelPrunePass(OptPass):
         if stats is None:
             raise ir.passes.PreconditionError("pass 'prune' needs activation statistics: give calibration data")
         skipped = _blocked(analysis)
-        scored = _score_units(analysis, stats, model)
+        scored = _score_units(analysis, stats)
         setting, per_group = self._choose_setting(model, scored)
         chosen = _select(analysis, scored, config, setting, per_group)
         if not chosen:
             return OptResult(model, modified=False, skipped=skipped)
-        _apply(model, analysis, chosen, scored, stats, config)
+        _apply(model, analysis, chosen, stats, config)
         changes = _describe(analysis, chosen, setting, per_group, config)
         return OptResult(model, modified=True, changes=changes, skipped=skipped)
 
@@ -167,11 +167,11 @@ class ChannelPrunePass(OptPass):
         candidate = model.clone()
         analysis = self._analyze(candidate)
         stats = get_stats(model)
-        scored = _score_units(analysis, stats, candidate)
+        scored = _score_units(analysis, stats)
         chosen = _select(analysis, scored, self.config, setting, per_group)
         if not chosen:
             return True
-        _apply(candidate, analysis, chosen, scored, stats, self.config)
+        _apply(candidate, analysis, chosen, stats, self.config)
         ShapeInferencePass(strict_mode=False)(candidate)
         return check(candidate).ok
 
@@ -193,7 +193,7 @@ class _Scored:
     contribution: float
 
 
-def _score_units(analysis: Analysis, stats: StatsTable, model: ir.Model) -> dict[int, _Scored]:
+def _score_units(analysis: Analysis, stats: StatsTable) -> dict[int, _Scored]:
     """Per unit (keyed by its first slot), the statistics of the channels the next layers read."""
     consumers = {}
     for action in analysis.actions:
@@ -291,7 +291,7 @@ def _candidates(items: list[_Scored], config: PruneConfig, setting: float) -> li
     return dead + [i for i in ordered if not i.dead][: count - len(dead)]
 
 
-def _apply(model, analysis: Analysis, chosen, scored, stats: StatsTable, config: PruneConfig) -> None:
+def _apply(model, analysis: Analysis, chosen, stats: StatsTable, config: PruneConfig) -> None:
     removed = analysis.removed_by_space([item.unit for item in chosen])
     means = {}
     for space in analysis.spaces.values():
