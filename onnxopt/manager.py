@@ -149,7 +149,7 @@ class PassManager:
             held_out = self._source(self.eval_data, model, "evaluation data")
             needs_check = self.validate or not all(p.exact for p in self.passes)
             check_data = held_out or calib or (self._random(model) if needs_check else None)
-            budget = self.budget or self._default_budget(check_data)
+            budget = self.budget or self._default_budget(check_data, model)
             context = PassContext(
                 budget=budget,
                 data=calib,
@@ -236,10 +236,15 @@ class PassManager:
     def _random(self, model: ir.Model) -> data_mod.DataSource:
         return data_mod.random_source(model, seed=self.seed, shapes=self.input_shapes)
 
-    def _default_budget(self, check_data: data_mod.DataSource | None) -> Budget:
+    def _default_budget(self, check_data: data_mod.DataSource | None, model: ir.Model) -> Budget:
         exact = all(p.exact for p in self.passes)
         has_labels = not exact and check_data is not None and check_data.has_labels
-        return Budget.default(exact=exact, has_labels=has_labels)
+        budget = Budget.default(exact=exact, has_labels=has_labels)
+        half = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+        if exact and any(v.dtype in half for v in model.graph.outputs):
+            # refolding weights re-rounds them at half precision (eps 1e-3): "exact" means to that rounding
+            budget = Budget(max_abs=1e-2)
+        return budget
 
     def _progress(self, stage: str) -> Callable[[int, int | None], None] | None:
         if self.progress is None:

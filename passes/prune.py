@@ -98,10 +98,12 @@ class ChannelPrunePass(OptPass):
     def call(self, model: ir.Model) -> OptResult:
         config: PruneConfig = self.config
         analysis = self._analyze(model)
+        skipped = _blocked(analysis)
+        if not any(unit.blocked is None for unit in analysis.units):
+            return OptResult(model, modified=False, skipped=skipped or [Skip("model", "no prunable channel group")])
         stats = get_stats(model)
         if stats is None:
             raise ir.passes.PreconditionError("pass 'prune' needs activation statistics: give calibration data")
-        skipped = _blocked(analysis)
         scored = _score_units(analysis, stats)
         setting, per_group = self._choose_setting(model, scored)
         chosen = _select(analysis, scored, config, setting, per_group)

@@ -124,3 +124,46 @@ def test_custom_ops_are_skipped_with_a_reason(op_domain):
     stats.attach_stats(model, stats.StatsTable(samples=1, source="none"))
     out = result(model)
     assert not out.modified and any("custom op com.example::Mystery" in s.reason for s in out.skipped)
+
+
+def test_fp16_models_run_through_the_passes(tmp_path, capsys):
+    proto = builders.conv_net(seed=0)
+    for init in proto.graph.initializer:
+        init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init).astype(np.float16), init.name))
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    path = builders.save(proto, tmp_path / "fp16.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((16, 3, 10, 10)).astype(np.float16))
+    for passes in ("simplify", "prune", "svd"):
+        code = cli.main(
+            ["run", path, "--passes", passes, "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o.onnx")]
+        )
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert onnx.load(tmp_path / "o.onnx").graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_several_inputs_of_different_dtypes(tmp_path, capsys):
+    from onnx import helper, numpy_helper
+
+    table = numpy_helper.from_array(np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32), "table")
+    w = numpy_helper.from_array(np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"]),
+        helper.make_node("Add", ["emb", "x"], ["s"]),
+        helper.make_node("Relu", ["s"], ["h"]),
+        helper.make_node("Gemm", ["h", "w"], ["y"], transB=1),
+    ]
+    proto = builders.make_model(
+        nodes,
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N"]),
+         helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+        [table, w],
+    )  # fmt: skip
+    path = builders.save(proto, tmp_path / "two.onnx")
+    code = cli.main(
+        ["run", path, "--passes", "simplify,prune", "--prune-ratio", "0.25", "-o", str(tmp_path / "o.onnx")]
+    )
+    out = capsys.readouterr().out
+    assert code in (0, 1) and "validation on" in out  # random int64 ids and float x are made for validation
