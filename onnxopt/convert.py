@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import graph as graph_io
-from onnxopt.errors import OnnxoptError
+from onnxopt.errors import OnnxoptError, first_line
 from onnxopt.runtime import Session
 
 __all__ = [
@@ -176,7 +176,7 @@ def from_tflite(
             interpreter = tf.lite.Interpreter(model_path=str(path))
             interpreter.allocate_tensors()
     except Exception as e:
-        raise ConversionError(f"{path}: not a readable TFLite model ({_first_line(e)})") from e
+        raise ConversionError(f"{path}: not a readable TFLite model ({first_line(e)})") from e
     details = interpreter.get_input_details()
     names = [d["name"] for d in details]
     with _quiet():
@@ -253,7 +253,7 @@ def convert_file(
         try:
             model = tf.keras.models.load_model(str(source), compile=False)
         except Exception as e:
-            raise ConversionError(f"{source}: not a readable Keras model ({_first_line(e)})") from e
+            raise ConversionError(f"{source}: not a readable Keras model ({first_line(e)})") from e
         result = from_keras(model, opset=opset, nchw=nchw, data=data)
     elif source.suffix.lower() == ".tflite":
         result = from_tflite(source, opset=opset, nchw=nchw, data=data)
@@ -356,8 +356,3 @@ def _quiet():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]

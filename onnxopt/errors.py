@@ -11,6 +11,7 @@ __all__ = [
     "UnknownPassError",
     "ValidationError",
     "UsageError",
+    "first_line",
 ]
 
 
@@ -48,3 +49,9 @@ class ValidationError(OnnxoptError):
     def __init__(self, message: str, report: object | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line reports."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:limit]

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt.errors import ModelLoadError, ModelSaveError
+from onnxopt.errors import ModelLoadError, ModelSaveError, first_line
 
 __all__ = [
     "MIN_OPSET",
@@ -74,7 +74,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, RuntimeWarning-derived errors, ...
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(e)})") from e
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(e)})") from e
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise ModelLoadError(f"{path}: not an ONNX model (no graph found)")
     opset = _proto_default_opset(proto)
@@ -87,12 +87,12 @@ def load(path: str | os.PathLike) -> ir.Model:
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:
-        raise ModelLoadError(f"{path}: fails the ONNX checker: {_first_line(e)}") from e
+        raise ModelLoadError(f"{path}: fails the ONNX checker: {first_line(e)}") from e
     del proto
     try:
         return ir.load(path)
     except Exception as e:
-        raise ModelLoadError(f"{path}: cannot be read by onnx_ir ({_first_line(e)})") from e
+        raise ModelLoadError(f"{path}: cannot be read by onnx_ir ({first_line(e)})") from e
 
 
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
@@ -232,8 +232,3 @@ def _proto_default_opset(proto: onnx.ModelProto) -> int | None:
         if entry.domain in ("", "ai.onnx"):
             return entry.version
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]

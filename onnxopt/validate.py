@@ -31,7 +31,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.data import DataSource
-from onnxopt.errors import ValidationError
+from onnxopt.errors import ValidationError, first_line
 from onnxopt.runtime import Session
 
 __all__ = ["Budget", "OutputDiff", "ValidationReport", "Reference", "validate"]
@@ -224,13 +224,13 @@ def validate(
     try:
         candidate = optimized if isinstance(optimized, Session) else Session(optimized)
     except Exception as e:
-        report.failures.append(f"onnxruntime cannot load the optimized model: {_first_line(e)}")
+        report.failures.append(f"onnxruntime cannot load the optimized model: {first_line(e)}")
         return report
     if check:
         try:
             onnx.checker.check_model(str(candidate.path), full_check=True)
         except Exception as e:
-            report.checker_error = _first_line(e)
+            report.checker_error = first_line(e)
             report.failures.append(f"checker: {report.checker_error}")
     missing = [name for name in reference.output_names if name not in candidate.output_names]
     if missing:
@@ -337,8 +337,3 @@ def _label_indices(labels: np.ndarray) -> np.ndarray:
 def _finite(values: dict[str, Any]) -> dict[str, Any]:
     """JSON has no Infinity/NaN: write them as strings."""
     return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
