@@ -29,7 +29,7 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, ShapeInfer
 from onnxopt import cost, registry
 from onnxopt import data as data_mod
 from onnxopt import graph as graph_io
-from onnxopt.errors import CalibrationError
+from onnxopt.errors import CalibrationError, UsageError
 from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip
 from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
 from onnxopt.validate import Budget, Reference, ValidationReport, validate
@@ -205,6 +205,8 @@ class PassManager:
         t0 = time.perf_counter()
         try:
             result = pass_(model)
+        except ir.passes.PreconditionError as e:  # the pass cannot run as asked: a usage error (exit 2)
+            raise UsageError(f"pass '{pass_.name}': {e}") from e
         except Exception as e:
             after = f" after {done}" if done else " (first pass)"
             raise ir.passes.PassError(f"pass '{pass_.name}' failed{after}: {e}") from e
