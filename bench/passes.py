@@ -29,6 +29,7 @@ PIPELINES = {
     "split": ["split"],
     "svd": ["svd"],
     "quant": ["quant"],
+    "share": ["share"],
     "prune+svd+quant": ["prune", "svd", "quant"],
 }
 

@@ -43,6 +43,8 @@ __all__ = [
     "fresh_name",
     "add_initializer",
     "copy_dtype",
+    "upgrade_opset",
+    "adopt",
     "temporary_model_file",
 ]
 
@@ -216,6 +218,24 @@ def copy_dtype(source: ir.Value, target: ir.Value) -> None:
     """Give ``target`` the element type of ``source`` when it is known (a ``None`` type cannot be serialized)."""
     if source.dtype is not None:
         target.dtype = source.dtype
+
+
+def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
+    """A copy of ``model`` converted to default-domain opset ``target`` by onnx's version converter."""
+    import onnx.version_converter
+
+    proto = onnx.version_converter.convert_version(to_proto(model), target)
+    proto.ir_version = min(max(proto.ir_version, 10), MAX_IR_VERSION)  # opset 21+ types (UINT4) need IR >= 10
+    return from_proto(proto)
+
+
+def adopt(model: ir.Model, other: ir.Model) -> None:
+    """Make ``model`` (the object a pass manager holds) take ``other``'s graph, opsets and IR version in place."""
+    model.graph = other.graph  # the graph carries its opset imports
+    model.ir_version = other.ir_version
+    for key in list(model.functions):
+        del model.functions[key]
+    model.functions.update(other.functions)
 
 
 def weight_bytes(model: ir.Model) -> int:

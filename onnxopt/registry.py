@@ -27,6 +27,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "svd": "onnxopt.passes.svd:GemmSvdPass",
     "split": "onnxopt.passes.split:ConvSplitPass",
     "quant": "onnxopt.passes.quant:Int8QuantPass",
+    "share": "onnxopt.passes.share:WeightSharePass",
 }
 
 

@@ -88,7 +88,7 @@ class Int8QuantPass(OptPass):
             if speed is not None and speed[1] > speed[0] and config.objective == "speed" and not config.force:
                 reason = f"int8 is slower here ({speed[1]:.0f} us vs {speed[0]:.0f} us float); use --quant-force"
                 return OptResult(model, modified=False, skipped=[Skip("model", reason)])
-            _adopt(model, candidate)
+            graph_io.adopt(model, candidate)
         changes = [Change("model", _summary(config, speed))]
         changes += [Change(name, "kept in float (quantization noise)") for name in excluded]
         return OptResult(model, modified=True, changes=changes)
@@ -146,15 +146,6 @@ class Int8QuantPass(OptPass):
 def _dynamic_batch(path: Path) -> bool:
     inputs = graph_io.data_inputs(graph_io.load(path))
     return all(v.shape is None or not isinstance(v.shape[0], int) for v in inputs)
-
-
-def _adopt(model: ir.Model, other: ir.Model) -> None:
-    """Make ``model`` (the object the pass manager holds) the quantized model."""
-    model.graph = other.graph  # the graph carries its opset imports
-    model.ir_version = other.ir_version
-    for key in list(model.functions):
-        del model.functions[key]
-    model.functions.update(other.functions)
 
 
 def _summary(config: QuantConfig, speed) -> str:
