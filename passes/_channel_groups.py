@@ -228,6 +228,12 @@ def _private_weight(value: ir.Value | None) -> np.ndarray | None:
     return graph_io.const_array(value)
 
 
+def _data_space(analysis: Analysis, node: ir.Node) -> Space | None:
+    """The tracked space of ``node``'s data input (input 0), or None."""
+    value = node.inputs[0] if node.inputs else None
+    return analysis.spaces.get(id(value)) if value is not None else None
+
+
 def _tracked(analysis: Analysis, node: ir.Node) -> list[tuple[int, Space]]:
     return [
         (i, analysis.spaces[id(v)]) for i, v in enumerate(node.inputs) if v is not None and id(v) in analysis.spaces
@@ -321,10 +327,9 @@ def _gemm(analysis: Analysis, node: ir.Node) -> None:
 
 
 def _elementwise(analysis: Analysis, node: ir.Node) -> None:
-    tracked = [(i, s) for i, s in _tracked(analysis, node) if i == 0]
-    if not tracked:
+    space = _data_space(analysis, node)
+    if space is None:
         return
-    space = tracked[0][1]
     op = node.op_type
     if op in ("InstanceNormalization", "LRN"):
         analysis.block(space, f"{op} '{node.name}' mixes or normalizes channels")
@@ -338,12 +343,8 @@ def _elementwise(analysis: Analysis, node: ir.Node) -> None:
         if array is None or (array.size not in (1, space.size)):
             analysis.block(space, f"parameter '{value.name}' of '{node.name}' is shared or not per-channel")
             return
-    out = _out_space(analysis, node.outputs[0], space.axis)
-    if out is None or out.size != space.size:
-        analysis.block(space, f"{op} '{node.name}' changes the channel count")
-        return
-    analysis.tie(space, out)
-    if params:
+    if _tie_output(analysis, node, space, space.axis) and params:
+        out = analysis.spaces[id(node.outputs[0])]
         analysis.actions.append(Action("param", node, out, param_inputs=params))
 
 
@@ -417,10 +418,9 @@ def _concat(analysis: Analysis, node: ir.Node) -> None:
 
 
 def _pad(analysis: Analysis, node: ir.Node) -> None:
-    tracked = [(i, s) for i, s in _tracked(analysis, node) if i == 0]
-    if not tracked:
+    space = _data_space(analysis, node)
+    if space is None:
         return
-    space = tracked[0][1]
     rank = _rank(node.inputs[0]) or 0
     mode = _attr(node, "mode", "constant")
     pads = _attr(node, "pads")
@@ -445,24 +445,18 @@ def _pad(analysis: Analysis, node: ir.Node) -> None:
 
 
 def _transpose(analysis: Analysis, node: ir.Node) -> None:
-    tracked = _tracked(analysis, node)
-    if not tracked:
+    space = _data_space(analysis, node)
+    if space is None:
         return
-    space = tracked[0][1]
     perm = _attr(node, "perm") or list(reversed(range(_rank(space.value) or 0)))
-    out = _out_space(analysis, node.outputs[0], list(perm).index(space.axis))
-    if out is None:
-        analysis.block(space, f"Transpose '{node.name}' with unknown shape")
-        return
-    analysis.tie(space, out)
+    _tie_output(analysis, node, space, list(perm).index(space.axis))
 
 
 def _reshape_like(analysis: Analysis, node: ir.Node) -> None:
     """Flatten, Reshape, Squeeze, Unsqueeze: the channel axis moves, or channels spread over flat columns."""
-    tracked = [(i, s) for i, s in _tracked(analysis, node) if i == 0]
-    if not tracked:
+    space = _data_space(analysis, node)
+    if space is None:
         return
-    space = tracked[0][1]
     in_shape, out_shape = _static_shape(node.inputs[0]), _static_shape(node.outputs[0])
     if in_shape is None or out_shape is None:
         analysis.block(space, f"{node.op_type} '{node.name}' with unknown shapes")
@@ -491,10 +485,9 @@ def _reshape_like(analysis: Analysis, node: ir.Node) -> None:
 
 
 def _reduce(analysis: Analysis, node: ir.Node) -> None:
-    tracked = [(i, s) for i, s in _tracked(analysis, node) if i == 0]
-    if not tracked:
+    space = _data_space(analysis, node)
+    if space is None:
         return
-    space = tracked[0][1]
     rank = _rank(space.value) or 0
     axes = _attr(node, "axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -504,41 +497,36 @@ def _reduce(analysis: Analysis, node: ir.Node) -> None:
         analysis.block(space, f"{node.op_type} '{node.name}' reduces over channels")
         return
     removed_before = sum(1 for a in np.atleast_1d(axes) if int(a) % rank < space.axis)
-    out = _out_space(analysis, node.outputs[0], space.axis if keepdims else space.axis - removed_before)
-    if out is None:
-        analysis.block(space, f"{node.op_type} '{node.name}' with unknown shape")
-        return
-    analysis.tie(space, out)
+    _tie_output(analysis, node, space, space.axis if keepdims else space.axis - removed_before)
 
 
 def _softmax(analysis: Analysis, node: ir.Node) -> None:
-    tracked = [(i, s) for i, s in _tracked(analysis, node) if i == 0]
-    if not tracked:
+    space = _data_space(analysis, node)
+    if space is None:
         return
-    space = tracked[0][1]
     rank = _rank(space.value) or 0
     axis = _attr(node, "axis", -1 if node.version is None or node.version >= 13 else 1) % max(rank, 1)
     if axis == space.axis:
         analysis.block(space, f"{node.op_type} '{node.name}' normalizes over channels")
         return
-    _tie_same(analysis, node)
+    _tie_output(analysis, node, space, space.axis)
 
 
-def _tie_same(analysis: Analysis, node: ir.Node) -> None:
-    space = analysis.spaces[id(node.inputs[0])]
-    out = _out_space(analysis, node.outputs[0], space.axis)
+def _tie_output(analysis: Analysis, node: ir.Node, space: Space, axis: int) -> bool:
+    """Tie ``space`` slot by slot to ``node``'s output channel axis ``axis``; block it when that cannot be done."""
+    out = _out_space(analysis, node.outputs[0], axis)
     if out is None or out.size != space.size:
-        analysis.block(space, f"{node.op_type} '{node.name}' changes the channel count")
-        return
+        analysis.block(space, f"{node.op_type} '{node.name}' has an unknown shape or changes the channel count")
+        return False
     analysis.tie(space, out)
+    return True
 
 
 def _shape(analysis: Analysis, node: ir.Node) -> None:
     """Shape is harmless when only dims other than the channel axis are read from it (Gather of the batch)."""
-    tracked = _tracked(analysis, node)
-    if not tracked:
+    space = _data_space(analysis, node)
+    if space is None:
         return
-    space = tracked[0][1]
     rank = _rank(space.value) or 0
     dims = list(range(rank))[_attr(node, "start", 0) : _attr(node, "end", rank)]
     for use in node.outputs[0].uses():
@@ -553,10 +541,9 @@ def _shape(analysis: Analysis, node: ir.Node) -> None:
 
 def _slice(analysis: Analysis, node: ir.Node) -> None:
     """Slice on other axes keeps the channels (CIFAR ResNet shortcuts take x[:, :, ::2, ::2])."""
-    tracked = [(i, s) for i, s in _tracked(analysis, node) if i == 0]
-    if not tracked:
+    space = _data_space(analysis, node)
+    if space is None:
         return
-    space = tracked[0][1]
     rank = _rank(space.value) or 0
     axes = _attr(node, "axes")
     if axes is None and len(node.inputs) > 3 and node.inputs[3] is not None:
@@ -569,7 +556,7 @@ def _slice(analysis: Analysis, node: ir.Node) -> None:
     if axes is None or space.axis in {int(a) % rank for a in np.atleast_1d(np.asarray(list(axes)))}:
         analysis.block(space, f"Slice '{node.name}' on the channel axis")
         return
-    _tie_same(analysis, node)
+    _tie_output(analysis, node, space, space.axis)
 
 
 def _size(analysis: Analysis, node: ir.Node) -> None:
