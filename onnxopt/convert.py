@@ -134,24 +134,21 @@ def from_saved_model(
     path = Path(path)
     if not (path / "saved_model.pb").is_file():
         raise ConversionError(f"{path}: not a SavedModel directory (no saved_model.pb)")
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    keys = list(signature.structured_input_signature[1])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model.onnx"
         cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(path), "--output", str(out)]
         cmd += ["--opset", str(opset)]
         if nchw:
-            loaded = tf.saved_model.load(str(path))
-            sig = loaded.signatures["serving_default"]
-            cmd += ["--inputs-as-nchw", ",".join(f"{k}:0" for k in sig.structured_input_signature[1])]
+            cmd += ["--inputs-as-nchw", ",".join(f"{k}:0" for k in keys)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"})
         if proc.returncode != 0 or not out.exists():
             last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["unknown error"]
             raise ConversionError(f"{path}: tf2onnx failed: {last[0][:300]}")
         converted = graph_io.load(out)
         converted = ir.from_proto(ir.to_proto(converted))  # detach from the temporary file
-    loaded = tf.saved_model.load(str(path))
-    signature = loaded.signatures["serving_default"]
     feeds = _sample_feeds(converted, data)
-    keys = list(signature.structured_input_signature[1])
     args = {k: tf.constant(_to_nhwc(feeds[_match(k, feeds)], nchw)) for k in keys}
     outputs = signature(**args)
     source = [np.asarray(outputs[k]) for k in _ordered_keys(outputs, converted)]
