@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import emit  # noqa: E402
 from prune_vs_onnxsim import MODELS, ROOT, accuracy  # noqa: E402
 
 PIPELINES = {
@@ -103,11 +104,7 @@ def main(argv=None) -> int:
                 f"{out.stat().st_size / path.stat().st_size:.3f} | {after_us.median_us / before_us.median_us:.2f} | "
                 f"{base_acc:.2f} -> {accuracy(out, *test):.2f} |"
             )
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit("\n".join(lines), args.out)
     return 0
 
 

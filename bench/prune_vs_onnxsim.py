@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from _report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
@@ -166,11 +167,7 @@ def main(argv=None) -> int:
             ratio, acc, note = row[label]
             cells.append(f"{ratio:.3f} / {acc:.2f}" + (f" ({note})" if note else ""))
         lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit("\n".join(lines), args.out)
     return 0
 
 

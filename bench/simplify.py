@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from _report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_model(path, args.rounds))
     table = to_markdown(rows)
     header = f"Measured {datetime.date.today()} with `python bench/simplify.py --rounds {args.rounds}` (1 thread)\n\n"
-    print(header + table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(header + table + "\n")
+    emit(header + table, args.out)
     return 0
 
 

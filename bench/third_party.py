@@ -16,6 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
+from _report import emit
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = (
     "mnist/mnist_lenet5_ccoltong", "mnist/mnist_mlp6_ccoltong", "face/mtcnn_rnet_facenet_pytorch",
@@ -70,11 +72,7 @@ def main(argv=None) -> int:
                 f"{macs:.3f} | {params:.3f} | "
                 f"{after.median_us / before.median_us:.2f} | {diff.cosine:.5f} | {diff.rel_l2:.3g} |"
             )
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit("\n".join(lines), args.out)
     return 0
 
 
