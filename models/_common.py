@@ -113,6 +113,32 @@ def onnx_mse(path: Path, x: np.ndarray, target: np.ndarray, batch: int = 500) ->
     return total / target.size
 
 
+def finish_mnist_classifier(model, name: str, architecture: str, out_dir: Path, mnist: tuple, **figures) -> None:
+    """Convert an MNIST classifier (NHWC Keras input) to NCHW ONNX, save its slices and its measured result.
+
+    ``mnist`` is ``load_mnist``'s (train_x, train_y, test_x, test_y); ``figures`` go into result.json too.
+    """
+    train_x, train_y, test_x, test_y = mnist
+    path, converted = convert_and_save(model, name, out_dir, nchw=True)
+    print(f"wrote {path} (max error vs Keras {converted.max_error:.2g})")
+    test_nchw = test_x[:, None]
+    save_slices(
+        out_dir,
+        onnx_input_name(path),
+        calib=(train_x[:1000, None], train_y[:1000]),
+        evaluation=(test_nchw[:2000], test_y[:2000]),
+    )
+    write_result(
+        out_dir,
+        name=name,
+        architecture=architecture,
+        params=int(model.count_params()),
+        accuracy_test=round(onnx_accuracy(path, test_nchw, test_y), 2),
+        accuracy_eval_slice=round(onnx_accuracy(path, test_nchw[:2000], test_y[:2000]), 2),
+        **figures,
+    )
+
+
 def write_result(out_dir: Path, **figures) -> None:
     """``result.json`` with the measured figures (read by models/README.md and the tests)."""
     figures["date"] = time.strftime("%Y-%m-%d")

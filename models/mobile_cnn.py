@@ -33,15 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (
-    convert_and_save,
-    load_mnist,
-    onnx_accuracy,
-    onnx_input_name,
-    save_slices,
-    seed_everything,
-    write_result,
-)
+from _common import finish_mnist_classifier, load_mnist, seed_everything
 
 NAME = "mobile_cnn"
 ARCHITECTURE = (
@@ -119,27 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     model.fit(fit_x[..., None], fit_y, batch_size=BATCH, epochs=epochs, shuffle=True, verbose=2)
     train_seconds = time.perf_counter() - start
 
-    out_dir = Path(args.out)
-    path, converted = convert_and_save(model, NAME, out_dir, nchw=True)
-    print(f"wrote {path} (max error vs Keras {converted.max_error:.2g})")
-    test_nchw = test_x[:, None]
-    save_slices(
-        out_dir,
-        onnx_input_name(path),
-        calib=(train_x[:1000, None], train_y[:1000]),
-        evaluation=(test_nchw[:2000], test_y[:2000]),
-    )
-    write_result(
-        out_dir,
-        name=NAME,
-        architecture=ARCHITECTURE,
-        params=int(model.count_params()),
-        accuracy_test=round(onnx_accuracy(path, test_nchw, test_y), 2),
-        accuracy_eval_slice=round(onnx_accuracy(path, test_nchw[:2000], test_y[:2000]), 2),
+    finish_mnist_classifier(
+        model, NAME, ARCHITECTURE, Path(args.out), (train_x, train_y, test_x, test_y),
         train_seconds=round(train_seconds, 1),
         epochs=epochs,
         command=command,
-    )
+    )  # fmt: skip
     return 0
 
 
