@@ -112,7 +112,8 @@ def test_tf2onnx_batchnorm_mul_add_disappears():
     _assert_same(proto, out, feeds)
 
 
-def test_constant_of_shape_weights_become_separate_initializers():
+def _placeholder_convs(second_input: str):
+    """Two Convs on equal ConstantOfShape placeholder weights; the second reads ``second_input``."""
     shape = numpy_helper.from_array(np.array([4, 3, 3, 3], np.int64), "wshape")
     fill = numpy_helper.from_array(np.array([0.01], np.float32), "fill")
     nodes = [
@@ -120,15 +121,19 @@ def test_constant_of_shape_weights_become_separate_initializers():
         helper.make_node("ConstantOfShape", ["wshape"], ["w2"], value=fill),
         helper.make_node("Relu", ["x"], ["rx"]),
         helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1] * 4),
-        helper.make_node("Conv", ["rx", "w2"], ["d"], pads=[1] * 4),  # another input: no CSE merge
+        helper.make_node("Conv", [second_input, "w2"], ["d"], pads=[1] * 4),
         helper.make_node("Add", ["c", "d"], ["y"]),
     ]
-    proto = builders.make_model(
+    return builders.make_model(
         nodes,
         [helper.make_tensor_value_info("x", 1, ["N", 3, 6, 6])],
         [helper.make_tensor_value_info("y", 1, ["N", 4, 6, 6])],
         [shape],
     )
+
+
+def test_constant_of_shape_weights_become_separate_initializers():
+    proto = _placeholder_convs("rx")  # another input: no CSE merge
     result, out = _simplify(proto)
     assert "ConstantOfShape" not in _ops(out)
     weights = [n.input[1] for n in out.graph.node if n.op_type == "Conv"]
@@ -142,23 +147,9 @@ def test_constant_of_shape_weights_become_separate_initializers():
 
 def test_identical_nodes_on_placeholder_weights_merge():
     """Equal folded weights on the same input: one Conv remains (as onnxruntime's CSE would make it)."""
-    shape = numpy_helper.from_array(np.array([4, 3, 3, 3], np.int64), "wshape")
-    fill = numpy_helper.from_array(np.array([0.01], np.float32), "fill")
-    nodes = [
-        helper.make_node("ConstantOfShape", ["wshape"], ["w1"], value=fill),
-        helper.make_node("ConstantOfShape", ["wshape"], ["w2"], value=fill),
-        helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1] * 4),
-        helper.make_node("Conv", ["x", "w2"], ["d"], pads=[1] * 4),
-        helper.make_node("Add", ["c", "d"], ["y"]),
-    ]
-    proto = builders.make_model(
-        nodes,
-        [helper.make_tensor_value_info("x", 1, ["N", 3, 6, 6])],
-        [helper.make_tensor_value_info("y", 1, ["N", 4, 6, 6])],
-        [shape],
-    )
+    proto = _placeholder_convs("x")
     _, out = _simplify(proto)
-    assert _ops(out) == ["Conv", "Add"]
+    assert _ops(out) == ["Conv", "Add"]  # the Relu on x is unused once both Convs read x
     _assert_same(proto, out, _x())
 
 
