@@ -87,28 +87,26 @@ def save_slices(out_dir: Path, input_name: str, calib: tuple, evaluation: tuple)
         np.savez_compressed(out_dir / file, **arrays)
 
 
-def onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
-    """Top-1 accuracy (%) of the ONNX model under onnxruntime."""
+def _onnx_batches(path: Path, x: np.ndarray, batch: int):
+    """(start, first output) of the ONNX model under onnxruntime, over ``x`` in batches."""
     from onnxopt.runtime import Session
 
     session = Session(path)
     name = session.input_names[0]
-    correct = 0
     for start in range(0, len(x), batch):
-        out = session.run({name: x[start : start + batch]})[session.output_names[0]]
-        correct += int((out.argmax(axis=1) == y[start : start + batch]).sum())
+        yield start, session.run({name: x[start : start + batch]})[session.output_names[0]]
+
+
+def onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
+    """Top-1 accuracy (%) of the ONNX model under onnxruntime."""
+    correct = sum(int((out.argmax(axis=1) == y[s : s + batch]).sum()) for s, out in _onnx_batches(path, x, batch))
     return 100.0 * correct / len(x)
 
 
 def onnx_mse(path: Path, x: np.ndarray, target: np.ndarray, batch: int = 500) -> float:
     """Mean squared error of the ONNX model's output against ``target``."""
-    from onnxopt.runtime import Session
-
-    session = Session(path)
-    name = session.input_names[0]
     total = 0.0
-    for start in range(0, len(x), batch):
-        out = session.run({name: x[start : start + batch]})[session.output_names[0]]
+    for start, out in _onnx_batches(path, x, batch):
         total += float(np.square(out.astype(np.float64) - target[start : start + batch].reshape(out.shape)).sum())
     return total / target.size
 
