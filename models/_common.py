@@ -53,6 +53,21 @@ def load_mnist(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np
     return train_x, train_y, test_x, test_y
 
 
+def mnist_script_args(name: str, epochs: int, quick_samples: int, description: str, argv=None):
+    """The command line the MNIST training scripts share; returns (args, the command as run, for result.json)."""
+    import argparse
+    import shlex
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", required=True, help="dir with the four MNIST IDX .gz files")
+    parser.add_argument("--out", default=f"models/{name}", help=f"output dir (default: models/{name})")
+    parser.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default: {epochs})")
+    parser.add_argument("--quick", action="store_true", help=f"smoke test: {quick_samples} samples, 1 epoch")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", f"models/{name}.py", *(sys.argv[1:] if argv is None else argv)])
+    return args, command
+
+
 def seed_everything(seed: int = 0) -> None:
     import keras
     import tensorflow as tf

@@ -27,13 +27,11 @@ name, and ``result.json`` (onnxruntime accuracy on the full 10,000-image test se
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from _common import finish_mnist_classifier, load_mnist, seed_everything
+from _common import finish_mnist_classifier, load_mnist, mnist_script_args, seed_everything
 
 NAME = "mobile_cnn"
 ARCHITECTURE = (
@@ -85,13 +83,7 @@ def build():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="dir with the four MNIST IDX .gz files")
-    parser.add_argument("--out", default=f"models/{NAME}", help=f"output dir (default: models/{NAME})")
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default: {EPOCHS})")
-    parser.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_SAMPLES} samples, 1 epoch")
-    args = parser.parse_args(argv)
-    command = shlex.join(["python", "models/mobile_cnn.py", *(sys.argv[1:] if argv is None else argv)])
+    args, command = mnist_script_args(NAME, EPOCHS, QUICK_SAMPLES, __doc__.splitlines()[0], argv)
 
     train_x, train_y, test_x, test_y = load_mnist(args.data)
     epochs = 1 if args.quick else args.epochs
