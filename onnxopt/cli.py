@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="calibration data .npz keyed by input name (optional 'labels')")
     run.add_argument("--eval", help="held-out evaluation data .npz for validation (default: --data)")
     run.add_argument("--report", help="write the JSON report here")
+    run.add_argument("--html", help="write a self-contained HTML report here (plots need the 'report' extra)")
     run.add_argument("--force", action="store_true", help="write the model even when validation fails")
     run.add_argument("--no-validate", action="store_true", help="skip the final validation")
     run.add_argument("--latency", action="store_true", help="measure onnxruntime latency before and after")
@@ -300,6 +301,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_output_path(source, output)
     if args.report:
         _check_output_path(source, Path(args.report))
+    if args.html:
+        from onnxopt import html_report
+
+        _check_output_path(source, Path(args.html))
+        html_report.require_matplotlib()
     names = [n.strip() for n in args.passes.split(",") if n.strip()]
     if names and not args.no_simplify and "simplify" not in names:
         names = ["simplify", *names]
@@ -334,8 +340,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not report.ok and not args.force:
         print(f"validation failed: nothing written to {output} (use --force to write it anyway)")
         return EXIT_INVALID
+    page = None
+    if args.html:
+        page = html_report.render(report, latency=latency, model_name=str(source), output_name=str(output))
     graph.save(report.model, output)
     print(f"wrote {output}")
+    if page is not None:
+        html_report.write(args.html, page)
+        print(f"wrote {args.html}")
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
@@ -372,9 +384,12 @@ def _check_output_path(source: Path, output: Path) -> None:
         raise UsageError(f"{output}: is a directory; give a file name")
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
-        raise UsageError(f"{output}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{output}: directory {parent} is not writable")
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise UsageError(f"{output}: {parent} {what}")
+    try:  # before the run, not after it: root passes os.access everywhere, yet /proc or a full disk refuse files
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise UsageError(f"{output}: directory {parent} is not writable ({e.strerror or e})") from None
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

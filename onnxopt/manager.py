@@ -34,7 +34,7 @@ from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip
 from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
 from onnxopt.validate import Budget, Reference, ValidationReport, validate
 
-__all__ = ["PassRecord", "RunReport", "PassManager"]
+__all__ = ["PassRecord", "StageRecord", "RunReport", "PassManager"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,37 @@ class PassRecord:
 
 
 @dataclasses.dataclass
+class StageRecord:
+    """The model after one pipeline stage ("original", then each pass): its size and, when known, its metrics.
+
+    Recorded without extra model runs: ``bytes`` is the serialized size; the metrics (accuracy and task MSE
+    of the optimized side, worst per-output cosine) come from the final validation for the last stage and the
+    original, from the last *passing* budget check a lossy pass made (the setting it kept) for a stage it
+    modified, and carry over through an unchanged or exact stage. ``source`` says which; ``None`` metrics are
+    unknown (a lossy pass given a fixed setting checks nothing).
+    """
+
+    name: str
+    bytes: int
+    accuracy: float | None = None
+    task_mse: float | None = None
+    cosine: float | None = None
+    source: str | None = None
+
+    @classmethod
+    def measured(cls, name: str, size: int, report: ValidationReport, source: str, side: str = "after"):
+        cosines = [d.cosine for d in report.outputs.values()]
+        return cls(
+            name,
+            size,
+            accuracy=report.accuracy[side] if report.accuracy else None,
+            task_mse=report.task_mse[side] if report.task_mse else None,
+            cosine=(1.0 if side == "before" else min(cosines)) if cosines else None,
+            source=source,
+        )
+
+
+@dataclasses.dataclass
 class RunReport:
     """Result of :meth:`PassManager.run`. ``model`` is the optimized model (not part of the JSON)."""
 
@@ -73,6 +104,7 @@ class RunReport:
     passes: list[PassRecord]
     validation: ValidationReport | None
     seconds: float
+    stages: list[StageRecord] = dataclasses.field(default_factory=list)  # not in the JSON schema
 
     @property
     def ok(self) -> bool:
@@ -150,30 +182,48 @@ class PassManager:
             needs_check = self.validate or not all(p.exact for p in self.passes)
             check_data = held_out or calib or (self._random(model) if needs_check else None)
             budget = self.budget or self._default_budget(check_data, model)
+            passed: list[ValidationReport] = []  # passing budget checks of the current pass, newest last
             context = PassContext(
                 budget=budget,
                 data=calib,
                 eval_data=held_out,
-                check=None if check_data is None else self._checker(original_path, check_data, budget),
+                check=None if check_data is None else self._checker(original_path, check_data, budget, passed),
                 seed=self.seed,
             )
             before = cost.estimate(model, input_shapes=self.input_shapes)
-            records = [self._run_pass(p, model, context, calib, done) for done, p in self._enumerate()]
+            records, stages, first_check = [], [StageRecord("original", before.bytes)], None
+            for done, pass_ in self._enumerate():
+                passed.clear()
+                records.append(self._run_pass(pass_, model, context, calib, done))
+                stages.append(_stage(records[-1], pass_, model, passed, stages[-1].bytes))
+                first_check = first_check or (passed[0] if passed else None)
             after = cost.estimate(model, input_shapes=self.input_shapes)
             report = None
             if self.validate:
                 report = validate(original_path, model, check_data, budget, progress=self._progress("validating"))
-        return RunReport(model, before, after, records, report, time.perf_counter() - start)
+            if report is not None or first_check is not None:
+                source = "validation" if report is not None else "budget check"
+                stages[0] = StageRecord.measured("original", before.bytes, report or first_check, source, "before")
+            if report is not None:
+                stages[-1] = StageRecord.measured(stages[-1].name, after.bytes, report, "validation")
+            _carry_metrics(stages)
+        return RunReport(model, before, after, records, report, time.perf_counter() - start, stages)
 
     @staticmethod
-    def _checker(original_path: Path, check_data: data_mod.DataSource, budget: Budget):
-        """``context.check``: validate a candidate against the original, whose outputs are computed once."""
+    def _checker(original_path: Path, check_data: data_mod.DataSource, budget: Budget, passed: list[ValidationReport]):
+        """``context.check``: validate a candidate against the original, whose outputs are computed once.
+
+        Passing reports are appended to ``passed`` (the per-stage metrics of :class:`StageRecord`).
+        """
         reference: list[Reference] = []
 
         def check(candidate: ir.Model) -> ValidationReport:
             if not reference:
                 reference.append(Reference(original_path))
-            return validate(reference[0], candidate, check_data, budget, check=False)
+            result = validate(reference[0], candidate, check_data, budget, check=False)
+            if result.ok:
+                passed.append(result)
+            return result
 
         return check
 
@@ -253,3 +303,32 @@ class PassManager:
             return None
         callback = self.progress
         return lambda done, total: callback(stage, done, total)
+
+
+def _stage(
+    record: PassRecord, pass_: OptPass, model: ir.Model, passed: list[ValidationReport], previous_bytes: int
+) -> StageRecord:
+    """The stage after ``record``'s pass; see :class:`StageRecord` (one serialization when the model changed)."""
+    if not record.modified:
+        return StageRecord(record.name, previous_bytes, source="unchanged")
+    size = graph_io.to_proto(model).ByteSize()
+    if pass_.exact:
+        return StageRecord(record.name, size, source="exact pass")
+    if passed:
+        return StageRecord.measured(record.name, size, passed[-1], "budget check")
+    return StageRecord(record.name, size)
+
+
+def _carry_metrics(stages: list[StageRecord]) -> None:
+    """Unchanged and exact stages keep the metrics of the stage before them (unknown stays unknown)."""
+    for index in range(1, len(stages)):
+        stage, previous = stages[index], stages[index - 1]
+        if stage.source in ("unchanged", "exact pass"):
+            known = previous.source is not None
+            stages[index] = dataclasses.replace(
+                stage,
+                accuracy=previous.accuracy,
+                task_mse=previous.task_mse,
+                cosine=previous.cosine,
+                source=stage.source if known else None,
+            )
