@@ -334,7 +334,7 @@ def collect_stats(
     input_names = {v.name for v in graph.inputs}
     exposed = sorted(needed - input_names)
 
-    session = Session(_expose(model, exposed)) if exposed else None
+    session = Session(expose(model, exposed)) if exposed else None
     samples = 0
     for batch in data:
         outputs = session.run(batch.feeds, exposed) if session is not None else {}
@@ -382,7 +382,7 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def _expose(model: ir.Model, names: list[str]) -> ir.Model:
+def expose(model: ir.Model, names: list[str]) -> ir.Model:
     """A clone of ``model`` with ``names`` added as graph outputs (types inferred where missing)."""
     exposed = model.clone()
     values = _values_by_name(exposed.graph)

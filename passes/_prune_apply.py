@@ -13,9 +13,7 @@ action is applied:
 - Pad on the channel axis pads as many fewer zero channels as were removed from the padding;
 - Reshape with an explicit target shape gets the new channel (or flat column) count.
 
-With ``refit``, a consumer's remaining weights and bias are re-fitted by least squares to reproduce its
-original output on the calibration data (from the input Gram matrix, ``E[x̃x̃ᵀ]`` with ``x̃ = [x; 1]``):
-``[W' b'] = [W b] · G̃[:, K] · G̃[K, K]⁻¹`` over the kept inputs ``K``, a training-free reconstruction.
+The least-squares re-fit of the layers downstream (``refit``) is :mod:`onnxopt.passes._reconstruct`.
 Shapes of every touched value are cleared for shape inference to refill.
 """
 
@@ -29,7 +27,6 @@ import onnx_ir as ir
 
 from onnxopt import graph as graph_io
 from onnxopt.passes._channel_groups import Action, Analysis
-from onnxopt.stats import GramStats
 
 __all__ = ["apply_removal"]
 
@@ -41,7 +38,6 @@ def apply_removal(
     analysis: Analysis,
     removed: Mapping[int, np.ndarray],
     means: Mapping[int, np.ndarray],
-    grams: Mapping[str, GramStats] | None = None,
 ) -> None:
     """Remove ``removed[id(value)]`` channels everywhere; ``means[id(value)]`` are the activation means."""
     empty = np.array([], dtype=np.int64)
@@ -51,7 +47,7 @@ def apply_removal(
         if not len(drop) and not len(out_drop):
             continue
         handler = _APPLY[action.kind]
-        handler(model, action, drop, removed, means, grams)
+        handler(model, action, drop, removed, means)
     for space in analysis.spaces.values():
         if id(space.value) in removed and not space.value.is_graph_input() and not space.value.is_graph_output():
             space.value.shape = None
@@ -68,7 +64,7 @@ def _keep(size: int, drop: np.ndarray) -> np.ndarray:
     return np.flatnonzero(mask)
 
 
-def _producer(model, action: Action, drop, removed, means, grams) -> None:
+def _producer(model, action: Action, drop, removed, means) -> None:
     node = action.node
     weight = graph_io.const_array(node.inputs[1])
     keep = _keep(action.space.size, drop)
@@ -79,7 +75,7 @@ def _producer(model, action: Action, drop, removed, means, grams) -> None:
             _set_const(node.inputs[2], bias[..., keep])
 
 
-def _consumer(model, action: Action, drop, removed, means, grams) -> None:
+def _consumer(model, action: Action, drop, removed, means) -> None:
     node = action.node
     weight = graph_io.const_array(node.inputs[1]).astype(np.float64)
     axis = action.weight_axis
@@ -96,14 +92,10 @@ def _consumer(model, action: Action, drop, removed, means, grams) -> None:
         scaled = removed_part * mu[drop].reshape(shape)
         sum_axes = tuple(i for i in range(weight.ndim) if i != out_axis)
         delta = scaled.sum(axis=sum_axes)
-    gram = grams.get(node.name) if grams else None
     new_weight = np.take(weight, keep, axis=axis)
     bias_value = node.inputs[2] if len(node.inputs) > 2 else None
     bias = graph_io.const_array(bias_value).astype(np.float64).reshape(-1) if bias_value is not None else None
-    if gram is not None and node.op_type in ("Gemm", "MatMul", "Conv"):
-        new_weight, bias = _refit(node, weight, bias, keep, axis, gram)
-        delta = None
-    elif delta is not None:
+    if delta is not None:
         bias = delta if bias is None else bias + delta
     dtype = graph_io.const_array(node.inputs[1]).dtype
     _set_const(node.inputs[1], new_weight.astype(dtype))
@@ -119,37 +111,7 @@ def _consumer(model, action: Action, drop, removed, means, grams) -> None:
         _append_bias_add(model, node, bias.astype(dtype))
 
 
-def _refit(node: ir.Node, weight: np.ndarray, bias, keep, axis, gram: GramStats):
-    """Least-squares re-fit of the kept input columns (see the module docstring)."""
-    m = weight.shape[1 - axis] if node.op_type != "Conv" else weight.shape[0]
-    if node.op_type == "Conv":
-        w2 = weight.reshape(m, -1)  # (M, C·k)
-        per_channel = int(np.prod(weight.shape[2:]))
-        cols = (keep[:, None] * per_channel + np.arange(per_channel)[None, :]).reshape(-1)
-    else:
-        w2 = weight.T if axis == 0 else weight  # (M, K)
-        cols = keep
-    n = max(gram.rows, 1)
-    k = w2.shape[1]
-    g = np.empty((k + 1, k + 1))
-    g[:k, :k] = gram.xtx / n
-    g[:k, k] = g[k, :k] = gram.sum / n
-    g[k, k] = 1.0
-    full = np.concatenate([w2, (bias if bias is not None else np.zeros(m)).reshape(-1, 1)], axis=1)  # (M, K+1)
-    idx = np.concatenate([cols, [k]])
-    a = g[np.ix_(idx, idx)]
-    a += np.eye(len(idx)) * (1e-6 * np.trace(a) / len(idx))
-    b = g[:, idx]  # (K+1, |idx|)
-    solved = np.linalg.solve(a, (full @ b).T).T  # (M, |idx|)
-    new_w2, new_bias = solved[:, :-1], solved[:, -1]
-    if node.op_type == "Conv":
-        new_weight = new_w2.reshape((m, len(keep)) + weight.shape[2:])
-    else:
-        new_weight = new_w2.T if axis == 0 else new_w2
-    return new_weight, new_bias
-
-
-def _depthwise(model, action: Action, drop, removed, means, grams) -> None:
+def _depthwise(model, action: Action, drop, removed, means) -> None:
     node = action.node
     out_drop = removed.get(id(action.out_space.value), np.array([], dtype=np.int64))
     keep_out = _keep(action.out_space.size, out_drop)
@@ -160,7 +122,7 @@ def _depthwise(model, action: Action, drop, removed, means, grams) -> None:
     node.attributes["group"] = ir.AttrInt64("group", action.space.size - len(drop))
 
 
-def _param(model, action: Action, drop, removed, means, grams) -> None:
+def _param(model, action: Action, drop, removed, means) -> None:
     node = action.node
     keep = _keep(action.space.size, drop)
     rank = len(action.space.value.shape) if action.space.value.shape is not None else None
@@ -178,7 +140,7 @@ def _param(model, action: Action, drop, removed, means, grams) -> None:
         _set_const(value, np.take(array, keep, axis=axis))
 
 
-def _pad(model, action: Action, drop, removed, means, grams) -> None:
+def _pad(model, action: Action, drop, removed, means) -> None:
     node = action.node
     out_drop = removed.get(id(action.out_space.value), np.array([], dtype=np.int64))
     rank = len(action.space.value.shape)
@@ -193,7 +155,7 @@ def _pad(model, action: Action, drop, removed, means, grams) -> None:
         _replace_const_input(model, node, 1, pads)
 
 
-def _reshape(model, action: Action, drop, removed, means, grams) -> None:
+def _reshape(model, action: Action, drop, removed, means) -> None:
     node = action.node
     target = graph_io.const_array(node.inputs[1])
     if target is None:

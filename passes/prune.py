@@ -44,6 +44,7 @@ from onnxopt import graph as graph_io
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
 from onnxopt.passes._channel_groups import Analysis, Unit, analyze
 from onnxopt.passes._prune_apply import apply_removal
+from onnxopt.passes._reconstruct import downstream, reconstruct
 from onnxopt.stats import StatsRequest, StatsTable, get_stats
 
 __all__ = ["PruneConfig", "ChannelPrunePass", "CRITERIA", "SCORES"]
@@ -90,10 +91,7 @@ class ChannelPrunePass(OptPass):
     def stats_request(self, model: ir.Model) -> StatsRequest:
         analysis = self._analyze(model)
         values = {a.space.value.name for a in analysis.actions if a.kind == "consumer"}
-        grams = set()
-        if self.config.refit:
-            grams = {a.node.name for a in analysis.actions if a.kind == "consumer" and _refittable(a.node)}
-        return StatsRequest(frozenset(values), frozenset(grams))
+        return StatsRequest(frozenset(values))
 
     def call(self, model: ir.Model) -> OptResult:
         config: PruneConfig = self.config
@@ -109,8 +107,11 @@ class ChannelPrunePass(OptPass):
         chosen = _select(analysis, scored, config, setting, per_group)
         if not chosen:
             return OptResult(model, modified=False, skipped=skipped)
-        _apply(model, analysis, chosen, stats, config)
+        original = model.clone() if config.refit else model
+        refitted = self._apply(original, model, analysis, chosen, stats)
         changes = _describe(analysis, chosen, setting, per_group, config)
+        if refitted:
+            changes.append(Change(f"{len(refitted)} layers", "re-fitted to the original outputs (least squares)"))
         return OptResult(model, modified=True, changes=changes, skipped=skipped)
 
     # --- search --------------------------------------------------------------------------------------
@@ -173,9 +174,29 @@ class ChannelPrunePass(OptPass):
         chosen = _select(analysis, scored, self.config, setting, per_group)
         if not chosen:
             return True
-        _apply(candidate, analysis, chosen, stats, self.config)
+        self._apply(model, candidate, analysis, chosen, stats)
         ShapeInferencePass(strict_mode=False)(candidate)
         return check(candidate).ok
+
+    def _apply(self, original: ir.Model, model: ir.Model, analysis: Analysis, chosen, stats: StatsTable) -> list[str]:
+        """Remove the ``chosen`` channels from ``model`` (an ``analysis`` of it); with ``refit``, re-fit the layers
+        downstream to ``original``'s outputs on the calibration data. Returns the re-fitted layers' names."""
+        removed, means = _removed_and_means(analysis, chosen, stats)
+        apply_removal(model, analysis, removed, means)
+        data = self.context.data if self.context is not None else None
+        if not self.config.refit:
+            return []
+        if data is None:
+            raise ir.passes.PreconditionError("prune: --prune-refit needs the calibration data")
+        touched = [a for a in analysis.actions if a.kind in ("producer", "consumer") and id(a.space.value) in removed]
+        changed = [action.node for action in touched]
+        kept = {}
+        for action in analysis.actions:
+            if action.kind == "producer" and id(action.space.value) in removed:
+                drop = removed[id(action.space.value)]
+                kept[action.node.name] = np.setdiff1d(np.arange(action.space.size), drop)
+        nodes = [node.name for node in downstream(model, changed)]
+        return reconstruct(original, model, nodes, kept, data, seed=self.context.seed)
 
     @staticmethod
     def _analyze(model: ir.Model) -> Analysis:
@@ -293,15 +314,14 @@ def _candidates(items: list[_Scored], config: PruneConfig, setting: float) -> li
     return dead + [i for i in ordered if not i.dead][: count - len(dead)]
 
 
-def _apply(model, analysis: Analysis, chosen, stats: StatsTable, config: PruneConfig) -> None:
+def _removed_and_means(analysis: Analysis, chosen, stats: StatsTable):
     removed = analysis.removed_by_space([item.unit for item in chosen])
     means = {}
     for space in analysis.spaces.values():
         channel = stats.channels.get(space.value.name)
         if channel is not None and id(space.value) in removed:
             means[id(space.value)] = channel.mean
-    grams = stats.grams if config.refit else None
-    apply_removal(model, analysis, removed, means, grams)
+    return removed, means
 
 
 def _blocked(analysis: Analysis) -> list[Skip]:
@@ -329,8 +349,3 @@ def _describe(
                 what += f" {value:.4g}"
             changes.append(Change(action.node.name or action.space.value.name, what + ")"))
     return changes
-
-
-def _refittable(node: ir.Node) -> bool:
-    group = node.attributes.get("group")
-    return node.op_type in ("Gemm", "MatMul") or (node.op_type == "Conv" and (group is None or group.value == 1))

@@ -1,0 +1,257 @@
+"""Layer-by-layer least-squares reconstruction of a pruned model (training-free error correction).
+
+After channels are removed, every linear layer downstream (Gemm, and Conv / ConvTranspose with ``group=1``)
+sees inputs ``x̃`` that differ from the original ``x``. Walking the layers in graph order, each one's weight and
+bias are re-fitted so that, on the calibration data, its output on the *pruned* model's inputs reproduces the
+*original* model's output (restricted to the output channels it keeps)::
+
+    [W' b'] = argmin Σ ‖W' x̃ + b' − (W x + b)‖² + λ‖W'‖²
+
+The layer's input in the pruned model already carries the corrections of the layers before it, so errors do
+not accumulate (He et al. 2017, "Channel Pruning"; Luo et al. 2017, "ThiNet", without their channel selection).
+A Conv's rows are its im2col patches; a ConvTranspose is fitted as the equivalent stride-1 convolution over
+its zero-upsampled input. Rows of large feature maps are subsampled (about ``max_rows`` in all, seeded) so
+the cost stays bounded. The fit is shrunk towards the layer's current weights (ridge ``λ``), which keeps it
+from chasing noise in what a small calibration set cannot determine. The pruned model runs once per layer, in one onnxruntime
+session where the re-fitted weights are fed as inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import graph as graph_io
+from onnxopt.data import DataSource
+from onnxopt.runtime import Session
+from onnxopt.stats import expose, unfold_conv_input
+
+__all__ = ["downstream", "reconstruct", "refittable"]
+
+logger = logging.getLogger(__name__)
+
+_RIDGE = 1e-3  # λ relative to the mean diagonal of the Gram matrix; the fit is shrunk towards the current W
+
+
+def refittable(node: ir.Node) -> bool:
+    """Gemm, and Conv / ConvTranspose with group 1 and constant weights, in the default domain."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Gemm", "Conv", "ConvTranspose"):
+        return False
+    group = node.attributes.get("group")
+    if group is not None and group.value != 1:
+        return False
+    if node.op_type == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].value:
+        return False
+    if node.op_type == "ConvTranspose":
+        dilations = node.attributes.get("dilations")
+        if dilations is not None and any(d != 1 for d in dilations.value):
+            return False
+    weight = graph_io.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    bias_ok = len(node.inputs) < 3 or node.inputs[2] is None or graph_io.const_array(node.inputs[2]) is not None
+    return weight is not None and bias_ok and node.inputs[1].is_initializer() and len(node.inputs[1].uses()) == 1
+
+
+def downstream(model: ir.Model, changed: Iterable[ir.Node]) -> list[ir.Node]:
+    """Refittable nodes fed, directly or not, by an output of a ``changed`` node, in graph order."""
+    seen: set[int] = set()
+    frontier = [value for node in changed for value in node.outputs]
+    while frontier:
+        value = frontier.pop()
+        for use in value.uses():
+            if id(use.node) not in seen:
+                seen.add(id(use.node))
+                frontier.extend(use.node.outputs)
+    return [node for node in model.graph if id(node) in seen and refittable(node)]
+
+
+def reconstruct(
+    original: ir.Model,
+    pruned: ir.Model,
+    nodes: list[str],
+    kept_outputs: Mapping[str, np.ndarray],
+    data: DataSource,
+    *,
+    max_rows: int = 60_000,
+    seed: int = 0,
+) -> list[str]:
+    """Re-fit ``nodes`` of ``pruned`` in order (in place); returns the names actually re-fitted.
+
+    ``kept_outputs[name]`` are the original output channels a node keeps (absent: all of them).
+    """
+    by_name = {node.name: node for node in pruned.graph}
+    originals = {node.name: node for node in original.graph}
+    targets = [name for name in nodes if name in by_name and name in originals]
+    if not targets:
+        return []
+    for name in targets:
+        _ensure_bias(pruned, by_name[name])
+    feeds_model, weight_names = _with_weights_as_inputs(pruned, [by_name[n] for n in targets])
+    in_names = sorted({by_name[n].inputs[0].name for n in targets})
+    out_names = sorted({originals[n].outputs[0].name for n in targets})
+    pruned_session = Session(expose(feeds_model, in_names))
+    original_session = Session(expose(original, out_names))
+    weights = {name: graph_io.const_array(by_name[name].inputs[1]).copy() for name in targets}
+    biases = {name: graph_io.const_array(by_name[name].inputs[2]).copy() for name in targets}
+    samples = data.samples or 1
+    done = []
+    for name in targets:
+        node = by_name[name]
+        layer = _Layer(node, weights[name].shape)
+        keep = kept_outputs.get(name)
+        a = b = None
+        rng = np.random.default_rng(seed)
+        per_sample = max(1, max_rows // samples)
+        for batch in data:
+            extra = {weight_names[n][0]: weights[n] for n in targets}
+            extra.update({weight_names[n][1]: biases[n] for n in targets})
+            x = pruned_session.run({**batch.feeds, **extra}, [node.inputs[0].name])[node.inputs[0].name]
+            t = original_session.run(batch.feeds, [originals[name].outputs[0].name])[originals[name].outputs[0].name]
+            features, target = layer.rows(x, t, keep, per_sample, rng)
+            features = np.concatenate([features, np.ones((len(features), 1))], axis=1)
+            a = features.T @ features if a is None else a + features.T @ features
+            b = features.T @ target if b is None else b + features.T @ target
+        if a is None:
+            break
+        # ridge towards the layer's current parameters (sliced, constants folded), not towards zero
+        ridge = _RIDGE * float(np.trace(a)) / len(a)
+        current = layer.to_rows(weights[name], biases[name])  # (K+1, M)
+        a[np.diag_indices(len(a))] += ridge
+        solved = np.linalg.solve(a, b + ridge * current)  # (K+1, M)
+        weights[name], biases[name] = layer.to_params(solved, weights[name].dtype, biases[name])
+        done.append(name)
+    for name in done:
+        node = by_name[name]
+        node.inputs[1].const_value = ir.tensor(np.ascontiguousarray(weights[name]), name=node.inputs[1].name)
+        node.inputs[2].const_value = ir.tensor(np.ascontiguousarray(biases[name]), name=node.inputs[2].name)
+    logger.debug("reconstruction: %d layers re-fitted", len(done))
+    return done
+
+
+class _Layer:
+    """Rows (features, targets) of one layer and the conversion of the solution back to its parameters."""
+
+    def __init__(self, node: ir.Node, weight_shape: tuple[int, ...]) -> None:
+        self.op = node.op_type
+        self.attrs = {name: attr.value for name, attr in node.attributes.items()}
+        self.weight_shape = weight_shape
+        self.kernel = tuple(weight_shape[2:])
+
+    def rows(self, x, t, keep, per_sample: int, rng) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(x, dtype=np.float64)
+        t = np.asarray(t, dtype=np.float64)
+        if self.op == "Gemm":
+            if keep is not None:
+                t = t[:, keep]
+            return x.reshape(len(x), -1), t.reshape(len(t), -1)
+        if keep is not None:
+            t = t[:, keep]
+        if self.op == "ConvTranspose":
+            x, attrs = self._as_conv_input(x, t.shape[2:])
+        else:
+            attrs = self.attrs
+        feats, targs = [], []
+        for i in range(len(x)):
+            patches = np.concatenate(list(unfold_conv_input(x[i : i + 1], self.kernel, attrs)))
+            target = np.moveaxis(t[i], 0, -1).reshape(-1, t.shape[1])
+            if len(patches) != len(target):
+                raise ValueError(f"{self.op}: {len(patches)} patches for {len(target)} output positions")
+            if len(patches) > per_sample:
+                pick = rng.choice(len(patches), per_sample, replace=False)
+                patches, target = patches[pick], target[pick]
+            feats.append(patches)
+            targs.append(target)
+        return np.concatenate(feats), np.concatenate(targs)
+
+    def _as_conv_input(self, x: np.ndarray, out_spatial: tuple[int, ...]) -> tuple[np.ndarray, dict]:
+        """Zero-upsample and pad ``x`` so that a stride-1 Conv with the flipped kernel gives the ConvTranspose."""
+        rank = len(self.kernel)
+        strides = list(self.attrs.get("strides") or [1] * rank)
+        spatial = x.shape[2:]
+        up = np.zeros(x.shape[:2] + tuple((n - 1) * s + 1 for n, s in zip(spatial, strides, strict=True)))
+        up[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)] = x
+        pads = _convtranspose_pads(spatial, self.kernel, strides, out_spatial, self.attrs)
+        # stride-1 conv over `up` padded by (k-1-begin, k-1-end + output_padding); negative pads crop
+        begin = [k - 1 - pads[i] for i, k in enumerate(self.kernel)]
+        end = [out_spatial[i] + self.kernel[i] - 1 - up.shape[2 + i] - begin[i] for i in range(rank)]
+        crop = tuple(slice(max(0, -begin[i]), up.shape[2 + i] - max(0, -end[i])) for i in range(rank))
+        up = up[(slice(None), slice(None)) + crop]
+        return up, {"pads": [max(0, b) for b in begin] + [max(0, e) for e in end]}
+
+    def to_rows(self, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_params`: ``[W b]`` as a (K+1, M) solution matrix."""
+        weight = np.asarray(weight, dtype=np.float64)
+        if self.op == "Gemm":
+            w = weight if self.attrs.get("transB", 0) else weight.T  # (M, K)
+        elif self.op == "Conv":
+            w = weight.reshape(weight.shape[0], -1)
+        else:
+            w = _flip(np.swapaxes(weight, 0, 1)).reshape(weight.shape[1], -1)
+        return np.concatenate([w.T, np.asarray(bias, dtype=np.float64).reshape(1, -1)], axis=0)
+
+    def to_params(self, solved: np.ndarray, dtype, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        w, b = solved[:-1].T, solved[-1]  # (M, K), (M,)
+        if self.op == "Gemm":
+            trans_b = self.attrs.get("transB", 0)
+            weight = w if trans_b else w.T
+        elif self.op == "Conv":
+            weight = w.reshape(self.weight_shape)
+        else:  # ConvTranspose: W[c, o, *k] = W_eq[o, c, *flipped k]
+            c_in, m = self.weight_shape[0], self.weight_shape[1]
+            weight = np.swapaxes(_flip(w.reshape((m, c_in) + self.kernel)), 0, 1)
+        return weight.astype(dtype), b.reshape(bias.shape).astype(bias.dtype)
+
+
+def _flip(weight: np.ndarray) -> np.ndarray:
+    """Reverse every spatial axis of a (out, in, *kernel) weight."""
+    return weight[(slice(None), slice(None)) + (slice(None, None, -1),) * (weight.ndim - 2)]
+
+
+def _convtranspose_pads(spatial, kernel, strides, out_spatial, attrs) -> list[int]:
+    """Begin pads of a ConvTranspose (dilation 1) that give ``out_spatial``, per ONNX's rules."""
+    rank = len(kernel)
+    out_pad = list(attrs.get("output_padding") or [0] * rank)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if attrs.get("output_shape") is None and auto_pad in ("NOTSET", "VALID"):
+        pads = list(attrs.get("pads") or [0] * (2 * rank))
+        return pads[:rank]
+    begins = []
+    for i in range(rank):
+        total = strides[i] * (spatial[i] - 1) + out_pad[i] + kernel[i] - out_spatial[i]
+        begins.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
+    return begins
+
+
+def _ensure_bias(model: ir.Model, node: ir.Node) -> None:
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        return
+    weight = graph_io.const_array(node.inputs[1])
+    trans_b = node.attributes.get("transB")
+    if node.op_type == "Gemm":
+        m = weight.shape[0] if trans_b is not None and trans_b.value else weight.shape[1]
+    else:
+        m = weight.shape[1] if node.op_type == "ConvTranspose" else weight.shape[0]
+    value = graph_io.add_initializer(model.graph, f"{node.name or 'node'}_bias", np.zeros(m, dtype=weight.dtype))
+    node.resize_inputs(3)
+    node.replace_input_with(2, value)
+
+
+def _with_weights_as_inputs(model: ir.Model, nodes: list[ir.Node]) -> tuple[ir.Model, dict[str, tuple[str, str]]]:
+    """A clone whose weights and biases of ``nodes`` are graph inputs without initializers (fed at run time)."""
+    clone = model.clone()
+    by_name = {node.name: node for node in clone.graph}
+    names = {}
+    for node in nodes:
+        twin = by_name[node.name]
+        for index in (1, 2):
+            value = twin.inputs[index]
+            clone.graph.initializers.pop(value.name, None)  # a plain input: onnxruntime feeds only those
+            value.const_value = None
+            if not value.is_graph_input():
+                clone.graph.inputs.append(value)
+        names[node.name] = (twin.inputs[1].name, twin.inputs[2].name)
+    return clone, names

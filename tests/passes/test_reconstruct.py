@@ -1,0 +1,133 @@
+"""Layer-wise least-squares reconstruction after pruning (passes/_reconstruct.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt import data
+from onnxopt.manager import PassManager
+from onnxopt.passes._reconstruct import _Layer, downstream, reconstruct
+from onnxopt.passes.prune import ChannelPrunePass, PruneConfig
+from onnxopt.validate import Budget
+from tests import builders
+
+RNG = np.random.default_rng(0)
+
+# (op, attributes, input spatial size): strides, explicit/auto pads, output_padding, output_shape, 1-D and 2-D
+LAYERS = [
+    ("Conv", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, (9, 9)),
+    ("Conv", {"kernel_shape": [3, 2], "strides": [2, 1], "pads": [0, 1, 1, 0], "dilations": [1, 2]}, (9, 8)),
+    ("Conv", {"kernel_shape": [5, 5], "auto_pad": "SAME_UPPER", "strides": [2, 2]}, (10, 10)),
+    ("ConvTranspose", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, (5, 5)),
+    ("ConvTranspose", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 0, 0], "output_padding": [1, 1]},
+     (5, 4)),
+    ("ConvTranspose", {"kernel_shape": [4, 3], "strides": [2, 3], "pads": [0, 2, 3, 0]}, (4, 5)),
+    ("ConvTranspose", {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, (7, 7)),
+    ("ConvTranspose", {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_LOWER"}, (6, 7)),
+    ("ConvTranspose", {"kernel_shape": [3, 3], "strides": [2, 2], "output_shape": [12, 13]}, (6, 6)),
+    ("ConvTranspose", {"kernel_shape": [5], "strides": [3], "pads": [1, 2]}, (7,)),
+]  # fmt: skip
+
+
+def _single(op, attrs, spatial, cin=3, cout=4):
+    shape = (cout, cin) if op == "Conv" else (cin, cout)
+    w = RNG.standard_normal(shape + tuple(attrs["kernel_shape"])).astype(np.float32)
+    b = RNG.standard_normal(cout).astype(np.float32)
+    node = helper.make_node(op, ["x", "w", "b"], ["y"], name="layer", **attrs)
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cin, *spatial])
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    graph = helper.make_graph([node], "layer", [x_info], [helper.make_empty_tensor_value_info("y")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=builders.IR_VERSION)
+    proto = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    return proto, w, b
+
+
+@pytest.mark.parametrize(("op", "attrs", "spatial"), LAYERS, ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(LAYERS)])
+def test_rows_times_parameters_reproduce_the_layer(op, attrs, spatial):
+    """features · [W b] equals onnxruntime's output at every position: padding and upsampling are right."""
+    proto, w, b = _single(op, attrs, spatial)
+    x = RNG.standard_normal((2, 3, *spatial)).astype(np.float32)
+    y = builders.run(proto, {"x": x})["y"]
+    node = next(iter(ir.from_proto(proto).graph))
+    layer = _Layer(node, w.shape)
+    features, target = layer.rows(x, y, None, per_sample=10**9, rng=np.random.default_rng(0))
+    rows = layer.to_rows(w, b)
+    predicted = np.concatenate([features, np.ones((len(features), 1))], axis=1) @ rows
+    np.testing.assert_allclose(predicted, target, rtol=1e-4, atol=1e-4)
+    # and to_params inverts to_rows
+    back_w, back_b = layer.to_params(rows, w.dtype, b)
+    np.testing.assert_array_equal(back_w, w)
+    np.testing.assert_array_equal(back_b, b)
+
+
+def _autoencoder(cin=1, hidden=(6, 8, 6), seed=1):
+    """Conv s2 → Relu → Conv s2 → Relu → ConvT s2 → Relu → ConvT s2 (1 channel), like the thesis's autoencoder."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def param(name, shape, scale):
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name))
+        return name
+
+    c1, c2, c3 = hidden
+    x = "x"
+    specs = [
+        ("Conv", (c1, cin, 3, 3), c1, {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+        ("Conv", (c2, c1, 3, 3), c2, {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+        ("ConvTranspose", (c2, c3, 3, 3), c3, {"strides": [2, 2], "pads": [1, 1, 0, 0], "output_padding": [0, 0]}),
+        ("ConvTranspose", (c3, 1, 3, 3), 1, {"strides": [2, 2], "pads": [1, 1, 0, 0]}),
+    ]
+    for i, (op, shape, cout, attrs) in enumerate(specs):
+        fan_in = int(np.prod(shape[1:])) if op == "Conv" else shape[0] * 9 // 4
+        w = param(f"w{i}", shape, 1.0 / np.sqrt(fan_in))
+        b = param(f"b{i}", (cout,), 0.1)
+        out = f"l{i}"
+        nodes.append(helper.make_node(op, [x, w, b], [out], name=out, kernel_shape=[3, 3], **attrs))
+        x = out
+        if i < 3:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"], name=f"r{i}"))
+            x = f"r{i}"
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 12, 12])
+    y_info = helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 1, 23, 23])
+    return builders.make_model(nodes, [x_info], [y_info], inits)
+
+
+def test_downstream_lists_the_linear_layers_after_a_change_in_order():
+    model = ir.from_proto(_autoencoder())
+    nodes = {node.name: node for node in model.graph}
+    assert [n.name for n in downstream(model, [nodes["l0"]])] == ["l1", "l2", "l3"]
+    assert [n.name for n in downstream(model, [nodes["l2"]])] == ["l3"]
+
+
+def test_reconstruct_without_pruning_keeps_the_weights():
+    """With nothing removed, the least-squares optimum is the layer itself."""
+    proto = _autoencoder()
+    model = ir.from_proto(proto)
+    x = RNG.random((64, 1, 12, 12)).astype(np.float32)
+    source = data.as_source({"x": x}, model, batch_size=16)
+    pruned = model.clone()
+    done = reconstruct(model, pruned, ["l1", "l2", "l3"], {}, source)
+    assert done == ["l1", "l2", "l3"]
+    before = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
+    for value in pruned.graph.initializers.values():
+        np.testing.assert_allclose(value.const_value.numpy(), before[value.name], rtol=1e-3, atol=1e-4)
+
+
+def test_refit_repairs_pruning_in_front_of_a_conv_transpose():
+    """Removing half of the channels that feed ConvTransposes: the re-fit model is closer to the original."""
+    proto = _autoencoder(hidden=(8, 8, 8))
+    x = RNG.random((256, 1, 12, 12)).astype(np.float32)
+    errors = {}
+    for refit in (False, True):
+        config = PruneConfig(ratio=0.5, align=1, refit=refit, score="mean")
+        report = PassManager(
+            [ChannelPrunePass(config)], data={"x": x[:192]}, eval_data={"x": x[192:]}, budget=Budget(), simplify=False
+        ).run(ir.from_proto(proto))
+        nodes = {node.name: node for node in report.model.graph}
+        assert nodes["l2"].inputs[1].const_value.numpy().shape[0] == 4  # ConvTranspose lost half its input channels
+        errors[refit] = report.validation.outputs[report.model.graph.outputs[0].name].rel_l2
+    assert errors[True] < 0.85 * errors[False]
