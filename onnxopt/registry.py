@@ -12,7 +12,7 @@ import importlib
 import logging
 from importlib import metadata
 
-from onnxopt.errors import UnknownPassError
+from onnxopt.errors import UnknownPassError, UsageError
 from onnxopt.pass_base import OptPass
 
 __all__ = ["BUILTIN_PASSES", "ENTRY_POINT_GROUP", "available", "get_pass", "make_pass"]
@@ -66,5 +66,8 @@ def get_pass(name: str) -> type[OptPass]:
 def make_pass(name: str, **options: object) -> OptPass:
     """Build the pass ``name`` with config fields from ``options``."""
     cls = get_pass(name)
-    config = cls.config_class(**options) if options else None
+    try:
+        config = cls.config_class(**options) if options else None
+    except (TypeError, ValueError) as e:  # a bad option value is bad usage (exit 2), not a failing pass
+        raise UsageError(f"pass '{name}': {e}") from e
     return cls(config)

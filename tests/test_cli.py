@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import onnx
@@ -31,28 +32,62 @@ def _run(capsys, *argv):
 
 BAD_INPUTS = {
     "missing model": (lambda d, m: ["run", d / "nope.onnx", "-o", d / "o.onnx"], "no such file"),
+    "empty model": (lambda d, m: ["run", _write(d, "empty.onnx", b""), "-o", d / "o.onnx"], "file is empty"),
     "truncated model": (lambda d, m: ["run", _truncated(d, m), "-o", d / "o.onnx"], "model"),
+    "corrupted model": (lambda d, m: ["run", _corrupted(d, m), "-o", d / "o.onnx"], "not a readable ONNX model"),
     "text file": (lambda d, m: ["run", _text(d), "-o", d / "o.onnx"], "not"),
+    "npz as model": (lambda d, m: ["run", _npz(d, x=np.zeros(3)), "-o", d / "o.onnx"], "not a readable ONNX model"),
+    "model fails the checker": (lambda d, m: ["run", _unchecked(d), "-o", d / "o.onnx"], "fails the ONNX checker"),
+    "opset 6": (lambda d, m: ["run", _opset6(d), "-o", d / "o.onnx"], "opset 6 is not supported"),
+    "model is a directory": (lambda d, m: ["run", d, "-o", d / "o.onnx"], "is a directory"),
     "unknown pass": (lambda d, m: ["run", m, "--passes", "simplify,zap", "-o", d / "o.onnx"], "unknown pass 'zap'"),
     "data names": (lambda d, m: ["run", m, "--data", _npz(d, y=np.zeros((4, 3, 10, 10))), "-o", d / "o.onnx"], "'x'"),
     "data shapes": (lambda d, m: ["run", m, "--data", _npz(d, x=np.zeros((4, 1, 28, 28))), "-o", d / "o.onnx"], "shape"),  # noqa: E501
     "data NaN": (lambda d, m: ["run", m, "--data", _npz(d, x=np.full((4, 3, 10, 10), np.nan)), "-o", d / "o.onnx"], "NaN"),  # noqa: E501
+    "data Inf": (lambda d, m: ["run", m, "--data", _npz(d, x=_with(np.zeros((4, 3, 10, 10)), np.inf)), "-o", d / "o.onnx"], "Inf"),  # noqa: E501
     "data dtype": (lambda d, m: ["run", m, "--data", _npz(d, x=np.array([["a"] * 10] * 4)), "-o", d / "o.onnx"], "dtype"),  # noqa: E501
+    "data dtype complex": (lambda d, m: ["run", m, "--data", _npz(d, x=np.zeros((4, 3, 10, 10), np.complex64)), "-o", d / "o.onnx"], "dtype complex64"),  # noqa: E501
+    "data rank": (lambda d, m: ["run", m, "--data", _npz(d, x=np.zeros((4, 300))), "-o", d / "o.onnx"], "shape 4x300"),
+    "eval data names": (lambda d, m: ["run", m, "--eval", _npz(d, z=np.zeros((4, 3, 10, 10))), "-o", d / "o.onnx"], "'z'"),  # noqa: E501
+    "data labels count": (lambda d, m: ["run", m, "--data", _npz(d, x=np.zeros((4, 3, 10, 10)), labels=np.zeros(3)), "-o", d / "o.onnx"], "'labels'"),  # noqa: E501
+    "data not npz": (lambda d, m: ["run", m, "--data", _text(d), "-o", d / "o.onnx"], "not a readable .npz"),
     "missing data file": (lambda d, m: ["run", m, "--data", d / "none.npz", "-o", d / "o.onnx"], "no such file"),
     "output is input": (lambda d, m: ["run", m, "-o", m], "overwrite the input"),
     "output is a directory": (lambda d, m: ["run", m, "-o", d], "directory"),
     "output dir missing": (lambda d, m: ["run", m, "-o", d / "x" / "o.onnx"], "does not exist"),
+    # we run as root, which ignores permission bits: an output below a regular file, or in /proc, cannot be written
+    "output below a file": (lambda d, m: ["run", m, "-o", d / "net.onnx" / "o.onnx"], "net.onnx is not a directory"),
+    "output not writable": (lambda d, m: ["run", m, "-o", "/proc/onnxopt-test.onnx"], "/proc is not writable"),
+    "report not writable": (lambda d, m: ["run", m, "-o", d / "o.onnx", "--report", d / "net.onnx" / "r.json"], "is not a directory"),  # noqa: E501
     "bad option value": (lambda d, m: ["run", m, "-o", d / "o.onnx", "--max-abs", "-1"], "must be >= 0"),
+    "unknown prune criterion": (lambda d, m: ["run", m, "--passes", "prune", "-o", d / "o.onnx", "--prune-criterion", "bogus"], "invalid choice: 'bogus'"),  # noqa: E501
+    "unknown quant mode": (lambda d, m: ["run", m, "--passes", "quant", "-o", d / "o.onnx", "--quant-mode", "bogus"], "invalid choice: 'bogus'"),  # noqa: E501
+    "unknown split mode": (lambda d, m: ["run", m, "--passes", "split", "-o", d / "o.onnx", "--split-mode", "bogus"], "invalid choice: 'bogus'"),  # noqa: E501
+    "non-numeric option": (lambda d, m: ["run", m, "--passes", "svd", "-o", d / "o.onnx", "--svd-rank", "two"], "invalid int value"),  # noqa: E501
+    "out-of-range option": (lambda d, m: ["run", m, "--passes", "prune", "-o", d / "o.onnx", "--prune-ratio", "2"], "ratio"),  # noqa: E501
+    "unknown flag": (lambda d, m: ["run", m, "-o", d / "o.onnx", "--prune-bogus", "1"], "unrecognized arguments"),
     "option of absent pass": (lambda d, m: ["run", m, "-o", d / "o.onnx", "--simplify-fold-limit", "5"], "not in --passes"),  # noqa: E501
     "inspect missing": (lambda d, m: ["inspect", d / "nope.onnx"], "no such file"),
     "bad input shape": (lambda d, m: ["inspect", m, "--input-shape", "x"], "--input-shape"),
 }  # fmt: skip
+# files the case builders above write into the work directory (inputs, never outputs)
+_CASE_FILES = {"cut.onnx", "bad.onnx", "notes.onnx", "bad.npz", "empty.onnx", "unchecked.onnx", "opset6.onnx"}
+
+
+def _write(d, name, blob):
+    (d / name).write_bytes(blob)
+    return d / name
 
 
 def _truncated(d, m):
     blob = open(m, "rb").read()
-    (d / "cut.onnx").write_bytes(blob[: len(blob) // 3])
-    return d / "cut.onnx"
+    return _write(d, "cut.onnx", blob[: len(blob) // 3])
+
+
+def _corrupted(d, m):
+    # a run of 0xff bytes is an invalid varint/wire type: protobuf refuses it instead of reading garbage
+    blob = open(m, "rb").read()
+    return _write(d, "bad.onnx", blob[:40] + b"\xff" * 64 + blob[104:])
 
 
 def _text(d):
@@ -65,31 +100,65 @@ def _npz(d, **arrays):
     return d / "bad.npz"
 
 
+def _with(array, value):
+    array.flat[7] = value
+    return array
+
+
+def _unchecked(d):
+    """A model whose node reads a value nothing defines: onnx.checker rejects it."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "ghost"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=builders.IR_VERSION)
+    onnx.save(model, d / "unchecked.onnx")
+    return d / "unchecked.onnx"
+
+
+def _opset6(d):
+    """A valid opset-6 model (onnxopt handles 7 and later)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3)
+    onnx.checker.check_model(model)
+    onnx.save(model, d / "opset6.onnx")
+    return d / "opset6.onnx"
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_gets_one_line_exit_2_and_no_output(case, workdir, capsys):
+def test_bad_input_gets_one_line_exit_2_and_no_output(case, workdir, capsys, monkeypatch):
     d, model = workdir
     make_args, fragment = BAD_INPUTS[case]
+    systmp = d.parent / f"{d.name}-systmp"  # onnxopt's own temporary files (sessions, saves) go here
+    systmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
     before = sorted(os.listdir(d))
     original = open(model, "rb").read()
-    with pytest.raises(SystemExit) if case == "bad option value" else _nullcontext() as exc:
-        code, _, err = _run(capsys, *make_args(d, model))
-    if case == "bad option value":
-        code, err = exc.value.code, capsys.readouterr().err
-    assert code == 2
+    argv = [str(a) for a in make_args(d, model)]
+    inputs = {name: (d / name).read_bytes() for name in os.listdir(d) if (d / name).is_file()}
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse rejects the command line before main's handlers
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert fragment in lines[0]
-    assert "o.onnx" not in sorted(os.listdir(d)) and not [f for f in os.listdir(d) if f.endswith(".tmp")]
+    assert set(os.listdir(d)) - set(before) <= _CASE_FILES  # no output, report, temp file or directory
+    assert not os.path.exists("/proc/onnxopt-test.onnx")
+    assert os.listdir(systmp) == []
     assert open(model, "rb").read() == original
-    assert set(os.listdir(d)) - set(before) <= {"cut.onnx", "notes.onnx", "bad.npz"}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    assert {name: (d / name).read_bytes() for name in inputs} == inputs  # inputs of the case unchanged
 
 
 def test_run_with_no_passes_round_trips_and_reports(workdir, capsys):
