@@ -179,6 +179,10 @@ def analyze(model: ir.Model) -> Analysis:
             continue
         if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
             _block_inputs(analysis, node, f"{node.op_type} has subgraphs")
+            for value in _captured(node):  # outer values a subgraph reads by name, not as the node's inputs
+                space = analysis.spaces.get(id(value))
+                if space is not None:
+                    analysis.block(space, f"{node.op_type} has subgraphs that read '{value.name}' (node '{node.name}')")
             continue
         handler = _HANDLERS.get(node.op_type)
         if handler is None:
@@ -238,6 +242,22 @@ def _tracked(analysis: Analysis, node: ir.Node) -> list[tuple[int, Space]]:
     return [
         (i, analysis.spaces[id(v)]) for i, v in enumerate(node.inputs) if v is not None and id(v) in analysis.spaces
     ]
+
+
+def _captured(node: ir.Node) -> list[ir.Value]:
+    """Values of enclosing graphs that the subgraphs of ``node`` (at any depth) use."""
+    inner: set[int] = set()
+    used: dict[int, ir.Value] = {}
+    for attr in node.attributes.values():
+        if attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+            continue
+        for graph in attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value]:
+            inner.update(id(v) for v in graph.inputs)
+            inner.update(id(v) for v in graph.initializers.values())
+            for sub_node in ir.traversal.RecursiveGraphIterator(graph):
+                inner.update(id(v) for v in sub_node.outputs)
+                used.update((id(v), v) for v in sub_node.inputs if v is not None)
+    return [value for key, value in used.items() if key not in inner]
 
 
 def _block_inputs(analysis: Analysis, node: ir.Node, reason: str) -> None:

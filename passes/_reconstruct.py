@@ -12,8 +12,8 @@ not accumulate (He et al. 2017, "Channel Pruning"; Luo et al. 2017, "ThiNet", wi
 A Conv's rows are its im2col patches; a ConvTranspose is fitted as the equivalent stride-1 convolution over
 its zero-upsampled input. Rows of large feature maps are subsampled (about ``max_rows`` in all, seeded) so
 the cost stays bounded. The fit is shrunk towards the layer's current weights (ridge ``λ``), which keeps it
-from chasing noise in what a small calibration set cannot determine. The pruned model runs once per layer, in one onnxruntime
-session where the re-fitted weights are fed as inputs.
+from chasing noise in what a small calibration set cannot determine. The pruned model runs once per layer,
+in one onnxruntime session where the re-fitted weights are fed as inputs.
 """
 
 from __future__ import annotations

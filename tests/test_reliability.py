@@ -479,16 +479,7 @@ def _semantics(graph_or_function):
     return nodes, inits
 
 
-_PRUNE_IF_BUG = (
-    "bug: prune's stats_request asks for nothing when the only consumer is an If, then call() raises "
-    "'needs activation statistics' (exit 2) although --data was given"
-)
-
-
-_PRUNE_XFAIL = pytest.param("prune", marks=pytest.mark.xfail(strict=True, reason=_PRUNE_IF_BUG))
-
-
-@pytest.mark.parametrize("passes", ["simplify", _PRUNE_XFAIL, "split", "svd", "share", "quant"])
+@pytest.mark.parametrize("passes", ["simplify", "prune", "split", "svd", "share", "quant"])
 def test_if_loop_subgraphs_and_local_functions_are_left_untouched(passes, tmp_path, capsys):
     proto = _control_flow_model()
     path = builders.save(proto, tmp_path / "cf.onnx")
