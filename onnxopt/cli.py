@@ -335,15 +335,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     payload = report.to_json()
     if latency is not None:
         payload["latency_us"] = latency
-    if args.report:
-        _write_json_atomic(Path(args.report), payload)
     if not report.ok and not args.force:
+        if args.report:
+            _write_json_atomic(Path(args.report), payload)
         print(f"validation failed: nothing written to {output} (use --force to write it anyway)")
         return EXIT_INVALID
     page = None
     if args.html:
         page = html_report.render(report, latency=latency, model_name=str(source), output_name=str(output))
-    graph.save(report.model, output)
+    graph.save(report.model, output)  # before the report: an interrupted save leaves neither
+    if args.report:
+        _write_json_atomic(Path(args.report), payload)
     print(f"wrote {output}")
     if page is not None:
         html_report.write(args.html, page)
