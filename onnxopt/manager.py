@@ -269,7 +269,8 @@ class PassManager:
             if STATS_KEY in model.meta:
                 model.meta.invalidate(STATS_KEY)
             RemoveUnusedNodesPass()(model)
-            ShapeInferencePass(strict_mode=False)(model)
+            if getattr(pass_, "infer_shapes_after", True):
+                ShapeInferencePass(strict_mode=False)(model)
         logger.info(
             "pass %s: %s, %d changes, %d skipped, %.3f s",
             pass_.name,

@@ -85,6 +85,8 @@ class OptPass(ir.passes.InPlacePass):
     # False for a pass whose output a final cleanup would undo (constant folding a quantized weight's
     # DequantizeLinear would turn it back into float).
     simplify_after: ClassVar[bool] = True
+    # False for a pass that removes shape annotations on purpose (compact): no shape inference after it
+    infer_shapes_after: ClassVar[bool] = True
 
     def __init__(self, config: PassConfig | None = None) -> None:
         super().__init__()

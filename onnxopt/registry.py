@@ -28,6 +28,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "split": "onnxopt.passes.split:ConvSplitPass",
     "quant": "onnxopt.passes.quant:Int8QuantPass",
     "share": "onnxopt.passes.share:WeightSharePass",
+    "compact": "onnxopt.passes.compact:CompactPass",
 }
 
 

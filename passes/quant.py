@@ -102,8 +102,9 @@ class Int8QuantPass(OptPass):
         if config.mode == "weight4":
             return q.quantize_weight4(src, dst)
         return q.quantize_static(
-            src, dst, data, per_channel=not config.per_tensor, method=config.calibration, exclude=exclude
-        )
+            src, dst, data, per_channel=not config.per_tensor, method=config.calibration, exclude=exclude,
+            quantize_bias=config.objective != "size",
+        )  # fmt: skip
 
     def _fallback(self, float_path: Path, tmp: Path, data, report):
         """Keep the layers around the noisiest activations in float, doubling their number until the budget holds.

@@ -163,3 +163,18 @@ def test_static_needs_data_and_config_is_checked():
     with pytest.raises(ir.passes.PreconditionError, match="calibration data"):
         Int8QuantPass()(ir.from_proto(proto))
     assert onnx.checker.check_model(proto) is None
+
+
+def test_size_objective_keeps_biases_float(net, monkeypatch):
+    """--quant-objective size: no int32 bias with per-channel scale and zero point, so a smaller file."""
+    _fast_int8(monkeypatch)
+    _, path, data = net
+    files = {}
+    for objective in ("speed", "size"):
+        report = _run(path, data, QuantConfig(objective=objective))
+        assert report.ok and report.passes[0].modified
+        out = _proto(report)
+        dtypes = {numpy_helper.to_array(i).dtype for i in out.graph.initializer}
+        assert (np.dtype(np.int32) in dtypes) == (objective == "speed")
+        files[objective] = out.ByteSize()
+    assert files["size"] < files["speed"]
