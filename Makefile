@@ -1,5 +1,5 @@
 # `make demo`: set up a virtual environment and optimize the MNIST model shipped in models/.
-# `make test`: set up the same environment and run the test suite (what CI runs, through .ci/run).
+# `make test`: set up the same environment and run the test suite, then the slow suite (what CI runs, through .ci/run).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,11 +22,16 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m slow
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# `make bench MNIST=DIR`: the whole comparison (bench/run.py: onnxopt vs onnxslim, onnxruntime, onnxsim) into bench/results/
+MNIST ?= ../shared/data/mnist
 bench: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[bench]"
+	$(BIN)/python bench/run.py --mnist $(MNIST) --out-dir bench/results
 	$(BIN)/python bench/stats_memory.py
 
 clean:
