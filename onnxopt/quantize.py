@@ -79,7 +79,11 @@ def _flatten_gemm_bias(proto: onnx.ModelProto) -> None:
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over a DataSource (re-iterable)."""
+    """onnxruntime's CalibrationDataReader protocol over a DataSource (re-iterable).
+
+    A last batch smaller than the first is left out: onnxruntime's histogram calibrators (entropy,
+    percentile) stack the batches and fail on unequal shapes.
+    """
 
     def __init__(self, data: DataSource, max_batches: int | None = None) -> None:
         self._data = data
@@ -91,11 +95,18 @@ class _Reader:
             return None
         batch = next(self._iter, None)
         self._count += 1
-        return None if batch is None else dict(batch.feeds)
+        if batch is None:
+            return None
+        if self._size is None:
+            self._size = batch.size
+        elif batch.size != self._size:
+            return None
+        return dict(batch.feeds)
 
     def rewind(self) -> None:
         self._iter = iter(self._data)
         self._count = 0
+        self._size = None
 
     def __iter__(self):
         return self

@@ -39,6 +39,7 @@ class CompactPass(OptPass):
     name = "compact"
     exact = True
     infer_shapes_after = False
+    simplify_after = False  # nothing to clean up, and simplify would annotate shapes again
 
     def call(self, model: ir.Model) -> OptResult:
         graph = model.graph

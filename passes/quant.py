@@ -50,7 +50,7 @@ class QuantConfig(PassConfig):
     per_tensor: bool = dataclasses.field(default=False, metadata={"help": "one weight scale per tensor"})
     objective: str = dataclasses.field(default="speed", metadata={"choices": OBJECTIVES, "help": "speed or size"})
     force: bool = dataclasses.field(default=False, metadata={"help": "keep int8 even when it is slower"})
-    max_fallback: int = dataclasses.field(default=8, metadata={"help": "layers that may stay float"})
+    max_fallback: int = dataclasses.field(default=32, metadata={"help": "noisy activations that may stay float"})
 
     def __post_init__(self) -> None:
         for field, allowed in (("mode", MODES), ("calibration", CALIBRATION), ("objective", OBJECTIVES)):
@@ -83,7 +83,9 @@ class Int8QuantPass(OptPass):
                 candidate, excluded, report = self._fallback(float_path, tmp, data, report)
             if report is not None and not report.ok:
                 why = "; ".join(report.failures[:2])
-                return OptResult(model, modified=False, skipped=[Skip("model", f"int8 misses the budget: {why}")])
+                tried = f" even with {len(excluded)} nodes in float" if excluded else ""
+                skip = Skip("model", f"int8 misses the budget{tried}: {why}")
+                return OptResult(model, modified=False, skipped=[skip])
             speed = self._latency(float_path, quant_path if not excluded else tmp / "q_fallback.onnx", data)
             if speed is not None and speed[1] > speed[0] and config.objective == "speed" and not config.force:
                 reason = f"int8 is slower here ({speed[1]:.0f} us vs {speed[0]:.0f} us float); use --quant-force"
