@@ -5,7 +5,9 @@ pass (statistics are re-collected on the rewritten model), yielding :class:`Batc
 match the model's data inputs in name, dtype and shape.
 
 Array data (an ``.npz`` file or a mapping of arrays) is keyed by input name with the samples on axis 0;
-an optional ``labels`` array gives class labels for accuracy. Keys written as ``input__<name>`` (the
+an optional ``labels`` array gives class labels for accuracy, or float targets for task MSE; ``labels`` may
+also be the *name* of an input (a 0-d string array), whose values are then the targets (an autoencoder
+reconstructs its input). Keys written as ``input__<name>`` (the
 reference files in ``../shared/models``) are accepted too, and ``output__*`` keys are ignored. Arrays are
 cut into batches of the model's fixed batch size, or of ``batch_size`` when the batch axis is dynamic.
 """
@@ -226,6 +228,11 @@ def load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
 
 def _array_source(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], batch_size: int, description: str):
     labels = arrays.pop(LABELS, None)
+    if labels is not None and np.ndim(labels) == 0 and np.asarray(labels).dtype.kind == "U":
+        target = str(labels)
+        if target not in arrays:
+            raise DataError(f"{description}: 'labels' names '{target}', which is not one of the arrays")
+        labels = np.asarray(arrays[target], dtype=np.float32)
     _check_names(arrays.keys(), specs, description)
     counts = {name: int(np.asarray(a).shape[0]) if np.ndim(a) else 1 for name, a in arrays.items()}
     if len(set(counts.values())) > 1:

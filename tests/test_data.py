@@ -33,6 +33,17 @@ def test_npz_with_labels_and_reference_style_keys(tmp_path, dynamic):
     assert [b.size for b in source] == [16, 16, 3]  # iterable again
 
 
+def test_labels_naming_an_input_make_it_the_target(tmp_path, dynamic):
+    """An autoencoder's targets are its inputs: ``labels="x"`` instead of a second copy of the images."""
+    x = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, labels=np.array("x"))
+    batches = list(data.as_source(tmp_path / "d.npz", dynamic, batch_size=16))
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), x)
+    np.savez(tmp_path / "bad.npz", x=x, labels=np.array("image"))
+    with pytest.raises(DataError, match="'labels' names 'image'"):
+        data.as_source(tmp_path / "bad.npz", dynamic)
+
+
 def test_fixed_batch_models_get_their_batch_size(fixed, caplog):
     x = np.zeros((25, 8), np.float32)
     source = data.as_source({"x": x}, fixed, batch_size=16)
