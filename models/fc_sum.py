@@ -36,7 +36,7 @@ Variants, written to ``<out>/fc_sum_<variant>.onnx`` (input ``input`` [N,2], out
     training loss is dominated by the penalty (about 10), the data MSE is about 1e-4.
 
 Each variant trains the thesis's full 10 × 1000 steps, about 1 to 1.5 minutes of CPU (2 cores). ``calib.npz`` holds
-the first 2000 training inputs and ``eval.npz`` 2000 fresh inputs (no labels: the target is i₁ + i₂), shared
+the first 2000 training inputs and ``eval.npz`` 2000 fresh inputs, with their targets i₁ + i₂ as ``labels``, shared
 by the three variants. ``result.json`` has, per variant, the test MSE under onnxruntime, the number of hidden
 neurons never positive on the calib inputs (dead, from the Keras hidden activations) and the training time.
 ``--quick`` (CI smoke test) trains on 100,000 samples for 2 epochs (2 cycles of 1 epoch): 200 steps a variant;
@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             "conversion_max_error": converted.max_error,
             "onnx_bytes": path.stat().st_size,
         }
-    save_slices(out_dir, input_name, (x_calib, None), (x_eval, None))
+    save_slices(
+        out_dir, input_name, (x_calib, x_calib.sum(axis=1, keepdims=True)), (x_eval, x_eval.sum(axis=1, keepdims=True))
+    )
     figures["input_name"] = input_name
     write_result(out_dir, **figures)
     return 0
