@@ -224,6 +224,11 @@ def _score_units(analysis: Analysis, stats: StatsTable) -> dict[int, _Scored]:
             consumers.setdefault(id(action.space.value), []).append(action)
     owner = analysis._slot_owner()
     layer_scale: dict[int, float] = {}
+    norms: dict[int, np.ndarray] = {}  # per consumer: the norm of its weight for each input channel
+    for actions in consumers.values():
+        for action in actions:
+            weight = np.moveaxis(graph_io.const_array(action.node.inputs[1]), action.weight_axis, 0)
+            norms[id(action)] = np.linalg.norm(weight.reshape(len(weight), -1), axis=1)
     scored = {}
     for unit in analysis.units:
         if unit.blocked:
@@ -248,8 +253,7 @@ def _score_units(analysis: Analysis, stats: StatsTable) -> dict[int, _Scored]:
             mean_abs = max(mean_abs, float(s.abs_mean[c]))
             rms = float(np.sqrt(s.sq_mean[c]))
             for action in consumers[id(space.value)]:
-                weight = graph_io.const_array(action.node.inputs[1])
-                contribution += rms * float(np.linalg.norm(np.take(weight, c, axis=action.weight_axis)))
+                contribution += rms * float(norms[id(action)][c])
         if seen:
             scored[unit.slots[0]] = _Scored(unit, dead, apoz, freq, rel_std, mean_abs, contribution)
     return scored
