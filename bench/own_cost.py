@@ -1,0 +1,226 @@
+"""onnxopt's own cost: wall time and peak memory of `onnxopt run --passes prune,svd,quant` as the model and the
+calibration data grow.
+
+    python bench/own_cost.py --mnist ../shared/data/mnist [--shared ../shared] [--out bench/results/own_cost.md]
+                             [--timeout 1800] [--skip MODEL,...] [--calib 500,1000,2000,5000]
+
+Each run is a child process (``python -m onnxopt run ...``); its wall time is measured around it and its peak
+memory is the child's own peak RSS (``/usr/bin/time -f %M``; without it ``os.wait4``'s ``ru_maxrss``, which
+can include this script's RSS copied at fork), so one run's peak never leaks into the next. Per-pass seconds
+come from the run's ``--report``.
+
+- Model growth: tiny_mlp and mnist_cnn (MNIST: calibration on training images 0-999, the 0.5 pp accuracy
+  budget on test images 0-4,999, as bench/_protocol.py); the CIFAR ResNet-20 from ``--shared`` (no CIFAR
+  data offline: 32 random images in [0, 1]); ResNet-50 built by ``models/resnet.py`` (random weights, 25.6 M
+  parameters, 32 random 224×224 images in [0, 1]). Random weights and inputs make accuracy meaningless, so
+  those two keep every output's per-sample cosine similarity ≥ ``--min-cosine`` (0.99) instead; a random
+  network's output hardly depends on its input, so that budget is vacuous and only their cost is meaningful.
+- Calibration growth: mnist_cnn with ``--calib`` training images (default 500, 1,000, 2,000, 5,000; the
+  evaluation split stays the 5,000 test images).
+
+A run that exceeds ``--timeout`` seconds is killed and reported as such; ``--profile DIR`` runs every child
+under cProfile and prints its ten most expensive functions (cumulative) to see where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pstats
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _protocol import BUDGET, MODELS, ROOT, load  # noqa: E402
+from _report import emit  # noqa: E402
+
+PASSES = "prune,svd,quant"
+TIME = Path("/usr/bin/time")
+
+
+def measure(model: Path, data: Path, evaluation: Path | None, budget: list[str], work: Path, timeout: float,
+            profile: Path | None = None) -> dict:  # fmt: skip
+    """Run ``onnxopt run`` in a child process; wall seconds, the child's peak RSS and its JSON report."""
+    out, report = work / f"{model.stem}.opt.onnx", work / f"{model.stem}.report.json"
+    report.unlink(missing_ok=True)
+    prefix = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
+    command = [*prefix, "-m", "onnxopt", "run", str(model), "--passes", PASSES, "--data", str(data),
+               "-o", str(out), "--report", str(report), *budget]  # fmt: skip
+    if evaluation is not None:
+        command += ["--eval", str(evaluation)]
+    rss_file = work / "maxrss.txt"
+    rss_file.unlink(missing_ok=True)
+    if TIME.exists():  # a small parent: the forked child of this script would start with its RSS (MNIST arrays)
+        command = [str(TIME), "-f", "%M", "-o", str(rss_file), *command]
+    start = time.perf_counter()
+    child = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    status, usage = None, None
+    while status is None:
+        pid, status_code, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            status = os.waitstatus_to_exitcode(status_code)
+        elif time.perf_counter() - start > timeout:
+            os.killpg(child.pid, signal.SIGKILL)  # its own session: /usr/bin/time and onnxopt under it
+            _, status_code, usage = os.wait4(child.pid, 0)
+            status = "timeout"
+        else:
+            time.sleep(0.2)
+    child.returncode = status if isinstance(status, int) else -9
+    stderr = child.stderr.read() if child.stderr else ""
+    result = {
+        "seconds": time.perf_counter() - start,
+        "peak_mb": int(rss_file.read_text().split()[-1]) / 1024 if rss_file.exists() else usage.ru_maxrss / 1024,
+        "status": status,
+        "error": stderr.strip().splitlines()[-1][:100] if status not in (0,) and stderr.strip() else "",
+        "report": json.loads(report.read_text()) if report.exists() else None,
+        "command": shlex.join(["onnxopt", *command[command.index("onnxopt") + 1 :]]),
+    }
+    return result
+
+
+def _row(label: str, samples: int, result: dict) -> str:
+    report = result["report"]
+    status = {0: "ok", 1: "budget failed (kept original)", "timeout": "timeout"}.get(result["status"], "failed")
+    if result["error"] and result["status"] not in (0, 1):
+        status += f": {result['error']}"
+    if report is None:
+        return f"| {label} | | | {samples} | {result['seconds']:.1f} | {result['peak_mb']:.0f} | | | {status} |"
+    before, after = report["model"]["before"], report["model"]["after"]
+    per_pass = ", ".join(
+        f"{p['name']} {p['seconds'] + p.get('stats_seconds', 0):.1f}"
+        for p in report["passes"]
+        if p["name"] != "simplify"
+    )
+    return (
+        f"| {label} | {before['params'] / 1e6:.3g} M | {before['macs'] / 1e6:.4g} M | {samples} | "
+        f"{result['seconds']:.1f} | {result['peak_mb']:.0f} | {per_pass} | "
+        f"{after['macs'] / max(before['macs'], 1):.3f} / {after['bytes'] / before['bytes']:.3f} | {status} |"
+    )
+
+
+def _print_profile(path: Path) -> None:
+    if path.exists():
+        print(f"--- {path}", file=sys.stderr)
+        pstats.Stats(str(path), stream=sys.stderr).sort_stats("cumulative").print_stats(10)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mnist", required=True, help="directory with the four MNIST IDX .gz files")
+    parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "own_cost.md"))
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is killed")
+    parser.add_argument("--min-cosine", type=float, default=0.99, help="budget of the random-weight models")
+    parser.add_argument("--skip", default="", help="comma-separated: tiny_mlp,mnist_cnn,resnet20,resnet50,calib")
+    parser.add_argument("--calib", default="500,1000,2000,5000", help="mnist_cnn calibration sizes")
+    parser.add_argument("--profile", help="directory: run each child under cProfile and print the top functions")
+    args = parser.parse_args(argv)
+    skip = set(args.skip.split(","))
+    work = Path(tempfile.mkdtemp(prefix="onnxopt-own-cost-"))
+    profile_dir = Path(args.profile) if args.profile else None
+    train_x, train_y, test_x, test_y = load(args.mnist)
+    accuracy_budget = ["--max-accuracy-drop", "0.5"]
+    cosine_budget = ["--min-cosine", str(args.min_cosine)]
+
+    def mnist_data(name: str, calib: int) -> tuple[Path, Path, Path]:
+        rel, prep, _ = MODELS[name]
+        model = ROOT / "models" / rel
+        import onnx
+
+        input_name = onnx.load(str(model), load_external_data=False).graph.input[0].name
+        data, evaluation = work / f"{name}.calib{calib}.npz", work / f"{name}.eval.npz"
+        np.savez(data, **{input_name: prep(train_x[:calib]).astype(np.float32), "labels": train_y[:calib]})
+        np.savez(evaluation, **{input_name: prep(test_x[BUDGET]).astype(np.float32), "labels": test_y[BUDGET]})
+        return model, data, evaluation
+
+    def random_data(model: Path, shape: tuple[int, ...]) -> Path:
+        import onnx
+
+        input_name = onnx.load(str(model), load_external_data=False).graph.input[0].name
+        path = work / f"{model.stem}.random.npz"
+        np.savez(path, **{input_name: np.random.default_rng(0).random(shape, dtype=np.float32)})
+        return path
+
+    def run(label: str, samples: int, model: Path, data: Path, evaluation: Path | None, budget: list[str]) -> str:
+        print(f"{label} ({samples} samples) ...", file=sys.stderr, flush=True)
+        profile = profile_dir / f"{label.split()[0]}-{samples}.prof" if profile_dir else None
+        if profile_dir:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+        result = measure(model, data, evaluation, budget, work, args.timeout, profile)
+        print(f"  {result['seconds']:.1f} s, {result['peak_mb']:.0f} MB, status {result['status']}", file=sys.stderr)
+        if profile:
+            _print_profile(profile)
+        commands.append(f"- {label}, {samples} samples: `{result['command']}`")
+        return _row(label, samples, result)
+
+    commands: list[str] = []
+    growth: list[str] = []
+    done: dict[tuple[str, int], str] = {}
+    for name in ("tiny_mlp", "mnist_cnn"):
+        if name not in skip:
+            done[name, 1000] = run(name, 1000, *mnist_data(name, 1000), accuracy_budget)
+            growth.append(done[name, 1000])
+    resnet20 = Path(args.shared) / "models/cifar10/cifar10_resnet20_akamaster_bn.onnx"
+    if "resnet20" not in skip and resnet20.exists():
+        growth.append(run("CIFAR ResNet-20", 32, resnet20, random_data(resnet20, (32, 3, 32, 32)), None, cosine_budget))
+    if "resnet50" not in skip:
+        resnet50 = work / "resnet50.onnx"
+        subprocess.run([sys.executable, str(ROOT / "models" / "resnet.py"), "--arch", "resnet50", "-o", str(resnet50)],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        data = random_data(resnet50, (32, 3, 224, 224))
+        growth.append(run("ResNet-50 (random weights)", 32, resnet50, data, None, cosine_budget))
+    calib_rows = []
+    if "calib" not in skip:
+        for size in [int(s) for s in args.calib.split(",") if s]:
+            row = done.get(("mnist_cnn", size))  # the model-growth run already measured it
+            calib_rows.append(row or run("mnist_cnn", size, *mnist_data("mnist_cnn", size), accuracy_budget))
+    header = [
+        "| model | params | MACs | calibration samples | wall s | peak RSS MB | per-pass s (stats included) "
+        "| MACs / size after | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    invocation = shlex.join(sys.argv[1:] if argv is None else argv)
+    lines = [
+        f"Measured {datetime.date.today()} on a shared 2-core machine (other agents' jobs ran at the same time, so "
+        f"wall times are upper bounds): `python bench/own_cost.py {invocation}`",
+        "",
+        f"`onnxopt run --passes {PASSES}` in a child process; peak RSS is that child's (/usr/bin/time %M). "
+        "MNIST models: accuracy budget 0.5 pp on test images 0-4,999; random-weight models: "
+        f"`--min-cosine {args.min_cosine}` on their own 32 random calibration images.",
+        "",
+        "Caveat on the random-weight rows: a randomly initialized ResNet maps every input to nearly the same output "
+        "(ResNet-50: cosine 0.99999 between the outputs of two different random images), so no output-similarity "
+        "budget constrains it and their 'after' ratios mean nothing. Their time and memory do: the prune search "
+        "runs a fixed number of trials (7, then 3 per channel group) whatever the budget.",
+        "",
+        "As the model grows:",
+        "",
+        *header,
+        *growth,
+        "",
+        "As the calibration data grows (mnist_cnn; evaluation stays 5,000 test images):",
+        "",
+        *header,
+        *calib_rows,
+        "",
+        "Commands:",
+        "",
+        *commands,
+    ]
+    emit("\n".join(lines), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
