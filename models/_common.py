@@ -94,10 +94,16 @@ def onnx_input_name(path: Path) -> str:
 
 
 def save_slices(out_dir: Path, input_name: str, calib: tuple, evaluation: tuple) -> None:
-    """``calib.npz`` and ``eval.npz``: (inputs, labels or None) each, compressed."""
+    """``calib.npz`` and ``eval.npz``: (inputs, labels or None) each, compressed.
+
+    Labels given as a string name an input whose values are the targets (an autoencoder reconstructs its input):
+    they are stored as a 0-d string array, ``labels=np.array("input")``, which onnxopt's data loader resolves.
+    """
     for file, (x, y) in (("calib.npz", calib), ("eval.npz", evaluation)):
         arrays = {input_name: np.ascontiguousarray(x, dtype=np.float32)}
-        if y is not None:
+        if isinstance(y, str):
+            arrays["labels"] = np.array(y)
+        elif y is not None:
             arrays["labels"] = np.asarray(y)
         np.savez_compressed(out_dir / file, **arrays)
 

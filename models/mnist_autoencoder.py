@@ -1,6 +1,7 @@
 """Train the thesis's convolutional MNIST autoencoder (two encoder and two decoder blocks) and convert it to ONNX.
 
     python models/mnist_autoencoder.py --data DIR [--out models/mnist_autoencoder] [--quick]
+    python models/mnist_autoencoder.py --data DIR --slim L1 [--slim-activity L1] [--epochs N]   # network slimming
 
 Section 3.1.2 of the thesis (2.2.3 in the newer draft): two encoder blocks, each a convolution with kernel 3,
 stride 2 and SAME padding, plus bias, batch normalization and ReLU; then two decoder blocks, each a deconvolution
@@ -24,9 +25,20 @@ initializers, seed 0. The functional model ends in a ``Permute((3, 1, 2))`` so t
 output are both NCHW. The Keras model's output is [N, 1, 28, 28] too; its input stays NHWC [N, 28, 28, 1].
 
 Writes to the out dir: ``mnist_autoencoder.onnx`` (input ``input`` [N,1,28,28], pixel/255), ``calib.npz``
-(first 1000 train images, NCHW, no labels), ``eval.npz`` (first 2000 test images, NCHW, no labels; the target
-is the input) and ``result.json`` (reconstruction MSE under onnxruntime on the 10k test images and on eval.npz).
-``--quick`` (CI smoke test): one epoch over the first 25,600 training images, 200 steps.
+(first 1000 train images, NCHW) and ``eval.npz`` (first 2000 test images, NCHW), both with
+``labels=np.array("input")``: the target is the input, which onnxopt's data loader resolves for task-MSE
+validation (``--max-mse-increase``); and ``result.json`` (reconstruction MSE under onnxruntime on the 10k test
+images and on eval.npz). ``--quick`` (CI smoke test): one epoch over the first 25,600 training images, 200 steps.
+
+``--slim L1`` (``mnist_autoencoder_slim``, written to models/mnist_autoencoder_slim/): sparsity-inducing training
+for the thesis's "regularized pruning", in the form of network slimming (Liu et al. 2017): an L1 penalty of weight
+L1 on the BatchNormalization scales (gamma) of encoder 1, encoder 2 and decoder 1, plus (``--slim-activity``,
+default ``SLIM_ACTIVITY``) an L1 penalty on those blocks' ReLU outputs, summed per sample. The gamma penalty makes
+unneeded channels constant after BN; the activity penalty drives those constants below zero, so the channels die
+behind the ReLU. Only dead channels can be removed exactly here: every consumer (a SAME-padded Conv, the
+stride-2 ConvTranspose layers) spreads a constant input unevenly over the output (borders, overlapping taps), so
+a non-zero constant cannot be folded into the next bias. ``SLIM_EPOCHS`` epochs by default; the network is
+otherwise the same, and is rebuilt without the regularizers (same weights) for the conversion.
 """
 
 from __future__ import annotations
@@ -52,27 +64,34 @@ from _common import (
 )
 
 NAME = "mnist_autoencoder"
+SLIM_NAME = "mnist_autoencoder_slim"
 CHANNELS = (32, 64, 32)  # encoder 1, encoder 2, decoder 1; decoder 2 outputs the 1-channel image
 BATCH = 128
 EPOCHS = 5
+SLIM_EPOCHS = 8
+SLIM_ACTIVITY = 1e-6
 N_CALIB = 1000
 N_EVAL = 2000
 DEFAULT_DATA = ROOT.parent.parent / "shared" / "data" / "mnist"
 
 
-def build(thesis_output: bool = False):
+def build(thesis_output: bool = False, slim: float | None = None, slim_activity: float = 0.0, name: str = NAME):
+    """The autoencoder; ``slim`` puts an L1 penalty of that weight on the pruned blocks' BatchNorm scales, and
+    ``slim_activity`` one on their ReLU outputs (summed per sample)."""
     import keras
     from keras import layers
 
-    def block(x, conv, channels: int, name: str):
+    def block(x, conv, channels: int, name: str, slim: float | None = None):
         x = conv(channels, 3, strides=2, padding="same", use_bias=True, name=f"{name}_conv")(x)
-        x = layers.BatchNormalization(name=f"{name}_bn")(x)
-        return layers.ReLU(name=f"{name}_relu")(x)
+        regularizer = keras.regularizers.l1(slim) if slim else None
+        x = layers.BatchNormalization(gamma_regularizer=regularizer, name=f"{name}_bn")(x)
+        activity = keras.regularizers.l1(slim_activity) if slim and slim_activity else None
+        return layers.ReLU(activity_regularizer=activity, name=f"{name}_relu")(x)
 
     inputs = keras.Input((28, 28, 1), name="input")
-    x = block(inputs, layers.Conv2D, CHANNELS[0], "encoder1")
-    x = block(x, layers.Conv2D, CHANNELS[1], "encoder2")
-    x = block(x, layers.Conv2DTranspose, CHANNELS[2], "decoder1")
+    x = block(inputs, layers.Conv2D, CHANNELS[0], "encoder1", slim)
+    x = block(x, layers.Conv2D, CHANNELS[1], "encoder2", slim)
+    x = block(x, layers.Conv2DTranspose, CHANNELS[2], "decoder1", slim)
     if thesis_output:
         x = block(x, layers.Conv2DTranspose, 1, "decoder2")
     else:
@@ -80,7 +99,7 @@ def build(thesis_output: bool = False):
             1, 3, strides=2, padding="same", use_bias=True, activation="sigmoid", name="decoder2_conv"
         )(x)
     outputs = layers.Permute((3, 1, 2), name="to_nchw")(x)
-    model = keras.Model(inputs, outputs, name=NAME)
+    model = keras.Model(inputs, outputs, name=name)
     model.compile(optimizer=keras.optimizers.Adam(), loss="mse")
     return model
 
@@ -88,33 +107,58 @@ def build(thesis_output: bool = False):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="directory with the four MNIST IDX .gz files")
-    parser.add_argument("--out", type=Path, default=ROOT / NAME, help=f"output directory (default models/{NAME})")
+    parser.add_argument(
+        "--out", type=Path, help=f"output directory (default models/{NAME}, with --slim models/{SLIM_NAME})"
+    )
     parser.add_argument("--quick", action="store_true", help="CI smoke test: 1 epoch on 25,600 images (200 steps)")
     parser.add_argument(
         "--thesis-output", action="store_true", help="decoder 2 as a full block (BatchNorm + ReLU), as the thesis reads"
     )
+    parser.add_argument(
+        "--slim",
+        type=float,
+        metavar="L1",
+        help=f"network slimming: L1 penalty of this weight on the BatchNorm scales of the pruned blocks ({SLIM_NAME})",
+    )
+    parser.add_argument(
+        "--slim-activity",
+        type=float,
+        default=SLIM_ACTIVITY,
+        metavar="L1",
+        help=f"with --slim: L1 penalty on the pruned blocks' ReLU outputs (default {SLIM_ACTIVITY:g})",
+    )
+    parser.add_argument(
+        "--epochs", type=int, help=f"training epochs (default {EPOCHS}, with --slim {SLIM_EPOCHS}; --quick: 1)"
+    )
     args = parser.parse_args(argv)
+    name = SLIM_NAME if args.slim else NAME
 
     train_x, _, test_x, _ = load_mnist(args.data)
     if train_x.shape[1:] != (28, 28) or len(train_x) < N_CALIB or len(test_x) < N_EVAL:
         fail(f"{args.data}: unexpected MNIST shapes {train_x.shape}, {test_x.shape}")
     seed_everything(0)
-    model = build(args.thesis_output)
-    fit_x, epochs = (train_x[: 200 * BATCH], 1) if args.quick else (train_x, EPOCHS)
+    model = build(args.thesis_output, args.slim, args.slim_activity, name)
+    default_epochs = 1 if args.quick else SLIM_EPOCHS if args.slim else EPOCHS
+    epochs = args.epochs or default_epochs
+    fit_x = train_x[: 200 * BATCH] if args.quick else train_x
     start = time.perf_counter()
     history = model.fit(
         fit_x[..., None], fit_x[:, None], batch_size=BATCH, epochs=epochs, shuffle=True, verbose=2
     )  # target NCHW, like the model's output
     seconds = time.perf_counter() - start
-    loss = float(history.history["loss"][-1])
+    loss = float(history.history["loss"][-1])  # with --slim: MSE + the L1 penalty
     if not np.isfinite(loss):
         fail(f"training diverged (loss {loss})")
 
-    out_dir: Path = args.out
-    path, converted = convert_and_save(model, NAME, out_dir, nchw=True)
+    out_dir: Path = args.out or ROOT / name
+    if args.slim:  # the same network without the regularizers (an activity regularizer breaks the conversion)
+        trained, model = model, build(args.thesis_output, name=name)
+        model.set_weights(trained.get_weights())
+    path, converted = convert_and_save(model, name, out_dir, nchw=True)
     input_name = onnx_input_name(path)
     test_nchw = test_x[:, None]
-    save_slices(out_dir, input_name, (train_x[:N_CALIB, None], None), (test_nchw[:N_EVAL], None))
+    # labels = the input's name: the reconstruction target is the input itself (onnxopt resolves it for task MSE)
+    save_slices(out_dir, input_name, (train_x[:N_CALIB, None], input_name), (test_nchw[:N_EVAL], input_name))
 
     from onnxopt import graph
 
@@ -122,9 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     input_shape = [str(d) for d in graph.data_inputs(onnx_model)[0].shape]
     output_shape = [str(d) for d in onnx_model.graph.outputs[0].shape]
     keras_test = np.asarray(model.predict(test_x[..., None], batch_size=500, verbose=0))
+    slimming = {}
+    if args.slim:
+        gammas = {b: np.abs(model.get_layer(f"{b}_bn").gamma.numpy()) for b in ("encoder1", "encoder2", "decoder1")}
+        small = {b: int((g < 1e-2).sum()) for b, g in gammas.items()}
+        slimming = {"slim_l1": args.slim, "slim_activity_l1": args.slim_activity, "slim_gammas_below_0.01": small}
     write_result(
         out_dir,
-        name=NAME,
+        name=name,
         architecture=(
             f"28x28x1 -> conv3/2 {CHANNELS[0]} -> conv3/2 {CHANNELS[1]} -> deconv3/2 {CHANNELS[2]} -> deconv3/2 1, "
             "each + bias, BatchNorm, ReLU"
@@ -132,7 +181,14 @@ def main(argv: list[str] | None = None) -> int:
             + "; output permuted to NCHW"
         ),
         params=int(model.count_params()),
-        training=f"Adam lr 1e-3, MSE on pixel/255, batch {BATCH}, {epochs} epochs on {len(fit_x)} train images",
+        training=f"Adam lr 1e-3, MSE on pixel/255, batch {BATCH}, {epochs} epochs on {len(fit_x)} train images"
+        + (
+            f"; L1 {args.slim:g} on the BatchNorm gammas and {args.slim_activity:g} on the ReLU outputs (summed per"
+            " sample) of encoder1, encoder2, decoder1"
+            if args.slim
+            else ""
+        ),
+        **slimming,
         quick=args.quick,
         train_seconds=round(seconds, 1),
         final_train_loss=loss,
@@ -144,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         output_shape=output_shape,
         conversion_max_error=converted.max_error,
         onnx_bytes=path.stat().st_size,
-        calib=f"first {N_CALIB} train images, NCHW, no labels",
-        eval=f"first {N_EVAL} test images, NCHW, no labels (target = input)",
+        calib=f"first {N_CALIB} train images, NCHW, labels='{input_name}' (target = input)",
+        eval=f"first {N_EVAL} test images, NCHW, labels='{input_name}' (target = input)",
     )
     return 0
 
