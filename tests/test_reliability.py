@@ -1,4 +1,7 @@
-"""Reliability: random graphs through the exact passes stay exact; runs are reproducible and fail cleanly."""
+"""Reliability: runs are reproducible and fail cleanly; odd graphs are handled or skipped with a reason.
+
+Random graphs through the exact and lossy settings are property-tested in tests/test_properties.py.
+"""
 
 from __future__ import annotations
 
@@ -8,73 +11,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from onnxopt import cli, data, registry, stats
+from onnxopt import cli, registry, stats
 from onnxopt.pass_base import OptPass
 from onnxopt.passes.prune import ChannelPrunePass, PruneConfig
-from onnxopt.passes.simplify import SimplifyPass
 from tests import builders
 from tests.passes.test_prune import _Net
-
-
-@st.composite
-def conv_graphs(draw):
-    """Conv chains with BatchNorm, residual Add, Concat, depthwise convs and Flatten→Gemm; some channels dead."""
-    opset = draw(st.sampled_from([13, 15, 17]))
-    size = draw(st.integers(5, 8))
-    c0 = draw(st.integers(1, 3))
-    net = _Net([("x", ["N", c0, size, size])], opset=opset)
-    x, channels = "x", c0
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["conv", "bn", "residual", "concat", "depthwise"]))
-        width = draw(st.integers(2, 6))
-        dead = draw(st.sets(st.integers(0, width - 1), max_size=width - 1))
-        if kind == "conv":
-            x, channels = net.node("Relu", [net.conv(x, channels, width, dead=dead)]), width
-        elif kind == "bn":
-            c = net.conv(x, channels, width, dead=dead)
-            params = [net.init(v) for v in (np.ones(width) * 1.3, np.zeros(width), np.zeros(width), np.ones(width))]
-            x, channels = net.node("Relu", [net.node("BatchNormalization", [c, *params])]), width
-        elif kind == "residual":
-            a = net.conv(x, channels, width, dead=dead)
-            b = net.conv(x, channels, width, dead=dead)
-            x, channels = net.node("Relu", [net.node("Add", [a, b])]), width
-        elif kind == "concat":
-            a = net.node("Relu", [net.conv(x, channels, width, dead=dead)])
-            b = net.node("Relu", [net.conv(x, channels, 2)])
-            x, channels = net.node("Concat", [a, b], axis=1), width + 2
-        else:
-            a = net.node("Relu", [net.conv(x, channels, width, dead=dead)])
-            x, channels = net.node("Relu", [net.conv(a, width, width, group=width, bias=False)]), width
-    flat = net.node("Flatten", [x])
-    return net.model(net.gemm(flat, channels * size * size, 3), ["N", 3]), (c0, size)
-
-
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(conv_graphs(), st.integers(0, 2**16))
-def test_dead_pruning_and_simplify_are_exact_on_random_graphs(case, seed):
-    proto, (c0, size) = case
-    model = ir.from_proto(proto)
-    x = np.random.default_rng(seed).standard_normal((8, c0, size, size)).astype(np.float32)
-    source = data.as_source({"x": x}, model, batch_size=4)
-    SimplifyPass()(model)
-    prune = ChannelPrunePass(PruneConfig(criterion="dead"))
-    stats.attach_stats(model, stats.collect_stats(model, source, prune.stats_request(model)))
-    prune(model)
-    from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
-
-    RemoveUnusedNodesPass()(model)
-    ShapeInferencePass(strict_mode=False)(model)
-    out = ir.to_proto(model)
-    onnx.checker.check_model(out, full_check=True)
-    assert [(i.name, i.type) for i in out.graph.input] == [(i.name, i.type) for i in proto.graph.input]
-    assert [o.name for o in out.graph.output] == [o.name for o in proto.graph.output]
-    test = np.random.default_rng(seed + 1).standard_normal((5, c0, size, size)).astype(np.float32)
-    name = proto.graph.output[0].name
-    expected = builders.run(proto, {"x": test})[name]
-    np.testing.assert_allclose(builders.run(out, {"x": test})[name], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_same_inputs_give_a_byte_identical_model(tmp_path, capsys):
