@@ -31,6 +31,7 @@ PIPELINES = {
     "split": [("split", {})],
     "svd": [("svd", {})],
     "quant": [("quant", SIZE)],
+    "quant+compact": [("quant", SIZE), ("compact", {})],
     "share": [("share", {})],
     "prune+svd+quant": [("prune", {}), ("svd", {}), ("quant", SIZE)],
 }

@@ -493,14 +493,18 @@ def test_a_model_over_2gb_is_saved_with_external_data_and_matches(tmp_path, caps
     k, m = 16384, 32768
     weight = np.zeros((k, m), np.float32)
     weight[:, ::1024] = np.random.default_rng(0).standard_normal((k, m // 1024)).astype(np.float32) / 128
-    inits = [numpy_helper.from_array(weight, "big"), numpy_helper.from_array(np.ones((m, 2), np.float32), "head")]
+    weight.tofile(tmp_path / "big.onnx.data")  # protobuf cannot hold it: the tensor points at this file
     del weight
+    big = onnx.TensorProto(name="big", data_type=TensorProto.FLOAT, dims=[k, m], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "big.onnx.data"), ("offset", "0"), ("length", str(k * m * 4))):
+        big.external_data.add(key=key, value=value)
+    inits = [big, numpy_helper.from_array(np.ones((m, 2), np.float32), "head")]
     nodes = [helper.make_node("MatMul", ["x", "big"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "head"], ["y"])]  # fmt: skip
     graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)  # fmt: skip
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=builders.IR_VERSION)
-    onnx.save(proto, tmp_path / "big.onnx", save_as_external_data=True, location="big.onnx.data")
+    onnx.save(proto, tmp_path / "big.onnx")
     del proto, inits, graph
     x = np.random.default_rng(1).standard_normal((2, k)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
