@@ -104,9 +104,9 @@ def reconstruct(
         a = b = None
         rng = np.random.default_rng(seed)
         per_sample = max(1, max_rows // samples)
+        extra = {weight_names[n][0]: weights[n] for n in targets}  # the layers re-fitted so far, and the rest
+        extra.update({weight_names[n][1]: biases[n] for n in targets})
         for batch in data:
-            extra = {weight_names[n][0]: weights[n] for n in targets}
-            extra.update({weight_names[n][1]: biases[n] for n in targets})
             x = pruned_session.run({**batch.feeds, **extra}, [node.inputs[0].name])[node.inputs[0].name]
             t = original_session.run(batch.feeds, [originals[name].outputs[0].name])[originals[name].outputs[0].name]
             features, target = layer.rows(x, t, keep, per_sample, rng)

@@ -183,19 +183,18 @@ class ChannelPrunePass(OptPass):
         downstream to ``original``'s outputs on the calibration data. Returns the re-fitted layers' names."""
         removed, means = _removed_and_means(analysis, chosen, stats)
         apply_removal(model, analysis, removed, means)
-        data = self.context.data if self.context is not None else None
         if not self.config.refit:
             return []
+        data = self.context.data if self.context is not None else None
         if data is None:
             raise ir.passes.PreconditionError("prune: --prune-refit needs the calibration data")
         touched = [a for a in analysis.actions if a.kind in ("producer", "consumer") and id(a.space.value) in removed]
-        changed = [action.node for action in touched]
-        kept = {}
-        for action in analysis.actions:
-            if action.kind == "producer" and id(action.space.value) in removed:
-                drop = removed[id(action.space.value)]
-                kept[action.node.name] = np.setdiff1d(np.arange(action.space.size), drop)
-        nodes = [node.name for node in downstream(model, changed)]
+        kept = {
+            a.node.name: np.setdiff1d(np.arange(a.space.size), removed[id(a.space.value)])
+            for a in touched
+            if a.kind == "producer"
+        }
+        nodes = [node.name for node in downstream(model, [action.node for action in touched])]
         return reconstruct(original, model, nodes, kept, data, seed=self.context.seed)
 
     @staticmethod
