@@ -437,7 +437,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=0.5, help="accuracy drop allowed, percentage points")
     parser.add_argument("--rounds", type=int, default=41, help="interleaved latency rounds")
     parser.add_argument("--only", help="comma-separated model names")
-    parser.add_argument("--tools", help="comma-separated tool labels (default: all)")
+    parser.add_argument("--tools", help="';'-separated tool labels (they contain commas; default: all)")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}; 9 latency rounds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -451,7 +451,7 @@ def main(argv=None) -> int:
     if not args.mnist:
         parser.error("--mnist is required")
     available = tools(args.budget)
-    wanted = args.tools.split(",") if args.tools else list(QUICK if args.quick else available)
+    wanted = args.tools.split(";") if args.tools else list(QUICK if args.quick else available)
     if args.quick:
         args.rounds = min(args.rounds, 9)
     unknown = [t for t in wanted if t not in available]
