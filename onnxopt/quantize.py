@@ -127,9 +127,11 @@ def quantize_static(
     method: str = "minmax",
     exclude: Sequence[str] = (),
     quantize_bias: bool = True,
+    unsigned_activations: bool = False,
 ) -> Path:
     """QDQ int8 (signed activations and symmetric weights, per channel by default), calibrated on ``data``.
 
+    ``unsigned_activations`` with ``per_channel=False`` is onnxruntime's own default recipe.
     ``quantize_bias=False`` keeps biases float: a smaller file (no int32 bias with its per-channel scale and
     zero point), which onnxruntime runs without its fused integer kernels.
     """
@@ -142,7 +144,8 @@ def quantize_static(
     with _quiet_root():
         ort_quantize_static(
             str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+            activation_type=QuantType.QUInt8 if unsigned_activations else QuantType.QInt8,
+            weight_type=QuantType.QInt8, calibrate_method=methods[method],
             nodes_to_exclude=list(exclude) or None,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "QuantizeBias": quantize_bias},
         )  # fmt: skip

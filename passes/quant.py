@@ -76,9 +76,20 @@ class Int8QuantPass(OptPass):
             tmp = Path(tmp)
             float_path = q.prepare(graph_io.save(model.clone(), tmp / "float_in.onnx"), tmp / "float.onnx")
             excluded: list[str] = []
+            self._recipe = (not config.per_tensor, False)
             quant_path = self._quantize(float_path, tmp / "q.onnx", data, excluded)
             candidate = graph_io.load(quant_path)
             report = context.check(candidate) if context is not None and context.check is not None else None
+            if report is not None and config.mode == "static" and not config.per_tensor:
+                # onnxruntime's own recipe (per-tensor weights, uint8 activations) is sometimes the more accurate
+                self._recipe = _ORT_RECIPE
+                other_path = self._quantize(float_path, tmp / "q_ort.onnx", data, excluded)
+                other = graph_io.load(other_path)
+                other_report = context.check(other)
+                if _more_accurate(other_report, report):
+                    quant_path, candidate, report = other_path, other, other_report
+                else:
+                    self._recipe = (True, False)
             if report is not None and not report.ok and config.mode == "static":
                 candidate, excluded, report = self._fallback(float_path, tmp, data, report)
             if report is not None and not report.ok:
@@ -91,7 +102,8 @@ class Int8QuantPass(OptPass):
                 reason = f"int8 is slower here ({speed[1]:.0f} us vs {speed[0]:.0f} us float); use --quant-force"
                 return OptResult(model, modified=False, skipped=[Skip("model", reason)])
             graph_io.adopt(model, candidate)
-        changes = [Change("model", _summary(config, speed))]
+        recipe = ", per-tensor weights, uint8 activations (more accurate here)" if self._recipe == _ORT_RECIPE else ""
+        changes = [Change("model", _summary(config, speed) + recipe)]
         changes += [Change(name, "kept in float (quantization noise)") for name in excluded]
         return OptResult(model, modified=True, changes=changes)
 
@@ -103,9 +115,10 @@ class Int8QuantPass(OptPass):
             return q.quantize_dynamic(src, dst, per_channel=False)
         if config.mode == "weight4":
             return q.quantize_weight4(src, dst)
+        per_channel, unsigned = self._recipe
         return q.quantize_static(
-            src, dst, data, per_channel=not config.per_tensor, method=config.calibration, exclude=exclude,
-            quantize_bias=config.objective != "size",
+            src, dst, data, per_channel=per_channel, method=config.calibration, exclude=exclude,
+            quantize_bias=config.objective != "size", unsigned_activations=unsigned,
         )  # fmt: skip
 
     def _fallback(self, float_path: Path, tmp: Path, data, report):
@@ -144,6 +157,22 @@ class Int8QuantPass(OptPass):
         feeds = {k: v[:1] if v.ndim and _dynamic_batch(float_path) else v for k, v in batch.feeds.items()}
         before, after = measure_latency([float_path, quant_path], feeds, rounds=9)
         return before.median_us, after.median_us
+
+
+# (per-channel weights, unsigned activations): onnxruntime's default recipe, tried beside onnxopt's (True, False)
+_ORT_RECIPE = (False, True)
+
+
+def _more_accurate(a, b) -> bool:
+    """Whether validation report ``a`` is strictly better than ``b`` (passing, then accuracy, MSE, cosine)."""
+    if a.ok != b.ok:
+        return a.ok
+    if a.accuracy and b.accuracy:
+        return a.accuracy["after"] > b.accuracy["after"]
+    if a.task_mse and b.task_mse:
+        return a.task_mse["after"] < b.task_mse["after"]
+    worst = lambda r: min((d.cosine for d in r.outputs.values()), default=0.0)  # noqa: E731
+    return worst(a) > worst(b)
 
 
 def _dynamic_batch(path: Path) -> bool:

@@ -43,6 +43,7 @@ def _proto(report):
 
 def test_qdq_structure_per_axis_symmetric_int8(net, monkeypatch):
     _fast_int8(monkeypatch)
+    monkeypatch.setattr(quant_module, "_more_accurate", lambda a, b: False)  # onnxopt's recipe kept
     _, path, data = net
     report = _run(path, data)
     assert report.ok and report.passes[0].modified
@@ -178,3 +179,31 @@ def test_size_objective_keeps_biases_float(net, monkeypatch):
         assert (np.dtype(np.int32) in dtypes) == (objective == "speed")
         files[objective] = out.ByteSize()
     assert files["size"] < files["speed"]
+
+
+def test_onnxruntime_recipe_is_kept_when_it_validates_better(net, monkeypatch):
+    """Both recipes are validated; the more accurate one (here: made so) is kept and named in the report."""
+    _fast_int8(monkeypatch)
+    monkeypatch.setattr(quant_module, "_more_accurate", lambda a, b: True)
+    _, path, data = net
+    report = _run(path, data)
+    assert report.ok and "per-tensor weights, uint8 activations" in report.passes[0].changes[0].what
+    out = _proto(report)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    weight_dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+                 and inits[n.input[0]].ndim == 4]  # fmt: skip
+    assert weight_dq and all(inits[n.input[1]].ndim == 0 for n in weight_dq)  # one scale per tensor
+    activation_zero_points = [inits[n.input[2]] for n in out.graph.node
+                              if n.op_type == "QuantizeLinear" and len(n.input) > 2]  # fmt: skip
+    assert activation_zero_points and all(z.dtype == np.uint8 for z in activation_zero_points)
+
+
+def test_more_accurate_prefers_passing_then_accuracy():
+    from onnxopt.validate import ValidationReport
+
+    def report(ok, acc):
+        return ValidationReport(ok=ok, samples=1, data="d", budget=Budget(), accuracy={"before": 99.0, "after": acc})
+
+    assert quant_module._more_accurate(report(True, 97.0), report(False, 99.0))
+    assert quant_module._more_accurate(report(True, 98.5), report(True, 98.4))
+    assert not quant_module._more_accurate(report(True, 98.4), report(True, 98.4))
