@@ -17,12 +17,13 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnxopt import graph, registry
 from onnxopt.manager import PassManager
 from onnxopt.validate import Budget
 from tests import builders
+from tests.passes.test_prune import _Net
 
 EXACT_EXAMPLES = 24
 HONEST_EXAMPLES = 16
@@ -34,25 +35,11 @@ SETTINGS = {
 }
 
 
-class _Graph:
-    """A seeded graph builder for the strategies below."""
+class _Graph(_Net):
+    """``_Net`` with a seeded generator, low-rank kernels and dense layers, for the strategies below."""
 
     def __init__(self, rng: np.random.Generator):
-        self.rng, self.nodes, self.inits, self.count = rng, [], [], 0
-
-    def _name(self, prefix):
-        self.count += 1
-        return f"{prefix}{self.count}"
-
-    def init(self, array, prefix="p"):
-        name = self._name(prefix)
-        self.inits.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
-        return name
-
-    def node(self, op, inputs, **attrs):
-        out = self._name(op.lower())
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
+        super().__init__([], rng=rng)
 
     def conv(self, x, cin, cout, *, k=3, dead=(), group=1, rank=0, bias=True):
         w = self.rng.standard_normal((cout, cin // group, k, k)) / np.sqrt(cin // group * k * k)

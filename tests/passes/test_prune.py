@@ -22,8 +22,9 @@ RNG = np.random.default_rng(0)
 class _Net:
     """A tiny graph builder: ``conv``/``gemm`` with chosen dead or constant output channels."""
 
-    def __init__(self, inputs, opset=17):
+    def __init__(self, inputs, opset=17, rng=None):
         self.nodes, self.inits, self.inputs, self.opset = [], [], inputs, opset
+        self.rng = RNG if rng is None else rng
         self.count = 0
 
     def _name(self, prefix):
@@ -41,8 +42,8 @@ class _Net:
         return out
 
     def conv(self, x, cin, cout, k=3, dead=(), const=(), bias=True, group=1, pad=1, **attrs):
-        w = RNG.standard_normal((cout, cin // group, k, k)) * 0.3
-        b = RNG.standard_normal(cout) * 0.1
+        w = self.rng.standard_normal((cout, cin // group, k, k)) * 0.3
+        b = self.rng.standard_normal(cout) * 0.1
         for c in dead:  # a zero filter with a negative bias: ReLU output is 0 for every input
             w[c], b[c] = 0, -1.0
         for c in const:  # a zero filter with a positive bias: ReLU output is the constant b
@@ -51,8 +52,8 @@ class _Net:
         return self.node("Conv", inputs, kernel_shape=[k, k], pads=[pad] * 4, group=group, **attrs)
 
     def gemm(self, x, cin, cout, dead=(), const=()):
-        w = RNG.standard_normal((cout, cin)) / np.sqrt(cin)
-        b = RNG.standard_normal(cout) * 0.1
+        w = self.rng.standard_normal((cout, cin)) / np.sqrt(cin)
+        b = self.rng.standard_normal(cout) * 0.1
         for c in dead:
             w[c], b[c] = 0, -1.0
         for c in const:
