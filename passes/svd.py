@@ -65,16 +65,23 @@ class _Site:
 
 def factorize(weight: np.ndarray, rank: int, gram: GramStats | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``O`` (K×L) and ``P`` (L×M) with ``O·P`` the best rank-L approximation of ``weight`` (see module doc)."""
-    w = weight.astype(np.float64)
-    if gram is None:
-        u, s, vt = np.linalg.svd(w, full_matrices=False)
-        root = np.sqrt(s[:rank])
-        return u[:, :rank] * root, root[:, None] * vt[:rank]
-    chol = _cholesky(gram.second_moment)
-    u, s, vt = np.linalg.svd(chol.T @ w, full_matrices=False)
-    root = np.sqrt(s[:rank])
-    left = np.linalg.solve(chol.T, u[:, :rank] * root)
-    return left, root[:, None] * vt[:rank]
+    return _Factorization(weight, gram).at(rank)
+
+
+class _Factorization:
+    """One SVD of a weight (whitened by the input Gram matrix when given); factors of any rank from it."""
+
+    def __init__(self, weight: np.ndarray, gram: GramStats | None) -> None:
+        w = weight.astype(np.float64)
+        self.chol = _cholesky(gram.second_moment) if gram is not None else None
+        self.u, self.s, self.vt = np.linalg.svd(w if self.chol is None else self.chol.T @ w, full_matrices=False)
+
+    def at(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        root = np.sqrt(self.s[:rank])
+        left = self.u[:, :rank] * root
+        if self.chol is not None:
+            left = np.linalg.solve(self.chol.T, left)
+        return left, root[:, None] * self.vt[:rank]
 
 
 def _cholesky(gram: np.ndarray) -> np.ndarray:
@@ -85,13 +92,6 @@ def _cholesky(gram: np.ndarray) -> np.ndarray:
         except np.linalg.LinAlgError:
             ridge *= 100
     raise np.linalg.LinAlgError("input Gram matrix is not positive definite")
-
-
-def _spectrum(site: _Site, gram: GramStats | None) -> np.ndarray:
-    w = site.weight.astype(np.float64)
-    if gram is not None:
-        w = _cholesky(gram.second_moment).T @ w
-    return np.linalg.svd(w, compute_uv=False)
 
 
 class GemmSvdPass(OptPass):
@@ -115,13 +115,13 @@ class GemmSvdPass(OptPass):
         check = self.context.check if self.context is not None else None
         if not config.rank and config.energy < 0 and check is None:
             raise ir.passes.PreconditionError("svd: give --svd-rank or --svd-energy, or data and a budget to search")
-        spectra = {id(site.node): _spectrum(site, grams.get(site.node.name)) for site in sites}
+        factors = {id(site.node): _Factorization(site.weight, grams.get(site.node.name)) for site in sites}
         # most compressible first: the smallest fraction of layer energy outside the first few directions
-        order = sorted(sites, key=lambda s: _tail_energy(spectra[id(s.node)], max(1, s.max_rank // 4)))
+        order = sorted(sites, key=lambda s: _tail_energy(factors[id(s.node)].s, max(1, s.max_rank // 4)))
         changes: list[Change] = []
         for site in order:
-            gram = grams.get(site.node.name)
-            rank = self._choose_rank(model, site, spectra[id(site.node)], gram)
+            factor = factors[id(site.node)]
+            rank = self._choose_rank(model, site, factor)
             if rank is None:
                 reason = "no rank that saves work keeps the error budget"
                 if config.rank or config.energy >= 0:
@@ -129,15 +129,16 @@ class GemmSvdPass(OptPass):
                 skipped.append(Skip(site.node.name or site.node.outputs[0].name, reason))
                 continue
             k, m = site.weight.shape
-            _replace(model, site, *factorize(site.weight, rank, gram))
+            _replace(model, site, *factor.at(rank))
             ratio = rank * (k + m) / (k * m)
             changes.append(
                 Change(site.node.name or site.node.outputs[0].name, f"{k}x{m} -> rank {rank} ({ratio:.2f} of the MACs)")
             )
         return OptResult(model, modified=bool(changes), changes=changes, skipped=skipped)
 
-    def _choose_rank(self, model: ir.Model, site: _Site, spectrum: np.ndarray, gram) -> int | None:
+    def _choose_rank(self, model: ir.Model, site: _Site, factor: _Factorization) -> int | None:
         config: SvdConfig = self.config
+        spectrum = factor.s
         if config.rank:
             return config.rank if config.rank <= site.max_rank else None
         if config.energy >= 0:
@@ -145,21 +146,21 @@ class GemmSvdPass(OptPass):
             rank = int(np.searchsorted(energy, config.energy - 1e-12) + 1)
             return rank if rank <= site.max_rank else None
         lo, hi = 1, site.max_rank  # find the smallest passing rank in [lo, hi]
-        if not self._passes(model, site, hi, gram):
+        if not self._passes(model, site, factor.at(hi)):
             return None
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._passes(model, site, mid, gram):
+            if self._passes(model, site, factor.at(mid)):
                 hi = mid
             else:
                 lo = mid + 1
         return hi
 
-    def _passes(self, model: ir.Model, site: _Site, rank: int, gram) -> bool:
+    def _passes(self, model: ir.Model, site: _Site, factors: tuple[np.ndarray, np.ndarray]) -> bool:
         candidate = model.clone()
         node = list(candidate.graph)[list(model.graph).index(site.node)]  # clones keep the node order
         twin = _Site(node, site.weight, site.max_rank)
-        _replace(candidate, twin, *factorize(site.weight, rank, gram))
+        _replace(candidate, twin, *factors)
         return self.context.check(candidate).ok
 
     def _sites(self, model: ir.Model) -> tuple[list[_Site], list[Skip]]:
