@@ -22,6 +22,14 @@ AUTOENCODERS = ["mnist_autoencoder", "mnist_autoencoder_slim"]
 SLIM_PRUNED_CHANNELS = [28, 53, 28]
 
 
+def _built(name) -> tuple[Path, dict]:
+    """The model's folder and its result.json; skips the test when the model has not been built."""
+    folder = MODELS / name
+    if not (folder / "result.json").exists():
+        pytest.skip(f"{name} not built")
+    return folder, json.loads((folder / "result.json").read_text())
+
+
 def _eval(name):
     with np.load(MODELS / name / "eval.npz") as z:
         return {k: z[k] for k in z.files}
@@ -29,10 +37,7 @@ def _eval(name):
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_classifier_matches_its_recorded_accuracy(name):
-    folder = MODELS / name
-    if not (folder / "result.json").exists():
-        pytest.skip(f"{name} not built")
-    result = json.loads((folder / "result.json").read_text())
+    folder, result = _built(name)
     session = Session(graph.load(folder / f"{name}.onnx"))
     arrays = _eval(name)
     labels = arrays.pop("labels")
@@ -51,10 +56,7 @@ def _reconstruction_mse(model, arrays) -> float:
 
 @pytest.mark.parametrize("name", AUTOENCODERS)
 def test_autoencoder_matches_its_recorded_mse(name):
-    folder = MODELS / name
-    if not (folder / "result.json").exists():
-        pytest.skip(f"{name} not built")
-    result = json.loads((folder / "result.json").read_text())
+    folder, result = _built(name)
     arrays = _eval(name)
     assert arrays["labels"].ndim == 0 and str(arrays["labels"]) == result["input_name"]  # target = the input
     mse = _reconstruction_mse(graph.load(folder / f"{name}.onnx"), arrays)
@@ -66,9 +68,7 @@ def test_slim_autoencoder_loses_its_dead_channels_at_under_1pct_mse():
     the ReLU; prune's ``dead`` criterion removes them. Channel counts at most the recorded ones, the task MSE
     (measured here on eval.npz against the targets, not taken from the report) at most 1% higher.
     """
-    folder = MODELS / "mnist_autoencoder_slim"
-    if not (folder / "result.json").exists():
-        pytest.skip("mnist_autoencoder_slim not built")
+    folder, _ = _built("mnist_autoencoder_slim")
     from onnxopt import Budget, PassManager
     from onnxopt.registry import make_pass
 
