@@ -92,12 +92,15 @@ def expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return copy
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs of ``model`` under onnxruntime (no graph optimizations)."""
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, optimize: bool = False) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` under onnxruntime: no graph optimizations unless ``optimize`` (all of them, as deployed;
+    a QDQ model then runs integer kernels instead of its float simulation)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
