@@ -1,0 +1,158 @@
+"""Iterative pruning with fine-tuning through the Python API: prune, fine-tune, prune again, until the budget breaks.
+
+    python bench/prune_finetune.py --mnist ../shared/data/mnist --model mobile_cnn [--cycles 8] [--epochs 1]
+    python bench/prune_finetune.py --mnist ../shared/data/mnist --model mnist_autoencoder
+
+The ``prune`` issue's iterative cycle (the thesis prunes, then retrains). Each cycle:
+
+1. ``prune`` (criterion ``ratio``, searched) removes what the *step* budget allows, judged against the current model
+   on the budget split;
+2. :func:`onnxopt.finetune.finetune` trains the pruned model's remaining weights on the 60,000 training images
+   (``--epochs`` epochs, Adam, ``--lr``), the graph unchanged;
+3. the result is validated against the *original* model on the budget split with the final budget; it is accepted
+   when it holds, and the loop stops at the first cycle that misses it or removes nothing.
+
+Data, as in ``bench/_protocol.py``: calibration on training images 0-999, budgets on test images 0-4,999, results
+on the held-out test images 5,000-9,999 (and the full test set for reference). Because fine-tuning adds training
+epochs, the control row fine-tunes the *unpruned* model for the same total epochs: the gain that is only more
+training shows there. Prints a markdown table; ``--out`` writes it and the final model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _protocol  # noqa: E402
+
+from onnxopt import cost, graph, registry  # noqa: E402
+from onnxopt.data import as_source  # noqa: E402
+from onnxopt.finetune import finetune  # noqa: E402
+from onnxopt.manager import PassManager  # noqa: E402
+from onnxopt.runtime import Session  # noqa: E402
+from onnxopt.validate import Budget, validate  # noqa: E402
+
+ROOT = _protocol.ROOT
+# name -> (model path, preprocessing, task, final budget, step budget, prune options)
+SETUPS = {
+    "mobile_cnn": ("mobile_cnn/mobile_cnn.onnx", "nchw", "classify", Budget(max_accuracy_drop=0.5),
+                   Budget(max_accuracy_drop=1.5), {"align": 4}),
+    "mnist_cnn": ("mnist_cnn/mnist_cnn.onnx", "nchw", "classify", Budget(max_accuracy_drop=0.5),
+                  Budget(max_accuracy_drop=1.5), {"align": 4}),
+    "mnist_autoencoder": ("mnist_autoencoder/mnist_autoencoder.onnx", "nchw", "reconstruct",
+                          Budget(max_mse_increase=0.01), Budget(max_mse_increase=0.3), {"align": 1}),
+}  # fmt: skip
+
+
+def channels(model) -> list[int]:
+    """Output channels of each Conv/ConvTranspose/Gemm/MatMul weight, in graph order."""
+    counts = []
+    for node in model.graph:
+        w = graph.const_array(node.inputs[1]) if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") else None
+        if w is not None:
+            counts.append(int(w.shape[1] * (node.attributes.get_int("group", 1)) if node.op_type == "ConvTranspose"
+                              else w.shape[0] if node.op_type == "Conv" else w.shape[-1]))  # fmt: skip
+    return counts
+
+
+def metric(model, x, y, task) -> float:
+    """Accuracy (%) or reconstruction MSE under onnxruntime with full optimizations (as deployed)."""
+    with graph.temporary_model_file(model) as path:
+        if task == "classify":
+            return _protocol.accuracy(path, x, y)
+        session = Session(path, optimize=True)
+        name, out = session.input_names[0], session.output_names[0]
+        errors = [float(((session.run({name: x[i : i + 500]})[out] - x[i : i + 500]) ** 2).mean())
+                  for i in range(0, len(x), 500)]  # fmt: skip
+        return float(np.mean(errors))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mnist", required=True, help="directory with the MNIST idx files")
+    parser.add_argument("--model", required=True, choices=sorted(SETUPS))
+    parser.add_argument("--cycles", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per cycle")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--step", type=float, help="step budget: accuracy drop (pp) or relative MSE increase")
+    parser.add_argument("--out", help="directory for the table (prune_finetune_MODEL.md) and the final model")
+    args = parser.parse_args(argv)
+
+    rel, _, task, final_budget, step_budget, options = SETUPS[args.model]
+    if args.step is not None:
+        field = "max_accuracy_drop" if task == "classify" else "max_mse_increase"
+        step_budget = Budget(**{field: args.step})
+    train_x, train_y, test_x, test_y = _protocol.load(args.mnist)
+    prep = _protocol._nchw
+    x_train, x_test = prep(train_x).astype(np.float32), prep(test_x).astype(np.float32)
+    original = graph.load(ROOT / "models" / rel)
+    name = graph.data_inputs(original)[0].name
+    if task == "classify":
+        targets, loss = train_y, "cross_entropy"
+        calib = {name: x_train[_protocol.CALIB], "labels": train_y[_protocol.CALIB]}
+        budget_data = {name: x_test[_protocol.BUDGET], "labels": test_y[_protocol.BUDGET]}
+    else:
+        targets, loss = x_train, "mse"
+        calib = {name: x_train[_protocol.CALIB], "labels": np.array(name)}
+        budget_data = {name: x_test[_protocol.BUDGET], "labels": np.array(name)}
+    held = (x_test[_protocol.HELDOUT], test_y[_protocol.HELDOUT])
+    full = (x_test, test_y)
+    unit = "accuracy %" if task == "classify" else "MSE"
+    base_macs = cost.estimate(original).macs
+
+    rows = []
+
+    def record(label, model, seconds):
+        rows.append(
+            f"| {label} | {channels(model)} | {cost.estimate(model).macs / base_macs:.3f} | "
+            f"{metric(model, *held, task):.6g} | {metric(model, *full, task):.6g} | {seconds:.0f} |"
+        )
+        print(rows[-1], flush=True)
+
+    record("original", original, 0)
+    current, epochs_spent, start = original, 0, time.time()
+    for cycle in range(1, args.cycles + 1):
+        t0 = time.time()
+        before = cost.estimate(current).macs
+        report = PassManager([registry.make_pass("prune", criterion="ratio", **options)], data=calib,
+                             eval_data=budget_data, budget=step_budget).run(graph.clone(current))  # fmt: skip
+        pruned = report.model
+        if cost.estimate(pruned).macs >= before:
+            print(f"cycle {cycle}: prune removed nothing within the step budget; stop", flush=True)
+            break
+        tuned = finetune(pruned, {name: x_train}, targets, loss=loss, epochs=args.epochs, lr=args.lr, seed=cycle).model
+        verdict = validate(original, tuned, as_source(budget_data, original, batch_size=500), final_budget)
+        if not verdict.ok:
+            print(f"cycle {cycle}: {channels(tuned)} misses the final budget ({'; '.join(verdict.failures)}); stop")
+            break
+        current, epochs_spent = tuned, epochs_spent + args.epochs
+        record(f"cycle {cycle}: prune + {args.epochs} epoch(s)", current, time.time() - t0)
+    if epochs_spent:  # control: the same extra training without pruning
+        t0 = time.time()
+        control = finetune(original, {name: x_train}, targets, loss=loss, epochs=epochs_spent, lr=args.lr).model
+        record(f"control: unpruned + {epochs_spent} epoch(s)", control, time.time() - t0)
+    header = (
+        f"{args.model}: iterative prune + fine-tune, `python bench/prune_finetune.py --mnist DIR --model {args.model} "
+        f"--cycles {args.cycles} --epochs {args.epochs} --lr {args.lr:g}"
+        f"{'' if args.step is None else f' --step {args.step:g}'}`, {time.strftime('%Y-%m-%d')}; final budget "
+        f"{final_budget.describe()} vs the original on test 0-4,999, step budget {step_budget.describe()}; "
+        f"{time.time() - start:.0f} s.\n\n"
+        f"| model | channels | MACs ratio | held-out {unit} | full test {unit} | s |\n|---|---|---|---|---|---|\n"
+    )
+    table = header + "\n".join(rows) + "\n"
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"prune_finetune_{args.model}.md").write_text(table)
+        graph.save(current, out / f"{args.model}_pruned_finetuned.onnx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
