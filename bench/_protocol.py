@@ -124,7 +124,7 @@ def accuracy(path, x, y) -> float:
     name = session.input_names[0]
     fixed = session.inner.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) else 500
-    usable = len(x) - len(x) % step
+    usable = len(x) - len(x) % step if isinstance(fixed, int) else len(x)  # a fixed batch drops the remainder
     correct = 0
     for start in range(0, usable, step):
         out = session.run({name: x[start : start + step].astype(np.float32)})[session.output_names[0]]

@@ -10,7 +10,8 @@ The ``prune`` issue's iterative cycle (the thesis prunes, then retrains). Each c
 2. :func:`onnxopt.finetune.finetune` trains the pruned model's remaining weights on the 60,000 training images
    (``--epochs`` epochs, Adam, ``--lr``), the graph unchanged;
 3. the result is validated against the *original* model on the budget split with the final budget; it is accepted
-   when it holds, and the loop stops at the first cycle that misses it or removes nothing.
+   when it holds; a cycle that misses it is retried with half the step budget (down to 1/16 of it), and the loop
+   stops when that misses too, when prune removes nothing, or after ``--cycles`` cycles.
 
 Data, as in ``bench/_protocol.py``: calibration on training images 0-999, budgets on test images 0-4,999, results
 on the held-out test images 5,000-9,999 (and the full test set for reference). Because fine-tuning adds training
@@ -38,7 +39,7 @@ from onnxopt.runtime import Session  # noqa: E402
 from onnxopt.validate import Budget, validate  # noqa: E402
 
 ROOT = _protocol.ROOT
-# name -> (model path, preprocessing, task, final budget, step budget, prune options)
+# name -> (model path, data, task, final budget, step budget, prune options)
 SETUPS = {
     "mobile_cnn": ("mobile_cnn/mobile_cnn.onnx", "nchw", "classify", Budget(max_accuracy_drop=0.5),
                    Budget(max_accuracy_drop=1.5), {"align": 4}),
@@ -46,7 +47,22 @@ SETUPS = {
                   Budget(max_accuracy_drop=1.5), {"align": 4}),
     "mnist_autoencoder": ("mnist_autoencoder/mnist_autoencoder.onnx", "nchw", "reconstruct",
                           Budget(max_mse_increase=0.01), Budget(max_mse_increase=0.3), {"align": 1}),
+    "breast_cancer_mlp": ("breast_cancer_mlp/breast_cancer_mlp.onnx", "tabular", "classify",
+                          Budget(max_accuracy_drop=0.1), Budget(max_accuracy_drop=3.0), {"align": 8}),
 }  # fmt: skip
+
+
+def breast_cancer_splits():
+    """models/apoz_mlp.py's splits of scikit-learn's breast cancer set: fit (386), validation (69), test (114) rows,
+    raw features (the model folds the standardization into its first layer)."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = x.astype(np.float32)
+    train_x, test_x, train_y, test_y = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    fit_x, val_x, fit_y, val_y = train_test_split(train_x, train_y, test_size=0.15, stratify=train_y, random_state=0)
+    return (fit_x, fit_y), (val_x, val_y), (test_x, test_y)
 
 
 def channels(model) -> list[int]:
@@ -58,6 +74,13 @@ def channels(model) -> list[int]:
             counts.append(int(w.shape[1] * (node.attributes.get_int("group", 1)) if node.op_type == "ConvTranspose"
                               else w.shape[0] if node.op_type == "Conv" else w.shape[-1]))  # fmt: skip
     return counts
+
+
+def _smaller(step: Budget, first: Budget, times: int) -> Budget | None:
+    """Half of ``step`` (accuracy drop or MSE increase), or None once it is ``first`` / 2**times."""
+    field = "max_accuracy_drop" if step.max_accuracy_drop is not None else "max_mse_increase"
+    value = getattr(step, field) / 2
+    return None if value < getattr(first, field) / 2**times else Budget(**{field: value})
 
 
 def metric(model, x, y, task) -> float:
@@ -74,7 +97,7 @@ def metric(model, x, y, task) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mnist", required=True, help="directory with the MNIST idx files")
+    parser.add_argument("--mnist", help="directory with the MNIST idx files (the MNIST models)")
     parser.add_argument("--model", required=True, choices=sorted(SETUPS))
     parser.add_argument("--cycles", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per cycle")
@@ -87,21 +110,32 @@ def main(argv=None) -> int:
     if args.step is not None:
         field = "max_accuracy_drop" if task == "classify" else "max_mse_increase"
         step_budget = Budget(**{field: args.step})
-    train_x, train_y, test_x, test_y = _protocol.load(args.mnist)
-    prep = _protocol._nchw
-    x_train, x_test = prep(train_x).astype(np.float32), prep(test_x).astype(np.float32)
     original = graph.load(ROOT / "models" / rel)
     name = graph.data_inputs(original)[0].name
-    if task == "classify":
+    if args.model == "breast_cancer_mlp":
+        # fine-tune and calibrate on the fit rows, budget on the validation rows, report on the test rows
+        (x_train, train_y), (val_x, val_y), (test_x, test_y) = breast_cancer_splits()
         targets, loss = train_y, "cross_entropy"
-        calib = {name: x_train[_protocol.CALIB], "labels": train_y[_protocol.CALIB]}
-        budget_data = {name: x_test[_protocol.BUDGET], "labels": test_y[_protocol.BUDGET]}
+        calib = {name: x_train, "labels": train_y}
+        budget_data = {name: val_x, "labels": val_y}
+        held = full = (test_x, test_y)
+        where = "on the 69 validation rows; held-out = full test = the 114 test rows"
     else:
-        targets, loss = x_train, "mse"
-        calib = {name: x_train[_protocol.CALIB], "labels": np.array(name)}
-        budget_data = {name: x_test[_protocol.BUDGET], "labels": np.array(name)}
-    held = (x_test[_protocol.HELDOUT], test_y[_protocol.HELDOUT])
-    full = (x_test, test_y)
+        if not args.mnist:
+            parser.error(f"--mnist is needed for {args.model}")
+        train_x, train_y, test_x, test_y = _protocol.load(args.mnist)
+        x_train, x_test = _protocol._nchw(train_x).astype(np.float32), _protocol._nchw(test_x).astype(np.float32)
+        if task == "classify":
+            targets, loss = train_y, "cross_entropy"
+            calib = {name: x_train[_protocol.CALIB], "labels": train_y[_protocol.CALIB]}
+            budget_data = {name: x_test[_protocol.BUDGET], "labels": test_y[_protocol.BUDGET]}
+        else:
+            targets, loss = x_train, "mse"
+            calib = {name: x_train[_protocol.CALIB], "labels": np.array(name)}
+            budget_data = {name: x_test[_protocol.BUDGET], "labels": np.array(name)}
+        held = (x_test[_protocol.HELDOUT], test_y[_protocol.HELDOUT])
+        full = (x_test, test_y)
+        where = "on test images 0-4,999; held-out = test images 5,000-9,999"
     unit = "accuracy %" if task == "classify" else "MSE"
     base_macs = cost.estimate(original).macs
 
@@ -116,11 +150,13 @@ def main(argv=None) -> int:
 
     record("original", original, 0)
     current, epochs_spent, start = original, 0, time.time()
-    for cycle in range(1, args.cycles + 1):
+    cycle, step = 0, step_budget
+    while cycle < args.cycles:
+        cycle += 1
         t0 = time.time()
         before = cost.estimate(current).macs
         report = PassManager([registry.make_pass("prune", criterion="ratio", **options)], data=calib,
-                             eval_data=budget_data, budget=step_budget).run(graph.clone(current))  # fmt: skip
+                             eval_data=budget_data, budget=step).run(graph.clone(current))  # fmt: skip
         pruned = report.model
         if cost.estimate(pruned).macs >= before:
             print(f"cycle {cycle}: prune removed nothing within the step budget; stop", flush=True)
@@ -128,8 +164,14 @@ def main(argv=None) -> int:
         tuned = finetune(pruned, {name: x_train}, targets, loss=loss, epochs=args.epochs, lr=args.lr, seed=cycle).model
         verdict = validate(original, tuned, as_source(budget_data, original, batch_size=500), final_budget)
         if not verdict.ok:
-            print(f"cycle {cycle}: {channels(tuned)} misses the final budget ({'; '.join(verdict.failures)}); stop")
-            break
+            print(f"cycle {cycle}: {channels(tuned)} misses the final budget ({'; '.join(verdict.failures)})")
+            smaller = _smaller(step, step_budget, 4)
+            if smaller is None:
+                print("stop", flush=True)
+                break
+            step = smaller
+            print(f"retry with the step budget {step.describe()}", flush=True)
+            continue
         current, epochs_spent = tuned, epochs_spent + args.epochs
         record(f"cycle {cycle}: prune + {args.epochs} epoch(s)", current, time.time() - t0)
     if epochs_spent:  # control: the same extra training without pruning
@@ -137,10 +179,11 @@ def main(argv=None) -> int:
         control = finetune(original, {name: x_train}, targets, loss=loss, epochs=epochs_spent, lr=args.lr).model
         record(f"control: unpruned + {epochs_spent} epoch(s)", control, time.time() - t0)
     header = (
-        f"{args.model}: iterative prune + fine-tune, `python bench/prune_finetune.py --mnist DIR --model {args.model} "
+        f"{args.model}: iterative prune + fine-tune, `python bench/prune_finetune.py"
+        f"{' --mnist DIR' if args.mnist else ''} --model {args.model} "
         f"--cycles {args.cycles} --epochs {args.epochs} --lr {args.lr:g}"
         f"{'' if args.step is None else f' --step {args.step:g}'}`, {time.strftime('%Y-%m-%d')}; final budget "
-        f"{final_budget.describe()} vs the original on test 0-4,999, step budget {step_budget.describe()}; "
+        f"{final_budget.describe()} vs the original {where}; first step budget {step_budget.describe()}; "
         f"{time.time() - start:.0f} s.\n\n"
         f"| model | channels | MACs ratio | held-out {unit} | full test {unit} | s |\n|---|---|---|---|---|---|\n"
     )

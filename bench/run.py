@@ -66,6 +66,7 @@ ONNXOPT = {
     "quant:size": [("quant", {"objective": "size"})],
     "share": [("share", {})],
     "prune,svd,quant": [("prune", {}), ("svd", {}), ("quant", {})],
+    "prune,svd,share": [("prune", {}), ("svd", {}), ("share", {})],
     "prune+refit,split,quant": [("prune", {"refit": True}), ("split", {}), ("quant", {})],
 }
 
