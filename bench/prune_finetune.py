@@ -16,7 +16,7 @@ The ``prune`` issue's iterative cycle (the thesis prunes, then retrains). Each c
 Data, as in ``bench/_protocol.py``: calibration on training images 0-999, budgets on test images 0-4,999, results
 on the held-out test images 5,000-9,999 (and the full test set for reference). Because fine-tuning adds training
 epochs, the control row fine-tunes the *unpruned* model for the same total epochs: the gain that is only more
-training shows there. Prints a markdown table; ``--out`` writes it and the final model.
+training shows there. Prints a markdown table; ``--out DIR`` writes it, ``--save PATH`` the last accepted model.
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per cycle")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--step", type=float, help="step budget: accuracy drop (pp) or relative MSE increase")
-    parser.add_argument("--out", help="directory for the table (prune_finetune_MODEL.md) and the final model")
+    parser.add_argument("--refit", action="store_true", help="prune with --prune-refit (least-squares re-fit)")
+    parser.add_argument("--out", help="directory for the table (prune_finetune_MODEL.md)")
+    parser.add_argument("--save", help="where to write the last accepted model (.onnx)")
     args = parser.parse_args(argv)
 
     rel, _, task, final_budget, step_budget, options = SETUPS[args.model]
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
         cycle += 1
         t0 = time.time()
         before = cost.estimate(current).macs
-        report = PassManager([registry.make_pass("prune", criterion="ratio", **options)], data=calib,
+        report = PassManager([registry.make_pass("prune", criterion="ratio", refit=args.refit, **options)], data=calib,
                              eval_data=budget_data, budget=step).run(graph.clone(current))  # fmt: skip
         pruned = report.model
         if cost.estimate(pruned).macs >= before:
@@ -182,7 +184,8 @@ def main(argv=None) -> int:
         f"{args.model}: iterative prune + fine-tune, `python bench/prune_finetune.py"
         f"{' --mnist DIR' if args.mnist else ''} --model {args.model} "
         f"--cycles {args.cycles} --epochs {args.epochs} --lr {args.lr:g}"
-        f"{'' if args.step is None else f' --step {args.step:g}'}`, {time.strftime('%Y-%m-%d')}; final budget "
+        f"{'' if args.step is None else f' --step {args.step:g}'}{' --refit' if args.refit else ''}`, "
+        f"{time.strftime('%Y-%m-%d')}; final budget "
         f"{final_budget.describe()} vs the original {where}; first step budget {step_budget.describe()}; "
         f"{time.time() - start:.0f} s.\n\n"
         f"| model | channels | MACs ratio | held-out {unit} | full test {unit} | s |\n|---|---|---|---|---|---|\n"
@@ -193,7 +196,8 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"prune_finetune_{args.model}.md").write_text(table)
-        graph.save(current, out / f"{args.model}_pruned_finetuned.onnx")
+    if args.save:
+        graph.save(current, args.save)
     return 0
 
 
