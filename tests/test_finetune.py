@@ -124,3 +124,38 @@ def test_unsupported_ops_and_bad_arguments_are_clear_errors():
         finetune(good, {"x": np.zeros((2, 8), np.float32)}, np.zeros(3))
     with pytest.raises(OnnxoptError, match="no graph output named"):
         finetune(good, {"x": np.zeros((2, 8), np.float32)}, np.zeros(2), output="nope")
+
+
+def test_prune_finetune_prune_cycle():
+    """The Python API's iterative cycle: a pruned model fine-tunes, and the fine-tuned model prunes again."""
+    from onnxopt import cost, registry
+    from onnxopt.manager import PassManager
+    from onnxopt.validate import Budget
+
+    rng = np.random.default_rng(4)
+    proto = builders.mlp(sizes=(8, 32, 32, 4), seed=4)
+    x = rng.standard_normal((512, 8)).astype(np.float32)
+    logits = builders.run(proto, {"x": x})["y"]
+    y = logits.argmax(1)  # the original's own decisions as labels
+    model = graph.from_proto(proto)
+    budget = Budget(max_accuracy_drop=100.0)
+
+    def prune(m):
+        return PassManager([registry.make_pass("prune", criterion="ratio", ratio=0.25, align=1)], data={"x": x[:256]},
+                           eval_data={"x": x, "labels": y}, budget=budget).run(graph.clone(m)).model  # fmt: skip
+
+    first = prune(model)
+    # distillation: the pruned model learns the original's outputs (MSE on the logits)
+    tuned = finetune(first, {"x": x}, logits, loss="mse", epochs=10, lr=3e-3, batch_size=64)
+    assert tuned.losses[-1] < tuned.losses[0]
+
+    def error(m):
+        return float(np.mean((builders.run(graph.to_proto(m), {"x": x})["y"] - logits) ** 2))
+
+    assert error(tuned.model) < 0.5 * error(first)  # fine-tuning wins back what pruning lost
+    second = prune(tuned.model)
+    macs = [cost.estimate(m).macs for m in (model, first, tuned.model, second)]
+    assert macs[0] > macs[1] == macs[2] > macs[3]
+    out = graph.to_proto(second)
+    onnx.checker.check_model(out, full_check=True)
+    assert builders.run(out, {"x": x})["y"].shape == (512, 4)
