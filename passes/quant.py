@@ -76,22 +76,19 @@ class Int8QuantPass(OptPass):
             tmp = Path(tmp)
             float_path = q.prepare(graph_io.save(model.clone(), tmp / "float_in.onnx"), tmp / "float.onnx")
             excluded: list[str] = []
-            self._recipe = (not config.per_tensor, False)
-            quant_path = self._quantize(float_path, tmp / "q.onnx", data, excluded)
+            recipe = (not config.per_tensor, False)  # (per-channel weights, unsigned activations)
+            quant_path = self._quantize(float_path, tmp / "q.onnx", data, excluded, recipe)
             candidate = graph_io.load(quant_path)
             report = context.check(candidate) if context is not None and context.check is not None else None
             if report is not None and config.mode == "static" and not config.per_tensor:
                 # onnxruntime's own recipe (per-tensor weights, uint8 activations) is sometimes the more accurate
-                self._recipe = _ORT_RECIPE
-                other_path = self._quantize(float_path, tmp / "q_ort.onnx", data, excluded)
+                other_path = self._quantize(float_path, tmp / "q_ort.onnx", data, excluded, _ORT_RECIPE)
                 other = graph_io.load(other_path)
                 other_report = context.check(other)
                 if _more_accurate(other_report, report):
-                    quant_path, candidate, report = other_path, other, other_report
-                else:
-                    self._recipe = (True, False)
+                    quant_path, candidate, report, recipe = other_path, other, other_report, _ORT_RECIPE
             if report is not None and not report.ok and config.mode == "static":
-                candidate, excluded, report = self._fallback(float_path, tmp, data, report)
+                candidate, excluded, report = self._fallback(float_path, tmp, data, report, recipe)
             if report is not None and not report.ok:
                 why = "; ".join(report.failures[:2])
                 tried = f" even with {len(excluded)} nodes in float" if excluded else ""
@@ -102,12 +99,12 @@ class Int8QuantPass(OptPass):
                 reason = f"int8 is slower here ({speed[1]:.0f} us vs {speed[0]:.0f} us float); use --quant-force"
                 return OptResult(model, modified=False, skipped=[Skip("model", reason)])
             graph_io.adopt(model, candidate)
-        recipe = ", per-tensor weights, uint8 activations (more accurate here)" if self._recipe == _ORT_RECIPE else ""
-        changes = [Change("model", _summary(config, speed) + recipe)]
+        note = ", per-tensor weights, uint8 activations (more accurate here)" if recipe == _ORT_RECIPE else ""
+        changes = [Change("model", _summary(config, speed) + note)]
         changes += [Change(name, "kept in float (quantization noise)") for name in excluded]
         return OptResult(model, modified=True, changes=changes)
 
-    def _quantize(self, src: Path, dst: Path, data, exclude) -> Path:
+    def _quantize(self, src: Path, dst: Path, data, exclude, recipe: tuple[bool, bool]) -> Path:
         config: QuantConfig = self.config
         if config.mode == "dynamic":
             # per-tensor uint8 weights: onnxruntime's per-channel dynamic path fails on Gemm(transB) graphs
@@ -115,13 +112,13 @@ class Int8QuantPass(OptPass):
             return q.quantize_dynamic(src, dst, per_channel=False)
         if config.mode == "weight4":
             return q.quantize_weight4(src, dst)
-        per_channel, unsigned = self._recipe
+        per_channel, unsigned = recipe
         return q.quantize_static(
             src, dst, data, per_channel=per_channel, method=config.calibration, exclude=exclude,
             quantize_bias=config.objective != "size", unsigned_activations=unsigned,
         )  # fmt: skip
 
-    def _fallback(self, float_path: Path, tmp: Path, data, report):
+    def _fallback(self, float_path: Path, tmp: Path, data, report, recipe: tuple[bool, bool]):
         """Keep the layers around the noisiest activations in float, doubling their number until the budget holds.
 
         An activation int8 cannot hold hurts through the node that writes it and the nodes that read it, so
@@ -138,7 +135,7 @@ class Int8QuantPass(OptPass):
         count, candidate, excluded = 1, None, []
         while count <= min(self.config.max_fallback, len(tensors)):
             excluded = list(dict.fromkeys(name for t in tensors[:count] for name in around[t]))
-            path = self._quantize(float_path, tmp / "q_fallback.onnx", data, excluded)
+            path = self._quantize(float_path, tmp / "q_fallback.onnx", data, excluded, recipe)
             candidate = graph_io.load(path)
             report = self.context.check(candidate)
             logger.info("quant fallback: %d layers in float -> %s", len(excluded), "ok" if report.ok else "fails")
