@@ -5,12 +5,13 @@
 
 The ``prune`` issue's iterative cycle (the thesis prunes, then retrains). Each cycle:
 
-1. ``prune`` (criterion ``ratio``, searched) removes what the *step* budget allows, judged against the current model
-   on the budget split;
+1. ``prune`` (criterion ``ratio``, searched) removes what the *step* budget allows on the budget split; the step is
+   measured from the original model (``--step`` pp of accuracy, or relative MSE), so what fine-tuning won back
+   can be spent again;
 2. :func:`onnxopt.finetune.finetune` trains the pruned model's remaining weights on the 60,000 training images
    (``--epochs`` epochs, Adam, ``--lr``), the graph unchanged;
 3. the result is validated against the *original* model on the budget split with the final budget; it is accepted
-   when it holds; a cycle that misses it is retried with half the step budget (down to 1/16 of it), and the loop
+   when it holds; a cycle that misses it is retried with half the step (down to 1/16 of it), and the loop
    stops when that misses too, when prune removes nothing, or after ``--cycles`` cycles.
 
 Data, as in ``bench/_protocol.py``: calibration on training images 0-999, budgets on test images 0-4,999, results
@@ -74,13 +75,6 @@ def channels(model) -> list[int]:
             counts.append(int(w.shape[1] * (node.attributes.get_int("group", 1)) if node.op_type == "ConvTranspose"
                               else w.shape[0] if node.op_type == "Conv" else w.shape[-1]))  # fmt: skip
     return counts
-
-
-def _smaller(step: Budget, first: Budget, times: int) -> Budget | None:
-    """Half of ``step`` (accuracy drop or MSE increase), or None once it is ``first`` / 2**times."""
-    field = "max_accuracy_drop" if step.max_accuracy_drop is not None else "max_mse_increase"
-    value = getattr(step, field) / 2
-    return None if value < getattr(first, field) / 2**times else Budget(**{field: value})
 
 
 def metric(model, x, y, task) -> float:
@@ -152,13 +146,25 @@ def main(argv=None) -> int:
 
     record("original", original, 0)
     current, epochs_spent, start = original, 0, time.time()
-    cycle, step = 0, step_budget
+    # The step budget is relative to the *original* (what the current model gained by fine-tuning may be spent
+    # again): accuracy drop = step + (current - original); MSE increase = (1 + step) * original / current - 1.
+    field = "max_accuracy_drop" if task == "classify" else "max_mse_increase"
+    first_step = getattr(step_budget, field)
+    cycle, step, gained = 0, first_step, None
     while cycle < args.cycles:
         cycle += 1
         t0 = time.time()
         before = cost.estimate(current).macs
-        report = PassManager([registry.make_pass("prune", criterion="ratio", refit=args.refit, **options)], data=calib,
-                             eval_data=budget_data, budget=step).run(graph.clone(current))  # fmt: skip
+        if gained is None:
+            allowed = step
+        elif task == "classify":
+            allowed = max(step + gained["after"] - gained["before"], step / 4)
+        else:
+            allowed = max((1 + step) * gained["before"] / gained["after"] - 1, step / 4)
+        prune = registry.make_pass("prune", criterion="ratio", refit=args.refit, **options)
+        report = PassManager([prune], data=calib, eval_data=budget_data, budget=Budget(**{field: allowed})).run(
+            graph.clone(current)
+        )
         pruned = report.model
         if cost.estimate(pruned).macs >= before:
             print(f"cycle {cycle}: prune removed nothing within the step budget; stop", flush=True)
@@ -167,14 +173,14 @@ def main(argv=None) -> int:
         verdict = validate(original, tuned, as_source(budget_data, original, batch_size=500), final_budget)
         if not verdict.ok:
             print(f"cycle {cycle}: {channels(tuned)} misses the final budget ({'; '.join(verdict.failures)})")
-            smaller = _smaller(step, step_budget, 4)
-            if smaller is None:
+            if step / 2 < first_step / 16:
                 print("stop", flush=True)
                 break
-            step = smaller
-            print(f"retry with the step budget {step.describe()}", flush=True)
+            step /= 2
+            print(f"retry with half the step ({step:g})", flush=True)
             continue
         current, epochs_spent = tuned, epochs_spent + args.epochs
+        gained = verdict.accuracy if task == "classify" else verdict.task_mse
         record(f"cycle {cycle}: prune + {args.epochs} epoch(s)", current, time.time() - t0)
     if epochs_spent:  # control: the same extra training without pruning
         t0 = time.time()
