@@ -138,7 +138,9 @@ class ConvSplitPass(OptPass):
             else:
                 rank = int(np.searchsorted(energy, config.energy - 1e-12) + 1)
             return rank if rank <= site.max_rank else None
-        lo, hi = 1, site.max_rank
+        # Ranks past the weight's numerical rank change nothing: start the bisection there (placeholder and
+        # low-rank weights then cost one check instead of log2(max_rank)).
+        lo, hi = 1, min(site.max_rank, _numerical_rank(site, config.mode))
         if not self._passes(model, site, hi):
             return None
         while lo < hi:
@@ -200,6 +202,13 @@ class ConvSplitPass(OptPass):
 
 def _name(node: ir.Node) -> str:
     return node.name or node.outputs[0].name
+
+
+def _numerical_rank(site: _Site, mode: str) -> int:
+    """Singular values above 1e-6 of the largest (per input channel for depthwise): the rank that is exact."""
+    rows = site.spectrum.reshape(site.weight.shape[1], -1) if mode == "depthwise" else site.spectrum.reshape(1, -1)
+    top = np.maximum(np.abs(rows).max(axis=1, keepdims=True), 1e-30)
+    return max(1, int((np.abs(rows) > top * 1e-6).sum(axis=1).max()))
 
 
 def _tail(spectrum: np.ndarray, keep: int) -> float:

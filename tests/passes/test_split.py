@@ -125,3 +125,26 @@ def test_energy_picks_the_exact_rank_of_a_separable_kernel():
     result, out = _split(proto, energy=0.999999)
     assert "rank 3" in result.changes[0].what
     _same(proto, out)
+
+
+def test_search_starts_at_the_numerical_rank_of_a_low_rank_kernel():
+    """A rank-3 kernel (max useful rank 24): the budget search tries no rank above 3 and keeps rank 3, exact."""
+    proto = _conv(_separable(16, 8, 3, 3, rank=3), pads=[1, 1, 1, 1])
+    x = RNG.standard_normal((2, 8, 12, 10)).astype(np.float32)
+    want = builders.run(proto, {"x": x})["y"]
+    tried = []
+
+    class Context:  # the PassManager's check: here max abs error on one batch within 1e-4
+        def check(self, candidate):
+            got = builders.run(ir.to_proto(candidate), {"x": x})["y"]
+            ranks = [n.inputs[1].const_value.shape[0] for n in candidate.graph if n.op_type == "Conv"]
+            tried.append(ranks[0] if len(ranks) == 2 else None)
+            return type("Verdict", (), {"ok": float(np.abs(got - want).max()) < 1e-4})()
+
+    model = ir.from_proto(proto)
+    split = ConvSplitPass(SplitConfig())
+    split.context = Context()
+    result = split(model)
+    assert "rank 3" in result.changes[0].what
+    assert tried and max(tried) == 3 and len(tried) <= 3
+    _same(proto, ir.to_proto(model))
