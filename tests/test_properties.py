@@ -12,6 +12,8 @@ Oracle: onnxruntime on the unmodified model, on fresh inputs.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -25,8 +27,9 @@ from onnxopt.validate import Budget
 from tests import builders
 from tests.passes.test_prune import _Net
 
-EXACT_EXAMPLES = 24
-HONEST_EXAMPLES = 16
+# ONNXOPT_EXAMPLES=N runs N examples of each property instead (the CI default keeps the suite fast)
+EXACT_EXAMPLES = int(os.environ.get("ONNXOPT_EXAMPLES", 24))
+HONEST_EXAMPLES = int(os.environ.get("ONNXOPT_EXAMPLES", 16))
 # each example runs onnxruntime a dozen times: shrinking a failure would take minutes, the example is printed anyway
 SETTINGS = {
     "deadline": None,
