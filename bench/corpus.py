@@ -7,8 +7,9 @@ The corpus is every ``../shared/models/*/*.onnx`` and the onnx wheel's ``light_*
 are calibrated and validated on the one reference input of their ``.ref.npz`` (1-10 real samples); the light
 models, whose weights are constant placeholders, on 4 seeded random inputs (``onnxopt.data.random_source``).
 ``simplify`` runs under the exact budget (max abs 1e-5); the lossy passes and the pipeline under an
-agreement budget (``--min-cosine``, default 0.99), searching the strongest setting that keeps it. Each run
-is a fresh forked process with a time limit, so one slow or crashing run is recorded and the rest go on.
+agreement budget (``--min-cosine``, default 0.99), searching the strongest setting that keeps it; every result
+must pass ``onnx.checker`` (full check). Each run is a fresh forked process with a time limit, so one slow or
+crashing run is recorded and the rest go on.
 
 Per model and run the table gives: the sites the named pass rewrote (from the report's ``changed``), the
 skipped sites with their most common reasons, parameter and MAC ratios, the validation verdict with the worst
@@ -43,6 +44,8 @@ def corpus(shared: Path) -> list[Path]:
 
 def run_one(path: Path, spec: str, min_cosine: float) -> dict:
     """One ``PassManager.run`` of ``spec`` (a pass or a comma-separated pipeline) on ``path``, as a table row."""
+    import onnx
+
     from onnxopt import data, graph
     from onnxopt.manager import PassManager
     from onnxopt.validate import Budget
@@ -54,6 +57,8 @@ def run_one(path: Path, spec: str, min_cosine: float) -> dict:
     start = time.perf_counter()
     report = PassManager(names, data=source, budget=budget).run(path)
     seconds = time.perf_counter() - start
+    with graph.temporary_model_file(report.model) as saved:  # what a user gets must pass the full checker
+        onnx.checker.check_model(str(saved), full_check=True)
     records = [r for r in report.passes if r.name in names]  # the wrapping simplify runs are not counted
     changed = sum(len(r.changes) for r in records)
     skipped = [s.reason for r in records for s in r.skipped]
