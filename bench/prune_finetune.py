@@ -9,7 +9,8 @@ The ``prune`` issue's iterative cycle (the thesis prunes, then retrains). Each c
    measured from the original model (``--step`` pp of accuracy, or relative MSE), so what fine-tuning won back
    can be spent again;
 2. :func:`onnxopt.finetune.finetune` trains the pruned model's remaining weights on the 60,000 training images
-   (``--epochs`` epochs, Adam, ``--lr``), the graph unchanged;
+   (``--epochs`` epochs, Adam, ``--lr``) on the labels, or with ``--distill`` on the original model's logits
+   (knowledge distillation), the graph unchanged;
 3. the result is validated against the *original* model on the budget split with the final budget; it is accepted
    when it holds; a cycle that misses it is retried with half the step (down to 1/16 of it), and the loop
    stops when that misses too, when prune removes nothing, or after ``--cycles`` cycles.
@@ -35,6 +36,7 @@ import _protocol  # noqa: E402
 from onnxopt import cost, graph, registry  # noqa: E402
 from onnxopt.data import as_source  # noqa: E402
 from onnxopt.finetune import finetune  # noqa: E402
+from onnxopt.finetune import logits as finetune_logits  # noqa: E402
 from onnxopt.manager import PassManager  # noqa: E402
 from onnxopt.runtime import Session  # noqa: E402
 from onnxopt.validate import Budget, validate  # noqa: E402
@@ -100,6 +102,11 @@ def main(argv=None) -> int:
     parser.add_argument("--refit", action="store_true", help="prune with --prune-refit (least-squares re-fit)")
     parser.add_argument("--out", help="directory for the table (prune_finetune_MODEL.md)")
     parser.add_argument("--save", help="where to write the last accepted model (.onnx)")
+    parser.add_argument(
+        "--distill",
+        action="store_true",
+        help="classifiers: fine-tune on the original's logits (knowledge distillation), not the labels",
+    )
     args = parser.parse_args(argv)
 
     rel, _, task, final_budget, step_budget, options = SETUPS[args.model]
@@ -132,6 +139,8 @@ def main(argv=None) -> int:
         held = (x_test[_protocol.HELDOUT], test_y[_protocol.HELDOUT])
         full = (x_test, test_y)
         where = "on test images 0-4,999; held-out = test images 5,000-9,999"
+    if args.distill and task == "classify":  # the unpruned model teaches: its logits on the training inputs
+        targets, loss = finetune_logits(original, {name: x_train}), "distill"
     unit = "accuracy %" if task == "classify" else "MSE"
     base_macs = cost.estimate(original).macs
 
@@ -190,7 +199,8 @@ def main(argv=None) -> int:
         f"{args.model}: iterative prune + fine-tune, `python bench/prune_finetune.py"
         f"{' --mnist DIR' if args.mnist else ''} --model {args.model} "
         f"--cycles {args.cycles} --epochs {args.epochs} --lr {args.lr:g}"
-        f"{'' if args.step is None else f' --step {args.step:g}'}{' --refit' if args.refit else ''}`, "
+        f"{'' if args.step is None else f' --step {args.step:g}'}{' --refit' if args.refit else ''}"
+        f"{' --distill' if args.distill else ''}`, "
         f"{time.strftime('%Y-%m-%d')}; final budget "
         f"{final_budget.describe()} vs the original {where}; first step budget {step_budget.describe()}; "
         f"{time.time() - start:.0f} s.\n\n"

@@ -63,21 +63,27 @@ def finetune(
     lr: float = 1e-3,
     batch_size: int = 128,
     weight_decay: float = 0.0,
+    temperature: float = 4.0,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Train ``model``'s float weights on ``inputs`` → ``targets`` with Adam; returns a new model.
 
     ``loss``: ``cross_entropy`` (``targets`` are class indices or one-hot rows; the output is read as logits, or as
-    probabilities when the graph ends in Softmax, whose input is then used) or ``mse`` (``targets`` have the
-    output's shape). ``output``: which graph output to train (default: the first).
+    probabilities when the graph ends in Softmax, whose input is then used), ``mse`` (``targets`` have the
+    output's shape) or ``distill`` (knowledge distillation, Hinton et al. 2015: ``targets`` are a teacher's logits,
+    e.g. :func:`logits` of the unpruned model, and the loss is the KL divergence between the softened
+    distributions at ``temperature``, times its square). ``output``: which graph output to train (default: the
+    first).
     """
     try:
         import torch
     except ImportError as e:  # pragma: no cover - the extra is installed in CI
         raise OnnxoptError("fine-tuning needs PyTorch: pip install 'onnxopt[torch]'") from e
-    if loss not in ("cross_entropy", "mse"):
-        raise OnnxoptError(f"unknown loss {loss!r}: use cross_entropy or mse")
+    if loss not in ("cross_entropy", "mse", "distill"):
+        raise OnnxoptError(f"unknown loss {loss!r}: use cross_entropy, mse or distill")
+    if loss == "distill" and not temperature > 0:
+        raise OnnxoptError(f"distillation temperature must be > 0, got {temperature}")
     proto = graph.to_proto(model)
     program = _Program(proto, output)
     names = list(inputs)
@@ -100,10 +106,15 @@ def finetune(
             for start in range(0, count, batch_size):
                 index = order[start : start + batch_size]
                 feeds = {n: torch.from_numpy(np.ascontiguousarray(inputs[n][index])) for n in names}
-                prediction = program.forward(feeds, params, logits=loss == "cross_entropy")
+                prediction = program.forward(feeds, params, logits=loss != "mse")
                 target = torch.from_numpy(np.ascontiguousarray(target_array[index]))
                 if loss == "cross_entropy":
                     value = torch.nn.functional.cross_entropy(prediction.reshape(len(index), -1), target.long())
+                elif loss == "distill":
+                    student = torch.log_softmax(prediction.reshape(len(index), -1) / temperature, dim=1)
+                    teacher = torch.log_softmax(target.float().reshape(len(index), -1) / temperature, dim=1)
+                    kl = torch.nn.functional.kl_div(student, teacher, reduction="batchmean", log_target=True)
+                    value = kl * temperature**2
                 else:
                     value = torch.nn.functional.mse_loss(prediction, target.float().reshape(prediction.shape))
                 optimizer.zero_grad()
@@ -118,6 +129,24 @@ def finetune(
         array = param.detach().numpy().astype(numpy_helper.to_array(by_name[name]).dtype)
         by_name[name].CopyFrom(numpy_helper.from_array(array, name))
     return FinetuneResult(graph.from_proto(proto), losses, sum(int(p.numel()) for p in params.values()))
+
+
+def logits(
+    model: ir.Model, inputs: Mapping[str, np.ndarray], *, output: str | None = None, batch_size: int = 1000
+) -> np.ndarray:
+    """The output's logits (the Softmax input when the graph ends in Softmax) for ``inputs``: distillation targets."""
+    import torch
+
+    program = _Program(graph.to_proto(model), output)
+    count = len(next(iter(inputs.values())))
+    parts = []
+    with torch.no_grad():
+        for start in range(0, count, batch_size):
+            feeds = {
+                n: torch.from_numpy(np.ascontiguousarray(a[start : start + batch_size])) for n, a in inputs.items()
+            }
+            parts.append(program.forward(feeds, {}, logits=True).numpy())
+    return np.concatenate(parts)
 
 
 SUPPORTED = frozenset(

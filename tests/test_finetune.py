@@ -159,3 +159,35 @@ def test_prune_finetune_prune_cycle():
     out = graph.to_proto(second)
     onnx.checker.check_model(out, full_check=True)
     assert builders.run(out, {"x": x})["y"].shape == (512, 4)
+
+
+def test_distillation_from_the_teachers_logits():
+    """``logits`` reads the Softmax input (as onnxruntime computes it); ``distill`` moves a damaged student's
+    softened distribution towards the teacher's, so its decisions agree with the teacher's more often."""
+    from onnxopt.finetune import logits
+
+    teacher = _pool_net()  # ends in Softmax
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((512, 2, 8, 8)).astype(np.float32)
+    z = logits(graph.from_proto(teacher), {"x": x}, batch_size=100)
+    assert z.shape == (512, 5)
+    softmax = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(softmax / softmax.sum(1, keepdims=True), builders.run(teacher, {"x": x})["y"],
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    for init in student.graph.initializer:  # damage the student's weights
+        if init.name in ("w", "fw"):
+            array = numpy_helper.to_array(init)
+            init.CopyFrom(
+                numpy_helper.from_array(array + rng.normal(0, 0.5, array.shape).astype(array.dtype), init.name)
+            )
+
+    def agreement(model):
+        return float((builders.run(model, {"x": x})["y"].argmax(1) == z.argmax(1)).mean())
+
+    result = finetune(graph.from_proto(student), {"x": x}, z, loss="distill", epochs=10, lr=1e-2, batch_size=64)
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert agreement(graph.to_proto(result.model)) > agreement(student) + 0.1
+    with pytest.raises(OnnxoptError, match="temperature"):
+        finetune(graph.from_proto(student), {"x": x}, z, loss="distill", temperature=0)
