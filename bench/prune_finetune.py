@@ -107,6 +107,18 @@ def main(argv=None) -> int:
         action="store_true",
         help="classifiers: fine-tune on the original's logits (knowledge distillation), not the labels",
     )
+    parser.add_argument(
+        "--stop-at-macs",
+        type=float,
+        default=0.0,
+        help="stop once an accepted cycle has at most this fraction of the original MACs",
+    )
+    parser.add_argument(
+        "--control-only",
+        type=int,
+        metavar="EPOCHS",
+        help="only the control row: the unpruned model fine-tuned for EPOCHS epochs",
+    )
     args = parser.parse_args(argv)
 
     rel, _, task, final_budget, step_budget, options = SETUPS[args.model]
@@ -155,12 +167,15 @@ def main(argv=None) -> int:
 
     record("original", original, 0)
     current, epochs_spent, start = original, 0, time.time()
+    cycles = args.cycles
+    if args.control_only is not None:
+        cycles, epochs_spent = 0, args.control_only
     # The step budget is relative to the *original* (what the current model gained by fine-tuning may be spent
     # again): accuracy drop = step + (current - original); MSE increase = (1 + step) * original / current - 1.
     field = "max_accuracy_drop" if task == "classify" else "max_mse_increase"
     first_step = getattr(step_budget, field)
     cycle, step, gained = 0, first_step, None
-    while cycle < args.cycles:
+    while cycle < cycles:
         cycle += 1
         t0 = time.time()
         before = cost.estimate(current).macs
@@ -191,6 +206,9 @@ def main(argv=None) -> int:
         current, epochs_spent = tuned, epochs_spent + args.epochs
         gained = verdict.accuracy if task == "classify" else verdict.task_mse
         record(f"cycle {cycle}: prune + {args.epochs} epoch(s)", current, time.time() - t0)
+        if cost.estimate(current).macs <= args.stop_at_macs * base_macs:
+            print(f"cycle {cycle}: at most {args.stop_at_macs:g} of the MACs; stop", flush=True)
+            break
     if epochs_spent:  # control: the same extra training without pruning
         t0 = time.time()
         control = finetune(original, {name: x_train}, targets, loss=loss, epochs=epochs_spent, lr=args.lr).model
@@ -200,7 +218,8 @@ def main(argv=None) -> int:
         f"{' --mnist DIR' if args.mnist else ''} --model {args.model} "
         f"--cycles {args.cycles} --epochs {args.epochs} --lr {args.lr:g}"
         f"{'' if args.step is None else f' --step {args.step:g}'}{' --refit' if args.refit else ''}"
-        f"{' --distill' if args.distill else ''}`, "
+        f"{' --distill' if args.distill else ''}{f' --stop-at-macs {args.stop_at_macs:g}' if args.stop_at_macs else ''}"
+        f"{f' --control-only {args.control_only}' if args.control_only is not None else ''}`, "
         f"{time.strftime('%Y-%m-%d')}; final budget "
         f"{final_budget.describe()} vs the original {where}; first step budget {step_budget.describe()}; "
         f"{time.time() - start:.0f} s.\n\n"
