@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", default="500,1000,2000,5000", help="mnist_cnn calibration sizes")
     parser.add_argument("--profile", help="directory: run each child under cProfile and print the top functions")
     args = parser.parse_args(argv)
+    load_average = os.getloadavg()[0]
     skip = set(args.skip.split(","))
     work = Path(tempfile.mkdtemp(prefix="onnxopt-own-cost-"))
     profile_dir = Path(args.profile) if args.profile else None
@@ -192,8 +193,9 @@ def main(argv=None) -> int:
     ]
     invocation = shlex.join(sys.argv[1:] if argv is None else argv)
     lines = [
-        f"Measured {datetime.date.today()} on a shared 2-core machine (other agents' jobs ran at the same time, so "
-        f"wall times are upper bounds): `python bench/own_cost.py {invocation}`",
+        f"Measured {datetime.date.today()} on {os.cpu_count()} CPU cores (1-minute load average "
+        f"{load_average:.1f} before the runs; other jobs on the machine make wall times upper bounds): "
+        f"`python bench/own_cost.py {invocation}`",
         "",
         f"`onnxopt run --passes {PASSES}` in a child process; peak RSS is that child's (/usr/bin/time %M). "
         "MNIST models: accuracy budget 0.5 pp on test images 0-4,999; random-weight models: "
