@@ -76,10 +76,7 @@ def finetune(
     distributions at ``temperature``, times its square). ``output``: which graph output to train (default: the
     first).
     """
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - the extra is installed in CI
-        raise OnnxoptError("fine-tuning needs PyTorch: pip install 'onnxopt[torch]'") from e
+    torch = _torch()
     if loss not in ("cross_entropy", "mse", "distill"):
         raise OnnxoptError(f"unknown loss {loss!r}: use cross_entropy, mse or distill")
     if loss == "distill" and not temperature > 0:
@@ -135,7 +132,7 @@ def logits(
     model: ir.Model, inputs: Mapping[str, np.ndarray], *, output: str | None = None, batch_size: int = 1000
 ) -> np.ndarray:
     """The output's logits (the Softmax input when the graph ends in Softmax) for ``inputs``: distillation targets."""
-    import torch
+    torch = _torch()
 
     program = _Program(graph.to_proto(model), output)
     count = len(next(iter(inputs.values())))
@@ -147,6 +144,14 @@ def logits(
             }
             parts.append(program.forward(feeds, {}, logits=True).numpy())
     return np.concatenate(parts)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - the extra is installed in CI
+        raise OnnxoptError("fine-tuning needs PyTorch: pip install 'onnxopt[torch]'") from e
+    return torch
 
 
 SUPPORTED = frozenset(
