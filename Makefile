@@ -1,20 +1,28 @@
-# `make demo`: set up a virtual environment and optimize the MNIST model shipped in models/.
-# `make test`: set up the same environment and run the test suite, then the slow suite (what CI runs, through .ci/run).
+# `make demo`: set up a virtual environment with the core only and optimize the MNIST model shipped in models/.
+# `make test`: add the extras the tests need and run the test suite, then the slow suite (what CI runs, through .ci/run).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+# Two stamps: the core (the demo: no TensorFlow or torch, under a minute) and the test extras on top of it.
+# `make demo` then `make test` installs the extras; `make test` then `make demo` installs nothing more.
+CORE_STAMP := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(CORE_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,tf,torch,models]"
+	$(PIP) -e .
+	touch $(CORE_STAMP)
+
+$(STAMP): $(CORE_STAMP)
+	$(PIP) -e ".[dev,tf,torch,models]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-demo: setup
+demo: $(CORE_STAMP)
 	mkdir -p out
 	$(BIN)/onnxopt run models/tiny_mlp/tiny_mlp.onnx --passes prune,quant \
 		--data models/tiny_mlp/calib.npz --eval models/tiny_mlp/eval.npz \
