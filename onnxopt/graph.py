@@ -121,7 +121,12 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         raise ModelSaveError(f"{path}: cannot write in {parent} ({e.strerror})") from e
     try:
         tmp_model = tmp_dir / path.name
-        ir.save(model, tmp_model, external_data=data_name)
+        if data_name is not None:
+            ir.save(model, tmp_model, external_data=data_name)
+        else:
+            with _weights_in_memory(model):  # weights the input kept in its own .data file go into the proto
+                ir.save(model, tmp_model)
+        _check_self_contained(tmp_model, data_name)
         if data_name is not None:
             os.replace(tmp_dir / data_name, parent / data_name)
         os.replace(tmp_model, path)
@@ -131,6 +136,50 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.debug("saved %s (external data: %s)", path, data_name)
     return path
+
+
+@contextlib.contextmanager
+def _weights_in_memory(model: ir.Model) -> Iterator[None]:
+    """Swap every initializer held in an external-data file for an in-memory copy, and back on exit.
+
+    Saved as they are, such tensors would keep their *relative* location (``model.onnx.data``), which
+    resolves against the new file's directory, not the input's: the written model would not load.
+    """
+    values = [
+        value
+        for g in model.graphs()
+        for value in g.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    ]
+    tensors = [value.const_value for value in values]
+    try:
+        for value, tensor in zip(values, tensors, strict=True):
+            value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
+        yield
+    finally:
+        for value, tensor in zip(values, tensors, strict=True):
+            value.const_value = tensor
+
+
+def _check_self_contained(path: Path, data_name: str | None) -> None:
+    """Refuse to publish a model file whose tensors point at any file but its own ``data_name``.
+
+    A model saved without external data has none left after :func:`_weights_in_memory` unless a node
+    attribute holds one; the re-read is skipped for such a file over 64 MB (it would double the memory).
+    """
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    if data_name is None and path.stat().st_size > 1 << 26:
+        return
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in _get_all_tensors(proto):
+        if uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location != data_name:
+                raise ModelSaveError(
+                    f"{path.name}: tensor '{tensor.name}' would point at external data '{location}' "
+                    f"instead of {data_name or 'the model file'}"
+                )
 
 
 @contextlib.contextmanager

@@ -519,3 +519,40 @@ def test_a_model_over_2gb_is_saved_with_external_data_and_matches(tmp_path, caps
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
     np.testing.assert_allclose(run(tmp_path / "out.onnx"), run(tmp_path / "big.onnx"), rtol=1e-5, atol=1e-5)
+
+
+# --- external data: inputs and outputs with a .onnx.data file -----------------------------------------------------
+
+
+def _external_conv_net(folder):
+    """builders.conv_net saved with every weight in ``m.onnx.data`` (as exporters do for big models)."""
+    folder.mkdir(exist_ok=True)
+    proto = builders.conv_net(seed=0)
+    external = onnx.ModelProto()
+    external.CopyFrom(proto)  # onnx.save moves the weights of the proto it saves out of it
+    onnx.save(external, folder / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    assert not any(i.raw_data for i in onnx.load(folder / "m.onnx", load_external_data=False).graph.initializer)
+    np.savez(folder / "d.npz", x=np.random.default_rng(0).standard_normal((16, 3, 10, 10)).astype(np.float32))
+    return proto, folder / "m.onnx", folder / "d.npz"
+
+
+@pytest.mark.parametrize(
+    "args", [["--passes", "simplify"], ["--passes", "prune,svd,quant"], ["--passes", "simplify", "--no-validate"]]
+)
+def test_a_model_with_external_data_is_optimized_and_written_loadable(args, tmp_path, capsys):
+    import onnxruntime as ort
+
+    proto, model, data = _external_conv_net(tmp_path / "in")
+    weights = (tmp_path / "in" / "m.onnx.data").read_bytes()
+    (tmp_path / "out").mkdir()  # elsewhere: a copied relative reference to m.onnx.data would not resolve there
+    out = tmp_path / "out" / "o.onnx"
+    code = cli.main(["run", str(model), *args, "--data", str(data), "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    assert os.listdir(tmp_path / "out") == ["o.onnx"]  # a small model: weights inside the file
+    x = np.load(data)["x"]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expected = builders.run(proto, {"x": x})["y"]
+    tol = 1e-4 if "quant" not in args[1] else 0.2 * np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, atol=tol)
+    assert (tmp_path / "in" / "m.onnx.data").read_bytes() == weights
