@@ -306,6 +306,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         _check_output_path(source, Path(args.html))
         html_report.require_matplotlib()
+    _check_collisions(args)
     names = [n.strip() for n in args.passes.split(",") if n.strip()]
     if names and not args.no_simplify and "simplify" not in names:
         names = ["simplify", *names]
@@ -392,6 +393,36 @@ def _check_output_path(source: Path, output: Path) -> None:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         raise UsageError(f"{output}: directory {parent} is not writable ({e.strerror or e})") from None
+
+
+def _check_collisions(args: argparse.Namespace) -> None:
+    """Exit 2 before anything runs when an output of ``run`` is one of its inputs or another output.
+
+    Inputs: the model, its external-data files, ``--data`` and ``--eval``; outputs: ``-o``, the
+    ``<output>.data`` file a large model is written with, ``--report`` and ``--html``. Paths are compared
+    after resolving ``..`` and symlinks, and by inode when both exist (hard links).
+    """
+    from onnxopt import graph
+
+    source = Path(args.model)
+    inputs = [("the input model", source)]
+    inputs += [("the input model's external data", p) for p in graph.external_data_files(source)]
+    inputs += [(f"--{flag}", Path(getattr(args, flag))) for flag in ("data", "eval") if getattr(args, flag)]
+    outputs = [("-o", Path(args.output)), ("the output's external data", Path(f"{args.output}.data"))]
+    outputs += [(f"--{flag}", Path(getattr(args, flag))) for flag in ("report", "html") if getattr(args, flag)]
+    for index, (flag, path) in enumerate(outputs):
+        for what, other in inputs + outputs[:index]:
+            if _same_path(path, other):
+                raise UsageError(f"{path}: {flag} would overwrite {what} ({other}); nothing was written")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not a file anything can be written to or read from
+        return False
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

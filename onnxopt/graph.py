@@ -46,6 +46,7 @@ __all__ = [
     "upgrade_opset",
     "adopt",
     "temporary_model_file",
+    "external_data_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,25 @@ def temporary_model_file(model: ir.Model) -> Iterator[Path]:
         yield save(model, tmp_dir / "model.onnx")
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external-data files the model file at ``path`` reads its tensors from (none for an unreadable file)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # load() reports an unreadable model
+        return []
+    locations = {
+        entry.value
+        for tensor in _get_all_tensors(proto)
+        if uses_external_data(tensor)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [path.parent / location for location in sorted(locations)]
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

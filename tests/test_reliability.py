@@ -556,3 +556,43 @@ def test_a_model_with_external_data_is_optimized_and_written_loadable(args, tmp_
     tol = 1e-4 if "quant" not in args[1] else 0.2 * np.abs(expected).max()
     np.testing.assert_allclose(got, expected, atol=tol)
     assert (tmp_path / "in" / "m.onnx.data").read_bytes() == weights
+
+
+# --- outputs never overwrite inputs or each other -------------------------------------------------------------------
+
+COLLISIONS = {  # name: (extra arguments with {in} for the input folder, the path named in the error)
+    "-o is --data": (["-o", "{in}/d.npz"], "--data"),
+    "-o is --eval through ..": (["--eval", "{in}/e.npz", "-o", "{in}/sub/../e.npz"], "--eval"),
+    "-o is a symlink to --data": (["-o", "{in}/link.npz"], "--data"),
+    "-o is a hard link to --data": (["-o", "{in}/hard.npz"], "--data"),
+    "-o is the input's external data": (["-o", "{in}/m.onnx.data"], "the input model's external data"),
+    "-o's external data is the input's": (["-o", "{in}/o.onnx"], "the input model's external data"),
+    "--report is -o": (["-o", "{in}/o.onnx", "--report", "{in}/o.onnx"], "-o"),
+    "--html is -o": (["-o", "{in}/o.onnx", "--html", "{in}/sub/../o.onnx"], "-o"),
+    "--report is --data": (["-o", "{in}/o.onnx", "--report", "{in}/d.npz"], "--data"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COLLISIONS))
+def test_an_output_that_is_an_input_or_another_output_is_refused_before_anything_is_written(case, tmp_path, capsys):
+    _, model, data = _external_conv_net(tmp_path / "in")
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir()
+    np.savez(folder / "e.npz", x=np.load(data)["x"][:4])
+    (folder / "link.npz").symlink_to(data)
+    os.link(data, folder / "hard.npz")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    extra, named = COLLISIONS[case]
+    if case == "-o's external data is the input's":  # the input's weights live in o.onnx.data: -o o.onnx
+        proto = onnx.load(model, load_external_data=False)
+        for tensor in proto.graph.initializer:
+            next(e for e in tensor.external_data if e.key == "location").value = "o.onnx.data"
+        os.replace(folder / "m.onnx.data", folder / "o.onnx.data")
+        onnx.save(proto, model)
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    args = [a.format(**{"in": folder}) for a in extra]
+    code = cli.main(["run", str(model), "--passes", "simplify", "--data", str(data), *args])
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and f"would overwrite {named} (" in captured.err, captured.err
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
