@@ -43,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", help="input .onnx model (never overwritten)")
     run.add_argument("--passes", default="", help="comma-separated pass names, in order (see 'onnxopt passes')")
     run.add_argument("-o", "--output", required=True, help="output .onnx path")
-    run.add_argument("--data", help="calibration data .npz keyed by input name (optional 'labels')")
-    run.add_argument("--eval", help="held-out evaluation data .npz for validation (default: --data)")
+    run.add_argument(
+        "--data", help="calibration data: .npz keyed by input name (optional 'labels'), or a folder of images"
+    )
+    run.add_argument("--eval", help="held-out evaluation data (.npz or image folder) for validation (default: --data)")
+    _add_preprocess_option(run)
     run.add_argument("--report", help="write the JSON report here")
     run.add_argument("--html", help="write a self-contained HTML report here (plots need the 'report' extra)")
     run.add_argument("--force", action="store_true", help="write the model even when validation fails")
@@ -68,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="compare an optimized model with its original")
     val.add_argument("original")
     val.add_argument("optimized")
-    val.add_argument("--data", help="evaluation data .npz (default: seeded random inputs)")
+    val.add_argument("--data", help="evaluation data .npz or image folder (default: seeded random inputs)")
+    _add_preprocess_option(val)
     val.add_argument("--json", action="store_true", help="print the validation report as JSON")
     _add_budget_options(val)
     _add_data_options(val)
@@ -88,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="size, params, MACs, latency and accuracy of models, side by side")
     bench.add_argument("models", nargs="+")
-    bench.add_argument("--data", help="evaluation .npz (labels give accuracy); its first batch times latency")
+    bench.add_argument(
+        "--data", help="evaluation .npz or image folder (labels give accuracy); its first batch times latency"
+    )
+    _add_preprocess_option(bench)
     bench.add_argument("--threads", default="1,2", help="intra-op thread counts, comma-separated")
     bench.add_argument("--rounds", type=_positive_int, default=15)
     bench.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...", help="fix a dynamic input")
@@ -107,6 +114,37 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-cosine", type=float, metavar="C", help="lowest per-sample cosine similarity")
     group.add_argument("--max-rel-l2", type=_non_negative, metavar="E", help="highest per-sample relative L2 error")
     group.add_argument("--max-abs", type=_non_negative, metavar="E", help="highest max|diff| / max(1, max|y|)")
+
+
+def _add_preprocess_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preprocess",
+        metavar="SPEC",
+        help="how image folders given as data become tensors: a preset (imagenet, tf, none) and/or items, "
+        "e.g. 'imagenet,crop=192' or 'none,mean=0.5,std=0.5,nhwc' (see README, Data)",
+    )
+
+
+def _image_data(args: argparse.Namespace, *flags: str) -> list[Any]:
+    """The values of the data ``flags``, image folders wrapped with ``--preprocess`` (files stay paths).
+
+    Raises UsageError for a folder without ``--preprocess``, or ``--preprocess`` without a folder.
+    """
+    from onnxopt import images
+
+    values = [getattr(args, flag) for flag in flags]
+    folders = [f"--{flag} {value}" for flag, value in zip(flags, values, strict=True) if value and Path(value).is_dir()]
+    if args.preprocess is None:
+        if folders:
+            raise UsageError(
+                f"{folders[0]} is a folder of images: pass --preprocess (a preset: imagenet, tf, none; "
+                "or items such as 'imagenet,crop=192'; see README, Data)"
+            )
+        return values
+    if not folders:
+        raise UsageError("--preprocess applies to image folders, but no --data/--eval folder was given")
+    pre = images.parse_preprocess(args.preprocess)
+    return [images.ImageFolder(v, pre) if v and Path(v).is_dir() else v for v in values]
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -217,8 +255,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     original = graph.load(args.original)
     graph.load(args.optimized)  # clear errors for a bad file before onnxruntime sees it
     shapes = data.parse_shape_overrides(args.input_shape)
-    if args.data:
-        source = data.as_source(args.data, original, batch_size=args.batch_size, what="data")
+    (data_arg,) = _image_data(args, "data")
+    if data_arg:
+        source = data.as_source(data_arg, original, batch_size=args.batch_size, what="data")
     else:
         source = data.random_source(original, seed=args.seed, shapes=shapes)
     budget = _budget(args) or Budget.default(exact=False, has_labels=source.has_labels)
@@ -271,8 +310,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         threads = [int(t) for t in args.threads.split(",") if t]
     except ValueError:
         raise UsageError(f"--threads {args.threads!r}: expected comma-separated integers") from None
+    (data_arg,) = _image_data(args, "data")
     results = bench_models(
-        args.models, data=args.data, threads=threads, rounds=args.rounds,
+        args.models, data=data_arg, threads=threads, rounds=args.rounds,
         input_shapes=data.parse_shape_overrides(args.input_shape),
     )  # fmt: skip
     if args.json:
@@ -307,6 +347,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _check_output_path(source, Path(args.html))
         html_report.require_matplotlib()
     _check_collisions(args)
+    calib, held_out = _image_data(args, "data", "eval")
     names = [n.strip() for n in args.passes.split(",") if n.strip()]
     if names and not args.no_simplify and "simplify" not in names:
         names = ["simplify", *names]
@@ -320,8 +361,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     passes = [registry.make_pass(name, **options.get(name, {})) for name in names]
     manager = PassManager(
         passes,
-        data=args.data,
-        eval_data=args.eval,
+        data=calib,
+        eval_data=held_out,
         budget=_budget(args),
         validate=not args.no_validate,
         batch_size=args.batch_size,

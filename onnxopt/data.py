@@ -10,6 +10,8 @@ also be the *name* of an input (a 0-d string array), whose values are then the t
 reconstructs its input). Keys written as ``input__<name>`` (the
 reference files in ``../shared/models``) are accepted too, and ``output__*`` keys are ignored. Arrays are
 cut into batches of the model's fixed batch size, or of ``batch_size`` when the batch axis is dynamic.
+A folder of images (JPEG/PNG) comes as an :class:`onnxopt.images.ImageFolder` (the folder and its
+preprocessing) and is read lazily, batch by batch, by :func:`onnxopt.images.image_source`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import graph as graph_io
-from onnxopt.errors import DataError
+from onnxopt.errors import DataError, UsageError
 
 __all__ = [
     "Feeds",
@@ -38,6 +40,7 @@ __all__ = [
     "random_source",
     "parse_shape_overrides",
     "load_npz",
+    "holdout",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,6 +101,7 @@ class DataSource:
         self._factory = factory
         self.description = description
         self.samples = samples
+        self.labels: np.ndarray | None = None  # all labels, when known up front (array data; per pair: pair_labels)
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self._factory())
@@ -111,20 +115,34 @@ class DataSource:
         return first is not None and first.labels is not None
 
 
-def as_source(data: DataLike | DataSource, model: ir.Model, *, batch_size: int = 16, what: str = "data") -> DataSource:
+def as_source(
+    data: DataLike | DataSource, model: ir.Model, *, batch_size: int = 16, what: str = "data", pair_labels: bool = False
+) -> DataSource:
     """Turn user data into a :class:`DataSource` checked against ``model``'s inputs.
+
+    With ``pair_labels`` (``--metric spearman``), array data holds one label per *pair* of samples (rows 2k,
+    2k+1): the labels are then on ``source.labels`` only, not on the batches.
 
     Raises:
         DataError: unreadable file, missing or unknown input names, wrong shapes or dtypes, NaN/Inf.
     """
     if isinstance(data, DataSource):
         return data
+    from onnxopt import images  # here, not at the top: images builds on this module (Pillow loads later still)
+
+    if isinstance(data, images.ImageFolder):
+        return images.image_source(data.path, data.preprocess, model, batch_size=batch_size, what=what)
     specs = input_specs(model)
     if isinstance(data, str | os.PathLike):
+        if Path(data).is_dir():
+            raise UsageError(
+                f"{what} {data} is a folder: to read it as images, give a preprocessing "
+                "(--preprocess imagenet, tf, none or key=value items; images.ImageFolder(path, preprocess) in Python)"
+            )
         arrays = load_npz(Path(data), what)
-        return _array_source(arrays, specs, batch_size, f"{what} {Path(data).name}")
+        return _array_source(arrays, specs, batch_size, f"{what} {Path(data).name}", pair_labels)
     if isinstance(data, Mapping):
-        return _array_source(dict(data), specs, batch_size, f"{what} arrays")
+        return _array_source(dict(data), specs, batch_size, f"{what} arrays", pair_labels)
     if callable(data):
         return DataSource(lambda: (_check_feed_dict(f, specs, what) for f in data()), f"{what} callable")
     if isinstance(data, Iterator):
@@ -226,7 +244,13 @@ def load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
     return renamed
 
 
-def _array_source(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], batch_size: int, description: str):
+def _array_source(
+    arrays: dict[str, np.ndarray],
+    specs: Sequence[InputSpec],
+    batch_size: int,
+    description: str,
+    pair_labels: bool = False,
+):
     labels = arrays.pop(LABELS, None)
     if labels is not None and np.ndim(labels) == 0 and np.asarray(labels).dtype.kind == "U":
         target = str(labels)
@@ -238,8 +262,18 @@ def _array_source(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], bat
     if len(set(counts.values())) > 1:
         raise DataError(f"{description}: arrays have different sample counts {counts}")
     total = next(iter(counts.values()))
-    if labels is not None and len(labels) != total:
-        raise DataError(f"{description}: 'labels' has {len(labels)} entries for {total} samples")
+    if total == 0:
+        raise DataError(f"{description}: holds no samples")
+    if labels is not None:
+        labels = np.asarray(labels)
+        expected = total // 2 if pair_labels else total
+        if pair_labels and total % 2:
+            raise DataError(f"{description}: {total} samples is odd, but the metric reads pairs (rows 2k, 2k+1)")
+        if np.ndim(labels) == 0 or len(labels) != expected:
+            per = f"one per pair of the {total} samples" if pair_labels else f"for {total} samples"
+            raise DataError(f"{description}: 'labels' has {np.size(labels)} entries, expected {expected} ({per})")
+        if labels.dtype.kind in "fc" and not np.isfinite(labels).all():
+            raise DataError(f"{description}: 'labels' contains NaN or Inf values")
     checked = {spec.name: _check_array(arrays[spec.name], spec, description, batch_axis=True) for spec in specs}
     fixed = {spec.fixed_batch for spec in specs if spec.fixed_batch is not None}
     if len(fixed) > 1:
@@ -256,9 +290,49 @@ def _array_source(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], bat
         for start in range(0, usable, step):
             stop = min(start + step, usable)
             feeds = {name: array[start:stop] for name, array in checked.items()}
-            yield Batch(feeds, None if labels is None else np.asarray(labels[start:stop]))
+            batch_labels = None if labels is None or pair_labels else np.asarray(labels[start:stop])
+            yield Batch(feeds, batch_labels)
 
-    return DataSource(batches, description, usable)
+    source = DataSource(batches, description, usable)
+    if labels is not None:
+        source.labels = labels[: usable // 2] if pair_labels else labels[:usable]
+    return source
+
+
+def holdout(data: DataLike | DataSource, fraction: float, *, unit: int = 1) -> tuple[dict, dict, int, int] | None:
+    """Split array data (an ``.npz`` path or a mapping) into a calibration part and its last ``fraction``.
+
+    ``unit`` keeps groups of rows together (2 for sentence pairs, whose labels are one per pair). Returns
+    ``(first arrays, last arrays, samples held out, samples in all)``, or ``None`` for data that is not arrays
+    (a callable, feed dicts, image folders), which is not split.
+    """
+    if isinstance(data, str | os.PathLike) and Path(data).is_file():
+        arrays = load_npz(Path(data), "data")
+    elif isinstance(data, Mapping):
+        arrays = dict(data)
+    else:
+        return None
+    labels = arrays.pop(LABELS, None)
+    counts = {int(np.asarray(a).shape[0]) for a in arrays.values() if np.ndim(a)}
+    if len(counts) != 1:
+        return None  # let as_source report the mismatch
+    total = counts.pop()
+    if labels is not None and np.ndim(labels) and len(labels) != (total // unit if unit > 1 else total):
+        return None  # let as_source report the mismatch
+    units = total // unit
+    held = int(round(units * fraction))
+    if units < 2 or held == 0:
+        return None
+    cut = (units - held) * unit
+    first = {k: np.asarray(v)[:cut] for k, v in arrays.items()}
+    last = {k: np.asarray(v)[cut : units * unit] for k, v in arrays.items()}
+    if labels is not None:
+        if np.ndim(labels) == 0:  # the name of an input: split with it
+            first[LABELS], last[LABELS] = labels, labels
+        else:
+            split = cut // unit if unit > 1 else cut
+            first[LABELS], last[LABELS] = labels[:split], labels[split : (units if unit > 1 else units * unit)]
+    return first, last, units * unit - cut, total
 
 
 def _check_names(keys: Iterable[str], specs: Sequence[InputSpec], description: str) -> None:

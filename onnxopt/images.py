@@ -28,7 +28,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +101,10 @@ class Preprocess:
             raise UsageError(f"preprocess scale={self.scale!r}: expected a finite non-zero number")
 
     def describe(self) -> str:
-        """A spec string that :func:`parse_preprocess` reads back to this object."""
+        """A spec string that :func:`parse_preprocess` reads back to this object (a preset's name for a preset)."""
+        for name, preset in PRESETS.items():
+            if preset == self:
+                return name
         parts = [
             "resize=" + ("none" if self.resize is None else str(self.resize)),
             "crop=" + ("none" if self.crop is None else str(self.crop)),
@@ -175,9 +177,9 @@ def parse_preprocess(spec: str | Preprocess) -> Preprocess:
             elif key in ("resize", "crop"):
                 changes[key] = None if value.lower() == "none" else _positive_int(value)
             elif key == "scale":
-                changes[key] = float(Fraction(value))
+                changes[key] = _ratio(value)
             elif key in ("mean", "std"):
-                values = [float(Fraction(v)) for v in value.split("/")]
+                values = [float(v) for v in value.split("/")]
                 if len(values) not in (1, 3):
                     raise ValueError
                 changes[key] = tuple(values * 3 if len(values) == 1 else values)
@@ -198,7 +200,10 @@ def parse_preprocess(spec: str | Preprocess) -> Preprocess:
                 f"items are {known}"
             ) from None
         except (ValueError, ZeroDivisionError):
-            raise UsageError(f"--preprocess {spec!r}: cannot read {item!r}") from None
+            raise UsageError(
+                f"--preprocess {spec!r}: cannot read {item!r} (resize/crop: N or none; scale: X or A/B; "
+                "mean/std: R/G/B or one value; size: HxW)"
+            ) from None
     return dataclasses.replace(base, **changes)
 
 
@@ -434,6 +439,12 @@ def _check_fits(array: np.ndarray, file: Path, pre: Preprocess, spec: data_mod.I
     raise DataError(f"{where}: {file.name} preprocessed to {got} ({pre.layout}), the model's input takes {want}{hint}")
 
 
+def _ratio(text: str) -> float:
+    """``0.5``, ``1/255`` or ``1/127.5`` as a float."""
+    numerator, sep, denominator = text.partition("/")
+    return float(numerator) / float(denominator) if sep else float(numerator)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -442,7 +453,7 @@ def _positive_int(text: str) -> int:
 
 
 def _number(value: float) -> str:
-    fraction = Fraction(value).limit_denominator(1000)
-    if fraction.denominator != 1 and abs(float(fraction) - value) < 1e-12:
-        return f"{fraction.numerator}/{fraction.denominator}"
-    return f"{value:g}" if float(f"{value:g}") == value else repr(value)
+    """``1/255`` for a reciprocal of an integer, else the shortest text that reads back as ``value``."""
+    if 0 < abs(value) < 1 and abs(1 / value - round(1 / value)) < 1e-9:
+        return f"{'-' if value < 0 else ''}1/{abs(round(1 / value))}"
+    return repr(float(value)).removesuffix(".0")
