@@ -11,9 +11,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
 
+# --no-compile: byte-compiling every installed module (all of sympy, onnx's test data scripts) took longer than
+# the demo; Python compiles what is imported on first use instead.
 $(CORE_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e .
+	$(PIP) --no-compile -e .
 	touch $(CORE_STAMP)
 
 $(STAMP): $(CORE_STAMP)
