@@ -109,3 +109,124 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, optimize: bool 
 def save(model: onnx.ModelProto, path) -> str:
     onnx.save(model, str(path))
     return str(path)
+
+
+def tiny_bert(
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    ffn: int = 64,
+    vocab: int = 100,
+    max_positions: int = 64,
+    symbolic_seq: bool = True,
+    seq: int = 16,
+    opset: int = 17,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """A BERT-like encoder: inputs ``input_ids``/``attention_mask`` (int64, [batch, seq]), output ``last_hidden_state``.
+
+    Word + position embeddings (Gather) and LayerNorm, then ``layers`` post-LN blocks: Q/K/V/output projections
+    as MatMul + Add, heads split by Reshape/Transpose, scaled scores plus the additive mask, Softmax, an FFN with
+    exact Gelu (Erf), residual Adds. The batch dim is symbolic, the sequence too unless ``symbolic_seq=False``
+    (then ``seq``). LayerNormalization from opset 17; below it, its ReduceMean decomposition (opset >= 13).
+    MACs per sample at ``s`` tokens (:func:`tiny_bert_macs`): ``layers · s · (4·hidden² + 2·hidden·ffn + 2·s·hidden)``.
+    Node names: ``layer{i}/q``, ``/k``, ``/v``, ``/scores``, ``/context``, ``/out``, ``/ffn1``, ``/ffn2``...
+    """
+    if opset < 13:
+        raise ValueError("tiny_bert needs opset >= 13")
+    if hidden % heads:
+        raise ValueError(f"hidden {hidden} is not a multiple of heads {heads}")
+    rng = np.random.default_rng(seed)
+    head_dim = hidden // heads
+    nodes, inits = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def weight(name, shape, scale):
+        return const(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    def node(op, inputs, name, **attrs):
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def layer_norm(x, prefix):
+        gamma = const(f"{prefix}.gamma", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        beta = const(f"{prefix}.beta", (0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        if opset >= 17:
+            return node("LayerNormalization", [x, gamma, beta], f"{prefix}/ln", axis=-1, epsilon=1e-12)
+        mean = node("ReduceMean", [x], f"{prefix}/mean", axes=[-1])
+        centred = node("Sub", [x, mean], f"{prefix}/centred")
+        var = node("ReduceMean", [node("Mul", [centred, centred], f"{prefix}/sq")], f"{prefix}/var", axes=[-1])
+        eps = node("Add", [var, const(f"{prefix}.eps", np.float32(1e-12))], f"{prefix}/var_eps")
+        scaled = node("Mul", [node("Div", [centred, node("Sqrt", [eps], f"{prefix}/std")], f"{prefix}/norm"), gamma],
+                      f"{prefix}/scaled")  # fmt: skip
+        return node("Add", [scaled, beta], f"{prefix}/ln")
+
+    def linear(x, prefix, cin, cout):
+        y = node("MatMul", [x, weight(f"{prefix}.weight", (cin, cout), 1 / np.sqrt(cin))], prefix)
+        return node("Add", [y, weight(f"{prefix}.bias", cout, 0.02)], f"{prefix}/bias")
+
+    def heads_of(x, prefix, perm):
+        return node("Transpose", [node("Reshape", [x, split], f"{prefix}/split")], f"{prefix}/heads", perm=perm)
+
+    split = const("heads_shape", np.array([0, -1, heads, head_dim], np.int64))
+    merge = const("hidden_shape", np.array([0, -1, hidden], np.int64))
+    # embeddings: word + position (positions 0..seq-1 from the run-time sequence length)
+    words = node("Gather", [weight("embeddings.word", (vocab, hidden), 1.0), "input_ids"], "embed/words")
+    length = node("Gather", [node("Shape", ["input_ids"], "embed/shape"), const("one", np.int64(1))], "embed/len")
+    positions = node("Range", [const("zero", np.int64(0)), length, "one"], "embed/positions")
+    pos = node("Gather", [weight("embeddings.position", (max_positions, hidden), 1.0), positions], "embed/pos")
+    x = layer_norm(node("Add", [words, pos], "embed/sum"), "embed")
+    # additive mask [batch, 1, 1, seq]: 0 where attended, -10000 where padded
+    mask = node("Cast", ["attention_mask"], "mask/float", to=TensorProto.FLOAT)
+    mask = node("Sub", [const("one_f", np.float32(1)), mask], "mask/inverted")
+    mask = node("Mul", [mask, const("mask_value", np.float32(-10000))], "mask/scaled")
+    mask = node("Unsqueeze", [mask, const("mask_axes", np.array([1, 2], np.int64))], "mask/additive")
+    scale = const("score_scale", np.float32(np.sqrt(head_dim)))
+    for i in range(layers):
+        p = f"layer{i}"
+        q = heads_of(linear(x, f"{p}/q", hidden, hidden), f"{p}/q", [0, 2, 1, 3])
+        k = heads_of(linear(x, f"{p}/k", hidden, hidden), f"{p}/k", [0, 2, 3, 1])
+        v = heads_of(linear(x, f"{p}/v", hidden, hidden), f"{p}/v", [0, 2, 1, 3])
+        scores = node("Div", [node("MatMul", [q, k], f"{p}/scores"), scale], f"{p}/scores/scaled")
+        probs = node("Softmax", [node("Add", [scores, mask], f"{p}/scores/masked")], f"{p}/probs", axis=-1)
+        context = node("Transpose", [node("MatMul", [probs, v], f"{p}/context")], f"{p}/context/t", perm=[0, 2, 1, 3])
+        context = node("Reshape", [context, merge], f"{p}/context/merged")
+        x = layer_norm(node("Add", [linear(context, f"{p}/out", hidden, hidden), x], f"{p}/attn/residual"), f"{p}/attn")
+        h = linear(x, f"{p}/ffn1", hidden, ffn)
+        erf = node("Erf", [node("Div", [h, const(f"{p}.sqrt2", np.float32(np.sqrt(2)))], f"{p}/gelu/div")],
+                   f"{p}/gelu/erf")  # fmt: skip
+        gelu = node("Mul", [h, node("Add", [erf, const(f"{p}.gelu_one", np.float32(1))], f"{p}/gelu/add")],
+                    f"{p}/gelu/mul")  # fmt: skip
+        gelu = node("Mul", [gelu, const(f"{p}.half", np.float32(0.5))], f"{p}/gelu")
+        x = layer_norm(node("Add", [linear(gelu, f"{p}/ffn2", ffn, hidden), x], f"{p}/ffn/residual"), f"{p}/ffn")
+    nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="output"))
+    seq_dim = "seq" if symbolic_seq else seq
+    return make_model(
+        nodes,
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", seq_dim]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", seq_dim]),
+        ],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", seq_dim, hidden])],
+        inits,
+        opset=opset,
+        ir_version=10,
+    )
+
+
+def tiny_bert_macs(*, layers: int = 2, hidden: int = 32, ffn: int = 64, tokens: int = 16) -> int:
+    """The hand count of :func:`tiny_bert`'s MACs per sample: projections, FFN, attention scores and context."""
+    return layers * tokens * (4 * hidden * hidden + 2 * hidden * ffn + 2 * tokens * hidden)
+
+
+def tiny_bert_feeds(batch: int = 1, tokens: int = 16, *, vocab: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for :func:`tiny_bert`: random token ids and a mask with each row after the first tail-padded."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, tokens), np.int64)
+    for row in range(1, batch):
+        mask[row, rng.integers(max(1, tokens // 2), tokens + 1) :] = 0
+    return {"input_ids": rng.integers(0, vocab, (batch, tokens)).astype(np.int64), "attention_mask": mask}
