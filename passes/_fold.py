@@ -8,6 +8,10 @@ onnxscript's constant folder deliberately keeps ConstantOfShape (it would grow t
 write placeholder weights this way (the onnx wheel's light models) need them as initializers before a
 pass can rewrite the weights. Each folded tensor gets its own initializer (no sharing), up to a size limit.
 
+``axes_inputs_to_attributes``: onnxscript's constant folder writes the opset-13 forms ``Unsqueeze(x, axes)``,
+``Squeeze(x, axes)`` and ``Split(x, split)`` whatever the model's opset (``ConcatFromSequence`` with
+``new_axis=1`` becomes Unsqueeze + Concat); below opset 13 the constant input goes back into the attribute.
+
 ``fold_affine_into_producer`` (tf2onnx writes BatchNorm after a biased Conv, and always after a
 ConvTranspose, as Mul + Add with per-channel constants)::
 
@@ -35,6 +39,7 @@ __all__ = [
     "fold_affine_into_producer",
     "remove_inference_dropout",
     "constant_reshape_targets",
+    "axes_inputs_to_attributes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -109,6 +114,31 @@ def remove_inference_dropout(model: ir.Model) -> list[str]:
             source.name = name  # a graph output keeps its public name
         removed.append(name)
     return removed
+
+
+_AXES_INPUTS = {"Unsqueeze": "axes", "Squeeze": "axes", "Split": "split"}  # input 1 before opset 13: attributes
+
+
+def axes_inputs_to_attributes(model: ir.Model) -> list[str]:
+    """Below opset 13, move a constant ``axes``/``split`` input of Unsqueeze, Squeeze, Split into its attribute.
+
+    Returns the rewritten nodes' names. A non-constant one is left for validation to reject (no exporter
+    writes it: the opset does not allow it).
+    """
+    if graph_io.default_opset(model) >= 13:
+        return []
+    rewritten = []
+    for node in tuple(model.graph):
+        attribute = _AXES_INPUTS.get(node.op_type)
+        if attribute is None or node.domain not in _DEFAULT_DOMAINS or len(node.inputs) < 2:
+            continue
+        values = graph_io.const_array(node.inputs[1])
+        if values is None:
+            continue
+        node.resize_inputs(1)
+        node.attributes[attribute] = ir.AttrInt64s(attribute, [int(v) for v in values.reshape(-1)])
+        rewritten.append(node.name)
+    return rewritten
 
 
 def constant_reshape_targets(model: ir.Model) -> list[str]:

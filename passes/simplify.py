@@ -33,6 +33,7 @@ import logging
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
+from onnxopt import graph as graph_io
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
 from onnxopt.passes import _fold
 
@@ -116,8 +117,12 @@ class SimplifyPass(OptPass):
         affine += _fold.fold_affine_into_producer(model)
         for name in affine:
             changes.append(Change(name, "per-channel Mul/Add folded into weight and bias"))
+        for name in _fold.axes_inputs_to_attributes(model):
+            changes.append(Change(name, f"axes input made an attribute again (opset {graph_io.default_opset(model)})"))
         ir_common.IdentityEliminationPass()(model)
         ir_common.RemoveUnusedNodesPass()(model)
+        if model.ir_version < 4 and any(not v.is_graph_input() for v in model.graph.initializers.values()):
+            model.ir_version = 4  # lifted Constant nodes are initializers that are not graph inputs: IR >= 4
         nodes_after = _op_counts(model)
         for op in sorted(set(nodes_before) | set(nodes_after)):
             delta = nodes_after.get(op, 0) - nodes_before.get(op, 0)

@@ -1,0 +1,123 @@
+"""The onnx wheel's backend test models (``onnx/backend/test/data``), run through onnxopt with their own data.
+
+Each folder holds ``model.onnx`` and ``test_data_set_0/{input,output}_<i>.pb``. The population is the models of
+``pytorch-converted``, ``pytorch-operator`` and ``simple`` that onnxruntime itself passes: its outputs match
+the ``.pb`` outputs. Fast tests here cover single models named in issue 18; the slow test runs every pass
+over the whole population and prints the counts.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxopt import cli
+
+BACKEND = Path(onnx.__file__).parent / "backend" / "test" / "data"
+SUITES = ("pytorch-converted", "pytorch-operator", "simple")
+
+
+def _read_pb(path: str) -> np.ndarray:
+    tensor = onnx.TensorProto()
+    with open(path, "rb") as handle:
+        tensor.ParseFromString(handle.read())
+    return numpy_helper.to_array(tensor)
+
+
+def _numbered(folder: Path, kind: str) -> list[np.ndarray]:
+    files = glob.glob(str(folder / "test_data_set_0" / f"{kind}_*.pb"))
+    return [_read_pb(f) for f in sorted(files, key=lambda f: int(f.rsplit("_", 1)[1].split(".")[0]))]
+
+
+def backend_case(name: str) -> tuple[Path, dict[str, np.ndarray], list[np.ndarray]]:
+    """``(model path, {data input: array}, expected outputs)`` of the backend test model ``suite/test_x``."""
+    folder = BACKEND / name
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
+    names = [value.name for value in model.graph.input if value.name not in weights]
+    inputs = _numbered(folder, "input")
+    return folder / "model.onnx", dict(zip(names, inputs, strict=True)), _numbered(folder, "output")
+
+
+def _close(got: np.ndarray, expected: np.ndarray, rtol: float, atol: float) -> bool:
+    if got.shape != expected.shape:
+        return False
+    if expected.dtype.kind in "OUSb" or expected.dtype.kind in "iu":
+        return bool(np.array_equal(got, expected))
+    return bool(np.allclose(got, expected, rtol=rtol, atol=atol, equal_nan=True))
+
+
+def run_session(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def population() -> list[str]:
+    """The backend models with data whose onnxruntime outputs match their ``.pb`` outputs."""
+    passing = []
+    for suite in SUITES:
+        for folder in sorted((BACKEND / suite).iterdir()):
+            if not (folder / "test_data_set_0").is_dir():
+                continue
+            name = f"{suite}/{folder.name}"
+            try:
+                path, feeds, expected = backend_case(name)
+                got = run_session(path, feeds)
+            except Exception:  # onnxruntime does not run it: not in the population
+                continue
+            if len(got) == len(expected) and all(_close(g, e, 1e-3, 1e-5) for g, e in zip(got, expected, strict=True)):
+                passing.append(name)
+    return passing
+
+
+def _samples(feeds: dict[str, np.ndarray], count: int, seed: int) -> dict[str, np.ndarray]:
+    """The model's own feed, then ``count - 1`` perturbed copies, stacked on the batch axis (axis 0)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, array in feeds.items():
+        copies = [array]
+        for _ in range(count - 1):
+            noise = rng.standard_normal(array.shape) * (0.1 * (np.abs(array).mean() + 1e-3))
+            copies.append((array + noise).astype(array.dtype) if array.dtype.kind == "f" else array)
+        out[name] = np.concatenate(copies, axis=0)
+    return out
+
+
+# --- issue 18 item 6: simplify writes valid graphs on old IR versions and opsets ----------------------------------
+
+SIMPLIFY_CASES = {
+    "pytorch-operator/test_operator_repeat": "IR 3, Constant nodes",
+    "pytorch-converted/test_PixelShuffle": "IR 3, Constant nodes",
+    "simple/test_sequence_model5": "opset 12, ConcatFromSequence(new_axis=1)",
+}
+
+
+@pytest.mark.parametrize("passes", ["simplify", "quant"])
+@pytest.mark.parametrize("name", sorted(SIMPLIFY_CASES))
+def test_simplify_writes_a_valid_graph_for_old_ir_versions_and_opsets(name, passes, tmp_path, capsys):
+    path, feeds, expected = backend_case(name)
+    np.savez(tmp_path / "d.npz", **_samples(feeds, 32, seed=0))
+    np.savez(tmp_path / "e.npz", **_samples(feeds, 32, seed=1))
+    out = tmp_path / "o.onnx"
+    code = cli.main(["run", str(path), "--passes", passes, "--data", str(tmp_path / "d.npz"),
+                     "--eval", str(tmp_path / "e.npz"), "-o", str(out)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    opset = next(o.version for o in written.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 13:  # Unsqueeze/Squeeze/Split take axes as an attribute before opset 13
+        assert all(len(n.input) == 1 for n in written.graph.node if n.op_type in ("Unsqueeze", "Squeeze"))
+    got = run_session(out, feeds)
+    tol = 1e-5 if passes == "simplify" else 0.05
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=tol, atol=tol * max(1.0, float(np.abs(e).max())))
