@@ -111,9 +111,9 @@ class Preprocess:
             f"scale={_number(self.scale)}",
         ]
         if self.mean is not None:
-            parts.append("mean=" + "/".join(_number(m) for m in self.mean))
+            parts.append("mean=" + "/".join(_plain(m) for m in self.mean))
         if self.std is not None:
-            parts.append("std=" + "/".join(_number(s) for s in self.std))
+            parts.append("std=" + "/".join(_plain(s) for s in self.std))
         if self.size is not None:
             parts.append(f"size={self.size[0]}x{self.size[1]}")
         if self.bgr:
@@ -348,7 +348,10 @@ def image_source(
             batch_labels = None if labels is None else np.asarray(labels[start : start + step], dtype=np.int64)
             yield data_mod.Batch({spec.name: batch}, batch_labels)
 
-    return data_mod.DataSource(batches, description, usable)
+    source = data_mod.DataSource(batches, description, usable)
+    if labels is not None:
+        source.labels = np.asarray(labels[:usable], dtype=np.int64)
+    return source
 
 
 def _pil():
@@ -456,4 +459,8 @@ def _number(value: float) -> str:
     """``1/255`` for a reciprocal of an integer, else the shortest text that reads back as ``value``."""
     if 0 < abs(value) < 1 and abs(1 / value - round(1 / value)) < 1e-9:
         return f"{'-' if value < 0 else ''}1/{abs(round(1 / value))}"
+    return _plain(value)
+
+
+def _plain(value: float) -> str:
     return repr(float(value)).removesuffix(".0")
