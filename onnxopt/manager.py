@@ -51,9 +51,10 @@ class PassRecord:
     skipped: list[Skip]
     seconds: float
     stats_seconds: float = 0.0
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # the pass's OptResult.details
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        record = {
             "name": self.name,
             "modified": self.modified,
             "changed": [dataclasses.asdict(c) for c in self.changes],
@@ -61,6 +62,9 @@ class PassRecord:
             "seconds": round(self.seconds, 4),
             "stats_seconds": round(self.stats_seconds, 4),
         }
+        if self.details:  # only passes that report structured details add the key
+            record["details"] = self.details
+        return record
 
 
 @dataclasses.dataclass
@@ -279,7 +283,10 @@ class PassManager:
             len(skipped),
             seconds,
         )
-        return PassRecord(pass_.name, bool(result.modified), list(changes), list(skipped), seconds, stats_seconds)
+        details = dict(result.details) if isinstance(result, OptResult) else {}
+        return PassRecord(
+            pass_.name, bool(result.modified), list(changes), list(skipped), seconds, stats_seconds, details
+        )
 
     def _source(self, data, model: ir.Model, what: str) -> data_mod.DataSource | None:
         if data is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx_ir as ir
 
@@ -50,10 +50,11 @@ class Skip:
 
 @dataclasses.dataclass
 class OptResult(ir.passes.PassResult):
-    """``PassResult`` plus the changed and skipped sites."""
+    """``PassResult`` plus the changed and skipped sites, and optional structured ``details`` for the report."""
 
     changes: list[Change] = dataclasses.field(default_factory=list)
     skipped: list[Skip] = dataclasses.field(default_factory=list)
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # JSON-ready; e.g. quant's recipe table
 
 
 @dataclasses.dataclass(frozen=True)

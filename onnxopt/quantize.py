@@ -128,12 +128,18 @@ def quantize_static(
     exclude: Sequence[str] = (),
     quantize_bias: bool = True,
     unsigned_activations: bool = False,
+    quant_format: str = "qdq",
+    calibration_cache: str | os.PathLike | None = None,
 ) -> Path:
-    """QDQ int8 (signed activations and symmetric weights, per channel by default), calibrated on ``data``.
+    """Static int8 (signed activations and symmetric weights, per channel by default), calibrated on ``data``.
 
     ``unsigned_activations`` with ``per_channel=False`` is onnxruntime's own default recipe.
     ``quantize_bias=False`` keeps biases float: a smaller file (no int32 bias with its per-channel scale and
-    zero point), which onnxruntime runs without its fused integer kernels.
+    zero point), which onnxruntime runs without its fused integer kernels. ``quant_format`` is ``"qdq"``
+    (Quantize/Dequantize pairs around float ops) or ``"qoperator"`` (QLinearConv, QLinearMatMul, ...).
+    ``calibration_cache``: a JSON file of activation ranges; written by the first call that names it and
+    read by the next ones, so several recipes (and float fallbacks) of one model calibrate once. The ranges
+    do not depend on the recipe: MinMax/entropy/percentile ranges of the float model, asymmetric.
     """
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
@@ -143,24 +149,33 @@ def quantize_static(
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(data)
     with _quiet_root():
         ort_quantize_static(
-            str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            str(src), str(dst), reader, per_channel=per_channel,
+            quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
             activation_type=QuantType.QUInt8 if unsigned_activations else QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=methods[method],
             nodes_to_exclude=list(exclude) or None,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "QuantizeBias": quantize_bias},
+            calibration_cache_path=None if calibration_cache is None else str(calibration_cache),
         )  # fmt: skip
     return Path(dst)
 
 
-def quantize_dynamic(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = False) -> Path:
-    """Dynamic quantization: int8 weights, activations quantized at run time (MatMul/Gemm/... )."""
+def quantize_dynamic(
+    src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = False, exclude: Sequence[str] = ()
+) -> Path:
+    """Dynamic quantization: int8 weights, activations quantized at run time (MatMul/Gemm/... ).
+
+    The nodes named in ``exclude`` stay float.
+    """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     # unsigned weights: signed per-channel dynamic Conv is far slower here (../shared/FINDINGS.md)
     weight = QuantType.QInt8 if per_channel else QuantType.QUInt8
     with _quiet_root():
-        ort_quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=weight)
+        ort_quantize_dynamic(
+            str(src), str(dst), per_channel=per_channel, weight_type=weight, nodes_to_exclude=list(exclude) or None
+        )
     return Path(dst)
 
 

@@ -80,7 +80,8 @@ def measure_latency(
     """Median latency of each model, measured in interleaved rounds so their ratios hold on a noisy machine.
 
     Each round runs every model ``runs_per_round`` times (chosen so one round of the first model takes
-    about 20 ms when 0) and records the mean; the median over rounds is reported.
+    about 20 ms when 0), in an order rotated by one each round, and records the mean; the median over rounds
+    is reported, with the fastest and slowest round as its spread.
     """
     sessions = [Session(m, optimize=True, threads=threads) for m in models]
     for session in sessions:
@@ -92,8 +93,10 @@ def measure_latency(
         once = max(time.perf_counter() - start, 1e-6)
         runs_per_round = int(min(max(0.02 / once, 1), 200))
     samples: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for index, session in enumerate(sessions):
+    for round_ in range(rounds):
+        # the order rotates each round, so no model always runs right after the same one (cache, turbo state)
+        for index in (np.arange(len(sessions)) + round_) % len(sessions):
+            session = sessions[index]
             start = time.perf_counter()
             for _ in range(runs_per_round):
                 session.run(feeds)

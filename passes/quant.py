@@ -1,24 +1,34 @@
-"""`quant`: int8 (and 4-bit weight) quantization through onnxruntime's tools, accuracy- and latency-aware.
+"""`quant`: int8 (and 4-bit weight) quantization through onnxruntime's tools, the recipe chosen by measurement.
 
 Before::
 
     X ─ Conv(W: float32) ─ Relu ─ ...
 
-After (QDQ format, the default ``static`` mode)::
+After (QDQ format, uint8 activations, per-channel int8 weights: the recipe usually chosen on x86)::
 
-    X ─ Q ─ DQ ─ Conv(DQ(W: int8, per-channel scales, zero point 0)) ─ Q ─ DQ ─ Relu ─ ...
+    X ─ Q(uint8) ─ DQ ─ Conv(DQ(W: int8, per-channel scales, zero point 0)) ─ Q(uint8) ─ DQ ─ Relu ─ ...
 
-Modes: ``static`` (QDQ, signed int8 activations calibrated on the run's calibration data, symmetric
-per-channel int8 weights: the format measured fastest here), ``dynamic`` (int8 weights, activations
-quantized at run time) and ``weight4`` (4-bit block-quantized MatMul weights, MatMulNBits). Models below
-opset 13 are converted first (per-axis QDQ needs it; onnxruntime's quantizer fails on them otherwise).
+Which int8 recipe is fastest depends on the CPU and the model (unsigned activations make int8 convolutions
+2x faster on AVX-512 VNNI, signed ones give nothing; dynamic int8 suits MatMul-heavy transformers and
+slows convolutions), so the pass tries several (:mod:`passes._quant_recipes` lists them and prunes the
+ones that cannot win on this model) and measures each:
 
-Accuracy-aware: when the quantized model misses the run's error budget, the activations whose int8
-quantization alone has the lowest SQNR point at the layers that hurt; the nodes writing and reading the
-1, 2, 4, ... worst of them (up to ``max_fallback`` activations) stay float until the budget holds, else
-the float model is kept and the pass says why. Latency-aware: onnxruntime latency of the float and quantized model
-is measured (1 thread, interleaved medians); if int8 is slower and the objective is ``speed``, the float
-model is kept unless ``force``. ``objective=size`` keeps int8 whenever it validates.
+1. every candidate is quantized (static recipes share one calibration of the float model);
+2. the float model and all candidates are timed together in interleaved rounds (onnxruntime, full
+   optimizations, 1 thread, at the batch of the run's data; median and spread), and with the ``speed``
+   objective a candidate not faster than float by the margin is dropped unchecked;
+3. each remaining candidate is checked against the run's budget (``context.check``: the run's task metric);
+   one that misses it gets the accuracy fallback: the activations whose int8 quantization alone has the
+   lowest SQNR point at the layers that hurt, and the nodes writing and reading the 1, 2, 4, ... worst of
+   them (up to ``max_fallback`` activations) stay float until the budget holds (skipped when a recipe that
+   already holds the budget is faster by the margin: a fallback only adds float layers);
+4. the fastest recipe that holds the budget wins; recipes within the margin of it tie, and the more accurate,
+   then the earlier in the fixed order, wins. If none is faster than float by the margin, the float model is
+   kept (unless ``force``); ``objective=size`` takes the smallest model that holds the budget instead.
+
+The pass's changes and skips list every recipe's latency ratio and verdict, and ``OptResult.details``
+carries the same as a list (``quant_recipes`` in the JSON report). Models below opset 13 are converted
+first (per-axis QDQ needs it; onnxruntime's quantizer fails on them otherwise).
 """
 
 from __future__ import annotations
@@ -32,34 +42,50 @@ import onnx_ir as ir
 
 from onnxopt import graph as graph_io
 from onnxopt import quantize as q
+from onnxopt.errors import first_line
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
+from onnxopt.passes import _quant_recipes as recipes
+from onnxopt.passes._quant_recipes import Outcome, Recipe
 
 __all__ = ["QuantConfig", "Int8QuantPass"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("static", "dynamic", "weight4")
+MODES = ("auto", "static", "dynamic", "weight4")
 CALIBRATION = ("minmax", "entropy", "percentile")
 OBJECTIVES = ("speed", "size")
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig(PassConfig):
-    mode: str = dataclasses.field(default="static", metadata={"choices": MODES, "help": "quantization kind"})
+    mode: str = dataclasses.field(default="auto", metadata={"choices": MODES, "help": "quantization kind"})
     calibration: str = dataclasses.field(default="minmax", metadata={"choices": CALIBRATION, "help": "ranges"})
-    per_tensor: bool = dataclasses.field(default=False, metadata={"help": "one weight scale per tensor"})
+    per_tensor: bool = dataclasses.field(default=False, metadata={"help": "only one-scale-per-tensor recipes"})
     objective: str = dataclasses.field(default="speed", metadata={"choices": OBJECTIVES, "help": "speed or size"})
     force: bool = dataclasses.field(default=False, metadata={"help": "keep int8 even when it is slower"})
     max_fallback: int = dataclasses.field(default=32, metadata={"help": "noisy activations that may stay float"})
+    recipes: str = dataclasses.field(default="", metadata={"help": "comma-separated recipes to try (qdq-u8-pc, ...)"})
+    margin: float = dataclasses.field(default=0.05, metadata={"help": "relative speed-up that counts as faster"})
+    rounds: int = dataclasses.field(default=15, metadata={"help": "interleaved timing rounds"})
 
     def __post_init__(self) -> None:
         for field, allowed in (("mode", MODES), ("calibration", CALIBRATION), ("objective", OBJECTIVES)):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"quant {field} must be one of {', '.join(allowed)}, got {getattr(self, field)!r}")
+        unknown = [n for n in self.recipe_names() if n not in recipes.BY_NAME]
+        if unknown:
+            raise ValueError(f"unknown quant recipe(s) {', '.join(unknown)}; known: {', '.join(recipes.BY_NAME)}")
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"quant margin must be in [0, 1), got {self.margin}")
+        if self.rounds < 1:
+            raise ValueError(f"quant rounds must be at least 1, got {self.rounds}")
+
+    def recipe_names(self) -> list[str]:
+        return [n.strip() for n in self.recipes.split(",") if n.strip()]
 
 
 class Int8QuantPass(OptPass):
-    """Quantize to int8 QDQ (or dynamic int8, or 4-bit weights) with onnxruntime; keeps float where int8 hurts."""
+    """Quantize to int8 (the fastest onnxruntime recipe that holds the budget); keeps float where int8 hurts."""
 
     name = "quant"
     exact = False
@@ -68,117 +94,216 @@ class Int8QuantPass(OptPass):
 
     def call(self, model: ir.Model) -> OptResult:
         config: QuantConfig = self.config
-        context = self.context
-        data = context.data if context is not None else None
-        if config.mode == "static" and data is None:
-            raise ir.passes.PreconditionError("quant: static quantization needs calibration data (--data)")
+        data = self.context.data if self.context is not None else None
+        todo = recipes.candidates(
+            recipes.profile(model), mode=config.mode, per_tensor=config.per_tensor, objective=config.objective,
+            has_data=data is not None, names=config.recipe_names(),
+        )  # fmt: skip
+        if not todo:
+            if data is None and config.mode in ("auto", "static"):
+                raise ir.passes.PreconditionError("quant: static quantization needs calibration data (--data)")
+            return OptResult(model, modified=False, skipped=[Skip("model", "no quantization recipe applies here")])
         with tempfile.TemporaryDirectory(prefix="onnxopt-quant-") as tmp:
-            tmp = Path(tmp)
-            float_path = q.prepare(graph_io.save(model.clone(), tmp / "float_in.onnx"), tmp / "float.onnx")
-            excluded: list[str] = []
-            recipe = (not config.per_tensor, False)  # (per-channel weights, unsigned activations)
-            quant_path = self._quantize(float_path, tmp / "q.onnx", data, excluded, recipe)
-            candidate = graph_io.load(quant_path)
-            report = context.check(candidate) if context is not None and context.check is not None else None
-            if report is not None and config.mode == "static" and not config.per_tensor:
-                # onnxruntime's own recipe (per-tensor weights, uint8 activations) is sometimes the more accurate
-                other_path = self._quantize(float_path, tmp / "q_ort.onnx", data, excluded, _ORT_RECIPE)
-                other = graph_io.load(other_path)
-                other_report = context.check(other)
-                if _more_accurate(other_report, report):
-                    quant_path, candidate, report, recipe = other_path, other, other_report, _ORT_RECIPE
-            if report is not None and not report.ok and config.mode == "static":
-                candidate, excluded, report = self._fallback(float_path, tmp, data, report, recipe)
-            if report is not None and not report.ok:
-                why = "; ".join(report.failures[:2])
-                tried = f" even with {len(excluded)} nodes in float" if excluded else ""
-                skip = Skip("model", f"int8 misses the budget{tried}: {why}")
-                return OptResult(model, modified=False, skipped=[skip])
-            speed = self._latency(float_path, quant_path if not excluded else tmp / "q_fallback.onnx", data)
-            if speed is not None and speed[1] > speed[0] and config.objective == "speed" and not config.force:
-                reason = f"int8 is slower here ({speed[1]:.0f} us vs {speed[0]:.0f} us float); use --quant-force"
-                return OptResult(model, modified=False, skipped=[Skip("model", reason)])
-            graph_io.adopt(model, candidate)
-        note = ", per-tensor weights, uint8 activations (more accurate here)" if recipe == _ORT_RECIPE else ""
-        changes = [Change("model", _summary(config, speed) + note)]
-        changes += [Change(name, "kept in float (quantization noise)") for name in excluded]
-        return OptResult(model, modified=True, changes=changes)
+            search = _Search(self, Path(tmp), data)
+            float_us, outcomes = search.run(model, todo)
+            winner, why = recipes.choose(
+                float_us, outcomes, margin=config.margin, objective=config.objective, force=config.force
+            )
+            details = _details(float_us, outcomes, winner, search.batch_shape)
+            skipped = [Skip(f"recipe {o.recipe.name}", _line(o, float_us, winner)) for o in outcomes if o is not winner]
+            if winner is None:
+                return OptResult(model, modified=False, skipped=[Skip("model", why), *skipped], details=details)
+            graph_io.adopt(model, graph_io.load(search.paths[winner.recipe.name]))
+        what = f"{winner.recipe.describe()} [{winner.recipe.name}]: {_line(winner, float_us, winner)}; {why}"
+        changes = [Change("model", what)]
+        changes += [Change(name, "kept in float (quantization noise)") for name in winner.fallback]
+        return OptResult(model, modified=True, changes=changes, skipped=skipped, details=details)
 
-    def _quantize(self, src: Path, dst: Path, data, exclude, recipe: tuple[bool, bool]) -> Path:
-        config: QuantConfig = self.config
-        if config.mode == "dynamic":
-            # per-tensor uint8 weights: onnxruntime's per-channel dynamic path fails on Gemm(transB) graphs
-            # and is far slower on Conv here (../shared/FINDINGS.md)
-            return q.quantize_dynamic(src, dst, per_channel=False)
-        if config.mode == "weight4":
-            return q.quantize_weight4(src, dst)
-        per_channel, unsigned = recipe
+
+class _Search:
+    """Quantizes, times and checks the candidate recipes of one model (files in ``tmp``)."""
+
+    def __init__(self, pass_: Int8QuantPass, tmp: Path, data) -> None:
+        self.config: QuantConfig = pass_.config
+        self.context = pass_.context
+        self.tmp = tmp
+        self.data = data
+        self.calibration_cache = tmp / "calibration.json"
+        self.paths: dict[str, Path] = {}
+        self.batch_shape: dict[str, list[int]] = {}
+        self._noise: dict[str, float] | None = None
+
+    def run(self, model: ir.Model, todo: list[Recipe]) -> tuple[float | None, list[Outcome]]:
+        config = self.config
+        self.float_path = q.prepare(graph_io.save(model.clone(), self.tmp / "float_in.onnx"), self.tmp / "float.onnx")
+        outcomes = [Outcome(r) for r in todo]
+        for outcome in outcomes:
+            try:
+                self.paths[outcome.recipe.name] = self.quantize(outcome.recipe, (), f"q_{outcome.recipe.name}")
+                outcome.bytes = self.paths[outcome.recipe.name].stat().st_size
+            except Exception as e:  # onnxruntime's quantizers fail on some graphs; that recipe is out
+                outcome.note = f"onnxruntime failed: {first_line(e)}"
+                logger.info("quant %s: %s", outcome.recipe.name, outcome.note)
+        by_speed = config.objective == "speed" and not config.force
+        float_us = self.time([o for o in outcomes if not o.note])
+        if by_speed and float_us is not None:
+            for o in outcomes:
+                if not o.note and o.latency_us > float_us * (1 - config.margin):
+                    # timed before checking: a recipe that cannot beat float needs no (costly) budget check
+                    o.note = f"not {config.margin:.0%} faster than float; not checked"
+        live = [o for o in outcomes if not o.note]
+        live.sort(key=lambda o: (o.latency_us or 0.0) if by_speed else (o.bytes or 0))
+        for outcome in live:
+            self.judge(outcome, self.check(graph_io.load(self.paths[outcome.recipe.name])))
+        refitted = False
+        for outcome in live:
+            if outcome.passed is not False or outcome.recipe.kind == "weight4" or self.config.max_fallback < 1:
+                continue
+            if self.data is None:
+                outcome.note = "misses the budget (no calibration data for a float fallback)"
+                continue
+            beaten = [p for p in live if p.passed and _better(p, outcome, by_speed, config.margin)]
+            if beaten:
+                # a fallback only adds float layers: it cannot make this recipe beat one that already holds
+                outcome.note = f"misses the budget; {beaten[0].recipe.name} holds it and is faster, no fallback tried"
+                continue
+            self.fallback(outcome)
+            refitted = refitted or bool(outcome.passed)
+        if refitted and float_us is not None:
+            float_us = self.time([o for o in outcomes if o.passed is not False and not o.note])
+        return float_us, outcomes
+
+    def quantize(self, recipe: Recipe, exclude, stem: str) -> Path:
+        dst = self.tmp / f"{stem}.onnx"
+        if recipe.kind == "dynamic":
+            return q.quantize_dynamic(self.float_path, dst, per_channel=recipe.per_channel, exclude=exclude)
+        if recipe.kind == "weight4":
+            return q.quantize_weight4(self.float_path, dst)
         return q.quantize_static(
-            src, dst, data, per_channel=per_channel, method=config.calibration, exclude=exclude,
-            quantize_bias=config.objective != "size", unsigned_activations=unsigned,
+            self.float_path, dst, self.data, per_channel=recipe.per_channel, method=self.config.calibration,
+            exclude=exclude, quantize_bias=self.config.objective != "size", unsigned_activations=recipe.unsigned,
+            quant_format=recipe.fmt, calibration_cache=self.calibration_cache,
         )  # fmt: skip
 
-    def _fallback(self, float_path: Path, tmp: Path, data, report, recipe: tuple[bool, bool]):
+    def check(self, candidate: ir.Model):
+        if self.context is None or self.context.check is None:
+            return None
+        return self.context.check(candidate)
+
+    @staticmethod
+    def judge(outcome: Outcome, report) -> None:
+        if report is None:
+            outcome.metric = "not checked (no budget check)"
+            return
+        outcome.passed = bool(report.ok)
+        outcome.score = recipes.score(report)
+        outcome.metric = _verdict(report)
+        logger.info("quant %s: %s", outcome.recipe.name, outcome.metric)
+
+    def time(self, outcomes: list[Outcome]) -> float | None:
+        """Time float and ``outcomes`` in interleaved rounds; sets their latencies and returns float's."""
+        from onnxopt import runtime
+
+        feeds = self.feeds()
+        paths = [self.float_path] + [self.paths[o.recipe.name] for o in outcomes]
+        measured = runtime.measure_latency(paths, feeds, rounds=self.config.rounds)
+        for outcome, latency in zip(outcomes, measured[1:], strict=True):
+            outcome.latency_us, outcome.spread_us = latency.median_us, (latency.min_us, latency.max_us)
+        logger.info("quant float latency %.0f us; %s", measured[0].median_us,
+                    ", ".join(f"{o.recipe.name} {o.latency_us:.0f} us" for o in outcomes))  # fmt: skip
+        return measured[0].median_us
+
+    def feeds(self) -> dict:
+        """The first batch of the run's data (evaluation data first): latency at the batch the user runs."""
+        source = self.context.eval_data if self.context is not None else None
+        source = source or self.data
+        if source is None:
+            from onnxopt import data as data_mod
+
+            source = data_mod.random_source(graph_io.load(self.float_path))
+        feeds = dict(next(iter(source)).feeds)
+        self.batch_shape = {k: list(v.shape) for k, v in feeds.items()}
+        return feeds
+
+    def fallback(self, outcome: Outcome) -> None:
         """Keep the layers around the noisiest activations in float, doubling their number until the budget holds.
 
         An activation int8 cannot hold hurts through the node that writes it and the nodes that read it, so
         all of them stay float (onnxruntime then leaves that tensor unquantized).
         """
-        noise = q.tensor_noise(float_path, data)
-        float_graph = graph_io.load(float_path).graph
+        if self._noise is None:
+            self._noise = q.tensor_noise(self.float_path, self.data)
         around: dict[str, list[str]] = {}
-        for node in float_graph:
+        for node in graph_io.load(self.float_path).graph:
             for value in list(node.inputs) + list(node.outputs):
                 if value is not None and node.name:
                     around.setdefault(value.name, []).append(node.name)
-        tensors = [t for t, _ in sorted(noise.items(), key=lambda kv: kv[1]) if t in around]
-        count, candidate, excluded = 1, None, []
+        tensors = [t for t, _ in sorted(self._noise.items(), key=lambda kv: kv[1]) if t in around]
+        count, name = 1, outcome.recipe.name
         while count <= min(self.config.max_fallback, len(tensors)):
-            excluded = list(dict.fromkeys(name for t in tensors[:count] for name in around[t]))
-            path = self._quantize(float_path, tmp / "q_fallback.onnx", data, excluded, recipe)
-            candidate = graph_io.load(path)
-            report = self.context.check(candidate)
-            logger.info("quant fallback: %d layers in float -> %s", len(excluded), "ok" if report.ok else "fails")
-            if report.ok:
-                return candidate, excluded, report
+            excluded = list(dict.fromkeys(n for t in tensors[:count] for n in around[t]))
+            path = self.quantize(outcome.recipe, excluded, f"q_{name}_fallback")
+            report = self.check(graph_io.load(path))
+            logger.info("quant %s fallback: %d layers in float -> %s", name, len(excluded),
+                        "ok" if report is None or report.ok else "fails")  # fmt: skip
+            outcome.fallback = excluded
+            self.judge(outcome, report)
+            if report is None or report.ok:
+                self.paths[name] = path
+                outcome.bytes = path.stat().st_size
+                return
             count *= 2
-        return candidate, excluded, report
-
-    def _latency(self, float_path: Path, quant_path: Path, data) -> tuple[float, float] | None:
-        from onnxopt.runtime import measure_latency
-
-        source = (self.context.eval_data or data) if self.context is not None else data
-        batch = next(iter(source), None) if source is not None else None
-        if batch is None:
-            return None
-        feeds = {k: v[:1] if v.ndim and _dynamic_batch(float_path) else v for k, v in batch.feeds.items()}
-        before, after = measure_latency([float_path, quant_path], feeds, rounds=9)
-        return before.median_us, after.median_us
+        outcome.note = f"misses the budget even with {len(outcome.fallback)} nodes in float"
 
 
-# (per-channel weights, unsigned activations): onnxruntime's default recipe, tried beside onnxopt's (True, False)
-_ORT_RECIPE = (False, True)
+def _better(a: Outcome, b: Outcome, by_speed: bool, margin: float) -> bool:
+    """Whether ``a`` already beats ``b`` by the margin (speed) or by size, however ``b`` ends up."""
+    if by_speed:
+        return a.latency_us is not None and b.latency_us is not None and a.latency_us <= b.latency_us * (1 - margin)
+    return a.bytes is not None and b.bytes is not None and a.bytes <= b.bytes
 
 
-def _more_accurate(a, b) -> bool:
-    """Whether validation report ``a`` is strictly better than ``b`` (passing, then accuracy, MSE, cosine)."""
-    if a.ok != b.ok:
-        return a.ok
-    if a.accuracy and b.accuracy:
-        return a.accuracy["after"] > b.accuracy["after"]
-    if a.task_mse and b.task_mse:
-        return a.task_mse["after"] < b.task_mse["after"]
-    worst = lambda r: min((d.cosine for d in r.outputs.values()), default=0.0)  # noqa: E731
-    return worst(a) > worst(b)
+def _verdict(report) -> str:
+    """One phrase for a budget check: the metric before -> after, and ok or the first failure."""
+    metric = getattr(report, "metric", None)
+    if metric is not None:
+        before = "" if metric.before is None else f"{metric.before:.4g} -> "
+        drop = "" if metric.drop is None else f" (drop {metric.drop:+.4g})"
+        what = f"{metric.name} {before}{metric.after:.4g}{drop}"
+    elif report.accuracy:
+        drop = report.accuracy["after"] - report.accuracy["before"]
+        what = f"accuracy {report.accuracy['before']:.2f} -> {report.accuracy['after']:.2f}% ({drop:+.2f} pp)"
+    elif report.task_mse:
+        what = f"task MSE {report.task_mse['before']:.4g} -> {report.task_mse['after']:.4g}"
+    else:
+        cosines = [d.cosine for d in report.outputs.values()]
+        what = f"cosine {min(cosines):.5f}" if cosines else "checked"
+    return what + (", holds the budget" if report.ok else f", misses the budget: {'; '.join(report.failures[:1])}")
 
 
-def _dynamic_batch(path: Path) -> bool:
-    inputs = graph_io.data_inputs(graph_io.load(path))
-    return all(v.shape is None or not isinstance(v.shape[0], int) for v in inputs)
+def _line(outcome: Outcome, float_us: float | None, winner: Outcome | None = None) -> str:
+    parts = []
+    if outcome.latency_us is not None and float_us:
+        low, high = outcome.spread_us or (outcome.latency_us, outcome.latency_us)
+        parts.append(f"latency {outcome.latency_us / float_us:.2f}x float ({outcome.latency_us:.0f} us, "
+                     f"rounds {low:.0f}-{high:.0f}; float {float_us:.0f} us)")  # fmt: skip
+    if outcome.metric:
+        parts.append(outcome.metric)
+    if outcome.fallback:
+        parts.append(f"{len(outcome.fallback)} nodes kept float")
+    if outcome.note:
+        parts.append(outcome.note)
+    elif winner is not None and outcome is not winner:
+        parts.append(f"not chosen: {winner.recipe.name} wins")
+    elif winner is None and outcome.passed is not False and outcome.latency_us is not None:
+        parts.append("not faster than float by the margin")
+    return "; ".join(parts) or "not tried"
 
 
-def _summary(config: QuantConfig, speed) -> str:
-    what = {"static": "int8 QDQ", "dynamic": "dynamic int8", "weight4": "4-bit weights"}[config.mode]
-    if speed is not None:
-        what += f", latency {speed[0]:.0f} -> {speed[1]:.0f} us"
-    return what
+def _details(float_us, outcomes: list[Outcome], winner: Outcome | None, batch_shape) -> dict:
+    return {
+        "quant_recipes": [o.to_json(float_us) for o in outcomes],
+        "quant_chosen": winner.recipe.name if winner is not None else None,
+        "quant_float_latency_us": None if float_us is None else round(float_us, 1),
+        "quant_latency_feeds": batch_shape,
+    }

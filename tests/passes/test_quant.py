@@ -1,14 +1,26 @@
-"""quant: QDQ structure, SQNR floor, float fallback for a badly quantizable layer, latency guard, modes."""
+"""quant: recipe enumeration and choice, QDQ structure (uint8 activations, per-axis int8 weights), dynamic int8
+on a MatMul model, SQNR floor, float fallback for a badly quantizable layer, the float model kept when no
+recipe is faster, modes.
+
+Latency is measured in bench/ (bench/results/quant_recipes.md), never asserted here: where a decision is
+tested, onnxruntime's timer is replaced by a table of latencies per recipe.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.manager import PassManager
+from onnxopt.passes import _quant_recipes as recipes
 from onnxopt.passes import quant as quant_module
+from onnxopt.passes._quant_recipes import RECIPES, Outcome
 from onnxopt.passes.quant import Int8QuantPass, QuantConfig
 from onnxopt.runtime import Latency
 from onnxopt.validate import Budget
@@ -23,11 +35,28 @@ def net(tmp_path):
     return proto, path, {"x": x}
 
 
-def _fast_int8(monkeypatch, faster=True):
-    """Latency is measured in bench/, not asserted in tests: make the guard's measurement deterministic."""
-    float_us, int8_us = (100.0, 50.0) if faster else (50.0, 100.0)
-    fake = [Latency(float_us, float_us, float_us, 1), Latency(int8_us, int8_us, int8_us, 1)]
-    monkeypatch.setattr("onnxopt.runtime.measure_latency", lambda *a, **k: fake)
+def _timer(monkeypatch, table: dict[str, float], default: float = 1000.0) -> list[list[str]]:
+    """Replace onnxruntime timing by ``table`` (recipe name or "float" → µs); returns the timed model stems."""
+    calls: list[list[str]] = []
+
+    def fake(models, feeds, **kwargs):
+        stems = [Path(m).stem for m in models]
+        calls.append(stems)
+        result = []
+        for stem in stems:
+            name = "float" if stem == "float" else stem.removeprefix("q_").removesuffix("_fallback")
+            us = table.get(name, default)
+            result.append(Latency(us, us * 0.9, us * 1.1, 1))
+        return result
+
+    monkeypatch.setattr("onnxopt.runtime.measure_latency", fake)
+    return calls
+
+
+def _fast_int8(monkeypatch):
+    """Every recipe twice as fast as float, qdq-u8-pc faster still (by more than the margin)."""
+    table = {"float": 100.0, **{r.name: 50.0 for r in RECIPES}, "qdq-u8-pc": 40.0}
+    return _timer(monkeypatch, table)
 
 
 def _run(path, data, config=None, budget=None):
@@ -36,25 +65,104 @@ def _run(path, data, config=None, budget=None):
 
 
 def _proto(report):
-    import onnx_ir as ir
-
     return ir.to_proto(report.model)
 
 
-def test_qdq_structure_per_axis_symmetric_int8(net, monkeypatch):
-    _fast_int8(monkeypatch)
-    monkeypatch.setattr(quant_module, "_more_accurate", lambda a, b: False)  # onnxopt's recipe kept
-    _, path, data = net
+def _details(report) -> dict:
+    return report.to_json()["passes"][0]["details"]
+
+
+# ---- enumeration ---------------------------------------------------------------------------------------
+
+
+def _names(prof, **kwargs):
+    return [r.name for r in recipes.candidates(prof, **kwargs)]
+
+
+def test_recipe_enumeration_prunes_by_model_and_objective(net):
+    conv = recipes.profile(ir.from_proto(net[0]))
+    dense = recipes.profile(ir.from_proto(builders.mlp()))
+    assert conv.convs == 2 and dense == recipes.ModelProfile(convs=0, matmuls=2)
+    # conv nets: static recipes only, QOperator only with unsigned activations
+    assert _names(conv) == ["qdq-u8-pc", "qdq-u8-pt", "qdq-s8-pc", "qdq-s8-pt", "qop-u8-pc"]
+    # MatMul models: static QDQ and dynamic int8, no QOperator; 4-bit weights only as a size option
+    assert _names(dense) == ["qdq-u8-pc", "qdq-u8-pt", "qdq-s8-pc", "qdq-s8-pt", "dyn-pc", "dyn-pt"]
+    assert _names(dense, objective="size")[-1] == "w4" and "w4" not in _names(dense)
+    assert _names(dense, has_data=False) == ["dyn-pc", "dyn-pt"]
+    assert _names(conv, has_data=False) == []
+    assert _names(conv, per_tensor=True) == ["qdq-u8-pt", "qdq-s8-pt"]
+    assert _names(conv, mode="dynamic") == ["dyn-pc", "dyn-pt"]  # asked for explicitly: tried even on a conv net
+    assert _names(dense, mode="weight4") == ["w4"]
+    assert _names(conv, names=["qdq-s8-pc", "qop-u8-pc", "qdq-s8-pc"]) == ["qdq-s8-pc", "qop-u8-pc"]
+    with pytest.raises(ValueError, match="unknown quant recipe"):
+        QuantConfig(recipes="qdq-u8-pc,qop-s8-pc")
+    with pytest.raises(ValueError, match="margin"):
+        QuantConfig(margin=1.5)
+
+
+# ---- the choice, from measurements ---------------------------------------------------------------------
+
+
+def _outcome(name, us, passed=True, score=1.0, size=1000):
+    recipe = recipes.BY_NAME[name]
+    return Outcome(recipe, passed=passed, score=score, latency_us=us, bytes=size)
+
+
+def test_fastest_recipe_that_holds_the_budget_wins():
+    outcomes = [_outcome("qdq-u8-pc", 46.0), _outcome("qdq-s8-pc", 80.0), _outcome("qdq-u8-pt", 60.0)]
+    winner, why = recipes.choose(100.0, outcomes)
+    assert winner.recipe.name == "qdq-u8-pc" and why == "the fastest recipe that holds the budget"
+
+
+def test_a_faster_recipe_outside_the_budget_loses():
+    outcomes = [_outcome("qdq-u8-pc", 40.0, passed=False), _outcome("qdq-s8-pc", 70.0)]
+    assert recipes.choose(100.0, outcomes)[0].recipe.name == "qdq-s8-pc"
+    winner, why = recipes.choose(100.0, [_outcome("qdq-u8-pc", 40.0, passed=False)])
+    assert winner is None and "misses the budget" in why and "qdq-u8-pc" in why
+
+
+def test_margin_and_tie_break_make_the_choice_deterministic():
+    # within 5% of the fastest: a tie, won by the more accurate recipe ...
+    tied = [_outcome("qdq-u8-pc", 50.0, score=79.0), _outcome("qdq-s8-pt", 48.0, score=79.5)]
+    assert recipes.choose(100.0, tied)[0].recipe.name == "qdq-s8-pt"
+    tied[1].score = 78.0
+    winner, why = recipes.choose(100.0, tied)
+    assert winner.recipe.name == "qdq-u8-pc" and "ties within 5%" in why
+    # ... then by the fixed order, whatever order the outcomes come in
+    equal = [_outcome("qop-u8-pc", 48.5), _outcome("qdq-u8-pt", 50.0), _outcome("qdq-s8-pc", 49.0)]
+    for permutation in (equal, equal[::-1], equal[1:] + equal[:1]):
+        assert recipes.choose(100.0, permutation)[0].recipe.name == "qdq-u8-pt"
+    # outside the margin the faster one wins even when it is less accurate
+    apart = [_outcome("qdq-u8-pc", 50.0, score=79.0), _outcome("qdq-s8-pt", 44.0, score=78.0)]
+    assert recipes.choose(100.0, apart)[0].recipe.name == "qdq-s8-pt"
+    # a recipe must beat float by the margin too
+    assert recipes.choose(100.0, [_outcome("qdq-u8-pc", 96.0)])[0] is None
+    assert recipes.choose(100.0, [_outcome("qdq-u8-pc", 94.0)])[0] is not None
+    assert recipes.choose(100.0, [_outcome("qdq-u8-pc", 96.0)], margin=0.02)[0] is not None
+
+
+def test_choice_when_nothing_is_faster_force_and_size():
+    slow = [_outcome("qdq-u8-pc", 120.0, size=300), _outcome("qdq-s8-pc", 110.0, size=200)]
+    winner, why = recipes.choose(100.0, slow)
+    assert winner is None and "not 5% faster than float" in why and "qdq-s8-pc: 110 us vs 100 us" in why
+    assert recipes.choose(100.0, slow, force=True)[0].recipe.name == "qdq-s8-pc"
+    assert recipes.choose(100.0, slow, objective="size")[0].recipe.name == "qdq-s8-pc"
+
+
+# ---- the pass, with a stubbed timer -------------------------------------------------------------------
+
+
+def test_u8_activation_qdq_structure_per_axis_int8_weights(net, monkeypatch):
+    calls = _fast_int8(monkeypatch)
+    proto, path, data = net
     report = _run(path, data)
     assert report.ok and report.passes[0].modified
+    assert "[qdq-u8-pc]" in report.passes[0].changes[0].what
+    assert calls[0][0] == "float" and len(calls) == 1  # one interleaved timing of float and every candidate
     out = _proto(report)
     inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
-    ops = [n.op_type for n in out.graph.node]
-    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-    weight_dq = [
-        n for n in out.graph.node
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4
-    ]  # fmt: skip
+    weight_dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                 and inits[n.input[0]].ndim == 4]  # fmt: skip
     assert len(weight_dq) == 2
     for node in weight_dq:
         assert inits[node.input[0]].dtype == np.int8
@@ -62,17 +170,97 @@ def test_qdq_structure_per_axis_symmetric_int8(net, monkeypatch):
         zero_point = inits[node.input[2]]
         assert zero_point.dtype == np.int8 and not zero_point.any()  # symmetric weights
         assert inits[node.input[1]].shape == inits[node.input[0]].shape[:1]
+    activation_zero_points = [inits[n.input[2]] for n in out.graph.node if n.op_type == "QuantizeLinear"]
+    assert activation_zero_points and all(z.dtype == np.uint8 for z in activation_zero_points)
     assert report.after.bytes < 0.6 * report.before.bytes
-
-
-def test_sqnr_floor_on_a_tiny_conv_net(net, monkeypatch):
-    _fast_int8(monkeypatch)
-    proto, path, data = net
-    out = _proto(_run(path, data))
     x = np.random.default_rng(3).standard_normal((32, 3, 12, 12)).astype(np.float32)
     ref, got = builders.run(proto, {"x": x})["y"], builders.run(out, {"x": x})["y"]
-    sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2))
-    assert sqnr > 25.0
+    assert 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)) > 25.0  # SQNR floor
+
+
+def test_recipe_table_in_the_report(net, monkeypatch):
+    """Every candidate appears with its latency ratio and verdict, as skips and as JSON details."""
+    _timer(monkeypatch, {"float": 100.0, "qdq-u8-pc": 46.0, "qdq-u8-pt": 60.0, "qdq-s8-pc": 98.0})
+    _, path, data = net
+    report = _run(path, data, QuantConfig(recipes="qdq-u8-pc,qdq-u8-pt,qdq-s8-pc"))
+    record = report.passes[0]
+    assert "latency 0.46x float" in record.changes[0].what and "holds the budget" in record.changes[0].what
+    skips = {s.site: s.reason for s in record.skipped}
+    assert "latency 0.60x float" in skips["recipe qdq-u8-pt"] and "qdq-u8-pc wins" in skips["recipe qdq-u8-pt"]
+    assert "not 5% faster than float; not checked" in skips["recipe qdq-s8-pc"]
+    details = json.loads(json.dumps(_details(report)))  # JSON-ready
+    assert details["quant_chosen"] == "qdq-u8-pc" and details["quant_float_latency_us"] == 100.0
+    assert details["quant_latency_feeds"] == {"x": [16, 3, 12, 12]}  # the data's batch (16), not batch 1
+    rows = {row["recipe"]: row for row in details["quant_recipes"]}
+    assert rows["qdq-u8-pc"]["latency_ratio"] == 0.46 and rows["qdq-u8-pc"]["passed"] is True
+    assert rows["qdq-s8-pc"]["passed"] is None and rows["qdq-s8-pc"]["latency_ratio"] == 0.98
+
+
+def test_float_is_kept_when_no_recipe_is_faster(net, monkeypatch):
+    _timer(monkeypatch, {"float": 50.0}, default=100.0)
+    _, path, data = net
+    config = QuantConfig(recipes="qdq-u8-pc,qdq-s8-pc")
+    report = _run(path, data, config)
+    assert not report.passes[0].modified
+    assert "int8 is not 5% faster than float with any recipe (fastest qdq-u8-pc: 100 us vs 50 us float)" in (
+        report.passes[0].skipped[0].reason
+    )
+    forced = _run(path, data, dataclass_replace(config, force=True))
+    assert forced.passes[0].modified and "[qdq-u8-pc]" in forced.passes[0].changes[0].what
+    by_size = _run(path, data, dataclass_replace(config, objective="size"))
+    assert by_size.passes[0].modified
+
+
+def dataclass_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def _matmul_model():
+    """x[N, 64] → MatMul → Add → Relu → MatMul → y[N, 32]: the shape of a transformer's FFN."""
+    rng = np.random.default_rng(10)
+    w1 = (rng.standard_normal((64, 128)) / 8).astype(np.float32)
+    b1 = (rng.standard_normal(128) / 4).astype(np.float32)
+    w2 = (rng.standard_normal((128, 32)) / 11).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="ffn_in"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="ffn_bias"),
+        helper.make_node("Relu", ["a1"], ["h1"], name="ffn_act"),
+        helper.make_node("MatMul", ["h1", "w2"], ["y"], name="ffn_out"),
+    ]
+    return builders.make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])],
+        inits,
+        opset=17,
+    )
+
+
+@pytest.mark.parametrize("winner", ["dyn-pc", "dyn-pt"])
+def test_dynamic_int8_wins_on_a_matmul_model(winner, tmp_path, monkeypatch):
+    _timer(monkeypatch, {"float": 100.0, winner: 40.0}, default=70.0)
+    proto = _matmul_model()
+    path = builders.save(proto, tmp_path / "ffn.onnx")
+    x = np.random.default_rng(11).standard_normal((48, 64)).astype(np.float32)
+    report = _run(path, {"x": x}, budget=Budget(min_cosine=0.99))
+    record = report.passes[0]
+    assert report.ok and record.modified and f"[{winner}]" in record.changes[0].what, record.skipped
+    assert {s.site for s in record.skipped} == {f"recipe {n}" for n in _names(recipes.profile(ir.from_proto(proto)))
+                                                 if n != winner}  # fmt: skip
+    out = _proto(report)
+    ops = [n.op_type for n in out.graph.node]
+    assert "DynamicQuantizeLinear" in ops and "MatMulInteger" in ops and "QuantizeLinear" not in ops
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    int8_weights = [a for a in inits.values() if a.dtype in (np.int8, np.uint8) and a.ndim == 2]
+    assert len(int8_weights) == 2
+    scales = [a for n, a in inits.items() if n.endswith("_scale") and a.dtype == np.float32]
+    assert any(s.size > 1 for s in scales) == (winner == "dyn-pc")  # per output channel
+    ref, got = builders.run(proto, {"x": x})["y"], builders.run(out, {"x": x})["y"]
+    cosine = np.sum(ref * got, axis=1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cosine.min() > 0.99
 
 
 def _outlier_model():
@@ -101,14 +289,17 @@ def _outlier_model():
 
 
 def test_fallback_keeps_the_badly_quantizable_layer_in_float(tmp_path, monkeypatch):
-    _fast_int8(monkeypatch)
+    calls = _fast_int8(monkeypatch)
     proto = _outlier_model()
     path = builders.save(proto, tmp_path / "m.onnx")
     x = np.abs(np.random.default_rng(5).standard_normal((128, 16))).astype(np.float32)
-    plain = _run(path, {"x": x}, QuantConfig(max_fallback=0), Budget(min_cosine=0.999))
+    config = QuantConfig(recipes="qdq-u8-pc", max_fallback=0)
+    plain = _run(path, {"x": x}, config, Budget(min_cosine=0.999))
     assert not plain.passes[0].modified and "misses the budget" in plain.passes[0].skipped[0].reason
-    report = _run(path, {"x": x}, QuantConfig(), Budget(min_cosine=0.999))
+    calls.clear()
+    report = _run(path, {"x": x}, dataclass_replace(config, max_fallback=32), Budget(min_cosine=0.999))
     assert report.ok and report.passes[0].modified
+    assert calls[-1] == ["float", "q_qdq-u8-pc_fallback"]  # the fallback model is timed again
     kept = [c.site for c in report.passes[0].changes if "float" in c.what]
     assert kept and len(kept) <= 4
     out = _proto(report)
@@ -121,16 +312,17 @@ def test_fallback_keeps_the_badly_quantizable_layer_in_float(tmp_path, monkeypat
     assert set(kept) & set(float_gemms) or set(kept) & {"relu1", "relu2"}
 
 
-def test_latency_guard_keeps_float_when_int8_is_slower(net, monkeypatch):
-    _fast_int8(monkeypatch, faster=False)
+def test_no_fallback_for_a_recipe_a_passing_one_already_beats(net, monkeypatch):
+    """A fallback only adds float layers: a failing recipe slower than a passing one is not repaired."""
+    calls = _timer(monkeypatch, {"float": 100.0, "qdq-u8-pc": 50.0, "qdq-u8-pt": 40.0})
     _, path, data = net
-    report = _run(path, data)
-    assert not report.passes[0].modified
-    assert "int8 is slower here (100 us vs 50 us float)" in report.passes[0].skipped[0].reason
-    forced = _run(path, data, QuantConfig(force=True))
-    assert forced.passes[0].modified
-    by_size = _run(path, data, QuantConfig(objective="size"))
-    assert by_size.passes[0].modified
+    budget = Budget(min_cosine=0.998)  # on this net per-tensor weights hold it (0.9992) and per-channel not (0.996)
+    report = _run(path, data, QuantConfig(recipes="qdq-u8-pc,qdq-u8-pt"), budget)
+    verdicts = {row["recipe"]: row["passed"] for row in _details(report)["quant_recipes"]}
+    assert verdicts == {"qdq-u8-pc": False, "qdq-u8-pt": True}
+    assert "[qdq-u8-pt]" in report.passes[0].changes[0].what and len(calls) == 1  # nothing re-timed
+    skip = next(s.reason for s in report.passes[0].skipped if s.site == "recipe qdq-u8-pc")
+    assert "qdq-u8-pt holds it and is faster, no fallback tried" in skip
 
 
 def test_old_opset_models_are_converted_first(tmp_path, monkeypatch):
@@ -138,7 +330,7 @@ def test_old_opset_models_are_converted_first(tmp_path, monkeypatch):
     proto = builders.conv_net(channels=(1, 8, 8), size=10, seed=6, opset=9, with_bn=False)
     path = builders.save(proto, tmp_path / "old.onnx")
     x = np.random.default_rng(7).standard_normal((16, 1, 10, 10)).astype(np.float32)
-    report = _run(path, {"x": x})
+    report = _run(path, {"x": x}, QuantConfig(recipes="qdq-u8-pc"))
     assert report.ok and report.passes[0].modified
     assert _proto(report).opset_import[0].version >= 13
 
@@ -158,9 +350,7 @@ def test_static_needs_data_and_config_is_checked():
     with pytest.raises(ValueError, match="mode"):
         QuantConfig(mode="int3")
     assert quant_module.Int8QuantPass.simplify_after is False
-    proto = builders.mlp()
-    import onnx_ir as ir
-
+    proto = builders.conv_net()
     with pytest.raises(ir.passes.PreconditionError, match="calibration data"):
         Int8QuantPass()(ir.from_proto(proto))
     assert onnx.checker.check_model(proto) is None
@@ -172,7 +362,7 @@ def test_size_objective_keeps_biases_float(net, monkeypatch):
     _, path, data = net
     files = {}
     for objective in ("speed", "size"):
-        report = _run(path, data, QuantConfig(objective=objective))
+        report = _run(path, data, QuantConfig(objective=objective, recipes="qdq-u8-pc"))
         assert report.ok and report.passes[0].modified
         out = _proto(report)
         dtypes = {numpy_helper.to_array(i).dtype for i in out.graph.initializer}
@@ -181,29 +371,13 @@ def test_size_objective_keeps_biases_float(net, monkeypatch):
     assert files["size"] < files["speed"]
 
 
-def test_onnxruntime_recipe_is_kept_when_it_validates_better(net, monkeypatch):
-    """Both recipes are validated; the more accurate one (here: made so) is kept and named in the report."""
-    _fast_int8(monkeypatch)
-    monkeypatch.setattr(quant_module, "_more_accurate", lambda a, b: True)
-    _, path, data = net
-    report = _run(path, data)
-    assert report.ok and "per-tensor weights, uint8 activations" in report.passes[0].changes[0].what
-    out = _proto(report)
-    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
-    weight_dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
-                 and inits[n.input[0]].ndim == 4]  # fmt: skip
-    assert weight_dq and all(inits[n.input[1]].ndim == 0 for n in weight_dq)  # one scale per tensor
-    activation_zero_points = [inits[n.input[2]] for n in out.graph.node
-                              if n.op_type == "QuantizeLinear" and len(n.input) > 2]  # fmt: skip
-    assert activation_zero_points and all(z.dtype == np.uint8 for z in activation_zero_points)
+def test_score_prefers_accuracy_then_mse_then_cosine():
+    from onnxopt.validate import OutputDiff, ValidationReport
 
+    def report(**kw):
+        return ValidationReport(ok=True, samples=1, data="d", budget=Budget(), **kw)
 
-def test_more_accurate_prefers_passing_then_accuracy():
-    from onnxopt.validate import ValidationReport
-
-    def report(ok, acc):
-        return ValidationReport(ok=ok, samples=1, data="d", budget=Budget(), accuracy={"before": 99.0, "after": acc})
-
-    assert quant_module._more_accurate(report(True, 97.0), report(False, 99.0))
-    assert quant_module._more_accurate(report(True, 98.5), report(True, 98.4))
-    assert not quant_module._more_accurate(report(True, 98.4), report(True, 98.4))
+    assert recipes.score(report(accuracy={"before": 99.0, "after": 98.5})) == 98.5
+    assert recipes.score(report(task_mse={"before": 1.0, "after": 2.0})) == -2.0
+    diff = OutputDiff(0.1, 0.1, 0.1, 0.97, 0.1, None)
+    assert recipes.score(report(outputs={"y": diff, "z": dataclass_replace(diff, cosine=0.99)})) == 0.97

@@ -1,0 +1,237 @@
+"""The `quant` pass's int8 recipes: which ones to try on a model, and which one wins.
+
+A recipe is one way onnxruntime can quantize a model (static QDQ or QOperator with unsigned or signed
+activations and per-channel or per-tensor weights, dynamic int8, 4-bit MatMulNBits). Which is fastest
+depends on the CPU and the model (on AVX-512 VNNI, unsigned activations make int8 convolutions 2x faster
+and signed ones give nothing, ../shared/FINDINGS.md), so the pass measures them; this module only
+enumerates the candidates and decides from the measurements, without running anything.
+
+The decision is deterministic given the measurements: a recipe counts as faster than another only by a
+margin (5% by default), and recipes within the margin of the fastest are a tie, broken by the task metric
+(the more accurate wins) and then by the fixed order of :data:`RECIPES` (the simpler, more portable recipe
+first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import onnx_ir as ir
+
+from onnxopt import graph as graph_io
+
+__all__ = ["Recipe", "RECIPES", "Outcome", "ModelProfile", "profile", "candidates", "choose", "score"]
+
+CONV_OPS = frozenset({"Conv", "ConvTranspose"})
+MATMUL_OPS = frozenset({"MatMul", "Gemm"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One quantization recipe.
+
+    Attributes:
+        name: short stable name (``qdq-u8-pc``: QDQ, uint8 activations, per-channel int8 weights).
+        kind: ``static`` (calibrated activations), ``dynamic`` (activations quantized at run time) or
+            ``weight4`` (4-bit block-quantized MatMul weights).
+        fmt: ``qdq`` or ``qoperator`` (static only).
+        unsigned: uint8 activations (static only).
+        per_channel: one weight scale per output channel.
+    """
+
+    name: str
+    kind: str
+    fmt: str = "qdq"
+    unsigned: bool = False
+    per_channel: bool = True
+
+    def describe(self) -> str:
+        if self.kind == "weight4":
+            return "4-bit MatMul weights (MatMulNBits)"
+        weights = "per-channel" if self.per_channel else "per-tensor"
+        if self.kind == "dynamic":
+            return f"dynamic int8, {weights} weights"
+        acts = "uint8" if self.unsigned else "int8"
+        return f"int8 {'QDQ' if self.fmt == 'qdq' else 'QOperator'}, {acts} activations, {weights} int8 weights"
+
+
+# The fixed order is the last tie-break: QDQ before QOperator (portable, and what onnxruntime fuses into the
+# same integer kernels), static before dynamic (no run-time range computation), per-channel before per-tensor
+# (more accurate), uint8 activations first (onnxruntime's default, and its fast x86 kernels).
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("qdq-u8-pc", "static", "qdq", unsigned=True, per_channel=True),
+    Recipe("qdq-u8-pt", "static", "qdq", unsigned=True, per_channel=False),
+    Recipe("qdq-s8-pc", "static", "qdq", unsigned=False, per_channel=True),
+    Recipe("qdq-s8-pt", "static", "qdq", unsigned=False, per_channel=False),
+    Recipe("qop-u8-pc", "static", "qoperator", unsigned=True, per_channel=True),
+    Recipe("dyn-pc", "dynamic", per_channel=True),
+    Recipe("dyn-pt", "dynamic", per_channel=False),
+    Recipe("w4", "weight4", per_channel=False),
+)
+BY_NAME = {r.name: r for r in RECIPES}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelProfile:
+    """What the recipe choice needs to know about a model: its conv and constant-weight MatMul/Gemm nodes."""
+
+    convs: int
+    matmuls: int
+
+
+def profile(model: ir.Model) -> ModelProfile:
+    convs = matmuls = 0
+    for node in model.graph.all_nodes():
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in CONV_OPS:
+            convs += 1
+        elif node.op_type in MATMUL_OPS and len(node.inputs) > 1 and graph_io.const_array(node.inputs[1]) is not None:
+            matmuls += 1
+    return ModelProfile(convs, matmuls)
+
+
+def candidates(
+    prof: ModelProfile,
+    *,
+    mode: str = "auto",
+    per_tensor: bool = False,
+    objective: str = "speed",
+    has_data: bool = True,
+    names: Sequence[str] = (),
+) -> list[Recipe]:
+    """The recipes worth trying on a model, in the fixed order; pruned so that a run stays fast.
+
+    ``names`` (``--quant-recipes``) picks recipes explicitly and overrides every rule below. Otherwise:
+
+    - static recipes need calibration data; ``mode`` keeps one kind (``static``, ``dynamic``, ``weight4``);
+    - QOperator with signed activations is never tried: 10-100x slower than float here (FINDINGS), and
+      QOperator is tried only on conv nets (QDQ MatMul fuses into the same integer kernels);
+    - dynamic int8 is tried only on models without convolutions (transformers, MLPs): onnxruntime's dynamic
+      Conv is slower than float here (5-conv CNN 3262 us float vs 5141 us), so on a conv net it only costs
+      time;
+    - 4-bit MatMulNBits is a size option (slower than float at small batch here), tried only with the
+      ``size`` objective or ``mode=weight4``, and only when there are constant-weight MatMul/Gemm nodes;
+    - ``per_tensor`` keeps the per-tensor recipes only.
+    """
+    if names:
+        unknown = [n for n in names if n not in BY_NAME]
+        if unknown:
+            raise ValueError(f"unknown quant recipe(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
+        wanted = [BY_NAME[n] for n in dict.fromkeys(names)]
+        return [r for r in wanted if has_data or r.kind != "static"]
+    kinds = {"auto": ("static", "dynamic", "weight4"), "static": ("static",), "dynamic": ("dynamic",),
+             "weight4": ("weight4",)}[mode]  # fmt: skip
+    chosen = []
+    for recipe in RECIPES:
+        if recipe.kind not in kinds or (recipe.kind == "static" and not has_data):
+            continue
+        if per_tensor and recipe.per_channel and recipe.kind != "weight4":
+            continue
+        if recipe.fmt == "qoperator" and (not recipe.unsigned or prof.convs == 0):
+            continue
+        if recipe.kind == "dynamic" and mode == "auto" and prof.convs:
+            continue
+        if recipe.kind == "weight4" and (prof.matmuls == 0 or (mode == "auto" and objective != "size")):
+            continue
+        chosen.append(recipe)
+    return chosen
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What was measured for one recipe. ``latency_us``/``spread_us`` are ``None`` until timed."""
+
+    recipe: Recipe
+    passed: bool | None = None  # None: not checked (or no budget check available)
+    score: float | None = None  # higher is better (see :func:`score`)
+    metric: str = ""  # the check's verdict in words
+    latency_us: float | None = None
+    spread_us: tuple[float, float] | None = None
+    bytes: int | None = None
+    fallback: list[str] = dataclasses.field(default_factory=list)  # nodes kept float
+    note: str = ""  # why it was not chosen / not checked / failed
+
+    def to_json(self, float_us: float | None) -> dict:
+        ratio = self.latency_us / float_us if self.latency_us and float_us else None
+        return {
+            "recipe": self.recipe.name,
+            "description": self.recipe.describe(),
+            "latency_us": None if self.latency_us is None else round(self.latency_us, 1),
+            "latency_spread_us": None if self.spread_us is None else [round(v, 1) for v in self.spread_us],
+            "latency_ratio": None if ratio is None else round(ratio, 4),
+            "passed": self.passed,
+            "metric": self.metric,
+            "bytes": self.bytes,
+            "float_nodes": len(self.fallback),
+            "note": self.note,
+        }
+
+
+def score(report) -> float:
+    """How good a validation report is, higher is better: the task metric (``--metric``), else task accuracy,
+    else -task MSE, else the worst cosine."""
+    metric = getattr(report, "metric", None)
+    if metric is not None:
+        return float(metric.after) if metric.higher_is_better else -float(metric.after)
+    if report.accuracy:
+        return float(report.accuracy["after"])
+    if report.task_mse:
+        return -float(report.task_mse["after"])
+    return min((d.cosine for d in report.outputs.values()), default=-math.inf)
+
+
+def choose(
+    float_us: float | None,
+    outcomes: Sequence[Outcome],
+    *,
+    margin: float = 0.05,
+    objective: str = "speed",
+    force: bool = False,
+) -> tuple[Outcome | None, str]:
+    """The winning recipe (``None``: keep float) and the reason in words.
+
+    Only recipes that passed the budget check (or were not checked because no check exists) compete.
+    ``speed``: a recipe must be faster than float by ``margin`` (any speed with ``force``); the fastest
+    wins, and every recipe within ``margin`` of it ties, broken by :func:`score` then the fixed order.
+    ``size``: the smallest file wins (ties by score, then order), at any speed.
+    """
+    order = {r.name: i for i, r in enumerate(RECIPES)}
+    valid = [o for o in outcomes if o.passed is not False and o.note == ""]
+    rank = lambda o: (-(o.score if o.score is not None else -math.inf), order[o.recipe.name])  # noqa: E731
+    if objective == "size":
+        sized = [o for o in valid if o.bytes is not None]
+        if not sized:
+            return None, _misses(outcomes)
+        smallest = min(o.bytes for o in sized)
+        return min((o for o in sized if o.bytes == smallest), key=rank), "smallest that holds the budget"
+    timed = [o for o in valid if o.latency_us is not None]
+    if float_us is None:
+        if not valid:
+            return None, _misses(outcomes)
+        return min(valid, key=rank), "not timed"
+    eligible = timed if force else [o for o in timed if o.latency_us <= float_us * (1 - margin)]
+    if not eligible:
+        fast = [o for o in outcomes if o.latency_us is not None and o.latency_us <= float_us * (1 - margin)]
+        if fast:
+            return None, _misses(fast, f" of the recipes {margin:.0%} faster than float")
+        best = min((o for o in outcomes if o.latency_us is not None), key=lambda o: o.latency_us, default=None)
+        if best is None:
+            return None, _misses(outcomes)
+        return None, (f"int8 is not {margin:.0%} faster than float with any recipe (fastest {best.recipe.name}: "
+                      f"{best.latency_us:.0f} us vs {float_us:.0f} us float); use --quant-force")  # fmt: skip
+    fastest = min(o.latency_us for o in eligible)
+    tied = [o for o in eligible if o.latency_us <= fastest * (1 + margin)]
+    winner = min(tied, key=rank)
+    why = "the fastest recipe that holds the budget"
+    others = [o.recipe.name for o in tied if o is not winner]
+    if others:
+        why += f" (ties within {margin:.0%} with {', '.join(others)}: more accurate, or earlier in the fixed order)"
+    return winner, why
+
+
+def _misses(outcomes: Sequence[Outcome], which: str = "") -> str:
+    names = ", ".join(o.recipe.name for o in outcomes)
+    return f"int8 misses the budget with every one{which} ({names})" if names else "no recipe could be made"
