@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c const
 CORE_STAMP := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-real clean
 
 # --no-compile: byte-compiling every installed module (all of sympy, onnx's test data scripts) took longer than
 # the demo; Python compiles what is imported on first use instead.
@@ -43,6 +43,13 @@ bench: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[bench]"
 	$(BIN)/python bench/run.py --mnist $(MNIST) --out-dir bench/results
 	$(BIN)/python bench/stats_memory.py
+
+# `make bench-real SHARED=DIR`: real models with task metrics (bench/real.py: ImageNet, CIFAR-10, STS-B, photographs;
+# onnxopt vs onnxruntime, onnxsim, onnxslim) into bench/results/real.md and real.png; under 90 minutes on 2 cores.
+SHARED ?= ../shared
+bench-real: setup
+	$(PIP) -e ".[bench,text,images]"
+	$(BIN)/python bench/real.py --shared $(SHARED) --out-dir bench/results
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

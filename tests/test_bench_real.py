@@ -1,0 +1,101 @@
+"""bench/real.py's pure helpers: the stratified split, the metrics it computes itself, the table and the summary."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import real  # noqa: E402
+from _real_tasks import Task, psnr, spearman_pairs, stratified_split, worst_cosine  # noqa: E402
+
+
+def _task(metric: str = "top1", budget: float = 0.5, batches=(1, 16)) -> Task:
+    empty: dict[str, np.ndarray] = {}
+    return Task("m", Path("m.onnx"), "image", metric, budget, empty, empty, empty, None, {b: {} for b in batches}, "")
+
+
+def _row(tool: str, metric: float, b16: float, within: bool = True, **kw) -> real.Row:
+    return real.Row(tool, Path("x.onnx"), metric=metric, latency={1: (b16, 0.01), 16: (b16, 0.02)}, within=within, **kw)
+
+
+def test_stratified_split_takes_every_nth_per_class_in_order():
+    labels = np.array([0, 1, 0, 0, 1, 1, 0, 1, 2, 2, 0, 0])
+    taken, rest = stratified_split(labels, 2)
+    assert taken.tolist() == [0, 1, 3, 5, 8, 10]  # class 0: 0,2,3,6,10,11 -> 0,3,10; class 1: 1,4,5,7 -> 1,5; 2: 8
+    assert sorted(taken.tolist() + rest.tolist()) == list(range(len(labels)))
+    # the test2000 layout: 10 classes x 200 images, every 4th calibrates -> 50 per class, 1,500 left
+    labels = np.repeat(np.arange(10), 200)
+    calib, evaluation = stratified_split(labels, 4)
+    assert len(calib) == 500 and len(evaluation) == 1500
+    assert np.bincount(labels[calib]).tolist() == [50] * 10
+    assert np.array_equal(stratified_split(labels, 4)[0], calib)  # deterministic
+
+
+def test_spearman_pairs_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 8)).astype(np.float32)
+    gold = np.array([1.0, 2.0, 2.0, 3.0, 0.5] * 4)  # ties: average ranks
+    a, b = emb[0::2].astype(np.float64), emb[1::2].astype(np.float64)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert spearman_pairs(emb, gold) == pytest.approx(100 * spearmanr(cos, gold).statistic, abs=1e-6)
+
+
+def test_psnr_and_worst_cosine_against_hand_computation():
+    ref = {"y": np.zeros((2, 1, 4, 4), np.float32)}
+    out = {"y": np.full((2, 1, 4, 4), 0.1, np.float32)}
+    assert psnr(out, ref) == pytest.approx(20.0, abs=1e-4)  # 10 log10(1 / 0.01)
+    assert psnr(ref, ref) == float("inf")
+    ref = {"a": np.array([[1.0, 0.0], [1.0, 1.0]]), "b": np.ones((2, 3))}
+    got = {"a": np.array([[1.0, 1.0], [2.0, 2.0]]), "b": np.ones((2, 3))}
+    assert worst_cosine(got, ref) == pytest.approx(1 / np.sqrt(2))
+
+
+def test_within_budget_by_metric_kind():
+    assert _task("top1", 0.5).within(80.0, 79.5) and not _task("top1", 0.5).within(80.0, 79.49)
+    assert _task("psnr", 40.0).within(float("inf"), 40.0) and not _task("psnr", 40.0).within(float("inf"), 39.9)
+    assert not _task("cosine", 0.999).within(1.0, 0.9985)
+
+
+def test_table_cells_for_base_result_error_and_fixed_batch():
+    task = _task(batches=(1,))
+    base = real.Row("original", Path("m.onnx"), metric=80.0, heldout=79.0, latency={1: (1.0, 0.05)}, note="1 ms")
+    good = real.Row("ort static U8S8", Path("a.onnx"), seconds=3.2, peak_mb=180.4, size=0.3, macs=None,
+                    metric=79.6, heldout=78.5, latency={1: (0.46, 0.031)}, within=True)  # fmt: skip
+    bad = real.Row("onnxopt prune", seconds=900.2, peak_mb=512.0, error="timed out after 900 s")
+    lines = real.table({"mnv2": (task, [base, good, bad])})
+    assert lines[0] == real.HEADER and lines[1] == "|" + "---|" * 12
+    assert lines[2] == "| mnv2 | original | 80.00 |  |  | 1.00 ±5% | — | 1.000 | 1.000 |  |  | 1 ms |"
+    assert lines[3] == "| mnv2 | ort static U8S8 | 79.60 (-0.40) | -0.50 | yes | 0.46 ±3% | — | 0.300 | ? | 3.2 | 180 |  |"
+    assert lines[4] == "| mnv2 | onnxopt prune | timed out after 900 s | | | | | | | 900.2 | 512 |  |"
+
+
+def test_summary_line_compares_within_budget_at_equal_or_better_metric():
+    task = _task()
+    base = _row("original", 80.0, 1.0)
+    rows = [
+        base,
+        _row("onnxopt quant", 79.8, 0.50),
+        _row("onnxopt prune", 79.0, 0.30, within=False),  # faster but outside the budget: not the best
+        _row("ort static U8S8", 79.6, 0.46),  # faster than onnxopt but a worse metric
+        _row("ort static S8S8", 79.9, 0.90),
+    ]
+    line = real.summary_line("m", task, rows)
+    assert "best onnxopt `onnxopt quant` 0.50×" in line
+    assert "at equal or better metric: `ort static S8S8` 0.90× (79.90, Δ -0.10) — onnxopt faster" in line
+    assert "fastest peer within the budget: `ort static U8S8` 0.46×" in line
+    rows[1].within = False
+    assert real.summary_line("m", task, rows).startswith("- m: no onnxopt result within the budget; fastest peer")
+
+
+def test_onnxopt_flags_fall_back_and_say_so():
+    assert real.onnxopt_flags(_task("top1", 1.0), has_metric=False)[0] == ["--max-accuracy-drop", "1"]
+    flags, text = real.onnxopt_flags(_task("spearman", 0.5), has_metric=False)
+    assert flags == ["--min-cosine", "0.99"] and "no --metric spearman" in text
+    flags, _ = real.onnxopt_flags(_task("spearman", 0.5), has_metric=True)
+    assert flags[:4] == ["--metric", "spearman", "--max-metric-drop", "0.5"] and "--metric-output" in flags
