@@ -109,16 +109,21 @@ class GramStats:
 
 @dataclasses.dataclass(frozen=True)
 class StatsRequest:
-    """What a pass needs: channel statistics of these values, Gram matrices of these nodes' inputs."""
+    """What a pass needs: channel statistics of these values, Gram matrices of these nodes' inputs.
+
+    ``axes`` gives ``(value, channel axis)`` for values whose channels are not on the collector's default axis
+    (a transformer's ``(batch, sequence, features)`` activations: ``-1``).
+    """
 
     values: frozenset[str] = frozenset()
     grams: frozenset[str] = frozenset()
+    axes: frozenset[tuple[str, int]] = frozenset()
 
     def __bool__(self) -> bool:
         return bool(self.values or self.grams)
 
     def __or__(self, other: StatsRequest) -> StatsRequest:
-        return StatsRequest(self.values | other.values, self.grams | other.grams)
+        return StatsRequest(self.values | other.values, self.grams | other.grams, self.axes | other.axes)
 
 
 @dataclasses.dataclass
@@ -131,7 +136,7 @@ class StatsTable:
     grams: dict[str, GramStats] = dataclasses.field(default_factory=dict)
 
     def missing(self, request: StatsRequest) -> StatsRequest:
-        return StatsRequest(request.values - self.channels.keys(), request.grams - self.grams.keys())
+        return StatsRequest(request.values - self.channels.keys(), request.grams - self.grams.keys(), request.axes)
 
     def merge(self, other: StatsTable) -> None:
         self.channels.update(other.channels)
@@ -321,7 +326,7 @@ def collect_stats(
     for name in sorted(request.values):
         if name not in values:
             raise CalibrationError(f"value '{name}' is not in the graph")
-        channel_reducers[name] = ChannelReducer(name, channel_axis)
+        channel_reducers[name] = ChannelReducer(name, dict(request.axes).get(name, channel_axis))
     gram_reducers: dict[str, tuple[str, GramReducer]] = {}
     for node_name in sorted(request.grams):
         node = nodes.get(node_name)

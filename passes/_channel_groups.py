@@ -14,6 +14,9 @@ Every tracked value (an activation with a channel axis) owns one *slot* per chan
   wherever the channel axis sits, so tf2onnx's NHWC Flatten works too);
 - a consumer (the next Conv/Gemm/MatMul) reads the slots of its input and loses the matching weight columns.
 
+Transformer blocks (attention heads split by Reshape/Transpose, batched MatMuls, GELU gates) are handled by the
+table in :mod:`onnxopt.passes._transformer_groups`, which :func:`analyze` takes as ``handlers``.
+
 Slots are joined with a union-find; a connected set of slots is a *unit*, the smallest thing that can be
 removed. A unit is blocked (with a reason) when it touches a graph input or output, a value read by an op
 this module does not understand, a shared or overridable weight, or a grouped (non-depthwise) Conv. Values
@@ -32,7 +35,7 @@ import onnx_ir as ir
 
 from onnxopt import graph as graph_io
 
-__all__ = ["Space", "Action", "Unit", "Analysis", "analyze"]
+__all__ = ["Space", "Action", "Unit", "Analysis", "analyze", "HANDLERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,10 @@ class Analysis:
         self.actions: list[Action] = []
         self.units: list[Unit] = []
         self.skipped: list[tuple[str, str]] = []
+        # values whose sign decides an activation (GELU/ReLU inputs): their non-positive fraction scores channels
+        self.gates: list[Space] = []
+        # merged attention-head outputs: a unit owns a block of their channels, scored by the Gram matrix
+        self.head_inputs: list[Space] = []
         self._parent: list[int] = []
         self._blocked_slots: dict[int, str] = {}
         self._producer_slots: set[int] = set()
@@ -169,8 +176,13 @@ class Analysis:
         return self._slot_owner()[slot]
 
 
-def analyze(model: ir.Model) -> Analysis:
-    """Build the channel coupling of ``model``'s main graph. Needs value shapes (run shape inference first)."""
+def analyze(model: ir.Model, handlers: dict[str, Callable[[Analysis, ir.Node], None]] | None = None) -> Analysis:
+    """Build the channel coupling of ``model``'s main graph. Needs value shapes (run shape inference first).
+
+    ``handlers`` maps op types to handlers (default :data:`HANDLERS`, the CNN ops); ops absent from it are
+    elementwise, binary or unknown (their inputs blocked).
+    """
+    table = HANDLERS if handlers is None else handlers
     analysis = Analysis()
     graph = model.graph
     for node in graph:  # onnx graphs are topologically sorted
@@ -184,7 +196,7 @@ def analyze(model: ir.Model) -> Analysis:
                 if space is not None:
                     analysis.block(space, f"{node.op_type} has subgraphs that read '{value.name}' (node '{node.name}')")
             continue
-        handler = _HANDLERS.get(node.op_type)
+        handler = table.get(node.op_type)
         if handler is None:
             if node.op_type in _ELEMENTWISE:
                 handler = _elementwise
@@ -392,10 +404,12 @@ def _binary(analysis: Analysis, node: ir.Node) -> None:
                 return
             continue
         array = graph_io.const_array(value)
+        if array is None and _broadcast_over(value, axis, out_rank):
+            continue  # an attention mask (N, 1, 1, S) added to every head's scores
         if array is None:
-            _block_inputs(analysis, node, f"{node.op_type} '{node.name}' has a non-constant untracked input")
+            _block_inputs(analysis, node, f"{node.op_type} '{node.name}' joins a value that is not prunable")
             if out is not None:
-                analysis.block(out, f"{node.op_type} '{node.name}' has a non-constant untracked input")
+                analysis.block(out, f"{node.op_type} '{node.name}' joins '{value.name}', which is not prunable")
             return
         if array.size > 1:
             params.append(i)
@@ -410,6 +424,15 @@ def _binary(analysis: Analysis, node: ir.Node) -> None:
         analysis.tie(space, out)
     if params:
         analysis.actions.append(Action("param", node, out, param_inputs=tuple(params)))
+
+
+def _broadcast_over(value: ir.Value, axis: int, out_rank: int) -> bool:
+    """``value`` (an operand of a broadcasting op) has size 1, or no dim, on the output's channel ``axis``."""
+    rank = _rank(value)
+    if rank is None:
+        return False
+    position = axis - (out_rank - rank)
+    return position < 0 or _dim(value, position) == 1
 
 
 def _concat(analysis: Analysis, node: ir.Node) -> None:
@@ -583,7 +606,7 @@ def _size(analysis: Analysis, node: ir.Node) -> None:
     _block_inputs(analysis, node, "Size reads the element count")
 
 
-_HANDLERS: dict[str, Callable[[Analysis, ir.Node], None]] = {
+HANDLERS: dict[str, Callable[[Analysis, ir.Node], None]] = {
     "Conv": _conv,
     "ConvTranspose": _conv,
     "Gemm": _gemm,

@@ -11,7 +11,8 @@ action is applied:
 - depthwise Conv: its weight and bias lose the output channels, ``group`` the input channels;
 - per-channel parameters (BatchNormalization, PRelu, Mul/Add constants) lose the removed entries;
 - Pad on the channel axis pads as many fewer zero channels as were removed from the padding;
-- Reshape with an explicit target shape gets the new channel (or flat column) count.
+- Reshape with an explicit target shape gets the new channel (or flat column, or attention head) count, also
+  when the target is a Concat of runtime dims and constants (torch's ``x.view(b, s, H, D)``).
 
 The least-squares re-fit of the layers downstream (``refit``) is :mod:`onnxopt.passes._reconstruct`.
 Shapes of every touched value are cleared for shape inference to refill.
@@ -27,6 +28,7 @@ import onnx_ir as ir
 
 from onnxopt import graph as graph_io
 from onnxopt.passes._channel_groups import Action, Analysis
+from onnxopt.passes._transformer_groups import bias_add, target_pieces
 
 __all__ = ["apply_removal"]
 
@@ -107,8 +109,14 @@ def _consumer(model, action: Action, drop, removed, means) -> None:
         value = graph_io.add_initializer(model.graph, f"{node.name or 'node'}_bias", bias.astype(dtype))
         node.resize_inputs(3)
         node.replace_input_with(2, value)
-    else:  # MatMul has no bias input: add the constant after it
-        _append_bias_add(model, node, bias.astype(dtype))
+    else:  # MatMul has no bias input: add the constant to the bias Add after it, or add one
+        found = bias_add(node)
+        if found is None:
+            _append_bias_add(model, node, bias.astype(dtype))
+        else:
+            add, index = found
+            old = graph_io.const_array(add.inputs[index])
+            _set_const(add.inputs[index], (old.astype(np.float64) + bias).astype(old.dtype))
 
 
 def _depthwise(model, action: Action, drop, removed, means) -> None:
@@ -157,16 +165,20 @@ def _pad(model, action: Action, drop, removed, means) -> None:
 
 def _reshape(model, action: Action, drop, removed, means) -> None:
     node = action.node
-    target = graph_io.const_array(node.inputs[1])
-    if target is None:
+    pieces = target_pieces(node)
+    if pieces is None:
         return
     out = action.out_space
-    new = target.copy()
-    axis = out.axis
-    if axis < len(new) and new[axis] == out.size:
-        out_drop = removed.get(id(out.value), np.array([], dtype=np.int64))
-        new[axis] = out.size - len(out_drop)
-        _replace_const_input(model, node, 1, new)
+    offset = 0
+    for owner, index, array, length in pieces:
+        if offset <= out.axis < offset + length:
+            if array is not None and array[out.axis - offset] == out.size:
+                out_drop = removed.get(id(out.value), np.array([], dtype=np.int64))
+                new = array.copy()
+                new[out.axis - offset] = out.size - len(out_drop)
+                _replace_const_input(model, owner, index, new)
+            return
+        offset += length
 
 
 def _replace_const_input(model: ir.Model, node: ir.Node, index: int, array: np.ndarray) -> None:

@@ -1,6 +1,7 @@
 """Layer-by-layer least-squares reconstruction of a pruned model (training-free error correction).
 
-After channels are removed, every linear layer downstream (Gemm, and Conv / ConvTranspose with ``group=1``)
+After channels are removed, every linear layer downstream (Gemm, MatMul with a constant weight followed by a bias
+Add, as transformers have them, and Conv / ConvTranspose with ``group=1``)
 sees inputs ``x̃`` that differ from the original ``x``. Walking the layers in graph order, each one's weight and
 bias are re-fitted so that, on the calibration data, its output on the *pruned* model's inputs reproduces the
 *original* model's output (restricted to the output channels it keeps)::
@@ -26,6 +27,7 @@ import onnx_ir as ir
 
 from onnxopt import graph as graph_io
 from onnxopt.data import DataSource
+from onnxopt.passes._transformer_groups import bias_add
 from onnxopt.runtime import Session
 from onnxopt.stats import expose, unfold_conv_input
 
@@ -37,9 +39,14 @@ _RIDGE = 1e-3  # λ relative to the mean diagonal of the Gram matrix; the fit is
 
 
 def refittable(node: ir.Node) -> bool:
-    """Gemm, and Conv / ConvTranspose with group 1 and constant weights, in the default domain."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Gemm", "Conv", "ConvTranspose"):
+    """Gemm, MatMul (2-D constant weight) + bias Add, and Conv / ConvTranspose with group 1 and constant weights."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Gemm", "Conv", "ConvTranspose", "MatMul"):
         return False
+    if node.op_type == "MatMul":
+        weight = graph_io.const_array(node.inputs[1])
+        if weight is None or weight.ndim != 2 or bias_add(node) is None:
+            return False
+        return node.inputs[1].is_initializer() and len(node.inputs[1].uses()) == 1
     group = node.attributes.get("group")
     if group is not None and group.value != 1:
         return False
@@ -90,11 +97,11 @@ def reconstruct(
         _ensure_bias(pruned, by_name[name])
     feeds_model, weight_names = _with_weights_as_inputs(pruned, [by_name[n] for n in targets])
     in_names = sorted({by_name[n].inputs[0].name for n in targets})
-    out_names = sorted({originals[n].outputs[0].name for n in targets})
+    out_names = sorted({_output(originals[n]).name for n in targets})
     pruned_session = Session(expose(feeds_model, in_names))
     original_session = Session(expose(original, out_names))
-    weights = {name: graph_io.const_array(by_name[name].inputs[1]).copy() for name in targets}
-    biases = {name: graph_io.const_array(by_name[name].inputs[2]).copy() for name in targets}
+    weights = {name: graph_io.const_array(_params(by_name[name])[0]).copy() for name in targets}
+    biases = {name: graph_io.const_array(_params(by_name[name])[1]).copy() for name in targets}
     samples = data.samples or 1
     done = []
     for name in targets:
@@ -108,7 +115,8 @@ def reconstruct(
         extra.update({weight_names[n][1]: biases[n] for n in targets})
         for batch in data:
             x = pruned_session.run({**batch.feeds, **extra}, [node.inputs[0].name])[node.inputs[0].name]
-            t = original_session.run(batch.feeds, [originals[name].outputs[0].name])[originals[name].outputs[0].name]
+            target_name = _output(originals[name]).name
+            t = original_session.run(batch.feeds, [target_name])[target_name]
             features, target = layer.rows(x, t, keep, per_sample, rng)
             features = np.concatenate([features, np.ones((len(features), 1))], axis=1)
             a = features.T @ features if a is None else a + features.T @ features
@@ -123,9 +131,9 @@ def reconstruct(
         weights[name], biases[name] = layer.to_params(solved, weights[name].dtype, biases[name])
         done.append(name)
     for name in done:
-        node = by_name[name]
-        node.inputs[1].const_value = ir.tensor(np.ascontiguousarray(weights[name]), name=node.inputs[1].name)
-        node.inputs[2].const_value = ir.tensor(np.ascontiguousarray(biases[name]), name=node.inputs[2].name)
+        weight, bias = _params(by_name[name])
+        weight.const_value = ir.tensor(np.ascontiguousarray(weights[name]), name=weight.name)
+        bias.const_value = ir.tensor(np.ascontiguousarray(biases[name]), name=bias.name)
     logger.debug("reconstruction: %d layers re-fitted", len(done))
     return done
 
@@ -146,6 +154,15 @@ class _Layer:
             if keep is not None:
                 t = t[:, keep]
             return x.reshape(len(x), -1), t.reshape(len(t), -1)
+        if self.op == "MatMul":  # (..., K) rows: every token of every sample
+            if keep is not None:
+                t = t[..., keep]
+            limit = per_sample * len(x)  # about per_sample rows per sample, as for Conv patches
+            x, t = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
+            if len(x) > limit:
+                pick = rng.choice(len(x), limit, replace=False)
+                x, t = x[pick], t[pick]
+            return x, t
         if keep is not None:
             t = t[:, keep]
         if self.op == "ConvTranspose":
@@ -183,7 +200,7 @@ class _Layer:
     def to_rows(self, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """The inverse of :meth:`to_params`: ``[W b]`` as a (K+1, M) solution matrix."""
         weight = np.asarray(weight, dtype=np.float64)
-        if self.op == "Gemm":
+        if self.op in ("Gemm", "MatMul"):
             w = weight if self.attrs.get("transB", 0) else weight.T  # (M, K)
         elif self.op == "Conv":
             w = weight.reshape(weight.shape[0], -1)
@@ -193,7 +210,7 @@ class _Layer:
 
     def to_params(self, solved: np.ndarray, dtype, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         w, b = solved[:-1].T, solved[-1]  # (M, K), (M,)
-        if self.op == "Gemm":
+        if self.op in ("Gemm", "MatMul"):
             trans_b = self.attrs.get("transB", 0)
             weight = w if trans_b else w.T
         elif self.op == "Conv":
@@ -226,8 +243,23 @@ def _convtranspose_pads(spatial, kernel, strides, out_spatial, attrs) -> list[in
     return begins
 
 
+def _params(node: ir.Node) -> tuple[ir.Value, ir.Value]:
+    """Weight and bias values of a layer: inputs 1 and 2, or a MatMul's weight and its Add's bias."""
+    if node.op_type == "MatMul":
+        add, index = bias_add(node)
+        return node.inputs[1], add.inputs[index]
+    return node.inputs[1], node.inputs[2]
+
+
+def _output(node: ir.Node) -> ir.Value:
+    """The layer's output with its bias added (a MatMul's bias Add)."""
+    if node.op_type == "MatMul":
+        return bias_add(node)[0].outputs[0]
+    return node.outputs[0]
+
+
 def _ensure_bias(model: ir.Model, node: ir.Node) -> None:
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
+    if node.op_type == "MatMul" or (len(node.inputs) > 2 and node.inputs[2] is not None):
         return
     weight = graph_io.const_array(node.inputs[1])
     trans_b = node.attributes.get("transB")
@@ -247,11 +279,11 @@ def _with_weights_as_inputs(model: ir.Model, nodes: list[ir.Node]) -> tuple[ir.M
     names = {}
     for node in nodes:
         twin = by_name[node.name]
-        for index in (1, 2):
-            value = twin.inputs[index]
+        params = _params(twin)
+        for value in params:
             clone.graph.initializers.pop(value.name, None)  # a plain input: onnxruntime feeds only those
             value.const_value = None
             if not value.is_graph_input():
                 clone.graph.inputs.append(value)
-        names[node.name] = (twin.inputs[1].name, twin.inputs[2].name)
+        names[node.name] = (params[0].name, params[1].name)
     return clone, names

@@ -10,8 +10,9 @@ After::
 
 with ``μ₂`` the neuron's constant activation (0 for a dead ReLU), so removing a dead or constant channel
 is exact. Channels that must go together (BatchNorm, residual Add, Concat, depthwise Conv, Flatten→Gemm,
-Pad, Transpose) are found by :mod:`onnxopt.passes._channel_groups`; the surgery is in
-:mod:`onnxopt.passes._prune_apply`.
+Pad, Transpose) are found by :mod:`onnxopt.passes._channel_groups`, and in transformer encoders attention heads
+(Q/K/V columns, the head-split Reshapes, the output projection's rows) and FFN neurons by
+:mod:`onnxopt.passes._transformer_groups`; the hidden size stays. The surgery is in :mod:`onnxopt.passes._prune_apply`.
 
 Criteria (``criterion``), judged on the activations the next layer reads:
 
@@ -21,7 +22,10 @@ Criteria (``criterion``), judged on the activations the next layer reads:
 - ``constant``: standard deviation ≤ ``threshold`` × the layer's mean |activation| (any activation function);
   the constant is folded into the next layer's bias;
 - ``ratio``: the lowest-scoring ``ratio`` of each layer group, by ``score``: ``contribution`` (RMS activation ×
-  norm of the next layer's weights for that channel), ``apoz`` or ``mean`` (mean |activation|).
+  norm of the next layer's weights for that channel; for an attention head ``√E‖c_h·W_o,h‖²``, its context's
+  contribution through its rows of the output projection, from the Gram matrix of the projection's input),
+  ``apoz`` (fraction of zeros read by the next layer; for GELU/ReLU neurons the fraction of non-positive
+  activation inputs) or ``mean`` (mean |activation|).
 
 When ``threshold`` or ``ratio`` is left negative, the pass searches the strongest setting whose result passes
 validation within the run's error budget (bisection, ``steps`` validations). ``refit`` re-fits the next
@@ -45,6 +49,7 @@ from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
 from onnxopt.passes._channel_groups import Analysis, Unit, analyze
 from onnxopt.passes._prune_apply import apply_removal
 from onnxopt.passes._reconstruct import downstream, reconstruct
+from onnxopt.passes._transformer_groups import HANDLERS
 from onnxopt.stats import StatsRequest, StatsTable, get_stats
 
 __all__ = ["PruneConfig", "ChannelPrunePass", "CRITERIA", "SCORES"]
@@ -90,8 +95,11 @@ class ChannelPrunePass(OptPass):
 
     def stats_request(self, model: ir.Model) -> StatsRequest:
         analysis = self._analyze(model)
-        values = {a.space.value.name for a in analysis.actions if a.kind == "consumer"}
-        return StatsRequest(frozenset(values))
+        spaces = [a.space for a in analysis.actions if a.kind == "consumer"] + analysis.gates
+        heads = {id(space.value) for space in analysis.head_inputs}
+        grams = {a.node.name for a in analysis.actions if a.kind == "consumer" and id(a.space.value) in heads}
+        axes = {(space.value.name, space.axis) for space in spaces if space.axis != 1}
+        return StatsRequest(frozenset(s.value.name for s in spaces), frozenset(grams), frozenset(axes))
 
     def call(self, model: ir.Model) -> OptResult:
         config: PruneConfig = self.config
@@ -135,6 +143,9 @@ class ChannelPrunePass(OptPass):
             lo, hi, stronger_is_higher = 0.5, 1.0, False
         else:
             lo, hi, stronger_is_higher = 0.0, 0.5, True
+        groups = {item.unit.group for item in scored.values()}
+        per_group_steps = max(3, config.steps // 2) if config.criterion == "ratio" else 0
+        self.context.expect_trials(config.steps + per_group_steps * len(groups))  # at most; a progress estimate
         best = self._bisect(model, lo, hi, stronger_is_higher, lambda v: (v, {}), check)
         if config.criterion != "ratio":
             return best, {}
@@ -200,7 +211,7 @@ class ChannelPrunePass(OptPass):
     @staticmethod
     def _analyze(model: ir.Model) -> Analysis:
         ShapeInferencePass(strict_mode=False)(model)
-        return analyze(model)
+        return analyze(model, HANDLERS)
 
 
 # --- scoring and selection ---------------------------------------------------------------------------
@@ -228,12 +239,19 @@ def _score_units(analysis: Analysis, stats: StatsTable) -> dict[int, _Scored]:
         for action in actions:
             weight = np.moveaxis(graph_io.const_array(action.node.inputs[1]), action.weight_axis, 0)
             norms[id(action)] = np.linalg.norm(weight.reshape(len(weight), -1), axis=1)
+    gates = {id(space.value) for space in analysis.gates}
+    blocks = _block_contributions(analysis, stats, consumers)
     scored = {}
     for unit in analysis.units:
         if unit.blocked:
             continue
         dead, apoz, freq, rel_std, mean_abs, contribution = True, 1.0, 0.0, 0.0, 0.0, 0.0
         seen = False
+        nonpos = [
+            1.0 - float(stats.channels[owner[slot].value.name].pos_frac[slot - owner[slot].base])
+            for slot in unit.slots
+            if id(owner[slot].value) in gates and owner[slot].value.name in stats.channels
+        ]
         for slot in unit.slots:
             space = owner[slot]
             if id(space.value) not in consumers:
@@ -252,10 +270,47 @@ def _score_units(analysis: Analysis, stats: StatsTable) -> dict[int, _Scored]:
             mean_abs = max(mean_abs, float(s.abs_mean[c]))
             rms = float(np.sqrt(s.sq_mean[c]))
             for action in consumers[id(space.value)]:
-                contribution += rms * float(norms[id(action)][c])
+                if id(action) not in blocks:
+                    contribution += rms * float(norms[id(action)][c])
+        for per_unit in blocks.values():
+            contribution += per_unit.get(unit.slots[0], 0.0)
+        if nonpos:  # a GELU/ReLU neuron: how often its activation input is non-positive (APoZ-style)
+            apoz = max(nonpos)
         if seen:
             scored[unit.slots[0]] = _Scored(unit, dead, apoz, freq, rel_std, mean_abs, contribution)
     return scored
+
+
+def _block_contributions(analysis: Analysis, stats: StatsTable, consumers) -> dict[int, dict[int, float]]:
+    """Per consumer reading merged attention heads: unit (first slot) -> ``√E‖x_S·W_S‖²`` over the unit's slots ``S``.
+
+    ``E[x_Sᵀx_S]`` is the block of the consumer input's Gram matrix, so the head's channels are scored together,
+    correlations included, instead of summing per-channel norms.
+    """
+    unit_of = {}
+    for unit in analysis.units:
+        for slot in unit.slots:
+            unit_of[slot] = unit
+    result: dict[int, dict[int, float]] = {}
+    for space in analysis.head_inputs:
+        for action in consumers.get(id(space.value), []):
+            gram = stats.grams.get(action.node.name)
+            weight = graph_io.const_array(action.node.inputs[1])
+            if gram is None or weight is None or weight.ndim != 2 or gram.xtx.shape[0] != space.size:
+                continue
+            moment = gram.second_moment
+            rows = np.moveaxis(weight, action.weight_axis, 0).astype(np.float64)  # (K, M)
+            per_unit: dict[int, list[int]] = {}
+            for c in range(space.size):
+                unit = unit_of.get(space.base + c)
+                if unit is not None and not unit.blocked:
+                    per_unit.setdefault(unit.slots[0], []).append(c)
+            scores = {}
+            for first, channels in per_unit.items():
+                w = rows[channels]
+                scores[first] = float(np.sqrt(max(np.sum((moment[np.ix_(channels, channels)] @ w) * w), 0.0)))
+            result[id(action)] = scores
+    return result
 
 
 def _select(
@@ -351,4 +406,10 @@ def _describe(
                 value = per_group.get(group_of.get(id(action.space.value), -1), setting)
                 what += f" {value:.4g}"
             changes.append(Change(action.node.name or action.space.value.name, what + ")"))
+    merged = {id(space.value) for space in analysis.head_inputs}
+    for action in analysis.actions:  # the head merge Reshapes: heads per attention layer
+        if action.kind == "reshape" and id(action.out_space.value) in merged and id(action.space.value) in removed:
+            before = action.space.size
+            after = before - len(removed[id(action.space.value)])
+            changes.append(Change(action.node.name, f"{before} -> {after} attention heads"))
     return changes
