@@ -13,7 +13,10 @@ skipped (with the reasons and its time), and a per-layer table of params and MAC
 - No external resource, no script: CSS is inline, and every string that comes from the model, the data or
   a pass is HTML-escaped (node names may contain ``<``).
 
-matplotlib is imported only when rendering; :func:`require_matplotlib` lets the CLI fail fast without it.
+The markup is a Jinja2 template with autoescaping, ``onnxopt/templates/report.html.j2`` (CSS in
+``report.css`` beside it), shipped as package data; this module computes and formats the values it shows.
+matplotlib and jinja2 (the ``report`` extra) are imported only when rendering; :func:`require_matplotlib`
+lets the CLI fail fast without them.
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ _MAX_LISTED_SITES = 500
 
 
 def require_matplotlib() -> None:
-    """Raise a one-line :class:`UsageError` naming the extra to install when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError("--html needs matplotlib: pip install 'onnxopt[report]'") from None
+    """Raise a one-line :class:`UsageError` naming the extra to install when matplotlib or jinja2 is missing."""
+    for module in ("matplotlib", "jinja2"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise UsageError(f"--html needs {module}: pip install 'onnxopt[report]'") from None
 
 
 def write(path: str | os.PathLike, page: str) -> Path:
@@ -122,64 +126,91 @@ def render(
     require_matplotlib()
     rows = layer_rows(report.before, report.after)
     metric = _main_metric(report)
-    pipeline = " → ".join(r.name for r in report.passes) or "(no passes)"
-    subtitle = f"{_e(model_name)}" + (f" → {_e(output_name)}" if output_name else "")
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>onnxopt report: {_e(model_name)}</title>",
-        f"<style>{_CSS}</style></head><body><main>",
-        f'<header><h1>onnxopt report</h1><p class="sub">{subtitle}</p>',
-        f'<p class="sub">pipeline: <span class="pipeline">{_e(pipeline)}</span> · {report.seconds:.2f} s</p></header>',
-        _cards(report, latency),
-        _summary(report, latency),
-        _validation(report.validation),
-        _plots(report, rows, metric),
-        _passes(report.passes),
-        _layers(report, rows),
-        f"<footer>onnxopt {_e(_version())} · self-contained: no scripts, no external resources</footer>",
-        "</main></body></html>",
-    ]
-    return "\n".join(parts) + "\n"
+    before, after = report.before, report.after
+    counts = {s: sum(1 for r in rows if r.status == s) for s in ("changed", "removed", "added")}
+    page = _template().render(
+        model_name=model_name,
+        output_name=output_name,
+        pipeline=" → ".join(r.name for r in report.passes) or "(no passes)",
+        seconds=f"{report.seconds:.2f} s",
+        cards=_cards(report, latency),
+        summary=_summary(report, latency),
+        validation=_validation(report.validation),
+        **_plots(report, rows, metric),
+        passes=[_pass(r) for r in report.passes],
+        max_sites=_MAX_LISTED_SITES,
+        layers=[_layer(row) for row in rows],
+        layer_summary=", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no layer changed",
+        layer_total=[
+            f"{before.params:,}",
+            f"{after.params:,}",
+            _ratio(after.params, before.params),
+            f"{before.macs:,}",
+            f"{after.macs:,}",
+            _ratio(after.macs, before.macs),
+        ],  # fmt: skip
+        version=_version(),
+    )
+    return page.rstrip("\n") + "\n"
 
 
-# --- sections -----------------------------------------------------------------------------------------------
+def _template():
+    """The page template (package data under ``onnxopt/templates``), autoescaped.
+
+    Values are escaped with :func:`html.escape` (``"`` as ``&quot;``) rather than markupsafe's numeric
+    entities, so the page reads the same as before the template; ``Markup`` values are left alone.
+    """
+    import jinja2
+    from markupsafe import Markup
+
+    def escape(value: object) -> Markup:
+        return value if isinstance(value, Markup) else Markup(html.escape(str(value), quote=True))
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("onnxopt", "templates"),
+        autoescape=True,
+        finalize=escape,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("report.html.j2")
 
 
-def _cards(report: RunReport, latency: Mapping[str, float] | None) -> str:
+# --- sections: plain values for the template, formatted here -------------------------------------------------
+
+
+def _cards(report: RunReport, latency: Mapping[str, float] | None) -> list[dict[str, Any]]:
     validation = report.validation
     if validation is None:
-        verdict = ('<span class="badge neutral">not validated</span>', "validation skipped")
+        verdict = {"value": "not validated", "badge": "neutral", "detail": "validation skipped"}
     elif validation.ok:
-        verdict = ('<span class="badge ok">OK</span>', "within the error budget")
+        verdict = {"value": "OK", "badge": "ok", "detail": "within the error budget"}
     else:
-        verdict = ('<span class="badge fail">FAILED</span>', "misses the error budget")
-    cards = [("verdict", *verdict)]
+        verdict = {"value": "FAILED", "badge": "fail", "detail": "misses the error budget"}
+    cards = [{"label": "verdict", **verdict}]
     for label, b, a in (
         ("parameters", report.before.params, report.after.params),
         ("MACs", report.before.macs, report.after.macs),
         ("file size", report.before.bytes, report.after.bytes),
     ):
-        cards.append((label, f"{_ratio(a, b)}×" if b else "–", f"{_short(b)} → {_short(a)}"))
+        cards.append(_card(label, f"{_ratio(a, b)}×" if b else "–", f"{_short(b)} → {_short(a)}"))
     if latency is not None:
-        cards.append(("latency", f"{_ratio(latency['after'], latency['before'])}×", _latency_text(latency)))
+        cards.append(_card("latency", f"{_ratio(latency['after'], latency['before'])}×", _latency_text(latency)))
     if validation is not None and validation.accuracy is not None:
         acc = validation.accuracy
         change = f"from {acc['before']:.2f}% ({acc['after'] - acc['before']:+.2f} pp)"
-        cards.append(("accuracy", f"{acc['after']:.2f}%", change))
+        cards.append(_card("accuracy", f"{acc['after']:.2f}%", change))
     elif validation is not None and validation.task_mse is not None:
         mse = validation.task_mse
-        cards.append(("task MSE", f"{mse['after']:.4g}", f"from {mse['before']:.4g}"))
-    items = "".join(
-        f'<div class="card"><div class="label">{_e(label)}</div><div class="value">{value}</div>'
-        f'<div class="detail">{_e(detail)}</div></div>'
-        for label, value, detail in cards
-    )
-    return f'<section class="cards">{items}</section>'
+        cards.append(_card("task MSE", f"{mse['after']:.4g}", f"from {mse['before']:.4g}"))
+    return cards
 
 
-def _summary(report: RunReport, latency: Mapping[str, float] | None) -> str:
+def _card(label: str, value: str, detail: str) -> dict[str, Any]:
+    return {"label": label, "value": value, "badge": None, "detail": detail}
+
+
+def _summary(report: RunReport, latency: Mapping[str, float] | None) -> list[tuple[str, str, str, str]]:
     before, after = report.before, report.after
     rows = [
         ("parameters", f"{before.params:,}", f"{after.params:,}", _ratio(after.params, before.params)),
@@ -198,63 +229,45 @@ def _summary(report: RunReport, latency: Mapping[str, float] | None) -> str:
     if validation is not None and validation.task_mse is not None:
         mse = validation.task_mse
         rows.append(("task MSE", f"{mse['before']:.4g}", f"{mse['after']:.4g}", _ratio(mse["after"], mse["before"])))
-    body = "".join(f"<tr><th>{_e(r[0])}</th>{''.join(f'<td>{_e(c)}</td>' for c in r[1:])}</tr>" for r in rows)
-    return (
-        '<section id="summary"><h2>Before and after</h2>'
-        '<table class="num"><thead><tr><th></th><th>before</th><th>after</th><th>after / before</th></tr></thead>'
-        f"<tbody>{body}</tbody></table></section>"
-    )
+    return rows
 
 
-def _validation(validation: ValidationReport | None) -> str:
-    head = '<section id="validation"><h2>Validation</h2>'
+def _validation(validation: ValidationReport | None) -> dict[str, Any] | None:
     if validation is None:
-        return head + "<p>Validation was skipped (<code>--no-validate</code>).</p></section>"
-    badge = '<span class="badge ok">OK</span>' if validation.ok else '<span class="badge fail">FAILED</span>'
-    out = [
-        head,
-        f"<p>{badge} on {validation.samples:,} samples of {_e(validation.data)}.</p>",
-        f"<p>Budget: <b>{_e(validation.budget.describe())}</b>.</p>",
-    ]
+        return None
+    lines = []
     if validation.accuracy is not None:
         acc = validation.accuracy
-        out.append(
-            f"<p>Accuracy {acc['before']:.2f}% → {acc['after']:.2f}% (drop {acc['before'] - acc['after']:.2f} pp).</p>"
+        lines.append(
+            f"Accuracy {acc['before']:.2f}% → {acc['after']:.2f}% (drop {acc['before'] - acc['after']:.2f} pp)."
         )
     if validation.task_mse is not None:
         mse = validation.task_mse
-        out.append(f"<p>Task MSE {mse['before']:.4g} → {mse['after']:.4g}.</p>")
-    if validation.failures:
-        items = "".join(f"<li>{_e(f)}</li>" for f in validation.failures)
-        out.append(f'<div class="failures"><b>Failures</b><ul>{items}</ul></div>')
-    if validation.checker_error:
-        out.append(f'<p class="failures">ONNX checker: {_e(validation.checker_error)}</p>')
-    if validation.outputs:
-        rows = []
-        for name, diff in validation.outputs.items():
-            top1 = "–" if diff.top1_agreement is None else f"{diff.top1_agreement:.4f}"
-            cells = [f"{diff.max_abs:.3g}", f"{diff.max_rel:.3g}", f"{diff.scaled_abs:.3g}", f"{diff.cosine:.6f}"]
-            cells += [f"{diff.rel_l2:.3g}", top1]
-            rows.append(f"<tr><th><code>{_e(name)}</code></th>{''.join(f'<td>{c}</td>' for c in cells)}</tr>")
-        out.append(
-            '<table class="num"><thead><tr><th>output</th><th>max |Δ|</th><th>max rel</th><th>scaled |Δ|</th>'
-            "<th>worst cosine</th><th>worst rel L2</th><th>top-1 agreement</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>"
-            '<p class="note">Worst per-sample cosine and relative L2; scaled |Δ| = max |Δ| / max(1, max |y|); '
-            "top-1 agreement: the fraction of samples whose argmax is unchanged.</p>"
-        )
-    out.append("</section>")
-    return "".join(out)
+        lines.append(f"Task MSE {mse['before']:.4g} → {mse['after']:.4g}.")
+    outputs = []
+    for name, diff in validation.outputs.items():
+        top1 = "–" if diff.top1_agreement is None else f"{diff.top1_agreement:.4f}"
+        cells = [f"{diff.max_abs:.3g}", f"{diff.max_rel:.3g}", f"{diff.scaled_abs:.3g}", f"{diff.cosine:.6f}"]
+        outputs.append((name, [*cells, f"{diff.rel_l2:.3g}", top1]))
+    return {
+        "ok": validation.ok,
+        "samples": f"{validation.samples:,}",
+        "data": validation.data,
+        "budget": validation.budget.describe(),
+        "lines": lines,
+        "failures": list(validation.failures),
+        "checker_error": validation.checker_error,
+        "outputs": outputs,
+    }
 
 
-def _plots(report: RunReport, rows: list[LayerRow], metric: tuple[str, str, bool] | None) -> str:
-    out = ['<section id="plots"><h2>Plots</h2>']
+def _plots(report: RunReport, rows: list[LayerRow], metric: tuple[str, str, bool] | None) -> dict[str, Any]:
+    """``macs_figure``, ``stage_figure`` (``{png, caption, note}`` or ``None``), ``stages`` and ``metric_label``."""
+    out: dict[str, Any] = {"macs_figure": None, "stage_figure": None, "stages": [], "metric_label": "metric"}
     mac_rows = [r for r in rows if any(c is not None and c.macs for c in (r.before, r.after))]
     if mac_rows:
         png, note = _macs_plot(mac_rows)
-        out.append(_figure(png, "MACs per layer, before and after", note))
-    else:
-        out.append("<p>No layer has MACs (no Conv, Gemm or MatMul with known shapes).</p>")
+        out["macs_figure"] = {"png": png, "caption": "MACs per layer, before and after", "note": note}
     stages = list(report.stages)
     if stages:
         png, note = _stage_plot(stages, metric, report.validation)
@@ -263,94 +276,40 @@ def _plots(report: RunReport, rows: list[LayerRow], metric: tuple[str, str, bool
             if metric is not None
             else "File size after each pipeline stage (no validation metric recorded)"
         )
-        out.append(_figure(png, caption, note))
-        out.append(_stage_table(stages, metric))
-    out.append("</section>")
-    return "".join(out)
+        out["stage_figure"] = {"png": png, "caption": caption, "note": note}
+        out["metric_label"] = metric[1] if metric is not None else "metric"
+        for s in stages:
+            value = "–"
+            if metric is not None and getattr(s, metric[0]) is not None:
+                value = _metric_text(metric[0], getattr(s, metric[0]))
+            out["stages"].append(
+                {"name": s.name, "bytes": f"{s.bytes:,}", "value": value, "source": s.source or "unknown"}
+            )
+    return out
 
 
-def _passes(records: Sequence[PassRecord]) -> str:
-    out = ['<section id="passes"><h2>Passes</h2>']
-    if not records:
-        return out[0] + "<p>No pass ran.</p></section>"
-    rows = []
-    for index, r in enumerate(records, 1):
-        state = '<span class="badge ok">changed</span>'
-        if not r.modified:
-            state = '<span class="badge neutral">unchanged</span>'
-        stats = f" (+{r.stats_seconds:.2f} s statistics)" if r.stats_seconds else ""
-        rows.append(
-            f'<tr><td>{index}</td><th><a href="#pass-{index}">{_e(r.name)}</a></th><td class="text">{state}</td>'
-            f"<td>{len(r.changes)}</td><td>{len(r.skipped)}</td><td>{r.seconds:.2f} s{stats}</td></tr>"
-        )
-    out.append(
-        '<table class="num"><thead><tr><th>#</th><th class="text">pass</th><th class="text">result</th>'
-        f"<th>sites changed</th><th>sites skipped</th><th>time</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    )
-    for index, r in enumerate(records, 1):
-        out.append(f'<div class="pass" id="pass-{index}"><h3>{index}. {_e(r.name)}</h3>')
-        if not r.changes and not r.skipped:
-            out.append('<p class="note">Nothing to change and nothing declined.</p>')
-        out.append(_site_list("Changed", r.changes, "what", open_=True))
-        out.append(_site_list("Skipped", r.skipped, "reason", open_=len(r.skipped) <= 20))
-        out.append("</div>")
-    out.append("</section>")
-    return "".join(out)
+def _pass(record: PassRecord) -> dict[str, Any]:
+    stats = f" (+{record.stats_seconds:.2f} s statistics)" if record.stats_seconds else ""
+    return {
+        "name": record.name,
+        "modified": record.modified,
+        "changes": list(record.changes),
+        "skipped": list(record.skipped),
+        "time": f"{record.seconds:.2f} s{stats}",
+    }
 
 
-def _site_list(title: str, items: Sequence[Any], field: str, *, open_: bool) -> str:
-    if not items:
-        return ""
-    shown = items[:_MAX_LISTED_SITES]
-    rows = "".join(f"<tr><td><code>{_e(i.site)}</code></td><td>{_e(getattr(i, field))}</td></tr>" for i in shown)
-    more = ""
-    if len(items) > len(shown):
-        more = f'<p class="note">… {len(items) - len(shown):,} more in the JSON report (<code>--report</code>).</p>'
-    head = "reason" if field == "reason" else "what"
-    return (
-        f"<details{' open' if open_ else ''}><summary>{title} ({len(items):,})</summary>"
-        f'<table class="sites"><thead><tr><th>site</th><th>{head}</th></tr></thead><tbody>{rows}</tbody></table>'
-        f"{more}</details>"
-    )
-
-
-def _layers(report: RunReport, rows: list[LayerRow]) -> str:
-    body = []
-    for row in rows:
-        b, a = row.before, row.after
-        op = _op_text(b, a)
-        cells = [
-            _count(b, "params"),
-            _count(a, "params"),
-            _ratio_cell(b, a, "params"),
-            _count(b, "macs"),
-            _count(a, "macs"),
-            _ratio_cell(b, a, "macs"),
-        ]
-        status = row.status
-        tag = f'<span class="tag {status}">{status}</span>' if status else ""
-        body.append(
-            f'<tr class="{status or "same"}"><th><code>{_e(row.name)}</code></th><td class="text">{_e(op)}</td>'
-            f'{"".join(f"<td>{c}</td>" for c in cells)}<td class="text">{tag}</td></tr>'
-        )
-    before, after = report.before, report.after
-    total = (
-        f"<tr><th>total (model)</th><td></td><td>{before.params:,}</td><td>{after.params:,}</td>"
-        f"<td>{_ratio(after.params, before.params)}</td><td>{before.macs:,}</td><td>{after.macs:,}</td>"
-        f"<td>{_ratio(after.macs, before.macs)}</td><td></td></tr>"
-    )
-    counts = {s: sum(1 for r in rows if r.status == s) for s in ("changed", "removed", "added")}
-    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no layer changed"
-    return (
-        '<section id="layers"><h2>Layers</h2>'
-        f'<p class="note">{len(rows)} layers with parameters or MACs, matched by node name: {_e(summary)}. '
-        "Ratios are after / before. Totals count a weight shared by several nodes once; after quantization the "
-        "weights are held by the DequantizeLinear nodes that read them.</p>"
-        '<table class="num layers"><thead><tr><th>layer</th><th class="text">op</th><th>params before</th>'
-        "<th>params after</th><th>ratio</th><th>MACs before</th><th>MACs after</th><th>ratio</th>"
-        '<th class="text"></th></tr></thead>'
-        f"<tbody>{''.join(body)}</tbody><tfoot>{total}</tfoot></table></section>"
-    )
+def _layer(row: LayerRow) -> dict[str, Any]:
+    b, a = row.before, row.after
+    cells = [
+        _count(b, "params"),
+        _count(a, "params"),
+        _ratio_cell(b, a, "params"),
+        _count(b, "macs"),
+        _count(a, "macs"),
+        _ratio_cell(b, a, "macs"),
+    ]
+    return {"name": row.name, "op": _op_text(b, a), "cells": cells, "status": row.status}
 
 
 # --- plots --------------------------------------------------------------------------------------------------
@@ -449,26 +408,6 @@ def _stage_plot(
     if unknown:
         note += f" Without a recorded metric (a fixed setting checks nothing): {', '.join(unknown)}."
     return _png(figure), note
-
-
-def _stage_table(stages: list[StageRecord], metric: tuple[str, str, bool] | None) -> str:
-    rows = []
-    for i, s in enumerate(stages):
-        value = "–"
-        if metric is not None and getattr(s, metric[0]) is not None:
-            value = _metric_text(metric[0], getattr(s, metric[0]))
-        rows.append(
-            f"<tr><td>{i}</td><th>{_e(s.name)}</th><td>{s.bytes:,}</td><td>{value}</td>"
-            f'<td class="text">{_e(s.source or "unknown")}</td></tr>'
-        )
-    label = metric[1] if metric is not None else "metric"
-    return (
-        '<table class="num stages"><thead><tr><th>#</th><th class="text">stage</th><th>file bytes</th>'
-        f'<th>{_e(label)}</th><th class="text">metric from</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
-        '<p class="note">No extra model runs: a lossy stage\'s metric is its last passing budget check (the setting '
-        "it kept); unchanged and exact stages carry the one before; the original and the result come from the "
-        "final validation.</p>"
-    )
 
 
 def _budget_line(
@@ -591,80 +530,7 @@ def _plot_label(text: str, width: int = 32) -> str:
     return text.replace("\\", "\\\\").replace("$", r"\$")
 
 
-def _figure(png: str, caption: str, note: str) -> str:
-    note_html = f'<p class="note">{_e(note)}</p>' if note else ""
-    return (
-        f'<figure><img src="data:image/png;base64,{png}" alt="{_e(caption)}">'
-        f"<figcaption>{_e(caption)}</figcaption>{note_html}</figure>"
-    )
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
 def _version() -> str:
     from onnxopt import __version__
 
     return __version__
-
-
-_CSS = """
-:root { --fg: #1f2937; --muted: #6b7280; --line: #e5e7eb; --soft: #f8fafc; --accent: #2563eb;
-  --ok: #15803d; --ok-bg: #dcfce7; --fail: #b91c1c; --fail-bg: #fee2e2; }
-* { box-sizing: border-box; }
-body { margin: 0; background: #f1f5f9; color: var(--fg);
-  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1120px; margin: 24px auto; padding: 28px 36px; background: #fff; border-radius: 10px;
-  box-shadow: 0 1px 3px rgba(15, 23, 42, .08); }
-h1 { margin: 0 0 4px; font-size: 26px; }
-h2 { margin: 36px 0 12px; font-size: 20px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
-h3 { margin: 22px 0 8px; font-size: 16px; }
-.sub { margin: 2px 0; color: var(--muted); overflow-wrap: anywhere; }
-.pipeline { color: var(--fg); font-weight: 600; }
-code { font: 13px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; overflow-wrap: anywhere; }
-.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 12px; margin-top: 20px; }
-.card { border: 1px solid var(--line); border-radius: 8px; padding: 12px 14px; background: var(--soft); }
-.card .label { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
-.card .value { font-size: 22px; font-weight: 650; margin: 2px 0; font-variant-numeric: tabular-nums; }
-.card .detail { color: var(--muted); font-size: 13px; font-variant-numeric: tabular-nums; }
-.badge { display: inline-block; padding: 1px 10px; border-radius: 999px; font-size: 13px; font-weight: 650; }
-.card .badge { font-size: 18px; }
-.badge.ok { color: var(--ok); background: var(--ok-bg); }
-.badge.fail { color: var(--fail); background: var(--fail-bg); }
-.badge.neutral { color: var(--muted); background: #eef2f7; }
-table { border-collapse: collapse; margin: 10px 0; font-size: 14px; }
-th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
-thead th { text-align: right; color: var(--muted); font-weight: 600; font-size: 12.5px;
-  border-bottom: 2px solid var(--line); white-space: nowrap; }
-tbody th { text-align: left; font-weight: 500; }
-table.num td { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-table.num td.text, table.num th.text { text-align: left; }
-thead th:first-child, tbody th:first-child { text-align: left; }
-tbody tr:nth-child(even) { background: var(--soft); }
-tfoot th, tfoot td { font-weight: 650; border-top: 2px solid var(--line); border-bottom: 0; text-align: right; }
-tfoot th { text-align: left; }
-table.layers { width: 100%; }
-table.layers tbody th { max-width: 360px; }
-tr.removed th code, tr.removed td { color: var(--muted); }
-tr.removed th code { text-decoration: line-through; }
-.tag { font-size: 12px; padding: 0 7px; border-radius: 4px; }
-.tag.changed { background: #dbeafe; color: #1d4ed8; }
-.tag.removed { background: var(--fail-bg); color: var(--fail); }
-.tag.added { background: var(--ok-bg); color: var(--ok); }
-table.sites { width: 100%; }
-table.sites th { text-align: left; }
-table.sites td:first-child { width: 32%; }
-details { margin: 6px 0 10px; }
-summary { cursor: pointer; color: var(--accent); font-weight: 600; }
-.failures { color: var(--fail); background: var(--fail-bg); padding: 8px 12px; border-radius: 6px; }
-.failures ul { margin: 4px 0; }
-figure { margin: 18px 0 26px; }
-figure img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
-figcaption { color: var(--muted); font-size: 13.5px; margin-top: 6px; }
-.note { color: var(--muted); font-size: 13.5px; }
-a { color: var(--accent); text-decoration: none; }
-footer { margin-top: 40px; padding-top: 10px; color: var(--muted); font-size: 12.5px;
-  border-top: 1px solid var(--line); }
-@media print { body { background: #fff; } main { box-shadow: none; margin: 0; } }
-"""

@@ -18,6 +18,7 @@ from onnxopt.manager import PassManager, PassRecord, RunReport, StageRecord
 from onnxopt.pass_base import Change, Skip
 
 pytest.importorskip("matplotlib")
+pytest.importorskip("jinja2")
 
 from onnxopt import html_report  # noqa: E402  (needs matplotlib to render)
 
@@ -212,6 +213,26 @@ def test_missing_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
     code, _, err = _run(capsys, *_tiny_args(tmp_path, TINY / "tiny_mlp.onnx", "--passes", "simplify"))
     assert code == 2 and err.count("\n") == 1 and "pip install 'onnxopt[report]'" in err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_missing_jinja2_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    code, _, err = _run(capsys, *_tiny_args(tmp_path, TINY / "tiny_mlp.onnx", "--passes", "simplify"))
+    assert code == 2 and err.count("\n") == 1 and "--html needs jinja2: pip install 'onnxopt[report]'" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_template_files_are_package_data():
+    """Every file under onnxopt/templates matches a package-data glob, so a wheel install can render the page."""
+    import fnmatch
+    import tomllib
+
+    root = Path(html_report.__file__).resolve().parent
+    config = tomllib.loads((root.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = config["tool"]["setuptools"]["package-data"]["onnxopt"]
+    files = [p.relative_to(root).as_posix() for p in (root / "templates").iterdir()]
+    assert "templates/report.html.j2" in files
+    assert all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
