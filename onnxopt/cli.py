@@ -23,6 +23,8 @@ from onnxopt.errors import OnnxoptError, UsageError
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+HOLDOUT = 0.3  # without --eval, lossy passes are judged on this last fraction of --data
+MIN_EVAL_SAMPLES = 32  # fewer evaluation samples cannot judge a lossy pass (unless --allow-small-eval)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--report", help="write the JSON report here")
     run.add_argument("--html", help="write a self-contained HTML report here (plots need the 'report' extra)")
     run.add_argument("--force", action="store_true", help="write the model even when validation fails")
+    run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress, no table)")
+    run.add_argument(
+        "--allow-small-eval",
+        action="store_true",
+        help=f"judge lossy passes on fewer than {MIN_EVAL_SAMPLES} evaluation samples (refused by default)",
+    )
     run.add_argument("--no-validate", action="store_true", help="skip the final validation")
     run.add_argument("--latency", action="store_true", help="measure onnxruntime latency before and after")
     run.add_argument("--no-simplify", action="store_true", help="don't wrap the passes in the lossless 'simplify' pass")
@@ -114,6 +122,34 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-cosine", type=float, metavar="C", help="lowest per-sample cosine similarity")
     group.add_argument("--max-rel-l2", type=_non_negative, metavar="E", help="highest per-sample relative L2 error")
     group.add_argument("--max-abs", type=_non_negative, metavar="E", help="highest max|diff| / max(1, max|y|)")
+    group.add_argument(
+        "--max-mismatch",
+        type=_non_negative,
+        metavar="F",
+        help="fraction of integer/boolean output values allowed to differ (default 0, or free under a task budget)",
+    )
+    metric = parser.add_argument_group("task metric (see README, Budgets)")
+    metric.add_argument(
+        "--metric",
+        metavar="NAME",
+        help="top1, top5, mse, psnr, spearman, or MODULE:FUNCTION / path/file.py:FUNCTION (your own)",
+    )
+    metric.add_argument("--metric-output", metavar="NAME", help="the output a built-in metric reads (default: 1st fit)")
+    metric.add_argument(
+        "--max-metric-drop",
+        type=_non_negative,
+        metavar="X",
+        help="metric loss allowed, in its units (increase for lower-is-better metrics); judges searches and result",
+    )
+    metric.add_argument(
+        "--metric-limit", type=float, metavar="X", help="worst metric value allowed after (a floor; the bar for psnr)"
+    )
+    metric.add_argument(
+        "--budget-confidence",
+        type=_confidence,
+        metavar="C",
+        help="judge the metric at the worse end of its C bootstrap interval (e.g. 0.95) instead of its point value",
+    )
 
 
 def _add_preprocess_option(parser: argparse.ArgumentParser) -> None:
@@ -256,12 +292,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     graph.load(args.optimized)  # clear errors for a bad file before onnxruntime sees it
     shapes = data.parse_shape_overrides(args.input_shape)
     (data_arg,) = _image_data(args, "data")
+    budget = _budget(args)
+    metric = None
+    if args.metric is not None:
+        from onnxopt import metrics
+
+        metric = metrics.resolve(args.metric, output=args.metric_output)
     if data_arg:
-        source = data.as_source(data_arg, original, batch_size=args.batch_size, what="data")
+        pair = metric is not None and metric.pair
+        source = data.as_source(data_arg, original, batch_size=args.batch_size, what="data", pair_labels=pair)
     else:
         source = data.random_source(original, seed=args.seed, shapes=shapes)
-    budget = _budget(args) or Budget.default(exact=False, has_labels=source.has_labels)
-    report = validate(args.original, args.optimized, source, budget)
+    budget = budget or Budget.default(exact=False, has_labels=source.has_labels)
+    report = validate(args.original, args.optimized, source, budget, metric=metric)
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
@@ -370,6 +413,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=_progress_printer(),
         simplify=False,  # already placed in `names`, with the user's simplify options
+        metric=args.metric,
+        metric_output=args.metric_output,
+        holdout=HOLDOUT,  # without --eval, lossy passes are judged on the last 30% of --data
+        min_eval_samples=0 if args.allow_small_eval else MIN_EVAL_SAMPLES,
     )
     report = manager.run(source)
     latency = _measure_latency(source, report.model, manager, args) if args.latency else None
@@ -417,7 +464,16 @@ def _budget(args: argparse.Namespace):
         min_cosine=args.min_cosine,
         max_rel_l2=args.max_rel_l2,
         max_abs=args.max_abs,
+        max_metric_drop=args.max_metric_drop,
+        metric_limit=args.metric_limit,
+        confidence=args.budget_confidence,
+        max_mismatch=args.max_mismatch,
     )
+    if args.budget_confidence is not None and budget.max_metric_drop is None and budget.metric_limit is None:
+        if budget.max_accuracy_drop is None:
+            raise UsageError("--budget-confidence applies to a metric budget: give --max-metric-drop or --metric-limit")
+    if (args.metric_output is not None) and args.metric is None:
+        raise UsageError("--metric-output was given without --metric")
     return None if budget.is_empty() else budget
 
 
@@ -533,9 +589,30 @@ def _print_validation(report) -> None:
     )
     for name, diff in report.outputs.items():
         top1 = f", top-1 agreement {diff.top1_agreement:.4f}" if diff.top1_agreement is not None else ""
-        print(f"  {name}: max abs {diff.max_abs:.3g}, cosine {diff.cosine:.6f}, rel L2 {diff.rel_l2:.3g}{top1}")
+        exact = f", {100 * diff.mismatch:.3g}% of values differ" if diff.mismatch is not None else ""
+        if diff.nonfinite or diff.nonfinite_mismatch:
+            exact += f", {diff.nonfinite} NaN/Inf ({diff.nonfinite_mismatch} unmatched)"
+        print(f"  {name}: max abs {diff.max_abs:.3g}, cosine {diff.cosine:.6f}, rel L2 {diff.rel_l2:.3g}{top1}{exact}")
+    if report.metric is not None:
+        print(f"  {_metric_line(report.metric)}")
     for failure in report.failures:
         print(f"  failed: {failure}")
+
+
+def _metric_line(m) -> str:
+    """One line for a task metric: its values, the drop and its bootstrap interval."""
+    direction = "higher" if m.higher_is_better else "lower"
+    output = f" on '{m.output}'" if m.output else ""
+    text = f"metric {m.name}{output} ({direction} is better): "
+    if m.drop is None:
+        text += f"{m.after:.4f}"
+        of = "value"
+    else:
+        text += f"{m.before:.4f} -> {m.after:.4f}, drop {m.drop:.4f}"
+        of = "drop"
+    if m.interval is not None:
+        text += f", {100 * m.confidence:g}% interval of the {of} [{m.interval[0]:.4f}, {m.interval[1]:.4f}]"
+    return text
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
@@ -563,6 +640,13 @@ def _non_negative(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _confidence(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (e.g. 0.95), got {text}")
     return value
 
 

@@ -29,10 +29,11 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, ShapeInfer
 from onnxopt import cost, registry
 from onnxopt import data as data_mod
 from onnxopt import graph as graph_io
+from onnxopt import metrics as metrics_mod
 from onnxopt.errors import CalibrationError, UsageError
 from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip
 from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
-from onnxopt.validate import Budget, Reference, ValidationReport, validate
+from onnxopt.validate import Budget, Reference, ValidationReport, metric_baseline, validate
 
 __all__ = ["PassRecord", "StageRecord", "RunReport", "PassManager"]
 
@@ -139,6 +140,16 @@ class PassManager:
         simplify: wrap a non-empty pass list that does not name ``simplify`` itself with the lossless
             ``simplify`` pass, first and (unless the last pass sets ``simplify_after = False``) last.
         input_shapes: concrete shapes for dynamic inputs (cost model, random inputs).
+        metric: a task metric (:mod:`onnxopt.metrics`: ``top1``, ``top5``, ``mse``, ``psnr``, ``spearman``,
+            ``MODULE:FUNCTION`` or a callable) measured in every budget check and the final validation, and
+            judged by the budget's ``max_metric_drop`` / ``metric_limit``; ``metric_output`` picks its output.
+            It is computed on the original model before any pass runs, so a metric that cannot be computed
+            fails up front (UsageError / DataError).
+        holdout: without ``eval_data``, when a pass is lossy, judge on the last ``holdout`` fraction of
+            array ``data`` (0.3: the last 30%) and calibrate on the rest (the CLI's default); ``None``: judge on
+            ``data`` itself.
+        min_eval_samples: refuse (UsageError, before any pass) to judge lossy passes on fewer given evaluation
+            samples (the CLI's 32 unless ``--allow-small-eval``); seeded random inputs are not counted.
     """
 
     def __init__(
@@ -154,7 +165,14 @@ class PassManager:
         seed: int = 0,
         progress: Progress | None = None,
         simplify: bool = True,
+        metric: str | Callable[..., Any] | metrics_mod.Metric | None = None,
+        metric_output: str | None = None,
+        holdout: float | None = None,
+        min_eval_samples: int = 0,
     ) -> None:
+        self.metric = None if metric is None else metrics_mod.resolve(metric, output=metric_output)
+        self.holdout = holdout
+        self.min_eval_samples = min_eval_samples
         self.passes = [registry.make_pass(p) if isinstance(p, str) else p for p in passes]
         if simplify and self.passes and not any(p.name == "simplify" for p in self.passes):
             last_allows = self.passes[-1].simplify_after
@@ -181,17 +199,19 @@ class PassManager:
                 model = graph_io.load(original_path)
             # unique node and value names: statistics, Gram matrices and fallbacks are keyed by name
             NameFixPass()(model)
-            calib = self._source(self.data, model, "calibration data")
-            held_out = self._source(self.eval_data, model, "evaluation data")
+            calib, held_out = self._sources(model)
             needs_check = self.validate or not all(p.exact for p in self.passes)
             check_data = held_out or calib or (self._random(model) if needs_check else None)
             budget = self.budget or self._default_budget(check_data, model)
+            self._check_up_front(original_path, check_data, budget, given=held_out or calib)
             passed: list[ValidationReport] = []  # passing budget checks of the current pass, newest last
             context = PassContext(
                 budget=budget,
                 data=calib,
                 eval_data=held_out,
-                check=None if check_data is None else self._checker(original_path, check_data, budget, passed),
+                check=None
+                if check_data is None
+                else self._checker(original_path, check_data, budget, passed, metric=self.metric),
                 seed=self.seed,
             )
             before = cost.estimate(model, input_shapes=self.input_shapes)
@@ -204,7 +224,9 @@ class PassManager:
             after = cost.estimate(model, input_shapes=self.input_shapes)
             report = None
             if self.validate:
-                report = validate(original_path, model, check_data, budget, progress=self._progress("validating"))
+                report = validate(
+                    original_path, model, check_data, budget, progress=self._progress("validating"), metric=self.metric
+                )
             if report is not None or first_check is not None:
                 source = "validation" if report is not None else "budget check"
                 stages[0] = StageRecord.measured("original", before.bytes, report or first_check, source, "before")
@@ -214,17 +236,24 @@ class PassManager:
         return RunReport(model, before, after, records, report, time.perf_counter() - start, stages)
 
     @staticmethod
-    def _checker(original_path: Path, check_data: data_mod.DataSource, budget: Budget, passed: list[ValidationReport]):
+    def _checker(
+        original_path: Path,
+        check_data: data_mod.DataSource,
+        budget: Budget,
+        passed: list[ValidationReport],
+        metric: metrics_mod.Metric | None = None,
+    ):
         """``context.check``: validate a candidate against the original, whose outputs are computed once.
 
-        Passing reports are appended to ``passed`` (the per-stage metrics of :class:`StageRecord`).
+        Passing reports are appended to ``passed`` (the per-stage metrics of :class:`StageRecord`). With a
+        metric, every candidate is judged by it (the searches of all lossy passes go through here).
         """
         reference: list[Reference] = []
 
         def check(candidate: ir.Model) -> ValidationReport:
             if not reference:
                 reference.append(Reference(original_path))
-            result = validate(reference[0], candidate, check_data, budget, check=False)
+            result = validate(reference[0], candidate, check_data, budget, check=False, metric=metric)
             if result.ok:
                 passed.append(result)
             return result
@@ -291,7 +320,76 @@ class PassManager:
     def _source(self, data, model: ir.Model, what: str) -> data_mod.DataSource | None:
         if data is None:
             return None
-        return data_mod.as_source(data, model, batch_size=self.batch_size, what=what)
+        pair = self.metric is not None and self.metric.pair
+        return data_mod.as_source(data, model, batch_size=self.batch_size, what=what, pair_labels=pair)
+
+    def _sources(self, model: ir.Model) -> tuple[data_mod.DataSource | None, data_mod.DataSource | None]:
+        """Calibration and evaluation sources; without ``eval_data``, a held-out split of ``data`` (``holdout``)."""
+        lossy = not all(p.exact for p in self.passes)
+        if self.eval_data is None and self.data is not None and self.holdout and lossy:
+            unit = 2 if self.metric is not None and self.metric.pair else 1
+            split = data_mod.holdout(self.data, self.holdout, unit=unit)
+            if split is not None:
+                first, last, held, total = split
+                name = Path(self.data).name if isinstance(self.data, str | os.PathLike) else "the data arrays"
+                calib = self._source(first, model, "calibration data")
+                held_out = self._source(last, model, "evaluation data")
+                calib.description = f"calibration data: the first {total - held} of {total} samples of {name}"
+                held_out.description = (
+                    f"evaluation data: the last {held} of {total} samples of {name}, held out (no eval data given)"
+                )
+                logger.info("no evaluation data: judging on the last %d of %d samples of %s", held, total, name)
+                return calib, held_out
+        calib = self._source(self.data, model, "calibration data")
+        return calib, self._source(self.eval_data, model, "evaluation data")
+
+    def _check_up_front(
+        self,
+        original_path: Path,
+        check_data: data_mod.DataSource | None,
+        budget: Budget,
+        given: data_mod.DataSource | None,
+    ) -> None:
+        """Refuse, before any pass runs, what would fail later: metric budgets without a metric, too few
+        evaluation samples for lossy passes, a metric that cannot be computed on the original model."""
+        metric = self.metric
+        if metric is None and (budget.max_metric_drop is not None or budget.metric_limit is not None):
+            raise UsageError("a metric budget (--max-metric-drop / --metric-limit) needs --metric")
+        if metric is not None and metric.reference_based and budget.max_metric_drop is not None:
+            raise UsageError(
+                f"metric '{metric.name}' compares with the original model's output (+inf before): "
+                "bound it with --metric-limit, not --max-metric-drop"
+            )
+        if metric is not None and not metric.bootstrap and budget.confidence is not None:
+            raise UsageError(f"--budget-confidence needs a bootstrap interval; the user metric {metric.name} has none")
+        lossy = not all(p.exact for p in self.passes)
+        samples = given.samples if given is not None else None
+        if lossy and self.min_eval_samples and samples is not None and samples < self.min_eval_samples:
+            raise UsageError(
+                f"{given.description}: {samples} evaluation samples are too few to judge lossy passes "
+                f"(at least {self.min_eval_samples}); give more with --eval, or --allow-small-eval to judge anyway"
+            )
+        if metric is not None and check_data is not None:
+            value = metric_baseline(original_path, check_data, metric)
+            logger.info("metric %s of the original model: %.6g", metric.name, value)
+
+    def _cost_shapes(
+        self, model: ir.Model, given: data_mod.DataSource | None
+    ) -> tuple[dict[str, list[int]], str | None]:
+        """Input shapes to count MACs at, before and after alike, and where they come from.
+
+        The first batch of the data given (evaluation data, else calibration data) per sample: its
+        concrete shapes with a dynamic batch axis set to 1, as ``onnxopt inspect`` counts (a symbolic
+        sequence length or image size takes the data's); else ``input_shapes``; else the declared shapes.
+        """
+        if given is not None:
+            first = next(iter(given), None)
+            if first is not None:
+                shapes = cost.shapes_from_feeds(model, first.feeds)
+                return shapes, f"first batch of {given.description}, per sample"
+        if self.input_shapes:
+            return dict(self.input_shapes), "given input shapes"
+        return {}, "declared input shapes (a dynamic batch axis 1)"
 
     def _random(self, model: ir.Model) -> data_mod.DataSource:
         return data_mod.random_source(model, seed=self.seed, shapes=self.input_shapes)

@@ -10,7 +10,17 @@ Per output, over all samples (streamed, nothing kept but running extremes and co
   is unchanged;
 - with integer (or one-hot) labels, task accuracy (in %) of both models on the first class-score output;
   with floating-point labels shaped like an output (regression targets, or the input for an autoencoder),
-  the task's mean squared error of both models (``task_mse``).
+  the task's mean squared error of both models (``task_mse``);
+- integer and boolean outputs are compared exactly: ``mismatch`` is the fraction of their elements that differ,
+  and any mismatch fails unless the budget's ``max_mismatch`` allows it (cosine and the other float measures are
+  still reported for them, but not judged);
+- non-finite values (NaN, +Inf, -Inf) must match position for position and kind for kind
+  (``nonfinite_mismatch`` counts the positions that do not; any fails); the finite rest is compared as above.
+
+With a task metric (:mod:`onnxopt.metrics`), only the metric's output is kept per sample for both models and the
+metric is computed once over the whole set; its drop (with a paired bootstrap interval) is judged by the budget's
+``max_metric_drop`` / ``metric_limit`` (at the interval's worse end with ``confidence``), and output similarity
+is reported but not judged unless a similarity budget is given too.
 
 The optimized model must also pass ``onnx.checker.check_model(full_check=True)``, whose strict shape
 inference catches stale shapes that onnxruntime only warns about. Both models run as they would be
@@ -32,11 +42,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt import metrics as metrics_mod
 from onnxopt.data import DataSource
-from onnxopt.errors import ValidationError, first_line
+from onnxopt.errors import DataError, UsageError, ValidationError, first_line
 from onnxopt.runtime import Session
 
-__all__ = ["Budget", "OutputDiff", "ValidationReport", "Reference", "validate"]
+__all__ = ["Budget", "OutputDiff", "ValidationReport", "Reference", "validate", "metric_baseline"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +62,13 @@ class Budget:
         min_cosine: lowest allowed per-sample cosine similarity, for every output.
         max_rel_l2: highest allowed per-sample relative L2 error, for every output.
         max_abs: highest allowed ``max|Δ| / max(1, max|y|)``, for every output.
+        max_metric_drop: task-metric loss allowed, in the metric's units (for a lower-is-better metric, the
+            increase allowed); needs a metric (``--max-accuracy-drop`` is this for ``top1``).
+        metric_limit: the worst value the metric may take after optimization (a floor when higher is better,
+            a ceiling otherwise); the bar for ``psnr``, whose value before is +inf.
+        confidence: judge the metric at this confidence's interval end (0.95: the worse end of the 95%
+            bootstrap interval must be within the budget) instead of at the point estimate.
+        max_mismatch: fraction of the elements of integer and boolean outputs allowed to differ (default 0).
     """
 
     max_accuracy_drop: float | None = None
@@ -58,6 +76,10 @@ class Budget:
     min_cosine: float | None = None
     max_rel_l2: float | None = None
     max_abs: float | None = None
+    max_metric_drop: float | None = None
+    metric_limit: float | None = None
+    confidence: float | None = None
+    max_mismatch: float | None = None
 
     @classmethod
     def exact(cls) -> Budget:
@@ -74,7 +96,12 @@ class Budget:
         return cls(min_cosine=0.999)
 
     def is_empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
+        return all(getattr(self, f.name) is None for f in dataclasses.fields(self) if f.name != "confidence")
+
+    @property
+    def has_similarity(self) -> bool:
+        """The budget bounds output similarity (cosine, relative L2 or max abs)."""
+        return self.min_cosine is not None or self.max_rel_l2 is not None or self.max_abs is not None
 
     def describe(self) -> str:
         parts = []
@@ -88,6 +115,14 @@ class Budget:
             parts.append(f"relative L2 <= {self.max_rel_l2:g}")
         if self.max_abs is not None:
             parts.append(f"max abs error (scaled) <= {self.max_abs:g}")
+        if self.max_metric_drop is not None:
+            parts.append(f"metric drop <= {self.max_metric_drop:g}")
+        if self.metric_limit is not None:
+            parts.append(f"metric limit {self.metric_limit:g}")
+        if self.max_mismatch is not None:
+            parts.append(f"integer mismatch <= {self.max_mismatch:g}")
+        if self.confidence is not None and parts:
+            parts.append(f"at {100 * self.confidence:g}% confidence")
         return ", ".join(parts) or "no budget"
 
 
@@ -101,6 +136,9 @@ class OutputDiff:
     cosine: float
     rel_l2: float
     top1_agreement: float | None
+    mismatch: float | None = None  # integer and boolean outputs: fraction of elements that differ
+    nonfinite: int = 0  # NaN/Inf positions in the original's output
+    nonfinite_mismatch: int = 0  # positions where the two models' NaN/Inf do not match
 
 
 @dataclasses.dataclass
@@ -116,6 +154,7 @@ class ValidationReport:
     task_mse: dict[str, float] | None = None
     checker_error: str | None = None
     failures: list[str] = dataclasses.field(default_factory=list)
+    metric: metrics_mod.MetricResult | None = None
 
     def raise_if_failed(self) -> None:
         if not self.ok:
@@ -132,6 +171,7 @@ class ValidationReport:
             "task_mse": self.task_mse,
             "checker_error": self.checker_error,
             "failures": list(self.failures),
+            "metric": None if self.metric is None else self.metric.to_json(),
         }
 
 
@@ -146,9 +186,26 @@ class _OutputAccumulator:
         self.top1_same = 0
         self.top1_total = 0
         self.classes = True
+        self.exact = False
+        self.mismatched = 0
+        self.elements = 0
+        self.nonfinite = 0
+        self.nonfinite_mismatch = 0
 
     def update(self, ref: np.ndarray, got: np.ndarray) -> None:
+        if ref.dtype.kind in "biu" or got.dtype.kind in "biu":
+            self.exact = True
+            self.mismatched += int(np.count_nonzero(ref != got))
+            self.elements += int(ref.size)
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        bad_ref, bad_got = ~np.isfinite(ref64), ~np.isfinite(got64)
+        if bad_ref.any() or bad_got.any():
+            # NaN/Inf must match position for position (NaN with NaN, +Inf with +Inf); the finite rest is compared
+            either = bad_ref | bad_got
+            same = (bad_ref == bad_got) & ((ref64 == got64) | (np.isnan(ref64) & np.isnan(got64)))
+            self.nonfinite += int(np.count_nonzero(bad_ref))
+            self.nonfinite_mismatch += int(np.count_nonzero(either & ~same))
+            ref64, got64 = np.where(either, 0.0, ref64), np.where(either, 0.0, got64)
         diff = got64 - ref64
         if diff.size:
             self.max_abs = max(self.max_abs, float(np.nanmax(np.abs(diff))) if np.isfinite(diff).all() else math.inf)
@@ -183,6 +240,9 @@ class _OutputAccumulator:
             cosine=self.worst_cosine,
             rel_l2=self.worst_rel_l2,
             top1_agreement=self.top1_same / self.top1_total if self.classes and self.top1_total else None,
+            mismatch=self.mismatched / self.elements if self.exact and self.elements else (0.0 if self.exact else None),
+            nonfinite=self.nonfinite,
+            nonfinite_mismatch=self.nonfinite_mismatch,
         )
 
 
@@ -219,8 +279,20 @@ def validate(
     *,
     check: bool = True,
     progress: Callable[[int, int | None], None] | None = None,
+    metric: metrics_mod.Metric | str | Callable[..., Any] | None = None,
 ) -> ValidationReport:
-    """Compare ``optimized`` with ``original`` on ``data`` and judge the result by ``budget``."""
+    """Compare ``optimized`` with ``original`` on ``data`` and judge the result by ``budget``.
+
+    ``metric`` (a :class:`onnxopt.metrics.Metric`, a built-in name, ``MODULE:FUNCTION`` or a callable) is measured
+    on both models and judged by the budget's metric bounds; without one, an accuracy budget on labelled data
+    is measured as ``top1``.
+
+    Raises:
+        UsageError, DataError: the metric cannot be computed on the original model's outputs (an output that
+            does not exist or fit, labels that do not fit, a user function that raises or returns NaN).
+    """
+    if metric is not None:
+        metric = metrics_mod.resolve(metric)
     report = ValidationReport(ok=False, samples=0, data=data.description, budget=budget)
     reference = original if isinstance(original, Reference) else Reference(original, cache_bytes=0)
     try:
@@ -243,9 +315,21 @@ def validate(
     labelled = 0
     squared, targets = {"before": 0.0, "after": 0.0}, 0
     score_output = None
+    kept: dict[str, list[dict[str, np.ndarray]]] = {"before": [], "after": []}
+    batch_labels: list[np.ndarray] = []
     for index, batch in enumerate(data):
         ref_out = reference.run(index, batch.feeds)
         got_out = candidate.run(batch.feeds, reference.output_names)
+        if index == 0 and metric is None and budget.max_accuracy_drop is not None and batch.labels is not None:
+            if _score_output(ref_out, batch.labels) is not None:  # the accuracy budget is top1's
+                metric = metrics_mod.resolve("top1")
+        if metric is not None:
+            if index == 0:
+                metric.bind(ref_out, batch.labels)
+            kept["before"].append(metric.rows(ref_out, batch.feeds))
+            kept["after"].append(metric.rows(got_out, batch.feeds, reference=ref_out))
+            if batch.labels is not None:
+                batch_labels.append(np.asarray(batch.labels))
         for name, acc in accumulators.items():
             if ref_out[name].shape != got_out[name].shape:
                 report.failures.append(
@@ -275,6 +359,11 @@ def validate(
         report.accuracy = {k: 100.0 * v / labelled for k, v in correct.items()}
     if targets:
         report.task_mse = {k: v / targets for k, v in squared.items()}
+    if metric is not None and report.samples:
+        labels = getattr(data, "labels", None)
+        if labels is None and batch_labels:
+            labels = np.concatenate(batch_labels, axis=0)
+        report.metric = _measure(metric, kept, labels, report, budget)
     report.failures.extend(_judge(report, budget))
     report.ok = not report.failures and report.samples > 0
     if report.samples == 0:
@@ -283,9 +372,123 @@ def validate(
     return report
 
 
+def metric_baseline(
+    original: ir.Model | str | os.PathLike | Reference, data: DataSource, metric: metrics_mod.Metric
+) -> float:
+    """The metric of the original model on ``data``: a check, before any pass runs, that it can be computed.
+
+    Raises:
+        UsageError, DataError: an output that does not exist or fit, labels that do not fit the metric, a
+            function that raises or returns NaN, Inf or a non-scalar.
+    """
+    reference = original if isinstance(original, Reference) else Reference(original, cache_bytes=0)
+    rows, batch_labels, samples = [], [], 0
+    for index, batch in enumerate(data):
+        outputs = reference.run(index, batch.feeds)
+        if index == 0:
+            metric.bind(outputs, batch.labels)
+        rows.append(metric.rows(outputs, batch.feeds))
+        if batch.labels is not None:
+            batch_labels.append(np.asarray(batch.labels))
+        samples += batch.size
+    if not samples:
+        raise DataError(f"{data.description}: no evaluation samples")
+    labels = getattr(data, "labels", None)
+    if labels is None and batch_labels:
+        labels = np.concatenate(batch_labels, axis=0)
+    metric.check_labels(labels, samples)
+    kept = metrics_mod.concatenate(rows)
+    try:
+        value = metric.score(kept, labels, kept)
+    except Exception as e:
+        raise UsageError(f"metric '{metric.name}' failed on the original model's outputs: {first_line(e)}") from e
+    if math.isnan(value) or (not metric.reference_based and not math.isfinite(value)):
+        raise DataError(f"metric '{metric.name}' is {value} on the original model's outputs")
+    return value
+
+
+def _measure(
+    metric: metrics_mod.Metric,
+    kept: dict[str, list[dict[str, np.ndarray]]],
+    labels: np.ndarray | None,
+    report: ValidationReport,
+    budget: Budget,
+) -> metrics_mod.MetricResult | None:
+    """The metric on both models; errors on the original's side raise, on the optimized side fail the report."""
+    metric.check_labels(labels, report.samples)
+    before = metrics_mod.concatenate(kept["before"])
+    after = metrics_mod.concatenate(kept["after"])
+    value = None
+    if not metric.reference_based:
+        try:
+            value = metric.score(before, labels, before)
+        except Exception as e:
+            raise UsageError(f"metric '{metric.name}' failed on the original model's outputs: {first_line(e)}") from e
+        if not math.isfinite(value):
+            raise DataError(f"metric '{metric.name}' is {value} on the original model's outputs")
+    try:
+        result = metric.evaluate(before, after, labels, confidence=budget.confidence or 0.95, before_score=value)
+    except Exception as e:
+        report.failures.append(f"metric '{metric.name}' failed on the optimized model's outputs: {first_line(e)}")
+        return None
+    if math.isnan(result.after):
+        report.failures.append(f"metric '{metric.name}' is NaN on the optimized model's outputs")
+    return result
+
+
+def _judge_metric(report: ValidationReport, budget: Budget) -> list[str]:
+    result = report.metric
+    drop_bound = budget.max_metric_drop
+    if drop_bound is None and result is not None and result.name == "top1":
+        drop_bound = budget.max_accuracy_drop
+    if drop_bound is None and budget.metric_limit is None:
+        return []
+    if result is None:
+        return [] if report.failures else ["a metric budget was given but no metric was measured (give --metric)"]
+    failures = []
+    at = f" ({100 * budget.confidence:g}% interval's worse end)" if budget.confidence is not None else ""
+    if drop_bound is not None:
+        if result.drop is None:
+            failures.append(
+                f"metric '{result.name}' compares with the original's output: bound it with a metric limit, not a drop"
+            )
+        else:
+            drop = result.worst_drop if budget.confidence is not None else result.drop
+            if not drop <= drop_bound + 1e-9 and result.name == "top1" and budget.max_metric_drop is None:
+                failures.append(  # --max-accuracy-drop: the message it always had
+                    f"accuracy {result.after:.2f}% vs {result.before:.2f}%: drop {drop:.2f} pp{at} > {drop_bound:g} pp"
+                )
+            elif not drop <= drop_bound + 1e-9:
+                failures.append(
+                    f"{result.name} {result.after:.4g} vs {result.before:.4g}: drop {drop:.4g}{at} > {drop_bound:g}"
+                )
+    if budget.metric_limit is not None:
+        value = result.worst_after if budget.confidence is not None else result.after
+        within = value >= budget.metric_limit if result.higher_is_better else value <= budget.metric_limit
+        if not within:
+            side = "below" if result.higher_is_better else "above"
+            failures.append(f"{result.name} {value:.4g}{at} is {side} the limit {budget.metric_limit:g}")
+    return failures
+
+
+def _has_task_budget(budget: Budget) -> bool:
+    task = (budget.max_accuracy_drop, budget.max_mse_increase, budget.max_metric_drop, budget.metric_limit)
+    return any(v is not None for v in task)
+
+
 def _judge(report: ValidationReport, budget: Budget) -> list[str]:
     failures = []
+    # integer outputs: exact unless allowed (a task budget is the bar for them, as for float outputs)
+    max_mismatch = budget.max_mismatch
+    if max_mismatch is None and not _has_task_budget(budget):
+        max_mismatch = 0.0
     for name, diff in report.outputs.items():
+        if diff.nonfinite_mismatch:
+            failures.append(f"output '{name}': NaN/Inf differ from the original's at {diff.nonfinite_mismatch} places")
+        if diff.mismatch is not None:
+            if max_mismatch is not None and not diff.mismatch <= max_mismatch:
+                failures.append(f"output '{name}': {100 * diff.mismatch:.3g}% of its integer values differ")
+            continue
         if budget.min_cosine is not None and not diff.cosine >= budget.min_cosine:
             failures.append(f"output '{name}': cosine {diff.cosine:.6f} < {budget.min_cosine:g}")
         if budget.max_rel_l2 is not None and not diff.rel_l2 <= budget.max_rel_l2:
@@ -302,7 +505,9 @@ def _judge(report: ValidationReport, budget: Budget) -> list[str]:
                     f"task MSE {after:.4g} vs {before:.4g}: +{100 * (after / before - 1):.2f}% > "
                     f"{100 * budget.max_mse_increase:g}%"
                 )
-    if budget.max_accuracy_drop is not None:
+    failures.extend(_judge_metric(report, budget))
+    judged_by_metric = report.metric is not None and report.metric.name == "top1" and budget.max_metric_drop is None
+    if budget.max_accuracy_drop is not None and not judged_by_metric:
         if report.accuracy is None:
             failures.append("an accuracy budget was given but the data has no labels for a class-score output")
         else:
