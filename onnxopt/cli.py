@@ -8,6 +8,7 @@ input (one line on stderr, nothing written); 3 a pass or onnxopt itself failed; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -237,6 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sys.stderr.write(f"onnxopt: error: {_one_line(e)}\n")
         return EXIT_USAGE
+    except MemoryError as e:  # a model or data too large for this machine: bad input, not a crash
+        if args.debug:
+            raise
+        sys.stderr.write(f"onnxopt: error: out of memory ({_one_line(e)}); the model or data is too large\n")
+        return EXIT_USAGE
     except Exception as e:
         if args.debug:
             raise
@@ -278,6 +284,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"total: {result.params:,} params, {result.macs:,} MACs ({result.macs / 1e9:.3f} G), "
         f"{result.ops:,} other ops, {result.bytes:,} bytes, {len(result.nodes)} nodes"
     )
+    for node in result.nodes:
+        if node.note:  # If/Loop/Scan: how their subgraphs were counted
+            print(f"{node.name or node.op_type}: {node.note}")
+    _print_cost_shapes(result, "--input-shape" if shapes else "declared shapes, a dynamic batch axis 1")
+    _print_partial(result)
     unknown = sum(1 for n in result.nodes if n.output_shape is None)
     if unknown:
         print(f"note: {unknown} nodes have unknown shapes (their MACs count 0); fix dynamic inputs with --input-shape")
@@ -373,12 +384,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cells.append("-" if r.agreement is None else f"{r.agreement:.4f}")
         rows.append(tuple(cells))
     _print_table(rows)
+    for r in results:
+        print(f"{Path(r.path).name}: MACs per sample at {_shapes_text(r.input_shapes)}, "
+              f"latency on {_shapes_text(r.latency_inputs)}")  # fmt: skip
+        if r.macs_partial:
+            shown = "; ".join(f"{u['node']} ({u['op_type']}: {u['reason']})" for u in r.uncounted[:3])
+            more = f"; {len(r.uncounted) - 3} more with --json" if len(r.uncounted) > 3 else ""
+            print(f"note: its MACs are partial, {len(r.uncounted)} nodes not counted: {shown}{more}")
     return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if not args.quiet:
+        return _run(args)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # errors still go to stderr
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from onnxopt import data, graph, registry
     from onnxopt.manager import PassManager
+    from onnxopt.progress import ProgressView
 
     source, output = Path(args.model), Path(args.output)
     _check_output_path(source, output)
@@ -402,6 +428,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise UsageError("--keep-initializer-inputs applies to the 'simplify' pass, which this run does not use")
         options.setdefault("simplify", {})["keep_initializer_inputs"] = True
     passes = [registry.make_pass(name, **options.get(name, {})) for name in names]
+    view = None if args.quiet else ProgressView()
     manager = PassManager(
         passes,
         data=calib,
@@ -411,14 +438,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         input_shapes=data.parse_shape_overrides(args.input_shape),
         seed=args.seed,
-        progress=_progress_printer(),
+        progress=view,
         simplify=False,  # already placed in `names`, with the user's simplify options
         metric=args.metric,
         metric_output=args.metric_output,
         holdout=HOLDOUT,  # without --eval, lossy passes are judged on the last 30% of --data
         min_eval_samples=0 if args.allow_small_eval else MIN_EVAL_SAMPLES,
     )
-    report = manager.run(source)
+    try:
+        report = manager.run(source)
+    finally:
+        if view is not None:
+            view.close()
     latency = _measure_latency(source, report.model, manager, args) if args.latency else None
     _print_run(report, latency)
     payload = report.to_json()
@@ -427,7 +458,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not report.ok and not args.force:
         if args.report:
             _write_json_atomic(Path(args.report), payload)
-        print(f"validation failed: nothing written to {output} (use --force to write it anyway)")
+        where = sys.stderr if args.quiet else sys.stdout
+        print(f"validation failed: nothing written to {output} (use --force to write it anyway)", file=where)
         return EXIT_INVALID
     page = None
     if args.html:
@@ -533,27 +565,27 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
-def _measure_latency(source: Path, optimized, manager, args) -> dict[str, float]:
-    from onnxopt import data, graph
-    from onnxopt.runtime import measure_latency
+def _measure_latency(source: Path, optimized, manager, args) -> dict[str, Any]:
+    """Latency before and after on the data's own first batch (``--eval``, else ``--data``), else random inputs."""
+    from onnxopt import graph
+    from onnxopt.runtime import latency_feeds, measure_latency
 
-    original = graph.load(source)
-    feeds = next(iter(data.random_source(original, seed=args.seed, shapes=manager.input_shapes))).feeds
-    before, after = measure_latency([source, optimized], feeds)
-    return {"before": round(before.median_us, 2), "after": round(after.median_us, 2)}
+    data, what = (manager.eval_data, "evaluation data") if manager.eval_data is not None else (manager.data, "data")
+    timing = latency_feeds(
+        graph.load(source), data, input_shapes=manager.input_shapes, batch_size=manager.batch_size, seed=args.seed,
+        what=what,
+    )  # fmt: skip
+    before, after = measure_latency([source, optimized], timing.feeds)
+    return {
+        "before": round(before.median_us, 2),
+        "after": round(after.median_us, 2),
+        "inputs": timing.shapes,
+        "inputs_from": timing.source,
+    }
 
 
 def _print_run(report, latency: dict[str, float] | None) -> None:
-    for record in report.passes:
-        state = "changed" if record.modified else "unchanged"
-        print(
-            f"pass {record.name}: {state}, {len(record.changes)} sites rewritten, {len(record.skipped)} skipped, "
-            f"{record.seconds:.2f} s"
-        )
-        for skip in record.skipped[:10]:
-            print(f"  skipped {skip.site}: {skip.reason}")
-        if len(record.skipped) > 10:
-            print(f"  ... {len(record.skipped) - 10} more skipped sites in the report")
+    """The before/after table and the validation (each pass's line was printed as it ended: ProgressView)."""
     before, after = report.before, report.after
     rows = [("", "before", "after", "ratio")]
     for label, b, a in (
@@ -578,8 +610,35 @@ def _print_run(report, latency: dict[str, float] | None) -> None:
         mse = report.validation.task_mse
         rows.append(("task MSE", f"{mse['before']:.4g}", f"{mse['after']:.4g}", f"{mse['after'] / mse['before']:.3f}"))
     _print_table(rows)
+    _print_cost_shapes(before, getattr(report, "cost_shapes_from", None))
+    for label, counted in (("before", before), ("after", after)):
+        _print_partial(counted, f"MACs {label}")
+    if latency is not None and "inputs" in latency:
+        print(f"latency timed on {_shapes_text(latency['inputs'])} ({latency['inputs_from']})")
     if report.validation is not None:
         _print_validation(report.validation)
+
+
+def _shapes_text(shapes) -> str:
+    from onnxopt.cost import describe_shapes
+
+    return describe_shapes(shapes)
+
+
+def _print_cost_shapes(counted, shapes_from: str | None) -> None:
+    """One line: the input shapes MACs were counted at, and where they come from."""
+    source = f" ({shapes_from})" if shapes_from else ""
+    print(f"MACs counted at {_shapes_text(counted.input_shapes)}{source}")
+
+
+def _print_partial(counted, label: str = "MACs") -> None:
+    """A note when a MAC count is partial: how many nodes it leaves out, the first few by name and why."""
+    if not counted.macs_partial:
+        return
+    missing = counted.uncounted
+    shown = "; ".join(f"{u.node} ({u.op_type}: {u.reason})" for u in missing[:3])
+    more = f"; {len(missing) - 3} more in the report" if len(missing) > 3 else ""
+    print(f"note: {label} are partial, {len(missing)} nodes not counted: {shown}{more}")
 
 
 def _print_validation(report) -> None:
@@ -621,19 +680,6 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
         pairs = enumerate(zip(row, widths, strict=True))
         cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in pairs]
         print("  ".join(cells))
-
-
-def _progress_printer():
-    if not sys.stderr.isatty():
-        return None
-
-    def show(stage: str, done: int, total: int | None) -> None:
-        of = f"/{total}" if total else ""
-        end = "\n" if total and done >= total else ""
-        sys.stderr.write(f"\r{stage}: {done}{of} samples{end}")
-        sys.stderr.flush()
-
-    return show
 
 
 def _non_negative(text: str) -> float:

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 Feeds = dict[str, np.ndarray]
 DataLike = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, Any]] | Callable[[], Iterable]
 LABELS = "labels"
+RANDOM_INPUT_BYTES = 4 << 30  # refuse to draw a random input larger than this (a model declaring huge dims)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +174,12 @@ def random_source(
     concrete = {}
     for spec in specs:
         concrete[spec.name] = _concrete_shape(spec, shapes.get(spec.name))
+        size = int(np.prod(concrete[spec.name], dtype=np.float64)) * max(spec.dtype.itemsize, 8)
+        if size > RANDOM_INPUT_BYTES:  # numpy draws in float64 first
+            raise DataError(
+                f"input '{spec.name}': one random input of shape {'x'.join(map(str, concrete[spec.name]))} would take "
+                f"{size / 2**30:.3g} GiB; give --data, or --input-shape {spec.name}=... with smaller dims"
+            )
     batch = concrete[specs[0].name][0] if specs and concrete[specs[0].name] else 1
     count = max(1, samples // max(batch, 1))
     for _ in range(count):

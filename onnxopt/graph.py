@@ -4,10 +4,12 @@ Inside the engine and the passes a model is an ``ir.Model``. Protobuf appears on
 checker, shape inference) and in :mod:`onnxopt.runtime` (onnxruntime sessions).
 
 Loading accepts any default-domain opset from :data:`MIN_OPSET` to :data:`MAX_OPSET` (what the pinned
-onnxruntime runs), old and new IR versions, and weights stored as initializers, as graph inputs with
-initializers (old exporters), or as ``Constant``/``ConstantOfShape`` nodes: :func:`const_array` reads
-all three. Saving writes an IR version onnxruntime accepts, switches to external data when the weights
-approach protobuf's 2 GB limit, and is atomic: the file appears complete or not at all.
+onnxruntime runs; older ones are upgraded to :data:`MIN_OPSET` by onnx's version converter), old and new IR
+versions, and weights stored as initializers, as graph inputs with initializers (old exporters), or as
+``Constant``/``ConstantOfShape`` nodes: :func:`const_array` reads all three. It refuses what cannot be
+optimized: an input with a dimension of size 0, an all-NaN weight. Saving writes an IR version onnxruntime
+accepts, switches to external data when the weights approach protobuf's 2 GB limit, never leaves a tensor
+pointing at another model's external-data file, and is atomic: the file appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -83,19 +85,62 @@ def load(path: str | os.PathLike) -> ir.Model:
     opset = _proto_default_opset(proto)
     if opset is None:
         raise ModelLoadError(f"{path}: model imports no default-domain opset")
-    if not MIN_OPSET <= opset <= MAX_OPSET:
+    if not 1 <= opset <= MAX_OPSET:
         raise ModelLoadError(
-            f"{path}: opset {opset} is not supported (onnxopt handles opsets {MIN_OPSET} to {MAX_OPSET})"
+            f"{path}: opset {opset} is not supported (onnxopt handles opsets up to {MAX_OPSET}, what onnxruntime runs)"
         )
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:
         raise ModelLoadError(f"{path}: fails the ONNX checker: {first_line(e)}") from e
     del proto
+    if opset < MIN_OPSET:
+        model = _upgraded(path, opset)
+    else:
+        try:
+            model = ir.load(path)
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot be read by onnx_ir ({first_line(e)})") from e
+    _check_usable(path, model)
+    return model
+
+
+def _check_usable(path: Path, model: ir.Model) -> None:
+    """Refuse what passes the checker yet cannot be optimized: an input no sample fits, an all-NaN weight."""
+    for value in data_inputs(model):
+        if value.shape is not None and any(isinstance(d, int) and d == 0 for d in value.shape):
+            dims = "x".join(str(d) for d in value.shape)
+            raise ModelLoadError(
+                f"{path}: input '{value.name}' has shape {dims}: a dimension of size 0 holds no sample"
+            )
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or value.dtype is None or not value.dtype.is_floating_point() or tensor.size == 0:
+            continue
+        array = tensor.numpy()
+        # all-NaN needs a NaN first element: one element decides for almost every weight, even a 2 GB one
+        if array.dtype.kind == "f" and np.isnan(array.flat[0]) and np.isnan(array).all():
+            raise ModelLoadError(f"{path}: weight '{value.name}' is all NaN (a failed export or training run)")
+
+
+def _upgraded(path: Path, opset: int) -> ir.Model:
+    """An opset-1..6 model converted to :data:`MIN_OPSET` by onnx's version converter.
+
+    onnxruntime still runs most such models (pytorch's old exports are opset 6), and the run validates the
+    result against the original file as for any pass, so the conversion is checked like a rewrite.
+    """
+    import onnx.version_converter
+
     try:
-        return ir.load(path)
+        converted = onnx.version_converter.convert_version(onnx.load(str(path)), MIN_OPSET)
+        onnx.checker.check_model(converted)
     except Exception as e:
-        raise ModelLoadError(f"{path}: cannot be read by onnx_ir ({first_line(e)})") from e
+        raise ModelLoadError(
+            f"{path}: opset {opset} could not be upgraded to opset {MIN_OPSET}, the oldest onnxopt handles "
+            f"({first_line(e)})"
+        ) from e
+    logger.info("%s: opset %d upgraded to %d by onnx.version_converter", path, opset, MIN_OPSET)
+    return ir.from_proto(converted)
 
 
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:

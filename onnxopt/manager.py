@@ -26,7 +26,7 @@ from typing import Any
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, ShapeInferencePass
 
-from onnxopt import cost, registry
+from onnxopt import cost, registry, runtime
 from onnxopt import data as data_mod
 from onnxopt import graph as graph_io
 from onnxopt import metrics as metrics_mod
@@ -35,11 +35,38 @@ from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip
 from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
 from onnxopt.validate import Budget, Reference, ValidationReport, metric_baseline, validate
 
-__all__ = ["PassRecord", "StageRecord", "RunReport", "PassManager"]
+__all__ = ["PassRecord", "StageRecord", "RunReport", "PassManager", "ProgressEvent", "Progress"]
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int | None], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressEvent:
+    """One step of :meth:`PassManager.run`, for a front end to show (the engine itself never prints).
+
+    ``kind`` is one of:
+
+    - ``"pass_start"``: pass ``stage`` starts; ``done`` passes ran before it, of ``total``.
+    - ``"samples"``: ``stage`` ("calibrating", "validating") has run ``done`` samples of ``total`` (``None``:
+      the data does not say how many).
+    - ``"trial"``: the search of pass ``stage`` checked candidate ``done`` against the budget (``ok``), of an
+      expected ``total`` (``None``: the pass gave no estimate); ``best_weights`` is the weight bytes of the
+      smallest passing candidate so far over those of the pass's input model, ``best`` its validation report.
+    - ``"pass_end"``: pass ``stage`` ended; ``record`` says what it did.
+    """
+
+    kind: str
+    stage: str
+    done: int = 0
+    total: int | None = None
+    ok: bool | None = None
+    best_weights: float | None = None
+    best: ValidationReport | None = None
+    record: PassRecord | None = None
+
+
+Progress = Callable[[ProgressEvent], None]
 
 
 @dataclasses.dataclass
@@ -110,6 +137,7 @@ class RunReport:
     validation: ValidationReport | None
     seconds: float
     stages: list[StageRecord] = dataclasses.field(default_factory=list)  # not in the JSON schema
+    cost_shapes_from: str | None = None  # where the input shapes of before/after's MAC counts come from
 
     @property
     def ok(self) -> bool:
@@ -119,7 +147,11 @@ class RunReport:
         """The stable report schema read by tools and benchmarks."""
         validation = self.validation.to_json() if self.validation is not None else None
         return {
-            "model": {"before": self.before.to_json(), "after": self.after.to_json()},
+            "model": {
+                "before": self.before.to_json(),
+                "after": self.after.to_json(),
+                "input_shapes_from": self.cost_shapes_from,
+            },
             "passes": [record.to_json() for record in self.passes],
             "validation": validation,
             "seconds": round(self.seconds, 4),
@@ -197,6 +229,7 @@ class PassManager:
             else:
                 original_path = Path(model)
                 model = graph_io.load(original_path)
+            runtime.check_runs(original_path)  # an op onnxruntime lacks is bad input (exit 2), not a pass failure
             # unique node and value names: statistics, Gram matrices and fallbacks are keyed by name
             NameFixPass()(model)
             calib, held_out = self._sources(model)
@@ -213,15 +246,19 @@ class PassManager:
                 if check_data is None
                 else self._checker(original_path, check_data, budget, passed, metric=self.metric),
                 seed=self.seed,
+                original=original_path,
             )
-            before = cost.estimate(model, input_shapes=self.input_shapes)
+            cost_shapes, cost_shapes_from = self._cost_shapes(model, held_out or calib)
+            before = cost.estimate(model, input_shapes=cost_shapes)
             records, stages, first_check = [], [StageRecord("original", before.bytes)], None
             for done, pass_ in self._enumerate():
                 passed.clear()
+                self._emit(ProgressEvent("pass_start", pass_.name, len(done), len(self.passes)))
                 records.append(self._run_pass(pass_, model, context, calib, done))
+                self._emit(ProgressEvent("pass_end", pass_.name, len(done) + 1, len(self.passes), record=records[-1]))
                 stages.append(_stage(records[-1], pass_, model, passed, stages[-1].bytes))
                 first_check = first_check or (passed[0] if passed else None)
-            after = cost.estimate(model, input_shapes=self.input_shapes)
+            after = cost.estimate(model, input_shapes=cost_shapes)  # the same shapes: the ratios mean something
             report = None
             if self.validate:
                 report = validate(
@@ -233,7 +270,7 @@ class PassManager:
             if report is not None:
                 stages[-1] = StageRecord.measured(stages[-1].name, after.bytes, report, "validation")
             _carry_metrics(stages)
-        return RunReport(model, before, after, records, report, time.perf_counter() - start, stages)
+        return RunReport(model, before, after, records, report, time.perf_counter() - start, stages, cost_shapes_from)
 
     @staticmethod
     def _checker(
@@ -273,7 +310,7 @@ class PassManager:
         done: list[str],
     ) -> PassRecord:
         stats_seconds = 0.0
-        pass_.context = context
+        pass_.context = self._watched(context, pass_.name, model)
         request = pass_.stats_request(model)
         if request:
             existing = get_stats(model)
@@ -408,7 +445,37 @@ class PassManager:
         if self.progress is None:
             return None
         callback = self.progress
-        return lambda done, total: callback(stage, done, total)
+        return lambda done, total: callback(ProgressEvent("samples", stage, done, total))
+
+    def _emit(self, event: ProgressEvent) -> None:
+        if self.progress is not None:
+            self.progress(event)
+
+    def _watched(self, context: PassContext, name: str, model: ir.Model) -> PassContext:
+        """The pass's own copy of ``context`` whose ``check`` also reports each search trial (``"trial"`` events)."""
+        own = dataclasses.replace(context, expected_trials=None)
+        check = context.check
+        if check is None or self.progress is None:
+            return own
+        base = max(_weight_bytes(model), 1)
+        trials: list[bool] = []
+        best: list[tuple[int, ValidationReport]] = []
+
+        def watched(candidate: ir.Model) -> ValidationReport:
+            result = check(candidate)
+            trials.append(result.ok)
+            if result.ok:
+                size = _weight_bytes(candidate)
+                if not best or size <= best[0][0]:
+                    best[:] = [(size, result)]
+            expected = own.expected_trials
+            total = max(expected, len(trials)) if expected else None
+            fraction, report = (best[0][0] / base, best[0][1]) if best else (None, None)
+            self._emit(ProgressEvent("trial", name, len(trials), total, result.ok, fraction, report))
+            return result
+
+        own.check = watched
+        return own
 
 
 def _stage(
@@ -423,6 +490,11 @@ def _stage(
     if passed:
         return StageRecord.measured(record.name, size, passed[-1], "budget check")
     return StageRecord(record.name, size)
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    """Bytes of the model's initializers (no serialization: cheap enough for every search trial)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _carry_metrics(stages: list[StageRecord]) -> None:

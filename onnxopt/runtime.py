@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -23,7 +24,10 @@ import onnx_ir as ir
 
 from onnxopt import graph as graph_io
 
-__all__ = ["Session", "Latency", "measure_latency"]
+__all__ = ["Session", "check_runs", "Latency", "measure_latency", "TimingFeeds", "latency_feeds"]
+
+_UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\(-?\d+\) is not a registered function/op")
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
 
 
 class Session:
@@ -56,6 +60,28 @@ class Session:
         names = list(outputs) if outputs is not None else self.output_names
         results = self.inner.run(names, {k: feeds[k] for k in self.input_names})
         return dict(zip(names, results, strict=True))
+
+
+def check_runs(path: str | os.PathLike) -> None:
+    """Raise :class:`~onnxopt.errors.ModelLoadError` when onnxruntime cannot open the model file at ``path``.
+
+    The message is one line and names the op onnxruntime does not know or has no kernel for.
+    """
+    from onnxopt.errors import ModelLoadError, first_line
+
+    try:
+        Session(path)
+    except Exception as e:
+        text = first_line(e, limit=1000)
+        unknown, no_kernel = _UNKNOWN_OP.search(text), _NO_KERNEL.search(text)
+        if unknown:
+            reason = f"op {unknown.group(1) or 'ai.onnx'}::{unknown.group(2)} is not one onnxruntime knows"
+        elif no_kernel:
+            op, version, name = no_kernel.groups()
+            reason = f"onnxruntime has no kernel for {op} (opset {version}) at node '{name}'"
+        else:
+            reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)[:300]
+        raise ModelLoadError(f"{path}: onnxruntime cannot run this model: {reason}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,3 +128,56 @@ def measure_latency(
                 session.run(feeds)
             samples[index].append((time.perf_counter() - start) / runs_per_round * 1e6)
     return [Latency(statistics.median(s), min(s), max(s), rounds) for s in samples]
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingFeeds:
+    """The inputs latency is timed on, and where they come from (``"first batch of eval.npz"``)."""
+
+    feeds: dict[str, np.ndarray]
+    source: str
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        return {name: list(np.shape(array)) for name, array in self.feeds.items()}
+
+
+def latency_feeds(
+    model: ir.Model,
+    data=None,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    what: str = "data",
+) -> TimingFeeds:
+    """The feeds to time ``model`` on: the first batch of ``data`` as the user gave it, else random inputs.
+
+    With data, the batch keeps the data's own shapes (its batch size, sequence length, image size), so a model
+    with dynamic spatial dims is timed at the size it will see. Without, seeded random inputs of
+    ``input_shapes``, a dynamic batch axis 1.
+
+    Args:
+        model: the model whose data inputs the feeds must match.
+        data: anything :func:`onnxopt.data.as_source` accepts (an ``.npz`` path, arrays, a DataSource...).
+        input_shapes: concrete shapes for dynamic inputs when there is no data.
+        batch_size: batch size for a dynamic batch axis when cutting ``data``.
+        seed: seed of the random inputs.
+        what: what ``data`` is, for messages (``"evaluation data"``).
+
+    Raises:
+        DataError: the data does not fit the model, holds no sample, or no concrete shape is known.
+    """
+    from onnxopt import data as data_mod
+    from onnxopt.errors import DataError
+
+    if data is None:
+        source = data_mod.random_source(model, seed=seed, shapes=input_shapes)
+        what = "random inputs" + (" of --input-shape" if input_shapes else "")
+    else:
+        source = data_mod.as_source(data, model, batch_size=batch_size, what=what)
+        what = f"first batch of {source.description}"
+    batch = next(iter(source), None)
+    if batch is None:
+        raise DataError(f"{source.description}: no sample to time latency on")
+    return TimingFeeds(dict(batch.feeds), what)

@@ -121,3 +121,21 @@ def test_simplify_writes_a_valid_graph_for_old_ir_versions_and_opsets(name, pass
     tol = 1e-5 if passes == "simplify" else 0.05
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=tol, atol=tol * max(1.0, float(np.abs(e).max())))
+
+
+# --- issue 18 item 5: opset < 7 is upgraded, not refused --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["pytorch-converted/test_Conv2d", "pytorch-operator/test_operator_sqrt"])
+def test_an_opset_6_model_is_upgraded_and_validated(name, tmp_path, capsys):
+    path, feeds, expected = backend_case(name)
+    assert onnx.load(path).opset_import[0].version == 6
+    np.savez(tmp_path / "d.npz", **feeds)
+    out = tmp_path / "o.onnx"
+    code = cli.main(["run", str(path), "--passes", "simplify", "--data", str(tmp_path / "d.npz"), "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0 and "validation on" in captured.out and ": ok" in captured.out, captured.out + captured.err
+    written = onnx.load(out)
+    assert next(o.version for o in written.opset_import if o.domain in ("", "ai.onnx")) == 7
+    for got, want in zip(run_session(out, feeds), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # sqrt of negative inputs: NaN in both

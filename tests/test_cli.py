@@ -38,7 +38,7 @@ BAD_INPUTS = {
     "text file": (lambda d, m: ["run", _text(d), "-o", d / "o.onnx"], "not"),
     "npz as model": (lambda d, m: ["run", _npz(d, x=np.zeros(3)), "-o", d / "o.onnx"], "not a readable ONNX model"),
     "model fails the checker": (lambda d, m: ["run", _unchecked(d), "-o", d / "o.onnx"], "fails the ONNX checker"),
-    "opset 6": (lambda d, m: ["run", _opset6(d), "-o", d / "o.onnx"], "opset 6 is not supported"),
+    "opset 27": (lambda d, m: ["run", _opset27(d), "-o", d / "o.onnx"], "opset 27 is not supported"),
     "model is a directory": (lambda d, m: ["run", d, "-o", d / "o.onnx"], "is a directory"),
     "unknown pass": (lambda d, m: ["run", m, "--passes", "simplify,zap", "-o", d / "o.onnx"], "unknown pass 'zap'"),
     "data names": (lambda d, m: ["run", m, "--data", _npz(d, y=np.zeros((4, 3, 10, 10))), "-o", d / "o.onnx"], "'x'"),
@@ -71,7 +71,7 @@ BAD_INPUTS = {
     "bad input shape": (lambda d, m: ["inspect", m, "--input-shape", "x"], "--input-shape"),
 }  # fmt: skip
 # files the case builders above write into the work directory (inputs, never outputs)
-_CASE_FILES = {"cut.onnx", "bad.onnx", "notes.onnx", "bad.npz", "empty.onnx", "unchecked.onnx", "opset6.onnx"}
+_CASE_FILES = {"cut.onnx", "bad.onnx", "notes.onnx", "bad.npz", "empty.onnx", "unchecked.onnx", "opset27.onnx"}
 
 
 def _write(d, name, blob):
@@ -119,8 +119,8 @@ def _unchecked(d):
     return d / "unchecked.onnx"
 
 
-def _opset6(d):
-    """A valid opset-6 model (onnxopt handles 7 and later)."""
+def _opset27(d):
+    """An opset-27 model: newer than onnxruntime runs (older opsets are upgraded to 7)."""
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -128,10 +128,9 @@ def _opset6(d):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3)
-    onnx.checker.check_model(model)
-    onnx.save(model, d / "opset6.onnx")
-    return d / "opset6.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 27)], ir_version=8)
+    onnx.save(model, d / "opset27.onnx")
+    return d / "opset27.onnx"
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -261,3 +260,85 @@ def test_bench_reports_every_model(workdir, capsys):
     assert set(rows[0]["latency_us"]["1"]) == {"median", "min", "max"}
     code, _, err = _run(capsys, "bench", model, "--threads", "one")
     assert code == 2 and "--threads" in err
+
+
+# --- MACs and latency at the shapes of the data given (issue 15 part 2, issue 19 item 6) ---
+
+BERT_MACS = 2 * 16 * (4 * 32**2 + 2 * 32 * 64 + 2 * 16 * 32)  # layers x tokens x (4h^2 + 2hf + 2 tokens h)
+
+
+@pytest.fixture()
+def bert(tmp_path):
+    """tiny_bert (symbolic batch and sequence), data of 1 x 16 and 4 x 16 tokens."""
+    model = builders.save(builders.tiny_bert(layers=2, hidden=32, heads=4, ffn=64), tmp_path / "bert.onnx")
+    np.savez(tmp_path / "one.npz", **builders.tiny_bert_feeds(1, 16))
+    np.savez(tmp_path / "four.npz", **builders.tiny_bert_feeds(4, 16, seed=1))
+    return tmp_path, model
+
+
+def test_run_bench_and_inspect_count_the_same_macs_at_the_data_shapes(bert, capsys):
+    d, model = bert
+    shapes = ["--input-shape", "input_ids=1,16", "--input-shape", "attention_mask=1,16"]
+    code, out, _ = _run(capsys, "inspect", model, *shapes, "--json")
+    assert code == 0 and json.loads(out)["macs"] == BERT_MACS
+    written = ["-o", d / "o.onnx", "--report", d / "r.json"]
+    for data in ("one.npz", "four.npz"):  # four samples: counted per sample, as inspect counts batch 1
+        code, out, _ = _run(capsys, "run", model, "--passes", "simplify", "--data", d / data, *written)
+        assert code == 0
+        counted = json.loads((d / "r.json").read_text())["model"]
+        for side in ("before", "after"):
+            assert counted[side]["macs"] == BERT_MACS and counted[side]["macs_partial"] is False
+            assert counted[side]["input_shapes"] == {"input_ids": [1, 16], "attention_mask": [1, 16]}
+        assert counted["input_shapes_from"].startswith("first batch of")
+        assert "MACs counted at input_ids=1x16, attention_mask=1x16 (first batch of" in out
+    code, out, _ = _run(capsys, "run", model, "--passes", "simplify", *shapes, *written)
+    assert code == 0 and json.loads((d / "r.json").read_text())["model"]["after"]["macs"] == BERT_MACS
+    code, out, _ = _run(
+        capsys, "bench", model, d / "o.onnx", "--data", d / "four.npz", "--threads", "1", "--rounds", "2", "--json"
+    )
+    rows = json.loads(out)
+    assert code == 0 and [r["macs"] for r in rows] == [BERT_MACS, BERT_MACS]
+    assert rows[0]["latency_inputs"] == rows[1]["latency_inputs"] == {"input_ids": [4, 16], "attention_mask": [4, 16]}
+    code, out, _ = _run(capsys, "bench", model, *shapes, "--threads", "1", "--rounds", "2", "--json")
+    assert code == 0 and json.loads(out)[0]["macs"] == BERT_MACS
+
+
+def test_run_says_when_its_mac_count_is_partial(bert, capsys):
+    d, model = bert  # no data, no --input-shape: the sequence length is unknown
+    code, out, _ = _run(
+        capsys, "run", model, "--passes", "simplify", "--no-validate", "-o", d / "o.onnx", "--report", d / "r.json"
+    )
+    assert code == 0
+    before = json.loads((d / "r.json").read_text())["model"]["before"]
+    assert before["macs"] == 0 and before["macs_partial"] is True
+    assert {u["node"] for u in before["uncounted"]} == {
+        f"layer{i}/{n}" for i in range(2) for n in ("q", "k", "v", "scores", "context", "out", "ffn1", "ffn2")
+    }
+    assert "note: MACs before are partial, 16 nodes not counted: layer0/q (MatMul: unknown shapes)" in out
+
+
+def test_latency_times_the_datas_own_batch_on_dynamic_image_sizes(tmp_path, capsys, monkeypatch):
+    from onnxopt import runtime
+
+    model = builders.save(builders.conv_net(size="S"), tmp_path / "net.onnx")  # N x 3 x S x S
+    x = np.random.default_rng(0).standard_normal((6, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    timed = []
+
+    def fake_measure(models, feeds, **kwargs):  # record what the timer is given instead of timing it
+        timed.append({name: array.shape for name, array in feeds.items()})
+        np.testing.assert_array_equal(feeds["x"], x[:4])
+        return [runtime.Latency(100.0, 90.0, 110.0, 1) for _ in models]
+
+    monkeypatch.setattr(runtime, "measure_latency", fake_measure)
+    report = tmp_path / "r.json"
+    argv = ["run", model, "--passes", "simplify", "--data", tmp_path / "d.npz", "--batch-size", "4", "--latency"]
+    code, out, err = _run(capsys, *argv, "-o", tmp_path / "o.onnx", "--report", report)
+    assert code == 0, err
+    assert timed == [{"x": (4, 3, 12, 12)}]
+    latency = json.loads(report.read_text())["latency_us"]
+    assert latency["inputs"] == {"x": [4, 3, 12, 12]} and latency["inputs_from"].startswith("first batch of")
+    assert "latency timed on x=4x3x12x12" in out
+    macs = json.loads(report.read_text())["model"]["before"]["macs"]
+    code, inspected, _ = _run(capsys, "inspect", model, "--input-shape", "x=1,3,12,12", "--json")
+    assert macs == json.loads(inspected)["macs"] > 0

@@ -32,12 +32,21 @@ def test_load_rejects_bad_files(tmp_path):
         graph.load(tmp_path)
 
 
-def test_load_rejects_unsupported_opset_and_checker_failures(tmp_path):
-    old = builders.mlp()
-    old.opset_import[0].version = 6
+def test_load_upgrades_old_opsets_and_rejects_new_ones_and_checker_failures(tmp_path):
+    old = builders.conv_net(opset=6, with_bn=True, batch=2)  # BatchNormalization-6 has no onnxruntime kernel
+    old.ir_version = 3  # IR 3 lists every weight as a graph input too
+    old.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, i.dims) for i in old.graph.initializer)
     builders.save(old, tmp_path / "old.onnx")
-    with pytest.raises(ModelLoadError, match="opset 6 is not supported"):
-        graph.load(tmp_path / "old.onnx")
+    upgraded = graph.load(tmp_path / "old.onnx")
+    assert graph.default_opset(upgraded) == graph.MIN_OPSET
+    x = np.random.default_rng(0).standard_normal((2, 3, 10, 10)).astype(np.float32)
+    expected = builders.run(builders.conv_net(opset=17, with_bn=True), {"x": x})["y"]
+    np.testing.assert_allclose(builders.run(graph.to_proto(upgraded), {"x": x})["y"], expected, rtol=1e-5, atol=1e-5)
+    new = builders.mlp()
+    new.opset_import[0].version = 27
+    onnx.save(new, tmp_path / "new.onnx")
+    with pytest.raises(ModelLoadError, match="opset 27 is not supported"):
+        graph.load(tmp_path / "new.onnx")
     broken = builders.mlp()
     broken.graph.node[0].input[1] = "does_not_exist"
     builders.save(broken, tmp_path / "broken.onnx")

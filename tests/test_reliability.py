@@ -596,3 +596,76 @@ def test_an_output_that_is_an_input_or_another_output_is_refused_before_anything
     assert code == 2, captured.out + captured.err
     assert len(captured.err.strip().splitlines()) == 1 and f"would overwrite {named} (" in captured.err, captured.err
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+# --- bad models and data are exit 2 with one line naming the op, input or tensor ---------------------------------
+
+
+def _unknown_op(folder):
+    from onnx import helper
+
+    proto = builders.mlp(sizes=(8, 16, 4), seed=1)
+    relu = next(n for n in proto.graph.node if n.name == "relu1")
+    relu.CopyFrom(helper.make_node("Mystery", ["g1"], ["h1"], name="mystery1", domain="com.example"))
+    proto.opset_import.append(helper.make_opsetid("com.example", 1))
+    return builders.save(proto, folder / "m.onnx")
+
+
+def _batch_zero(folder):
+    return builders.save(builders.mlp(sizes=(8, 16, 4), batch=0), folder / "m.onnx")
+
+
+def _nan_weight(folder):
+    proto = builders.mlp(sizes=(8, 16, 4), seed=1)
+    proto.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.full((16, 8), np.nan, np.float32), "w1"))
+    return builders.save(proto, folder / "m.onnx")
+
+
+def _huge_dims(folder):
+    from onnx import TensorProto, helper
+
+    dims = [1, 1 << 20, 1 << 20, 1 << 10]  # 4 PiB of float32 per sample
+    proto = builders.make_model(
+        [helper.make_node("Relu", ["x"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)], [],
+    )  # fmt: skip
+    return builders.save(proto, folder / "m.onnx")
+
+
+BAD_MODELS = {  # name: (builder, passes, the fragment naming what is wrong)
+    "unknown custom op": (_unknown_op, "simplify", "op com.example::Mystery is not one onnxruntime knows"),
+    "unknown custom op, quant": (_unknown_op, "quant", "op com.example::Mystery is not one onnxruntime knows"),
+    "batch-0 input": (_batch_zero, "simplify", "input 'x' has shape 0x8"),
+    "all-NaN weight": (_nan_weight, "quant", "weight 'w1' is all NaN"),
+    "huge dims": (_huge_dims, "simplify", "input 'x': one random input of shape 1x1048576x1048576x1024"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODELS))
+def test_a_model_onnxopt_cannot_use_is_exit_2_with_one_line_naming_why(case, tmp_path, capsys):
+    build, passes, fragment = BAD_MODELS[case]
+    model = build(tmp_path)
+    args = ["run", model, "--passes", passes, "-o", str(tmp_path / "o.onnx")]
+    if case != "huge dims":  # without data: random inputs
+        rng = np.random.default_rng(0)
+        for name in ("d", "e"):
+            np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((32, 8)).astype(np.float32))
+        args += ["--data", str(tmp_path / "d.npz"), "--eval", str(tmp_path / "e.npz")]
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and fragment in captured.err, captured.err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_running_out_of_memory_is_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
+    from onnxopt import manager
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("Unable to allocate 8.00 PiB for an array with shape (1, 1048576, 1048576, 1024)")
+
+    monkeypatch.setattr(manager.PassManager, "run", exhausted)
+    model = builders.save(builders.mlp(), tmp_path / "m.onnx")
+    code = cli.main(["run", model, "--passes", "simplify", "-o", str(tmp_path / "o.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "out of memory (Unable to allocate 8.00 PiB" in err
