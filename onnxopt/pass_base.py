@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx_ir as ir
@@ -71,6 +72,14 @@ class PassContext:
     eval_data: DataSource | None = None
     check: Callable[[ir.Model], ValidationReport] | None = None
     seed: int = 0
+    # the model the pipeline started from, as a file (what ``distill`` learns to reproduce)
+    original: Path | None = None
+    # how many budget checks the running pass's search expects to make (progress displays; see expect_trials)
+    expected_trials: int | None = None
+
+    def expect_trials(self, count: int) -> None:
+        """Tell progress displays how many budget checks the search will make in all (an upper bound is fine)."""
+        self.expected_trials = max(0, int(count))
 
 
 class OptPass(ir.passes.InPlacePass):

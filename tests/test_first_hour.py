@@ -1,0 +1,169 @@
+"""A newcomer's first hour (issue 19): a light demo, progress while `run` works, quiet runs."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onnxopt import cli
+from onnxopt.manager import PassManager, PassRecord, ProgressEvent
+from onnxopt.pass_base import Change, Skip
+from onnxopt.progress import ProgressView, pass_lines, plural
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "models" / "tiny_mlp"
+
+
+def _tiny_run(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "run", str(TINY / "tiny_mlp.onnx"), "--passes", "prune", "--data", str(TINY / "calib.npz"),
+        "--eval", str(TINY / "eval.npz"), "-o", str(tmp_path / "out.onnx"), *extra,
+    ]  # fmt: skip
+
+
+def test_demo_imports_no_framework_and_no_plotting(tmp_path):
+    """`make demo` installs the core only: its command must not import torch, TensorFlow or matplotlib."""
+    code = (
+        "import sys\n"
+        "from onnxopt import cli\n"
+        f"assert cli.main({_demo_argv(tmp_path)!r}) == 0\n"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'matplotlib', 'keras', 'jinja2') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "tiny_mlp.opt.onnx").exists()
+
+
+def _demo_argv(tmp_path: Path) -> list[str]:
+    """The Makefile's demo command, read from the Makefile itself, with the outputs moved to ``tmp_path``."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    block = text[text.index("\ndemo:") :]
+    line = next(ln for ln in block.splitlines() if "onnxopt run" in ln)
+    argv = line.split("onnxopt", 1)[1].split()
+    return [str(tmp_path / Path(a).name) if a.startswith("out/") else a for a in argv]
+
+
+def test_makefile_demo_and_test_use_separate_stamps():
+    """`make demo` then `make test` must still install the test extras: the two targets have their own stamps."""
+    text = (ROOT / "Makefile").read_text()
+    demo_deps = re.search(r"^demo:(.*)$", text, re.M).group(1).split()
+    test_deps = re.search(r"^test:(.*)$", text, re.M).group(1).split()
+    setup_deps = re.search(r"^setup:(.*)$", text, re.M).group(1).split()
+    assert demo_deps == ["$(CORE_STAMP)"] and (test_deps == ["setup"] and setup_deps == ["$(STAMP)"])
+    core_rule = text[text.index("$(CORE_STAMP):") :].split("\n\n")[0]
+    full_rule = text[text.index("$(STAMP):") :].split("\n\n")[0]
+    assert "-e ." in core_rule and "[" not in core_rule.split("-e", 1)[1]  # the core: no extras
+    assert "touch $(CORE_STAMP)" in core_rule and "touch $(STAMP)" in full_rule
+    for extra in ("dev", "tf", "torch", "models"):
+        assert extra in full_rule.split("-e", 1)[1]
+
+
+def test_piped_run_prints_plain_lines_in_order(tmp_path, capsys):
+    code = cli.main(_tiny_run(tmp_path))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "\r" not in out and "\x1b" not in out  # no bars or cursor movement in a pipe
+    lines = out.splitlines()
+
+    def first(prefix: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.startswith(prefix))
+
+    trials = [line for line in lines if line.startswith("prune search: trial ")]
+    assert trials, out
+    numbers = [int(re.match(r"prune search: trial (\d+) of (\d+)", t).group(1)) for t in trials]
+    assert numbers == list(range(1, len(trials) + 1))
+    total = int(re.match(r"prune search: trial \d+ of (\d+)", trials[0]).group(1))
+    assert len(trials) <= total
+    assert any("best: weights" in t for t in trials)
+    # each pass's line comes when the pass ends: simplify before calibration, prune's after its search
+    assert first("pass simplify:") < first("calibrating: 1,000 samples") < first("prune search: trial 1 ")
+    assert first(trials[-1]) < first("pass prune:") < first("validating: 2,000 samples") < first("wrote ")
+    assert first("validating:") < first("validation on")
+
+
+def test_quiet_prints_nothing_but_errors(tmp_path, capsys):
+    code = cli.main(_tiny_run(tmp_path, "--quiet"))
+    out, err = capsys.readouterr()
+    assert code == 0 and out == "" and err == ""
+    assert (tmp_path / "out.onnx").exists()
+    with pytest.raises(SystemExit) as exit_:  # a bad option still says why, on stderr
+        cli.main(_tiny_run(tmp_path, "-q", "--max-accuracy-drop", "-1"))
+    code = exit_.value.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.startswith("onnxopt: error:") and err.count("\n") == 1
+
+
+def test_quiet_validation_failure_goes_to_stderr(tmp_path, capsys):
+    argv = _tiny_run(tmp_path, "-q", "--no-simplify")
+    argv[argv.index("prune")] = "svd"
+    code = cli.main([*argv, "--svd-rank", "1", "--no-svd-data-aware"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert "validation failed: nothing written" in err and not (tmp_path / "out.onnx").exists()
+
+
+def test_engine_prints_nothing_and_emits_events_in_order(capsys):
+    events: list[ProgressEvent] = []
+    report = PassManager(["prune"], data=str(TINY / "calib.npz"), eval_data=str(TINY / "eval.npz"),
+                         progress=events.append).run(TINY / "tiny_mlp.onnx")  # fmt: skip
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+    kinds = [(e.kind, e.stage) for e in events]
+    starts = [e.stage for e in events if e.kind == "pass_start"]
+    ends = [e.record.name for e in events if e.kind == "pass_end"]
+    assert starts == ends == [r.name for r in report.passes] == ["simplify", "prune", "simplify"]
+    prune_start, prune_end = kinds.index(("pass_start", "prune")), kinds.index(("pass_end", "prune"))
+    trials = [e for e in events[prune_start:prune_end] if e.kind == "trial"]
+    assert [t.done for t in trials] == list(range(1, len(trials) + 1)) and trials[0].total >= len(trials)
+    passing = [t for t in trials if t.ok]
+    assert passing and all(0 < t.best_weights < 1 for t in passing)  # prune keeps fewer weights
+    assert [t.best_weights for t in passing] == sorted((t.best_weights for t in passing), reverse=True)
+    calibrating = [e for e in events[prune_start:prune_end] if e.kind == "samples"]
+    assert calibrating and calibrating[-1].stage == "calibrating" and calibrating[-1].done == calibrating[-1].total
+    validating = [e for e in events[kinds.index(("pass_end", "simplify"), prune_end) :] if e.kind == "samples"]
+    assert validating[-1].stage == "validating" and validating[-1].done == report.validation.samples
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_terminal_view_draws_bars_with_eta_and_prints_pass_lines():
+    stream = _Terminal()
+    view = ProgressView(stream, min_interval=0)
+    assert view.live
+    view(ProgressEvent("pass_start", "prune", 1, 3))
+    for done in (100, 200):
+        view(ProgressEvent("samples", "calibrating", done, 400))
+    view(ProgressEvent("trial", "prune", 1, 12, ok=False))
+    view(ProgressEvent("trial", "prune", 2, 12, ok=True, best_weights=0.62))
+    record = PassRecord("prune", True, [Change("fc1", "8 of 32 channels")], [Skip("fc3", "reaches graph output")], 3.5)
+    view(ProgressEvent("pass_end", "prune", 2, 3, record=record))
+    view.close()
+    text = stream.getvalue()
+    assert "calibrating" in text and "200/400" in text and "\r" in text  # a bar redrawn in place
+    assert "prune search" in text and "2/12" in text and re.search(r"<\d\d:\d\d", text)  # trial k of n, with ETA
+    assert "pass prune: changed, 1 site rewritten, 1 skipped, 3.50 s" in text
+    assert text.index("2/12") < text.index("pass prune:")
+
+
+def test_plain_view_waits_for_an_open_ended_stage_and_pluralizes():
+    stream = io.StringIO()
+    view = ProgressView(stream)
+    assert not view.live
+    view(ProgressEvent("samples", "calibrating", 1, None))  # the data does not say how many samples
+    assert stream.getvalue() == ""
+    view.close()
+    assert re.fullmatch(r"calibrating: 1 sample, \d+\.\d s\n", stream.getvalue())
+    assert plural(1, "channel") == "1 channel" and plural(1000, "channel") == "1,000 channels"
+    record = PassRecord("svd", False, [], [Skip(f"fc{i}", "rank") for i in range(12)], 0.25)
+    lines = pass_lines(record)
+    assert lines[0] == "pass svd: unchanged, 0 sites rewritten, 12 skipped, 0.25 s"
+    assert lines[-1] == "  ... 2 more skipped sites in the report" and len(lines) == 12
