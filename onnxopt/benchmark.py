@@ -2,7 +2,8 @@
 
 Latency: onnxruntime with full optimizations, for each intra-op thread count asked, after a warm-up; models that
 take the same inputs are measured in interleaved rounds (median and spread over rounds), so their ratios hold on
-a noisy machine. Inputs come from ``data`` (its first batch) or seeded random data of the model's shape.
+a noisy machine. Inputs come from ``data`` (its first batch, at the data's own shapes) or seeded random data
+of ``input_shapes``; MACs are counted per sample at the same shapes.
 Accuracy with labelled data; agreement (top-1, or cosine for other outputs) of every model with the first.
 """
 
@@ -19,13 +20,16 @@ import numpy as np
 from onnxopt import cost
 from onnxopt import data as data_mod
 from onnxopt import graph as graph_io
-from onnxopt.runtime import Session, measure_latency
+from onnxopt.runtime import Session, latency_feeds, measure_latency
 
 __all__ = ["ModelBench", "bench_models"]
 
 
 @dataclasses.dataclass
 class ModelBench:
+    """One model's figures. MACs are per sample at ``input_shapes`` (the data's first batch with a dynamic
+    batch axis 1, else the given shapes); latency is timed on inputs of ``latency_inputs``."""
+
     path: str
     bytes: int
     params: int
@@ -33,6 +37,10 @@ class ModelBench:
     latency_us: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
     accuracy: float | None = None
     agreement: float | None = None
+    macs_partial: bool = False
+    uncounted: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    input_shapes: dict[str, list[int | None] | None] = dataclasses.field(default_factory=dict)
+    latency_inputs: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -46,41 +54,66 @@ def bench_models(
     rounds: int = 15,
     input_shapes: dict[str, list[int]] | None = None,
 ) -> list[ModelBench]:
+    """Size, parameters, MACs, latency (and with labelled data, accuracy) of each model in ``paths``.
+
+    Latency is timed on the first batch of ``data`` as it is (its batch size and, for dynamic dims, its
+    sequence length or image size), else on seeded random inputs of ``input_shapes``; MACs are counted
+    per sample at the same shapes. A model whose inputs do not take those feeds gets its own random ones.
+    """
     models = [graph_io.load(p) for p in paths]
-    results = [
-        ModelBench(str(p), Path(p).stat().st_size, c.params, c.macs)
-        for p, c in ((p, cost.estimate(m, input_shapes=input_shapes)) for p, m in zip(paths, models, strict=True))
-    ]
-    source = (
-        data_mod.as_source(data, models[0], what="data")
-        if data
-        else data_mod.random_source(models[0], seed=0, shapes=input_shapes)
-    )
-    feeds = next(iter(source)).feeds
-    signature = [_signature(m) for m in models]
+    timing = latency_feeds(models[0], data, input_shapes=input_shapes)
+    feeds = timing.feeds
+    fits = [_fits(m, feeds) for m in models]
+    results = []
+    for path, model, fit in zip(paths, models, fits, strict=True):
+        shapes = cost.shapes_from_feeds(model, feeds) if data and fit else input_shapes
+        counted = cost.estimate(model, input_shapes=shapes)
+        results.append(
+            ModelBench(
+                str(path), Path(path).stat().st_size, counted.params, counted.macs,
+                macs_partial=counted.macs_partial, uncounted=[dataclasses.asdict(u) for u in counted.uncounted],
+                input_shapes={k: None if v is None else list(v) for k, v in counted.input_shapes.items()},
+            )
+        )  # fmt: skip
+    own = {i: feeds if fit else _random_feeds(models[i], input_shapes) for i, fit in enumerate(fits)}
+    for index, result in enumerate(results):
+        result.latency_inputs = {name: list(np.shape(a)) for name, a in own[index].items()}
     for count in threads:
         groups: dict[tuple, list[int]] = {}
-        for index, sig in enumerate(signature):
-            groups.setdefault(sig, []).append(index)
+        for index, fit in enumerate(fits):
+            groups.setdefault(("data",) if fit else ("own", index), []).append(index)
         for indices in groups.values():
-            group_feeds = feeds if signature[indices[0]] == signature[0] else _random_feeds(models[indices[0]])
-            stats = measure_latency([paths[i] for i in indices], group_feeds, threads=count, rounds=rounds)
+            stats = measure_latency([paths[i] for i in indices], own[indices[0]], threads=count, rounds=rounds)
             for i, latency in zip(indices, stats, strict=True):
                 results[i].latency_us[count] = {
                     "median": round(latency.median_us, 2), "min": round(latency.min_us, 2),
                     "max": round(latency.max_us, 2),
                 }  # fmt: skip
     if data:
+        source = data_mod.as_source(data, models[0], what="data")
         _quality(paths, source, results)
     return results
 
 
-def _signature(model) -> tuple:
-    return tuple((s.name, str(s.dtype), s.shape) for s in data_mod.input_specs(model))
+def _fits(model, feeds: dict[str, np.ndarray]) -> bool:
+    """Whether ``model`` takes ``feeds``: the same input names, dtypes, ranks and fixed dims."""
+    specs = data_mod.input_specs(model)
+    if {s.name for s in specs} != set(feeds):
+        return False
+    for spec in specs:
+        array = feeds[spec.name]
+        if array.dtype != spec.dtype:
+            return False
+        if spec.shape is not None and (
+            array.ndim != len(spec.shape)
+            or any(d is not None and d != a for d, a in zip(spec.shape, array.shape, strict=True))
+        ):
+            return False
+    return True
 
 
-def _random_feeds(model) -> dict[str, np.ndarray]:
-    return next(iter(data_mod.random_source(model, seed=0))).feeds
+def _random_feeds(model, shapes) -> dict[str, np.ndarray]:
+    return latency_feeds(model, None, input_shapes=shapes).feeds
 
 
 def _quality(paths, source, results) -> None:

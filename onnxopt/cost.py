@@ -196,6 +196,7 @@ class _Counter:
         self.counted: set[int] = set()
         self.total_params = 0
         self.uncounted: list[Uncounted] = []
+        self._readers: list[set[int]] = []  # weights read inside each control-flow node being walked
 
     def graph(self, graph: ir.Graph, prefix: str) -> list[NodeCost]:
         nodes = []
@@ -220,18 +221,25 @@ class _Counter:
                 continue
             numel = _numel(self.shapes.get(id(value)))
             params += numel
+            for reader in self._readers:
+                reader.add(id(value))
             if id(value) not in self.counted:
                 self.counted.add(id(value))
                 self.total_params += numel
         return params
 
     def _control_flow(self, node: ir.Node, name: str, prefix: str, subgraphs: list[tuple[str, ir.Graph]]) -> NodeCost:
-        params = self._params(node)  # weights read by the node itself (a Loop's trip count is not float)
-        bodies = []
-        for label, subgraph in subgraphs:
-            inner = self.graph(subgraph, f"{prefix}{name}/{label}/")
-            params += sum(n.params for n in inner)
-            bodies.append((label, sum(n.macs for n in inner), sum(n.ops for n in inner)))
+        read: set[int] = set()  # every weight read by the node and its subgraphs, each counted once
+        self._readers.append(read)
+        try:
+            self._params(node)
+            bodies = []
+            for label, subgraph in subgraphs:
+                inner = self.graph(subgraph, f"{prefix}{name}/{label}/")
+                bodies.append((label, sum(n.macs for n in inner), sum(n.ops for n in inner)))
+        finally:
+            self._readers.pop()
+        params = sum(_numel(self.shapes.get(i)) for i in read)
         op = node.op_type
         out_shape = self.shapes.get(id(node.outputs[0])) if node.outputs else None
         if op == "If" and len(bodies) > 1:

@@ -101,3 +101,196 @@ def test_runtime_computed_shapes_are_measured(tmp_path):
     result = cost.estimate(graph.load(path))
     assert all(n.output_shape is not None for n in result.nodes)
     assert abs(result.macs / 40.55e6 - 1) < 0.01  # ResNet-20's well-known 40.55 M MACs
+
+
+# --- the cost model on real shapes (issue 15 part 2): data shapes, partial counts, subgraphs ---
+
+BERT_SHAPES = {"input_ids": [1, 16], "attention_mask": [1, 16]}
+
+
+@pytest.mark.parametrize(("opset", "symbolic_seq"), [(13, True), (17, True), (17, False)])
+def test_tiny_bert_macs_match_the_hand_count(opset, symbolic_seq):
+    model = ir.from_proto(builders.tiny_bert(opset=opset, symbolic_seq=symbolic_seq, seq=16))
+    result = cost.estimate(model, input_shapes=BERT_SHAPES)
+    assert result.macs == 2 * 16 * (4 * 32**2 + 2 * 32 * 64 + 2 * 16 * 32) == builders.tiny_bert_macs()
+    assert not result.macs_partial and result.uncounted == ()
+    assert result.input_shapes == {"input_ids": (1, 16), "attention_mask": (1, 16)}
+    declared = cost.estimate(model)  # batch 1; the sequence length is known only when it is not symbolic
+    assert declared.macs == (0 if symbolic_seq else result.macs)
+    assert declared.macs_partial == symbolic_seq
+
+
+def test_a_partial_count_names_what_it_left_out():
+    result = cost.estimate(ir.from_proto(builders.tiny_bert()))
+    assert result.macs == 0 and result.macs_partial
+    matmuls = {f"layer{i}/{n}" for i in range(2) for n in ("q", "k", "v", "scores", "context", "out", "ffn1", "ffn2")}
+    assert {u.node for u in result.uncounted} == matmuls
+    assert {(u.op_type, u.reason) for u in result.uncounted} == {("MatMul", "unknown shapes")}
+    report = result.to_json()
+    assert report["macs_partial"] is True and len(report["uncounted"]) == 16
+    assert report["input_shapes"] == {"input_ids": [1, None], "attention_mask": [1, None]}
+
+
+def test_shapes_from_feeds_count_per_sample_and_keep_a_fixed_batch():
+    bert = ir.from_proto(builders.tiny_bert())
+    feeds = builders.tiny_bert_feeds(8, 24)
+    assert cost.shapes_from_feeds(bert, feeds) == {"input_ids": [1, 24], "attention_mask": [1, 24]}
+    assert cost.shapes_from_feeds(bert, feeds, per_sample=False) == {"input_ids": [8, 24], "attention_mask": [8, 24]}
+    fixed = ir.from_proto(builders.conv_net(batch=4, size=10))
+    x = np.zeros((4, 3, 10, 10), np.float32)
+    assert cost.shapes_from_feeds(fixed, {"x": x}) == {"x": [4, 3, 10, 10]}  # as inspect counts it
+
+
+def test_lstm_macs_and_unmodelled_ops_mark_the_count_partial():
+    hidden, inputs, seq, batch = 5, 3, 7, 2
+    w = numpy_helper.from_array(np.zeros((1, 4 * hidden, inputs), np.float32), "w")
+    r = numpy_helper.from_array(np.zeros((1, 4 * hidden, hidden), np.float32), "r")
+    proto = builders.make_model(
+        [helper.make_node("LSTM", ["x", "w", "r"], ["y"], hidden_size=hidden)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, batch, inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)],
+        [w, r],
+    )
+    result = cost.estimate(ir.from_proto(proto))
+    assert result.macs == seq * batch * 4 * hidden * (inputs + hidden) and not result.macs_partial
+    einsum = builders.make_model(
+        [helper.make_node("Einsum", ["x", "w"], ["y"], name="mix", equation="ij,jk->ik")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(np.ones((3, 4), np.float32), "w")],
+    )
+    partial = cost.estimate(ir.from_proto(einsum))
+    assert partial.macs_partial and partial.uncounted == (
+        cost.Uncounted("mix", "Einsum", "MACs of Einsum are not modelled"),
+    )
+
+
+def _matmul_graph(name, x, w, out, *, extra=0):
+    """A subgraph computing ``out = x @ w`` (then ``extra`` more MatMuls by w2 of shape 5x5)."""
+    nodes = [helper.make_node("MatMul", [x, w], [f"{name}_0" if extra else out], name=f"{name}/mm0")]
+    for i in range(extra):
+        last = i == extra - 1
+        nodes.append(
+            helper.make_node(
+                "MatMul", [f"{name}_{i}", "w2"], [out if last else f"{name}_{i + 1}"], name=f"{name}/mm{i + 1}"
+            )
+        )
+    return nodes
+
+
+def test_if_counts_the_larger_branch_and_the_parameters_of_both():
+    then_g = helper.make_graph(
+        _matmul_graph("then", "x", "w", "t"), "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)]
+    )
+    else_g = helper.make_graph(
+        _matmul_graph("else", "x", "w", "e", extra=2),
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((5, 5), np.float32), "w2")],  # a weight inside the subgraph
+    )
+    proto = builders.make_model(
+        [helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(np.ones((4, 5), np.float32), "w")],
+    )
+    result = cost.estimate(ir.from_proto(proto), input_shapes={"x": [3, 4]})
+    (node,) = result.nodes
+    assert node.macs == result.macs == 3 * 4 * 5 + 2 * 3 * 5 * 5  # else: x@w, then two 5x5 MatMuls
+    assert result.params == node.params == 4 * 5 + 5 * 5  # the outer weight once, plus else's own
+    assert "larger branch, else_branch" in node.note and "then_branch 60" in node.note
+    assert not result.macs_partial
+
+
+def _loop_model(trip_count, *, constant: bool):
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["h_in", "w"], ["h_out"], name="step"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [2, 6]),  # as exporters annotate it
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [2, 6]),
+        ],
+    )
+    inits = [numpy_helper.from_array(np.eye(6, dtype=np.float32), "w")]
+    inputs = [helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 6])]
+    if constant:
+        inits.append(numpy_helper.from_array(np.array(trip_count, np.int64), "m"))
+    else:
+        inputs.append(helper.make_tensor_value_info("m", TensorProto.INT64, []))
+    return builders.make_model(
+        [helper.make_node("Loop", ["m", "", "h"], ["y"], name="loop", body=body)],
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])],
+        inits,
+    )
+
+
+def test_loop_counts_its_body_per_iteration_when_the_trip_count_is_constant():
+    proto = _loop_model(5, constant=True)
+    result = cost.estimate(ir.from_proto(proto))
+    assert result.macs == 5 * 2 * 6 * 6 and result.params == 36 and not result.macs_partial
+    assert result.nodes[0].note.startswith("Loop: body x 5 iterations")
+    out = builders.run(proto, {"h": np.ones((2, 6), np.float32)})  # the model is valid: it runs
+    assert out["y"].shape == (2, 6)
+    dynamic = cost.estimate(ir.from_proto(_loop_model(5, constant=False)))
+    assert dynamic.macs == 2 * 6 * 6 and dynamic.macs_partial  # once, and said so
+    assert dynamic.uncounted == (cost.Uncounted("loop", "Loop", "trip count not a constant: body counted once"),)
+
+
+def test_scan_counts_its_body_per_scanned_element():
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["row", "w"], ["proj"], name="proj"),
+            helper.make_node("Add", ["acc_in", "proj"], ["acc_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("row", TensorProto.FLOAT, [4]),
+        ],
+        [helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [3])],
+    )
+    proto = builders.make_model(
+        [
+            helper.make_node(
+                "Scan", ["acc", "xs"], ["total"], name="scan", body=body, num_scan_inputs=1, scan_input_axes=[1]
+            )
+        ],
+        [
+            helper.make_tensor_value_info("acc", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("xs", TensorProto.FLOAT, [4, "T"]),  # scanned along axis 1
+        ],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, [3])],
+        [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")],
+    )
+    result = cost.estimate(ir.from_proto(proto), input_shapes={"xs": [4, 7]})
+    assert result.macs == 7 * 4 * 3 and result.nodes[0].note.startswith("Scan: body x 7")
+    unknown = cost.estimate(ir.from_proto(proto))  # T unknown: counted once, partial
+    assert unknown.macs == 4 * 3 and unknown.macs_partial
+
+
+def test_latency_feeds_are_the_first_batch_of_the_data_as_given(tmp_path):
+    from onnxopt.errors import DataError
+    from onnxopt.runtime import latency_feeds
+
+    model = ir.from_proto(builders.tiny_bert())
+    feeds = builders.tiny_bert_feeds(5, 24, seed=3)
+    np.savez(tmp_path / "d.npz", **feeds)
+    timing = latency_feeds(model, tmp_path / "d.npz", batch_size=4)
+    assert timing.shapes == {"input_ids": [4, 24], "attention_mask": [4, 24]}
+    np.testing.assert_array_equal(timing.feeds["input_ids"], feeds["input_ids"][:4])
+    assert latency_feeds(model, None, input_shapes=BERT_SHAPES).shapes == BERT_SHAPES
+    with pytest.raises(DataError, match="dynamic dim 1"):  # random inputs need a concrete sequence length
+        latency_feeds(model, None)

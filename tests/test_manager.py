@@ -107,7 +107,7 @@ def test_validation_budget_and_report_schema(mlp_file):
     ).run(mlp_file)
     assert not lossy.ok and "max abs" in lossy.validation.failures[0]
     payload = lossy.to_json()
-    assert set(payload["model"]) == {"before", "after"}
+    assert set(payload["model"]) == {"before", "after", "input_shapes_from"}
     assert {"params", "macs", "bytes"} <= set(payload["model"]["before"])
     assert {"name", "changed", "skipped", "seconds"} <= set(payload["passes"][0])
     assert {"ok", "outputs", "accuracy"} <= set(payload["validation"])
