@@ -354,10 +354,10 @@ class PassManager:
             pass_.name, bool(result.modified), list(changes), list(skipped), seconds, stats_seconds, details
         )
 
-    def _source(self, data, model: ir.Model, what: str) -> data_mod.DataSource | None:
+    def _source(self, data, model: ir.Model, what: str, pair_labels: bool = True) -> data_mod.DataSource | None:
         if data is None:
             return None
-        pair = self.metric is not None and self.metric.pair
+        pair = pair_labels and self.metric is not None and self.metric.pair
         return data_mod.as_source(data, model, batch_size=self.batch_size, what=what, pair_labels=pair)
 
     def _sources(self, model: ir.Model) -> tuple[data_mod.DataSource | None, data_mod.DataSource | None]:
@@ -377,7 +377,8 @@ class PassManager:
                 )
                 logger.info("no evaluation data: judging on the last %d of %d samples of %s", held, total, name)
                 return calib, held_out
-        calib = self._source(self.data, model, "calibration data")
+        # calibration labels matter only where the calibration data is also the evaluation data
+        calib = self._source(self.data, model, "calibration data", pair_labels=self.eval_data is None)
         return calib, self._source(self.eval_data, model, "evaluation data")
 
     def _check_up_front(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import numpy as np
 import onnx
@@ -269,3 +271,159 @@ def test_bad_labels_for_a_metric(classifier):
         data.as_source({"x": x[:5], "labels": labels[:2]}, model, pair_labels=True)
     with pytest.raises(DataError, match="NaN"):
         data.as_source({"x": x[:4], "labels": np.array([1.0, np.nan, 0, 2])}, model)
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+USER_METRICS = """
+import numpy as np
+
+
+def accuracy(outputs, labels, inputs):
+    return 100.0 * float(np.mean(outputs["y"].argmax(axis=1) == labels))
+
+
+def mean_abs(outputs, labels, inputs):
+    return float(np.abs(outputs["y"]).mean())
+
+
+mean_abs.higher_is_better = False
+
+
+def boom(outputs, labels, inputs):
+    raise ValueError("kaput")
+
+
+def nan(outputs, labels, inputs):
+    return float("nan")
+
+
+def vector(outputs, labels, inputs):
+    return outputs["y"].mean(axis=0)
+"""
+
+
+@pytest.fixture()
+def cli_case(tmp_path):
+    """An MLP with 6 classes, 40 labelled calibration and 40 labelled evaluation samples, a metric file."""
+    path = builders.save(builders.mlp(sizes=(8, 32, 6), seed=0), tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(4)
+    for name in ("calib", "eval"):
+        x = rng.standard_normal((40, 8)).astype(np.float32)
+        labels = builders.run(onnx.load(path), {"x": x})["y"].argmax(axis=1)
+        np.savez(tmp_path / f"{name}.npz", x=x, labels=labels)
+    (tmp_path / "my_metric.py").write_text(USER_METRICS)
+    (tmp_path / "broken_metric.py").write_text("import no_such_module_for_onnxopt\n")
+    return tmp_path, path
+
+
+def _npz(d, name, **arrays):
+    np.savez(d / name, **arrays)
+    return d / name
+
+
+def _x(n):
+    return np.random.default_rng(0).standard_normal((n, 8)).astype(np.float32)
+
+
+METRIC_BAD_INPUTS = {
+    "unknown metric": (["--metric", "top7"], "unknown metric"),
+    "module does not import": (["--metric", "no_such_module_for_onnxopt:fn"], "does not import"),
+    "file does not import": (["--metric", "{d}/broken_metric.py:fn"], "does not import"),
+    "file missing": (["--metric", "{d}/nope.py:fn"], "no such file"),
+    "function missing": (["--metric", "{d}/my_metric.py:nope"], "has no function 'nope'"),
+    "function raises": (["--metric", "{d}/my_metric.py:boom"], "kaput"),
+    "function returns NaN": (["--metric", "{d}/my_metric.py:nan"], "is nan"),
+    "function returns a vector": (["--metric", "{d}/my_metric.py:vector"], "not a scalar"),
+    "metric output missing": (["--metric", "top1", "--metric-output", "nope"], "'nope' is not an output"),
+    "metric output unfit": (["--metric", "top5", "--metric-output", "y"], "C >= 5"),  # 6 classes: fits...
+    "no labels": (["--metric", "top1", "--eval", "{unlabelled}"], "needs 'labels'"),
+    "labels per sample for spearman": (["--metric", "spearman"], "expected 20 (one per pair"),
+    "spearman odd samples": (["--metric", "spearman", "--eval", "{odd}"], "odd"),
+    "drop without a metric": (["--max-metric-drop", "1"], "needs --metric"),
+    "psnr with a drop": (["--metric", "psnr", "--max-metric-drop", "1"], "--metric-limit"),
+    "confidence out of range": (["--metric", "top1", "--max-metric-drop", "1", "--budget-confidence", "95"], "between 0 and 1"),  # noqa: E501
+    "confidence for a user metric": (["--metric", "{d}/my_metric.py:accuracy", "--max-metric-drop", "1", "--budget-confidence", "0.9"], "bootstrap"),  # noqa: E501
+    "NaN labels": (["--eval", "{nan_labels}"], "NaN"),
+    "zero-sample eval": (["--eval", "{empty}"], "no samples"),
+}  # fmt: skip
+METRIC_BAD_INPUTS["metric output unfit"] = (
+    ["--metric", "top5", "--metric-output", "y", "--eval", "{three_classes}"],
+    "C >= 5",
+)  # noqa: E501
+
+
+@pytest.mark.parametrize("case", sorted(METRIC_BAD_INPUTS))
+def test_bad_metric_input_gets_one_line_exit_2_and_no_output(case, cli_case, capsys):
+    from onnxopt import cli
+
+    d, model = cli_case
+    files = {
+        "d": d,
+        "unlabelled": _npz(d, "unlabelled.npz", x=_x(40)),
+        "odd": _npz(d, "odd.npz", x=_x(41), labels=np.zeros(20, np.float32)),
+        "nan_labels": _npz(d, "nan_labels.npz", x=_x(40), labels=np.where(np.arange(40) == 3, np.nan, 1.0)),
+        "empty": _npz(d, "empty.npz", x=np.zeros((0, 8), np.float32)),
+        "three_classes": d / "eval.npz",
+    }
+    if case == "metric output unfit":  # a 3-class model: top5 cannot read it
+        model = builders.save(builders.mlp(sizes=(8, 16, 3), seed=0), d / "three.onnx")
+    extra, fragment = METRIC_BAD_INPUTS[case]
+    extra = [a.format(**files) for a in extra]
+    if "--eval" not in extra:
+        extra += ["--eval", str(d / "eval.npz")]
+    before = sorted(os.listdir(d))
+    argv = ["run", model, "--passes", "prune", "--data", d / "calib.npz", "-o", d / "o.onnx", "--report", d / "r.json"]
+    try:
+        code = cli.main([str(a) for a in argv + extra])
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert fragment in lines[0], lines[0]
+    assert "pass prune" not in out  # refused before any pass ran
+    assert sorted(os.listdir(d)) == before  # no output, no report
+
+
+def test_user_metric_file_end_to_end(cli_case, capsys):
+    from onnxopt import cli
+
+    d, model = cli_case
+    code = cli.main([str(a) for a in [
+        "run", model, "--passes", "prune", "--data", d / "calib.npz", "--eval", d / "eval.npz",
+        "--metric", f"{d}/my_metric.py:accuracy", "--max-metric-drop", "20", "-o", d / "o.onnx",
+        "--report", d / "r.json",
+    ]])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    m = json.loads((d / "r.json").read_text())["validation"]["metric"]
+    assert m["name"] == f"{d}/my_metric.py:accuracy" and m["higher_is_better"] is True and m["interval"] is None
+    assert m["before"] == 100.0  # labels are the original's argmax
+    x, labels = np.load(d / "eval.npz")["x"], np.load(d / "eval.npz")["labels"]
+    after = 100 * np.mean(builders.run(onnx.load(d / "o.onnx"), {"x": x}, optimize=True)["y"].argmax(1) == labels)
+    assert m["after"] == pytest.approx(after) and m["drop"] == pytest.approx(100 - after) and m["drop"] <= 20
+    assert "metric " + m["name"] in out
+    pruned = [p for p in json.loads((d / "r.json").read_text())["passes"] if p["name"] == "prune"][0]
+    assert pruned["modified"] and m["drop"] > 0  # the search took what the user's metric allows
+
+
+def test_report_and_summary_of_a_builtin_metric(cli_case, capsys):
+    from onnxopt import cli
+
+    d, model = cli_case
+    code = cli.main([str(a) for a in [
+        "run", model, "--passes", "prune", "--data", d / "calib.npz", "--eval", d / "eval.npz", "--metric", "top1",
+        "--max-metric-drop", "2.5", "--budget-confidence", "0.9", "-o", d / "o.onnx", "--report", d / "r.json",
+    ]])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    validation = json.loads((d / "r.json").read_text())["validation"]
+    m = validation["metric"]
+    assert set(m) == {"name", "output", "higher_is_better", "before", "after", "drop", "interval", "interval_of",
+                      "confidence"}  # fmt: skip
+    assert (m["name"], m["output"], m["confidence"], m["interval_of"]) == ("top1", "y", 0.9, "drop")
+    assert m["interval"][0] <= m["drop"] <= m["interval"][1] <= 2.5  # the worse end is within the budget
+    assert validation["budget"] == {"max_metric_drop": 2.5, "confidence": 0.9}
+    assert "metric top1 on 'y' (higher is better)" in out and "90% interval of the drop" in out
