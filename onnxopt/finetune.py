@@ -17,8 +17,9 @@ so the folded model onnxruntime runs is the model trained.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from onnxopt import graph
+from onnxopt._torch_ops_extra import EXTRA_OPS, extra_ops
 from onnxopt.errors import OnnxoptError
 
 # inputs of these ops that hold learnable float weights when they are initializers (index -> role)
@@ -40,6 +42,8 @@ _LEARNABLE = {
     "Mul": (0, 1),
     "BatchNormalization": (1, 2),
     "PRelu": (1,),
+    "LayerNormalization": (1, 2),
+    "Gather": (0,),  # embedding tables
 }
 
 
@@ -121,6 +125,96 @@ def finetune(
             losses.append(total / max(batches, 1))
             if log:
                 log(f"fine-tune epoch {epoch + 1}/{epochs}: loss {losses[-1]:.6g}")
+    return _write_back(proto, params, losses)
+
+
+def distill(
+    model: ir.Model,
+    batches: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+    *,
+    outputs: Sequence[str] | None = None,
+    epochs: int = 2,
+    lr: float = 1e-4,
+    temperature: float = 2.0,
+    seed: int = 0,
+    threads: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> FinetuneResult:
+    """Train ``model``'s float weights to reproduce a teacher's outputs (knowledge distillation, no labels).
+
+    ``batches`` holds ``(feeds, teacher_outputs)`` pairs, e.g. the calibration data and the *original* model's outputs
+    on it; batches may differ in shape (token sequences of different lengths). Each epoch visits the batches in a
+    seeded random order, one Adam step per batch. The loss sums over ``outputs`` (default: every float graph output the
+    teacher gives): for class-score outputs (2-D, at least two columns) the KL divergence between the softened
+    distributions at ``temperature`` times its square (Hinton et al. 2015; a Softmax output is compared through its log,
+    which is a logit up to a constant); for any other output the squared error relative to the teacher's mean square,
+    so outputs of different scales weigh alike. ``threads``: torch's intra-op threads while training (one by default:
+    small per-node kernels run up to 20x slower when two threads contend on a busy 2-core machine).
+    """
+    torch = _torch()
+    if not batches:
+        raise OnnxoptError("distillation needs at least one batch")
+    if not temperature > 0:
+        raise OnnxoptError(f"distillation temperature must be > 0, got {temperature}")
+    proto = graph.to_proto(model)
+    program = _Program(proto, None)
+    names = list(outputs) if outputs is not None else [n for n in program.outputs if n in batches[0][1]]
+    missing = [n for n in names if n not in program.outputs or n not in batches[0][1]]
+    if missing or not names:
+        raise OnnxoptError(f"no teacher output to distill from (asked: {', '.join(missing) or 'none'})")
+    torch.manual_seed(seed)
+    params = {name: torch.nn.Parameter(torch.from_numpy(np.array(array, dtype=np.float32)))
+              for name, array in program.learnable.items()}  # fmt: skip
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    rng = np.random.default_rng(seed)
+    softmax = {n for n in names if program.producer.get(n) is not None and program.producer[n].op_type == "Softmax"}
+    losses = []
+    with torch.enable_grad(), _threads(torch, threads):
+        for epoch in range(epochs):
+            total = 0.0
+            for index in rng.permutation(len(batches)):
+                feeds, teacher = batches[index]
+                values = program.run({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in feeds.items()}, params)
+                value = sum(
+                    _distill_loss(values[n], torch.from_numpy(np.asarray(teacher[n])), temperature, n in softmax)
+                    for n in names
+                )
+                optimizer.zero_grad()
+                value.backward()
+                optimizer.step()
+                total += float(value.detach())
+            losses.append(total / len(batches))
+            if log:
+                log(f"distill epoch {epoch + 1}/{epochs}: loss {losses[-1]:.6g}")
+    return _write_back(proto, params, losses)
+
+
+@contextlib.contextmanager
+def _threads(torch, count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _distill_loss(student, teacher, temperature: float, probabilities: bool):
+    import torch
+
+    teacher = teacher.to(student.dtype).reshape(student.shape)
+    if student.dim() == 2 and student.shape[1] >= 2:
+        if probabilities:
+            student, teacher = torch.log(student.clamp_min(1e-12)), torch.log(teacher.clamp_min(1e-12))
+        s = torch.log_softmax(student / temperature, dim=1)
+        t = torch.log_softmax(teacher / temperature, dim=1)
+        return torch.nn.functional.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
+    scale = teacher.pow(2).mean().clamp_min(1e-12)
+    return torch.nn.functional.mse_loss(student, teacher) / scale
+
+
+def _write_back(proto: onnx.ModelProto, params, losses: list[float]) -> FinetuneResult:
+    """The trained parameters written back into ``proto`` under their names, in their original dtype."""
     by_name = {init.name: init for init in proto.graph.initializer}
     for name, param in params.items():
         array = param.detach().numpy().astype(numpy_helper.to_array(by_name[name]).dtype)
@@ -154,10 +248,13 @@ def _torch():
     return torch
 
 
-SUPPORTED = frozenset(
-    "Conv ConvTranspose Gemm MatMul Add Sub Mul Div Relu LeakyRelu PRelu Sigmoid Tanh Softmax Clip HardSigmoid "
-    "HardSwish Reshape Flatten Transpose Squeeze Unsqueeze Concat Identity Dropout MaxPool AveragePool "
-    "GlobalAveragePool GlobalMaxPool BatchNormalization Pad Constant".split()
+SUPPORTED = (
+    frozenset(
+        "Conv ConvTranspose Gemm MatMul Add Sub Mul Div Relu LeakyRelu PRelu Sigmoid Tanh Softmax Clip HardSigmoid "
+        "HardSwish Reshape Flatten Transpose Squeeze Unsqueeze Concat Identity Dropout MaxPool AveragePool "
+        "GlobalAveragePool GlobalMaxPool BatchNormalization Pad Constant".split()
+    )
+    | EXTRA_OPS
 )
 
 
@@ -172,6 +269,7 @@ class _Program:
         if unsupported:
             raise OnnxoptError(f"fine-tuning does not support op(s) {', '.join(unsupported)}")
         outputs = [o.name for o in g.output]
+        self.outputs = outputs
         if output is not None and output not in outputs:
             raise OnnxoptError(f"no graph output named {output!r} (outputs: {', '.join(outputs)})")
         self.output = output or outputs[0]
@@ -186,23 +284,38 @@ class _Program:
                         self.learnable[node.input[index]] = array
         self.producer = {o: n for n in self.nodes for o in n.output}
 
-    def forward(self, feeds, params, *, logits: bool):
+    def run(self, feeds, params) -> dict:
+        """Every value of the graph for ``feeds`` (all nodes run), by name."""
+        values = self._values(feeds, params)
+        for node in self.nodes:
+            values[node.output[0]] = _call(node, values)
+        return values
+
+    def _values(self, feeds, params) -> dict:
         import torch
 
         values = {name: torch.from_numpy(np.array(a)) for name, a in self.constants.items() if name not in params}
         values.update(params)
         values.update(feeds)
+        return values
+
+    def forward(self, feeds, params, *, logits: bool):
+        values = self._values(feeds, params)
         target = self.output
         if logits and self.producer.get(target) is not None and self.producer[target].op_type == "Softmax":
             target = self.producer[target].input[0]
         for node in self.nodes:
-            args = [values[name] if name else None for name in node.input]
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            result = _OPS[node.op_type](args, attrs)
+            result = _call(node, values)
             values[node.output[0]] = result
             if node.output[0] == target:
                 return result
         return values[target]
+
+
+def _call(node: onnx.NodeProto, values: dict):
+    args = [values[name] if name else None for name in node.input]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return _OPS[node.op_type](args, attrs)
 
 
 def _conv(args, attrs):
@@ -414,6 +527,7 @@ def _ops():
 
 class _LazyOps(dict):
     def __missing__(self, key):
+        self.update(extra_ops())
         self.update(_ops())
         return self[key]
 

@@ -29,6 +29,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "quant": "onnxopt.passes.quant:Int8QuantPass",
     "share": "onnxopt.passes.share:WeightSharePass",
     "compact": "onnxopt.passes.compact:CompactPass",
+    "distill": "onnxopt.passes.distill:DistillPass",
 }
 
 

@@ -1,0 +1,189 @@
+"""`distill`: label-free recovery by knowledge distillation from the original model (passes/distill.py), and the
+torch versions of the transformer ops it trains through (onnxopt/_torch_ops_extra.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt import PassManager, graph, registry
+from onnxopt.validate import Budget
+from tests import builders
+
+torch = pytest.importorskip("torch")
+from onnxopt.finetune import _Program, distill  # noqa: E402
+
+
+def _encoder_block(seed: int = 0, vocab: int = 50, hidden: int = 16, ffn: int = 32) -> onnx.ModelProto:
+    """Embedding Gather → masked self-attention (one head, mask via Equal/Where/Expand, sequence length from
+    Shape/Slice) → residual + LayerNormalization → Erf-GELU FFN → residual + LayerNormalization → ReduceMean."""
+    rng = np.random.default_rng(seed)
+
+    def w(name, *shape, scale=0.3):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    inits = [
+        w("emb", vocab, hidden, scale=1.0),
+        w("wq", hidden, hidden), w("wk", hidden, hidden), w("wv", hidden, hidden), w("wo", hidden, hidden),
+        w("w1", hidden, ffn), w("b1", ffn), w("w2", ffn, hidden), w("b2", hidden),
+        numpy_helper.from_array(np.ones(hidden, np.float32), "g1"),
+        numpy_helper.from_array(np.zeros(hidden, np.float32), "z1"),
+        numpy_helper.from_array(np.ones(hidden, np.float32), "g2"),
+        numpy_helper.from_array(np.zeros(hidden, np.float32), "z2"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero_i"),
+        numpy_helper.from_array(np.array(-1e4, np.float32), "neg"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero_f"),
+        numpy_helper.from_array(np.array(1 / np.sqrt(hidden), np.float32), "scale"),
+        numpy_helper.from_array(np.array(np.sqrt(2.0), np.float32), "sqrt2"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array([1], np.int64), "s_start"),
+        numpy_helper.from_array(np.array([2], np.int64), "s_end"),
+        numpy_helper.from_array(np.array([0], np.int64), "s_axis"),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["x"]),
+        helper.make_node("Shape", ["ids"], ["shape"]),
+        helper.make_node("Slice", ["shape", "s_start", "s_end", "s_axis"], ["seq"]),
+        helper.make_node("Equal", ["mask", "zero_i"], ["pad"]),
+        helper.make_node("Unsqueeze", ["pad", "axis1"], ["pad3"]),
+        helper.make_node("Concat", ["shape", "seq"], ["shape3"], axis=0),
+        helper.make_node("Expand", ["pad3", "shape3"], ["padx"]),
+        helper.make_node("Where", ["padx", "neg", "zero_f"], ["bias"]),
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k"]),
+        helper.make_node("MatMul", ["x", "wv"], ["v"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["qk"]),
+        helper.make_node("Mul", ["qk", "scale"], ["qks"]),
+        helper.make_node("Add", ["qks", "bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["ctx"]),
+        helper.make_node("MatMul", ["ctx", "wo"], ["att"]),
+        helper.make_node("Add", ["x", "att"], ["r1"]),
+        helper.make_node("LayerNormalization", ["r1", "g1", "z1"], ["h1"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["h1", "w1"], ["f0"]),
+        helper.make_node("Add", ["f0", "b1"], ["f1"]),
+        helper.make_node("Div", ["f1", "sqrt2"], ["f2"]),
+        helper.make_node("Erf", ["f2"], ["f3"]),
+        helper.make_node("Add", ["f3", "one"], ["f4"]),
+        helper.make_node("Mul", ["f1", "f4"], ["f5"]),
+        helper.make_node("Mul", ["f5", "half"], ["gelu"]),
+        helper.make_node("MatMul", ["gelu", "w2"], ["f6"]),
+        helper.make_node("Add", ["f6", "b2"], ["f7"]),
+        helper.make_node("Add", ["h1", "f7"], ["r2"]),
+        helper.make_node("LayerNormalization", ["r2", "g2", "z2"], ["tokens"], axis=-1, epsilon=1e-5),
+        helper.make_node("ReduceMean", ["tokens", "axis1"], ["pooled"], keepdims=0),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "S"]),
+        helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", "S"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", "S", hidden]),
+        helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", hidden]),
+    ]
+    return builders.make_model(nodes, inputs, outputs, inits, opset=18)
+
+
+def _tokens(count: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 50, (count, seq)).astype(np.int64)
+    mask = np.ones((count, seq), np.int64)
+    for row in range(count):
+        mask[row, rng.integers(seq // 2, seq + 1) :] = 0
+    return {"ids": ids, "mask": mask}
+
+
+@pytest.mark.parametrize("seq", [5, 9])
+def test_transformer_ops_match_onnxruntime(seq):
+    """Gather, Shape/Slice/Concat, Equal/Unsqueeze/Expand/Where, LayerNormalization, Erf, ReduceMean in torch give
+    onnxruntime's outputs on the unmodified model."""
+    proto = _encoder_block()
+    feeds = _tokens(3, seq)
+    expected = builders.run(proto, feeds)
+    with torch.no_grad():
+        values = _Program(proto, None).run({k: torch.from_numpy(v) for k, v in feeds.items()}, {})
+    for name in ("tokens", "pooled"):
+        np.testing.assert_allclose(values[name].numpy(), expected[name], rtol=1e-4, atol=1e-5)
+
+
+def _perturbed(proto: onnx.ModelProto, scale: float = 0.15, seed: int = 1) -> onnx.ModelProto:
+    """The same graph with noise on its MatMul weights (a stand-in for what a lossy pass does)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    rng = np.random.default_rng(seed)
+    for init in out.graph.initializer:
+        if init.name in ("wq", "wk", "wv", "wo", "w1", "w2"):
+            array = numpy_helper.to_array(init)
+            init.CopyFrom(
+                numpy_helper.from_array(array + scale * rng.standard_normal(array.shape).astype(np.float32), init.name)
+            )
+    return out
+
+
+def _error(proto: onnx.ModelProto, teacher: onnx.ModelProto, feeds, name: str) -> float:
+    got, ref = builders.run(proto, feeds)[name], builders.run(teacher, feeds)[name]
+    return float(np.sum((got - ref) ** 2) / np.sum(ref**2))
+
+
+def test_distill_pulls_a_perturbed_encoder_back_towards_the_original():
+    teacher = _encoder_block()
+    student = _perturbed(teacher)
+    train = [_tokens(16, 8, seed=s) for s in range(6)]
+    batches = [(f, builders.run(teacher, f)) for f in train]
+    result = distill(graph.from_proto(student), batches, epochs=8, lr=3e-3)
+    trained = graph.to_proto(result.model)
+    held = _tokens(32, 8, seed=99)
+    before, after = _error(student, teacher, held, "tokens"), _error(trained, teacher, held, "tokens")
+    assert after < 0.5 * before, (before, after)
+    assert result.losses[-1] < result.losses[0]
+    # the graph is the same: node ops, names and initializer shapes; integer constants untouched
+    assert [(n.op_type, list(n.input)) for n in trained.graph.node] == [
+        (n.op_type, list(n.input)) for n in student.graph.node
+    ]
+    shapes = {i.name: (tuple(i.dims), i.data_type) for i in student.graph.initializer}
+    assert {i.name: (tuple(i.dims), i.data_type) for i in trained.graph.initializer} == shapes
+    ints = {i.name: numpy_helper.to_array(i) for i in student.graph.initializer if i.data_type == TensorProto.INT64}
+    for init in trained.graph.initializer:
+        if init.name in ints:
+            np.testing.assert_array_equal(numpy_helper.to_array(init), ints[init.name])
+
+
+def test_distill_pass_in_a_pipeline_recovers_a_pruned_mlp(tmp_path):
+    """prune (uniform ratio, beyond a tight cosine budget) then distill: the result is closer to the original than the
+    pruned model, judged on the evaluation data, and the report says by how much."""
+    proto = builders.mlp(sizes=(12, 48, 48, 6), seed=3)
+    path = builders.save(proto, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    calib = {"x": rng.standard_normal((512, 12)).astype(np.float32)}
+    held = {"x": rng.standard_normal((256, 12)).astype(np.float32)}
+    prune = registry.make_pass("prune", criterion="ratio", ratio=0.4)
+    pruned = PassManager([prune], data=calib, eval_data=held, budget=Budget(min_cosine=0.0)).run(path)
+    distill_pass = registry.make_pass("distill", epochs=30, lr=3e-3)
+    prune2 = registry.make_pass("prune", criterion="ratio", ratio=0.4)
+    report = PassManager([prune2, distill_pass], data=calib, eval_data=held, budget=Budget(min_cosine=0.0)).run(path)
+    record = next(r for r in report.passes if r.name == "distill")
+    assert record.modified, record.skipped
+    assert "relative output error" in record.changes[0].what
+    ref = builders.run(proto, held)["y"]
+    err = lambda m: float(np.sum((builders.run(graph.to_proto(m), held)["y"] - ref) ** 2) / np.sum(ref**2))  # noqa: E731
+    assert err(report.model) < err(pruned.model)
+
+
+def test_distill_without_calibration_data_is_skipped_with_the_reason(tmp_path):
+    path = builders.save(builders.mlp(), tmp_path / "m.onnx")
+    report = PassManager([registry.make_pass("distill")], validate=False).run(path)
+    record = next(r for r in report.passes if r.name == "distill")
+    assert not record.modified
+    assert "calibration data" in record.skipped[0].reason
+
+
+def test_distill_options_are_checked():
+    from onnxopt.errors import UsageError
+
+    with pytest.raises(UsageError, match="distill"):
+        registry.make_pass("distill", epochs=0)
