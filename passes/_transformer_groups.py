@@ -202,6 +202,9 @@ def _add(analysis: Analysis, node: ir.Node) -> None:
 
 
 def _is_stream(value: ir.Value) -> bool:
+    """The residual stream: the encoder's input or a LayerNormalization output."""
+    if value.is_graph_input():
+        return True
     producer = value.producer()
     return producer is not None and producer.op_type in ("LayerNormalization", "SkipLayerNormalization")
 

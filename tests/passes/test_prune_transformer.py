@@ -247,3 +247,80 @@ def test_budget_search_prunes_heads_and_neurons_within_the_budget():
     assert inits["layer0/out.weight"].shape[0] <= HIDDEN - DEPTH
     assert inits["layer0/ffn2.weight"].shape[0] <= FFN * 3 // 4
     assert _cosine(proto, out, builders.tiny_bert_feeds(8, 12, seed=11)) >= 0.999
+
+
+def _torch_encoder():
+    """A two-layer post-LN encoder written as BERT is (no ``transformers``): hidden 32, 4 heads, FFN 64, GELU."""
+    torch = pytest.importorskip("torch")
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(4))
+            self.ln1, self.ln2 = torch.nn.LayerNorm(HIDDEN), torch.nn.LayerNorm(HIDDEN)
+            self.f1, self.f2 = torch.nn.Linear(HIDDEN, FFN), torch.nn.Linear(FFN, HIDDEN)
+
+        def forward(self, x, mask):
+            b, n, _ = x.shape
+
+            def split(t):
+                return t.view(b, n, HEADS, DEPTH).transpose(1, 2)
+
+            q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+            scores = q @ k.transpose(-1, -2) / DEPTH**0.5 + mask
+            context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, HIDDEN)
+            x = self.ln1(x + self.o(context))
+            return self.ln2(x + self.f2(torch.nn.functional.gelu(self.f1(x))))
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Layer() for _ in range(LAYERS))
+
+        def forward(self, x, attention_mask):
+            mask = (1.0 - attention_mask[:, None, None, :]) * -10000.0
+            for layer in self.layers:
+                x = layer(x, mask)
+            return x
+
+    torch.manual_seed(0)
+    return torch, Encoder().eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_torch_exports_of_an_encoder_lose_heads_and_neurons(tmp_path, dynamo):
+    torch, module = _torch_encoder()
+    x, mask = torch.randn(2, 7, HIDDEN), torch.ones(2, 7)
+    path = tmp_path / "encoder.onnx"
+    if dynamo:
+        dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
+        extra = {"dynamic_shapes": (dims, dims), "external_data": False, "opset_version": 18}
+    else:
+        axes = {0: "batch", 1: "seq"}
+        extra = {"dynamic_axes": {"x": axes, "attention_mask": axes}, "opset_version": 17}
+    torch.onnx.export(
+        module, (x, mask), str(path), input_names=["x", "attention_mask"], output_names=["y"], dynamo=dynamo, **extra
+    )
+    rng = np.random.default_rng(0)
+    calib = {
+        "x": rng.standard_normal((32, 9, HIDDEN)).astype(np.float32),
+        "attention_mask": np.ones((32, 9), np.float32),
+    }
+    report = PassManager([ChannelPrunePass(QUARTER)], data=calib, budget=Budget(min_cosine=0.0)).run(path)
+    changes = [c.what for r in report.passes for c in r.changes]
+    assert changes.count(f"{HEADS} -> {HEADS - 1} attention heads") == LAYERS
+    assert changes.count(f"{FFN} -> {FFN * 3 // 4} channels (ratio 0.25)") == LAYERS
+    out = ir.to_proto(report.model)
+    onnx.checker.check_model(out, full_check=True)
+    assert sum(numpy_helper.to_array(i).size for i in out.graph.initializer) < sum(
+        numpy_helper.to_array(i).size for i in onnx.load(str(path)).graph.initializer
+    )
+    for batch, tokens in ((1, 5), (8, 16)):
+        feeds = {"x": rng.standard_normal((batch, tokens, HIDDEN)).astype(np.float32)}
+        feeds["attention_mask"] = np.ones((batch, tokens), np.float32)
+        got = builders.run(out, feeds)["y"]
+        want = module(torch.from_numpy(feeds["x"]), torch.from_numpy(feeds["attention_mask"])).detach().numpy()
+        assert got.shape == want.shape
+        cosine = float(got.ravel() @ want.ravel() / np.linalg.norm(got) / np.linalg.norm(want))
+        assert 0.5 < cosine < 1 - 1e-6  # pruned: close to the module, not identical
