@@ -124,8 +124,9 @@ def imagenet(shared: Path, name: str, quick: bool) -> Task:
         heldout=np.arange(1, len(x), 2),
         feeds=_feeds("input", x, None),
         protocol=(
-            f"calibration: calib200 ({len(calib)} images); budget (onnxopt --eval): the {len(budget_index)} even-numbered "
-            f"val1300 images; top-1 reported on all {len(x)} val1300 images, held-out Δ on the odd-numbered half"
+            f"calibration: calib200 ({len(calib)} images); budget (onnxopt --eval): the {len(budget_index)} "
+            f"even-numbered val1300 images; top-1 reported on all {len(x)} val1300 images, held-out Δ on the "
+            "odd-numbered half"
         ),
         expected=None if quick else expected,
     )
@@ -334,6 +335,8 @@ class Scorer:
 
 def _embeddings(session, inputs: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:
     """Mean-pooled sentence embeddings, sentences run in length-sorted batches trimmed to their longest member."""
+    from onnxopt.metrics import mean_pool
+
     mask = inputs["attention_mask"]
     lengths = mask.sum(1)
     order = np.argsort(-lengths, kind="stable")
@@ -343,27 +346,29 @@ def _embeddings(session, inputs: dict[str, np.ndarray], batch: int = 32) -> np.n
         width = int(lengths[rows].max())
         feeds = {k: np.ascontiguousarray(v[rows, :width]) for k, v in inputs.items()}
         tokens = session.run(feeds, [MINILM_OUTPUT])[MINILM_OUTPUT]
-        m = feeds["attention_mask"][..., None].astype(np.float32)
-        pooled = (tokens * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+        pooled = mean_pool(tokens, feeds["attention_mask"])
         if result.shape[1] == 0:
             result = np.zeros((len(mask), pooled.shape[1]), np.float32)
-        result[rows] = pooled
+        result[rows] = pooled.astype(np.float32)
     return result
 
 
 def spearman_pairs(embeddings: np.ndarray, gold: np.ndarray) -> float:
     """Spearman's rho ×100 (average ranks) between the cosine similarity of rows 2k/2k+1 and the gold scores."""
-    from scipy.stats import spearmanr
+    from onnxopt.metrics import spearman_rho
 
-    a, b = embeddings[0::2], embeddings[1::2]
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    return 100.0 * float(spearmanr(cos, gold).statistic)
+    a, b = embeddings[0::2].astype(np.float64), embeddings[1::2].astype(np.float64)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return 100.0 * spearman_rho(cos, gold)
 
 
-def psnr(out: dict[str, np.ndarray], ref: dict[str, np.ndarray], peak: float = 1.0) -> float:
-    """PSNR (dB) of the first output against the reference's, over all samples (peak 1: images in [0, 1])."""
+def psnr(out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float:
+    """PSNR (dB) of the first output against the reference's over all samples; the peak is the reference's range
+    (max − min), as onnxopt's ``psnr`` metric defines it."""
     name = next(iter(ref))
-    mse = float(np.mean((out[name].astype(np.float64) - ref[name]) ** 2))
+    r = ref[name].astype(np.float64)
+    mse = float(np.mean((out[name].astype(np.float64) - r) ** 2))
+    peak = float(r.max() - r.min()) or 1.0
     return float("inf") if mse == 0 else 10.0 * np.log10(peak**2 / mse)
 
 

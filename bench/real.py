@@ -47,6 +47,7 @@ from _real_tools import TOOLS, is_onnxopt  # noqa: E402
 from _report import emit  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_real_tools.py"
+TIE = 0.05  # latency ratios closer than this are called a tie in the summary
 METRIC_UNITS = {"top1": "top-1 %", "spearman": "Spearman ×100", "psnr": "PSNR dB vs fp32", "cosine": "worst cosine"}
 
 
@@ -71,17 +72,20 @@ class Row:
 
 def onnxopt_flags(task: Task, has_metric: bool) -> tuple[list[str], str]:
     """onnxopt's budget flags for the task, and how the table should describe them."""
-    if has_metric and task.metric in ("top1", "spearman"):
+    if task.metric == "cosine":
+        flags = ["--min-cosine", f"{task.budget:g}"]
+    elif has_metric and task.metric == "psnr":
+        flags = ["--metric", "psnr", "--metric-limit", f"{task.budget:g}"]
+    elif has_metric:
         flags = ["--metric", task.metric, "--max-metric-drop", f"{task.budget:g}"]
-        if task.metric == "spearman":
-            flags += ["--metric-output", MINILM_OUTPUT]
-        return flags, " ".join(flags)
-    if task.metric == "top1":
+        flags += ["--metric-output", MINILM_OUTPUT] if task.metric == "spearman" else []
+    elif task.metric == "top1":
         flags = ["--max-accuracy-drop", f"{task.budget:g}"]
-        return flags, " ".join(flags)
-    cosine = 0.99 if task.metric == "spearman" else 0.999
-    why = "" if task.metric == "cosine" else f" (no --metric {task.metric} in onnxopt yet)"
-    return ["--min-cosine", f"{cosine:g}"], f"--min-cosine {cosine:g}{why}"
+    else:
+        cosine = 0.99 if task.metric == "spearman" else 0.999
+        flags = ["--min-cosine", f"{cosine:g}"]
+        return flags, f"--min-cosine {cosine:g} (no --metric {task.metric} in onnxopt yet)"
+    return flags, " ".join(flags)
 
 
 def cli_has_metric() -> bool:
@@ -153,6 +157,8 @@ def measure(task: Task, rows: list[Row], scorer: Scorer, rounds: int) -> None:
         row.size = row.path.stat().st_size / task.model.stat().st_size
         count = _macs(row.path, task)
         row.macs = count / base_macs if count and base_macs else None
+        if row is not base and row.macs == 1.0 and abs(row.size - 1) < 0.002:
+            row.note = "; ".join(filter(None, [row.note, "output ≈ input (same MACs, size within 0.2%)"]))
     for row in rows:
         if row.path is not None and row is not base:
             row.within = task.within(base.metric, row.metric)
@@ -242,7 +248,9 @@ def summary_line(name: str, task: Task, rows: list[Row]) -> str:
     rivals = [p for p in peers if p.metric >= best.metric - 1e-12]
     if rivals:
         rival = rivals[0]
-        verdict = "onnxopt faster" if _speed(best) < _speed(rival) else "the peer is faster"
+        ratio = _speed(best) / _speed(rival)
+        verdict = f"onnxopt faster ({ratio:.2f}×)" if ratio < 1 - TIE else f"the peer is faster (onnxopt {ratio:.2f}×)"
+        verdict = verdict if abs(ratio - 1) >= TIE else f"a tie within {TIE:.0%} ({ratio:.2f}×)"
         text += f"; fastest peer at equal or better metric: {_describe(rival, base, task)} — {verdict}"
     else:
         text += "; no peer reaches its metric"

@@ -49,7 +49,9 @@ def test_spearman_pairs_matches_scipy_with_ties():
 def test_psnr_and_worst_cosine_against_hand_computation():
     ref = {"y": np.zeros((2, 1, 4, 4), np.float32)}
     out = {"y": np.full((2, 1, 4, 4), 0.1, np.float32)}
-    assert psnr(out, ref) == pytest.approx(20.0, abs=1e-4)  # 10 log10(1 / 0.01)
+    ref["y"][1] = 2.0  # peak: the reference's range, 2
+    out["y"][1] = 2.1
+    assert psnr(out, ref) == pytest.approx(10 * np.log10(4 / 0.01), abs=1e-4)  # mse 0.01 everywhere
     assert psnr(ref, ref) == float("inf")
     ref = {"a": np.array([[1.0, 0.0], [1.0, 1.0]]), "b": np.ones((2, 3))}
     got = {"a": np.array([[1.0, 1.0], [2.0, 2.0]]), "b": np.ones((2, 3))}
@@ -71,7 +73,9 @@ def test_table_cells_for_base_result_error_and_fixed_batch():
     lines = real.table({"mnv2": (task, [base, good, bad])})
     assert lines[0] == real.HEADER and lines[1] == "|" + "---|" * 12
     assert lines[2] == "| mnv2 | original | 80.00 |  |  | 1.00 ±5% | — | 1.000 | 1.000 |  |  | 1 ms |"
-    assert lines[3] == "| mnv2 | ort static U8S8 | 79.60 (-0.40) | -0.50 | yes | 0.46 ±3% | — | 0.300 | ? | 3.2 | 180 |  |"
+    assert (
+        lines[3] == "| mnv2 | ort static U8S8 | 79.60 (-0.40) | -0.50 | yes | 0.46 ±3% | — | 0.300 | ? | 3.2 | 180 |  |"
+    )
     assert lines[4] == "| mnv2 | onnxopt prune | timed out after 900 s | | | | | | | 900.2 | 512 |  |"
 
 
@@ -87,8 +91,12 @@ def test_summary_line_compares_within_budget_at_equal_or_better_metric():
     ]
     line = real.summary_line("m", task, rows)
     assert "best onnxopt `onnxopt quant` 0.50×" in line
-    assert "at equal or better metric: `ort static S8S8` 0.90× (79.90, Δ -0.10) — onnxopt faster" in line
+    assert "at equal or better metric: `ort static S8S8` 0.90× (79.90, Δ -0.10) — onnxopt faster (0.56×)" in line
     assert "fastest peer within the budget: `ort static U8S8` 0.46×" in line
+    rows[4].latency[16] = (0.51, 0.0)
+    assert "— a tie within 5% (0.98×)" in real.summary_line("m", task, rows)
+    rows[4].latency[16] = (0.40, 0.0)
+    assert "— the peer is faster (onnxopt 1.25×)" in real.summary_line("m", task, rows)
     rows[1].within = False
     assert real.summary_line("m", task, rows).startswith("- m: no onnxopt result within the budget; fastest peer")
 
@@ -99,3 +107,5 @@ def test_onnxopt_flags_fall_back_and_say_so():
     assert flags == ["--min-cosine", "0.99"] and "no --metric spearman" in text
     flags, _ = real.onnxopt_flags(_task("spearman", 0.5), has_metric=True)
     assert flags[:4] == ["--metric", "spearman", "--max-metric-drop", "0.5"] and "--metric-output" in flags
+    assert real.onnxopt_flags(_task("psnr", 40.0), has_metric=True)[0] == ["--metric", "psnr", "--metric-limit", "40"]
+    assert real.onnxopt_flags(_task("cosine", 0.999), has_metric=True)[0] == ["--min-cosine", "0.999"]
