@@ -35,7 +35,7 @@ from onnx_ir.passes import common as ir_common
 
 from onnxopt import graph as graph_io
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
-from onnxopt.passes import _fold
+from onnxopt.passes import _fold, _names
 
 __all__ = ["SimplifyConfig", "SimplifyPass"]
 
@@ -103,7 +103,8 @@ class SimplifyPass(OptPass):
             changes.append(Change(name, "inference-mode Dropout removed"))
         for name in _fold.constant_reshape_targets(model):
             changes.append(Change(name, "runtime Reshape target made constant"))
-        self._step(skipped, "constant folding", lambda: _optimize(model, config.fold_limit))
+        fold = lambda m: _optimize(m, config.fold_limit)  # noqa: E731
+        self._step(skipped, "constant folding", lambda: _names.keep_names(model, fold))
         # Merge equal weights so identical nodes reading them merge too (what onnxruntime's own CSE does with
         # placeholder ConstantOfShape weights), then give every remaining reader of a folded placeholder its
         # own copy again: prune and svd skip shared weights, and the original had none.
@@ -113,7 +114,7 @@ class SimplifyPass(OptPass):
         # Affine folds first so MatMul+Mul+Add ends as MatMul+Add for the Gemm rule, again after the
         # BatchNorm rules, whose fused Conv may be followed by another Mul/Add.
         affine = _fold.fold_affine_into_producer(model)
-        self._step(skipped, "rewrite rules", lambda: _rewrite(model))
+        self._step(skipped, "rewrite rules", lambda: _names.keep_names(model, _rewrite))
         affine += _fold.fold_affine_into_producer(model)
         for name in affine:
             changes.append(Change(name, "per-channel Mul/Add folded into weight and bias"))
