@@ -570,7 +570,10 @@ def _measure_latency(source: Path, optimized, manager, args) -> dict[str, Any]:
     from onnxopt import graph
     from onnxopt.runtime import latency_feeds, measure_latency
 
-    data, what = (manager.eval_data, "evaluation data") if manager.eval_data is not None else (manager.data, "data")
+    if manager.eval_data is not None:
+        data, what = manager.eval_data, "evaluation data"
+    else:
+        data, what = manager.data, "calibration data"
     timing = latency_feeds(
         graph.load(source), data, input_shapes=manager.input_shapes, batch_size=manager.batch_size, seed=args.seed,
         what=what,
