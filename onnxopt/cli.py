@@ -47,9 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--passes", default="", help="comma-separated pass names, in order (see 'onnxopt passes')")
     run.add_argument("-o", "--output", required=True, help="output .onnx path")
     run.add_argument(
-        "--data", help="calibration data: .npz keyed by input name (optional 'labels'), or a folder of images"
+        "--data",
+        help="calibration data: .npz keyed by input name (optional 'labels'), a folder of .npz files (one feed "
+        "each), or a folder of images. An .npz whose every array has one axis more than its input's full shape "
+        "holds stacked feeds (axis 0 indexes the feed: recurrent states, scalars, shape inputs); arrays of the "
+        "input's own rank hold samples on the batch axis",
     )
-    run.add_argument("--eval", help="held-out evaluation data (.npz or image folder) for validation (default: --data)")
+    run.add_argument(
+        "--eval", help="held-out evaluation data (as --data: .npz, .npz folder or image folder) for validation"
+    )
     _add_preprocess_option(run)
     run.add_argument("--report", help="write the JSON report here")
     run.add_argument("--html", help="write a self-contained HTML report here (plots need the 'report' extra)")
@@ -168,9 +174,14 @@ def _image_data(args: argparse.Namespace, *flags: str) -> list[Any]:
     Raises UsageError for a folder without ``--preprocess``, or ``--preprocess`` without a folder.
     """
     from onnxopt import images
+    from onnxopt.data import is_npz_folder
 
     values = [getattr(args, flag) for flag in flags]
-    folders = [f"--{flag} {value}" for flag, value in zip(flags, values, strict=True) if value and Path(value).is_dir()]
+    folders = [  # a folder holding .npz files is one feed per file (onnxopt.data), not images
+        f"--{flag} {value}"
+        for flag, value in zip(flags, values, strict=True)
+        if value and Path(value).is_dir() and not is_npz_folder(value)
+    ]
     if args.preprocess is None:
         if folders:
             raise UsageError(
@@ -181,7 +192,7 @@ def _image_data(args: argparse.Namespace, *flags: str) -> list[Any]:
     if not folders:
         raise UsageError("--preprocess applies to image folders, but no --data/--eval folder was given")
     pre = images.parse_preprocess(args.preprocess)
-    return [images.ImageFolder(v, pre) if v and Path(v).is_dir() else v for v in values]
+    return [images.ImageFolder(v, pre) if v and Path(v).is_dir() and not is_npz_folder(v) else v for v in values]
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -504,8 +515,11 @@ def _budget(args: argparse.Namespace):
     if args.budget_confidence is not None and budget.max_metric_drop is None and budget.metric_limit is None:
         if budget.max_accuracy_drop is None:
             raise UsageError("--budget-confidence applies to a metric budget: give --max-metric-drop or --metric-limit")
-    if (args.metric_output is not None) and args.metric is None:
-        raise UsageError("--metric-output was given without --metric")
+    if args.metric is None and (args.metric_output is not None or budget.max_metric_drop is not None):
+        flag = "--metric-output" if args.metric_output is not None else "--max-metric-drop"
+        raise UsageError(f"{flag} needs --metric (a metric budget is in the metric's units)")
+    if args.metric is None and budget.metric_limit is not None:
+        raise UsageError("--metric-limit needs --metric (a metric budget is in the metric's units)")
     return None if budget.is_empty() else budget
 
 

@@ -10,8 +10,11 @@ also be the *name* of an input (a 0-d string array), whose values are then the t
 reconstructs its input). Keys written as ``input__<name>`` (the
 reference files in ``../shared/models``) are accepted too, and ``output__*`` keys are ignored. Arrays are
 cut into batches of the model's fixed batch size, or of ``batch_size`` when the batch axis is dynamic.
-A folder of images (JPEG/PNG) comes as an :class:`onnxopt.images.ImageFolder` (the folder and its
-preprocessing) and is read lazily, batch by batch, by :func:`onnxopt.images.image_source`.
+Inputs that share no batch axis (a recurrent state, a scalar, a shape tensor) come as *stacked feeds*:
+every array has one axis more than its input's full shape and axis 0 indexes the feed, or a folder of
+``.npz`` files holds one feed each; such a source yields one batch per feed. A folder of images (JPEG/PNG)
+comes as an :class:`onnxopt.images.ImageFolder` (the folder and its preprocessing) and is read lazily,
+batch by batch, by :func:`onnxopt.images.image_source`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "parse_shape_overrides",
     "load_npz",
     "holdout",
+    "is_npz_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,9 +61,12 @@ class Batch:
 
     feeds: Feeds
     labels: np.ndarray | None = None
+    count: int | None = None  # samples in this batch when not the first input's axis 0 (a stacked feed: 1)
 
     @property
     def size(self) -> int:
+        if self.count is not None:
+            return self.count
         first = next(iter(self.feeds.values()))
         return int(first.shape[0]) if first.ndim else 1
 
@@ -135,6 +142,8 @@ def as_source(
         return images.image_source(data.path, data.preprocess, model, batch_size=batch_size, what=what)
     specs = input_specs(model)
     if isinstance(data, str | os.PathLike):
+        if is_npz_folder(data):
+            return _npz_folder_source(Path(data), specs, what)
         if Path(data).is_dir():
             raise UsageError(
                 f"{what} {data} is a folder: to read it as images, give a preprocessing "
@@ -188,6 +197,17 @@ def random_source(
             feeds[spec.name] = _random_array(rng, spec.dtype, concrete[spec.name])
         batches.append(Batch(feeds))
     return DataSource(lambda: iter(batches), f"random inputs (seed {seed})", count * batch)
+
+
+def missing_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None) -> list[str]:
+    """Why :func:`random_source` cannot make inputs for ``model``: one message per input (empty: it can)."""
+    problems = []
+    for spec in input_specs(model):
+        try:
+            _concrete_shape(spec, (shapes or {}).get(spec.name))
+        except DataError as e:
+            problems.append(str(e))
+    return problems
 
 
 def parse_shape_overrides(text: Sequence[str] | None) -> dict[str, list[int]]:
@@ -265,6 +285,8 @@ def _array_source(
             raise DataError(f"{description}: 'labels' names '{target}', which is not one of the arrays")
         labels = np.asarray(arrays[target], dtype=np.float32)
     _check_names(arrays.keys(), specs, description)
+    if _is_stacked(arrays, specs, description):
+        return _stacked_source(arrays, labels, specs, description)
     counts = {name: int(np.asarray(a).shape[0]) if np.ndim(a) else 1 for name, a in arrays.items()}
     if len(set(counts.values())) > 1:
         raise DataError(f"{description}: arrays have different sample counts {counts}")
@@ -304,6 +326,78 @@ def _array_source(
     if labels is not None:
         source.labels = labels[: usable // 2] if pair_labels else labels[:usable]
     return source
+
+
+def is_npz_folder(path: str | os.PathLike) -> bool:
+    """A folder holding ``.npz`` files: one feed per file (a folder of images is :mod:`onnxopt.images`' part)."""
+    path = Path(path)
+    return path.is_dir() and any(child.suffix == ".npz" and child.is_file() for child in path.iterdir())
+
+
+def _is_stacked(arrays: Mapping[str, Any], specs: Sequence[InputSpec], description: str) -> bool:
+    """Which layout ``arrays`` use: stacked feeds (True) or samples on the batch axis (False).
+
+    Stacked feeds: every array has exactly one axis more than its input's full shape, and axis 0 indexes the
+    feed. Samples on the batch axis: every array has its input's rank. Inputs of unknown rank follow the rest.
+    """
+    extra = {spec.name: np.ndim(arrays[spec.name]) - len(spec.shape) for spec in specs if spec.shape is not None}
+    stacked = sorted(name for name, axes in extra.items() if axes == 1)
+    if not stacked:
+        return False
+    flat = sorted(name for name, axes in extra.items() if axes == 0)
+    if flat:
+        raise DataError(
+            f"{description}: {', '.join(map(repr, stacked))} have one axis more than the input (stacked feeds) but "
+            f"{', '.join(map(repr, flat))} have the input's own rank (samples on the batch axis): use one layout"
+        )
+    return True
+
+
+def _stacked_source(
+    arrays: dict[str, np.ndarray], labels: np.ndarray | None, specs: Sequence[InputSpec], description: str
+) -> DataSource:
+    """One batch per feed: ``{name: array[i]}`` for each index ``i`` of axis 0 (see :func:`_is_stacked`)."""
+    counts = {name: int(np.shape(a)[0]) for name, a in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{description}: stacked feeds of different counts {counts} (axis 0 indexes the feed)")
+    total = next(iter(counts.values()))
+    if total == 0:
+        raise DataError(f"{description}: holds no feeds")
+    if labels is not None and (np.ndim(labels) == 0 or len(labels) != total):
+        raise DataError(f"{description}: 'labels' has {np.size(labels)} entries for {total} stacked feeds")
+    checked = {}
+    for spec in specs:
+        stacked_spec = InputSpec(spec.name, spec.dtype, None if spec.shape is None else (None, *spec.shape))
+        checked[spec.name] = _check_array(arrays[spec.name], stacked_spec, description, batch_axis=True)
+
+    def batches() -> Iterator[Batch]:
+        for index in range(total):
+            feeds = {name: array[index, ...] for name, array in checked.items()}  # a 0-d array, not a scalar
+            yield Batch(feeds, None if labels is None else np.atleast_1d(labels[index]), count=1)
+
+    return DataSource(batches, f"{description} ({total} stacked feeds)", total)
+
+
+def _npz_folder_source(folder: Path, specs: Sequence[InputSpec], what: str) -> DataSource:
+    """A folder of ``.npz`` files in name order, each one feed keyed by input name (arrays of the full input shape).
+
+    Every file is read and checked up front; iterating reads them again, one at a time.
+    """
+    files = sorted(child for child in folder.iterdir() if child.suffix == ".npz" and child.is_file())
+    description = f"{what} {folder.name}/ ({len(files)} .npz feeds)"
+
+    def read(path: Path) -> Batch:
+        arrays = load_npz(path, what)
+        labels = arrays.pop(LABELS, None)
+        where = f"{what} {folder.name}/{path.name}"
+        _check_names(arrays.keys(), specs, where)
+        feeds = {spec.name: _check_array(arrays[spec.name], spec, where, batch_axis=False) for spec in specs}
+        return Batch(feeds, None if labels is None else np.atleast_1d(labels), count=1)
+
+    has_labels = {read(path).labels is not None for path in files}
+    if len(has_labels) > 1:
+        raise DataError(f"{description}: some files have 'labels' and some do not")
+    return DataSource(lambda: (read(path) for path in files), description, len(files))
 
 
 def holdout(data: DataLike | DataSource, fraction: float, *, unit: int = 1) -> tuple[dict, dict, int, int] | None:

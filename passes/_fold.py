@@ -40,6 +40,7 @@ __all__ = [
     "remove_inference_dropout",
     "constant_reshape_targets",
     "axes_inputs_to_attributes",
+    "AXES_INPUTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def remove_inference_dropout(model: ir.Model) -> list[str]:
     return removed
 
 
-_AXES_INPUTS = {"Unsqueeze": "axes", "Squeeze": "axes", "Split": "split"}  # input 1 before opset 13: attributes
+AXES_INPUTS = {"Unsqueeze": "axes", "Squeeze": "axes", "Split": "split"}  # input 1 before opset 13: attributes
 
 
 def axes_inputs_to_attributes(model: ir.Model) -> list[str]:
@@ -129,7 +130,7 @@ def axes_inputs_to_attributes(model: ir.Model) -> list[str]:
         return []
     rewritten = []
     for node in tuple(model.graph):
-        attribute = _AXES_INPUTS.get(node.op_type)
+        attribute = AXES_INPUTS.get(node.op_type)
         if attribute is None or node.domain not in _DEFAULT_DOMAINS or len(node.inputs) < 2:
             continue
         values = graph_io.const_array(node.inputs[1])

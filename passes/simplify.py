@@ -103,8 +103,8 @@ class SimplifyPass(OptPass):
             changes.append(Change(name, "inference-mode Dropout removed"))
         for name in _fold.constant_reshape_targets(model):
             changes.append(Change(name, "runtime Reshape target made constant"))
-        fold = lambda m: _optimize(m, config.fold_limit)  # noqa: E731
-        self._step(skipped, "constant folding", lambda: _names.keep_names(model, fold))
+        fold = lambda m: _names.keep_names(m, lambda n: _optimize(n, config.fold_limit))  # noqa: E731
+        self._step(skipped, "constant folding", lambda: _within_opset(model, fold))
         # Merge equal weights so identical nodes reading them merge too (what onnxruntime's own CSE does with
         # placeholder ConstantOfShape weights), then give every remaining reader of a folded placeholder its
         # own copy again: prune and svd skip shared weights, and the original had none.
@@ -114,7 +114,7 @@ class SimplifyPass(OptPass):
         # Affine folds first so MatMul+Mul+Add ends as MatMul+Add for the Gemm rule, again after the
         # BatchNorm rules, whose fused Conv may be followed by another Mul/Add.
         affine = _fold.fold_affine_into_producer(model)
-        self._step(skipped, "rewrite rules", lambda: _names.keep_names(model, _rewrite))
+        self._step(skipped, "rewrite rules", lambda: _within_opset(model, lambda m: _names.keep_names(m, _rewrite)))
         affine += _fold.fold_affine_into_producer(model)
         for name in affine:
             changes.append(Change(name, "per-channel Mul/Add folded into weight and bias"))
@@ -138,6 +138,28 @@ class SimplifyPass(OptPass):
         except Exception as e:  # a step onnxscript cannot do on this graph is declined, not fatal
             logger.info("simplify: %s skipped: %s", what, e)
             skipped.append(Skip(what, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+
+
+def _within_opset(model: ir.Model, step) -> None:
+    """Run ``step`` on ``model``; below opset 13 on a copy, kept only if it wrote no opset-13-only form.
+
+    onnxscript writes Unsqueeze/Squeeze/Split with an axes input whatever the opset; a constant one goes back
+    into the attribute (``_fold.axes_inputs_to_attributes``), a runtime one (``SplitToSequence`` with a
+    ``split`` graph input) cannot: the step is then declined.
+    """
+    if graph_io.default_opset(model) >= 13:
+        step(model)
+        return
+    candidate = model.clone()
+    step(candidate)
+    _fold.axes_inputs_to_attributes(candidate)
+    for node in candidate.graph:
+        if node.op_type in _fold.AXES_INPUTS and len(node.inputs) > 1 and node.inputs[1] is not None:
+            raise ValueError(
+                f"it writes {node.op_type} with a runtime {_fold.AXES_INPUTS[node.op_type]} input, "
+                f"which opset {graph_io.default_opset(model)} does not allow"
+            )
+    graph_io.adopt(model, candidate)
 
 
 def _optimize(model: ir.Model, limit: int) -> None:

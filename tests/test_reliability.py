@@ -669,3 +669,91 @@ def test_running_out_of_memory_is_exit_2_with_one_line(tmp_path, capsys, monkeyp
     code = cli.main(["run", model, "--passes", "simplify", "-o", str(tmp_path / "o.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "out of memory (Unable to allocate 8.00 PiB" in err
+
+
+# --- inputs without a shared batch axis: stacked feeds and folders of .npz feeds ----------------------------------
+
+
+def _keyword_spotter():
+    """A streaming keyword model: x (1, 400) float32, state h (1, 1, 64) float32, rate () int64 →
+    logits (1, 10), h_out (1, 1, 64). No input has a batch axis the others share."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w_in", (rng.standard_normal((400, 64)) / 20).astype(np.float32)),
+        ("w_rec", (rng.standard_normal((64, 64)) / 8).astype(np.float32)),
+        ("w_out", rng.standard_normal((64, 10)).astype(np.float32)),
+        ("flat", np.array([1, 64], np.int64)), ("state", np.array([1, 1, 64], np.int64)),
+        ("hz", np.array(16000.0, np.float32)),
+    ]]  # fmt: skip
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_in"], ["xw"]),
+        helper.make_node("Reshape", ["h", "flat"], ["hf"]),
+        helper.make_node("MatMul", ["hf", "w_rec"], ["hw"]),
+        helper.make_node("Add", ["xw", "hw"], ["s"]),
+        helper.make_node("Tanh", ["s"], ["hn"]),
+        helper.make_node("Reshape", ["hn", "state"], ["h_out"]),
+        helper.make_node("Cast", ["rate"], ["rf"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["rf", "hz"], ["scale"]),
+        helper.make_node("MatMul", ["hn", "w_out"], ["lo"]),
+        helper.make_node("Mul", ["lo", "scale"], ["logits"]),
+    ]
+    f = TensorProto.FLOAT
+    return builders.make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", f, [1, 400]), helper.make_tensor_value_info("h", f, [1, 1, 64]),
+         helper.make_tensor_value_info("rate", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("logits", f, [1, 10]), helper.make_tensor_value_info("h_out", f, [1, 1, 64])],
+        inits,
+    )  # fmt: skip
+
+
+def _keyword_feeds(count, seed):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((count, 1, 400)).astype(np.float32),
+            "h": np.tanh(rng.standard_normal((count, 1, 1, 64))).astype(np.float32),
+            "rate": rng.choice([8000, 16000, 22050], count).astype(np.int64)}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["stacked npz", "folder of npz"])
+@pytest.mark.parametrize("passes", ["simplify", "prune,svd,quant"])
+def test_inputs_without_a_shared_batch_axis_are_read_as_stacked_feeds(layout, passes, tmp_path, capsys):
+    proto = _keyword_spotter()
+    model = builders.save(proto, tmp_path / "kws.onnx")
+    paths = []
+    for name, seed in (("d", 0), ("e", 1)):
+        feeds = _keyword_feeds(40, seed)
+        if layout == "stacked npz":
+            np.savez(tmp_path / f"{name}.npz", **feeds)
+            paths.append(str(tmp_path / f"{name}.npz"))
+        else:
+            (tmp_path / name).mkdir()
+            for index in range(40):
+                np.savez(tmp_path / name / f"{index:03d}.npz", **{k: v[index, ...] for k, v in feeds.items()})
+            paths.append(str(tmp_path / name))
+    out = tmp_path / "o.onnx"
+    code = cli.main(["run", model, "--passes", passes, "--data", paths[0], "--eval", paths[1], "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    assert "validation on 40 samples" in captured.out, captured.out
+    test = _keyword_feeds(5, 2)
+    written = onnx.load(out)
+    for index in range(5):
+        feeds = {k: v[index, ...] for k, v in test.items()}
+        expected, got = builders.run(proto, feeds), builders.run(written, feeds)
+        for name, array in expected.items():
+            tol = 1e-5 if passes == "simplify" else 0.1 * np.abs(array).max()
+            np.testing.assert_allclose(got[name], array, rtol=1e-4, atol=tol, err_msg=name)
+
+
+def test_data_that_mixes_the_two_layouts_is_exit_2_with_one_line(tmp_path, capsys):
+    model = builders.save(_keyword_spotter(), tmp_path / "kws.onnx")
+    feeds = _keyword_feeds(4, 0)
+    feeds["x"] = feeds["x"][:, 0]  # (4, 400): samples on x's batch axis, while h and rate are stacked
+    np.savez(tmp_path / "d.npz", **feeds)
+    code = cli.main(["run", model, "--passes", "simplify", "--data", str(tmp_path / "d.npz"), "-o",
+                     str(tmp_path / "o.onnx")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "'h', 'rate' have one axis more than the input (stacked feeds) but 'x' have the input's own rank" in err
