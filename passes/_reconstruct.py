@@ -36,6 +36,7 @@ __all__ = ["downstream", "reconstruct", "refittable"]
 logger = logging.getLogger(__name__)
 
 _RIDGE = 1e-3  # λ relative to the mean diagonal of the Gram matrix; the fit is shrunk towards the current W
+_CACHE_BYTES = 512 << 20  # the original's layer outputs are computed once when they fit in this
 
 
 def refittable(node: ir.Node) -> bool:
@@ -103,39 +104,69 @@ def reconstruct(
     weights = {name: graph_io.const_array(_params(by_name[name])[0]).copy() for name in targets}
     biases = {name: graph_io.const_array(_params(by_name[name])[1]).copy() for name in targets}
     samples = data.samples or 1
+    per_sample = max(1, max_rows // samples)
+    cached = _original_outputs(original_session, data, out_names)
     done = []
-    for name in targets:
-        node = by_name[name]
-        layer = _Layer(node, weights[name].shape)
-        keep = kept_outputs.get(name)
-        a = b = None
-        rng = np.random.default_rng(seed)
-        per_sample = max(1, max_rows // samples)
+    for group in _groups(targets, by_name):
+        reads = by_name[group[0]].inputs[0].name
+        layers = {name: _Layer(by_name[name], weights[name].shape) for name in group}
+        rngs = {name: np.random.default_rng(seed) for name in group}
+        sums: dict[str, list] = {name: [None, None] for name in group}
         extra = {weight_names[n][0]: weights[n] for n in targets}  # the layers re-fitted so far, and the rest
         extra.update({weight_names[n][1]: biases[n] for n in targets})
-        for batch in data:
-            x = pruned_session.run({**batch.feeds, **extra}, [node.inputs[0].name])[node.inputs[0].name]
-            target_name = _output(originals[name]).name
-            t = original_session.run(batch.feeds, [target_name])[target_name]
-            features, target = layer.rows(x, t, keep, per_sample, rng)
-            features = np.concatenate([features, np.ones((len(features), 1))], axis=1)
-            a = features.T @ features if a is None else a + features.T @ features
-            b = features.T @ target if b is None else b + features.T @ target
-        if a is None:
-            break
-        # ridge towards the layer's current parameters (sliced, constants folded), not towards zero
-        ridge = _RIDGE * float(np.trace(a)) / len(a)
-        current = layer.to_rows(weights[name], biases[name])  # (K+1, M)
-        a[np.diag_indices(len(a))] += ridge
-        solved = np.linalg.solve(a, b + ridge * current)  # (K+1, M)
-        weights[name], biases[name] = layer.to_params(solved, weights[name].dtype, biases[name])
-        done.append(name)
+        wanted = [_output(originals[name]).name for name in group]
+        for index, batch in enumerate(data):
+            x = pruned_session.run({**batch.feeds, **extra}, [reads])[reads]
+            outputs = cached[index] if cached is not None else original_session.run(batch.feeds, wanted)
+            for name in group:
+                t = outputs[_output(originals[name]).name]
+                features, target = layers[name].rows(x, t, kept_outputs.get(name), per_sample, rngs[name])
+                features = np.concatenate([features, np.ones((len(features), 1))], axis=1)
+                a, b = sums[name]
+                sums[name] = [
+                    features.T @ features if a is None else a + features.T @ features,
+                    features.T @ target if b is None else b + features.T @ target,
+                ]
+        for name in group:
+            a, b = sums[name]
+            if a is None:
+                break
+            # ridge towards the layer's current parameters (sliced, constants folded), not towards zero
+            ridge = _RIDGE * float(np.trace(a)) / len(a)
+            current = layers[name].to_rows(weights[name], biases[name])  # (K+1, M)
+            a[np.diag_indices(len(a))] += ridge
+            solved = np.linalg.solve(a, b + ridge * current)  # (K+1, M)
+            weights[name], biases[name] = layers[name].to_params(solved, weights[name].dtype, biases[name])
+            done.append(name)
     for name in done:
         weight, bias = _params(by_name[name])
         weight.const_value = ir.tensor(np.ascontiguousarray(weights[name]), name=weight.name)
         bias.const_value = ir.tensor(np.ascontiguousarray(biases[name]), name=bias.name)
     logger.debug("reconstruction: %d layers re-fitted", len(done))
     return done
+
+
+def _groups(targets: list[str], by_name: Mapping[str, ir.Node]) -> list[list[str]]:
+    """Consecutive layers that read the same value (a transformer's Q, K and V): one run of the model fits them all."""
+    groups: list[list[str]] = []
+    for name in targets:
+        if groups and by_name[groups[-1][0]].inputs[0] is by_name[name].inputs[0]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def _original_outputs(session: Session, data: DataSource, names: list[str]) -> list[dict] | None:
+    """The original model's outputs ``names`` for every batch, run once; None when they exceed the cache limit."""
+    cached, size = [], 0
+    for batch in data:
+        outputs = session.run(batch.feeds, names)
+        size += sum(np.asarray(v).nbytes for v in outputs.values())
+        if size > _CACHE_BYTES:
+            return None
+        cached.append(outputs)
+    return cached
 
 
 class _Layer:
