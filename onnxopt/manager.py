@@ -418,11 +418,15 @@ class PassManager:
 
         The first batch of the data given (evaluation data, else calibration data) per sample: its
         concrete shapes with a dynamic batch axis set to 1, as ``onnxopt inspect`` counts (a symbolic
-        sequence length or image size takes the data's); else ``input_shapes``; else the declared shapes.
+        sequence length or image size takes the data's); a stacked feed (one feed per batch, no shared batch
+        axis) as it is; else ``input_shapes``; else the declared shapes.
         """
         if given is not None:
             first = next(iter(given), None)
             if first is not None:
+                if first.count is not None:  # a stacked feed: one sample already, no batch axis to normalise
+                    shapes = cost.shapes_from_feeds(model, first.feeds, per_sample=False)
+                    return shapes, f"first feed of {given.description}"
                 shapes = cost.shapes_from_feeds(model, first.feeds)
                 return shapes, f"first batch of {given.description}, per sample"
         if self.input_shapes:

@@ -178,7 +178,7 @@ def _matmul_graph(name, x, w, out, *, extra=0):
     return nodes
 
 
-def test_if_counts_the_larger_branch_and_the_parameters_of_both():
+def test_if_counts_the_larger_branch_and_the_parameters_of_both(tmp_path, capsys):
     then_g = helper.make_graph(
         _matmul_graph("then", "x", "w", "t"), "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)]
     )
@@ -204,6 +204,11 @@ def test_if_counts_the_larger_branch_and_the_parameters_of_both():
     assert result.params == node.params == 4 * 5 + 5 * 5  # the outer weight once, plus else's own
     assert "larger branch, else_branch" in node.note and "then_branch 60" in node.note
     assert not result.macs_partial
+    from onnxopt import cli
+
+    assert cli.main(["inspect", builders.save(proto, tmp_path / "if.onnx"), "--input-shape", "x=3,4"]) == 0
+    out = capsys.readouterr().out
+    assert "total: 45 params, 210 MACs" in out and "branch: If: MACs of the larger branch, else_branch" in out
 
 
 def _loop_model(trip_count, *, constant: bool):
@@ -294,3 +299,28 @@ def test_latency_feeds_are_the_first_batch_of_the_data_as_given(tmp_path):
     assert latency_feeds(model, None, input_shapes=BERT_SHAPES).shapes == BERT_SHAPES
     with pytest.raises(DataError, match="dynamic dim 1"):  # random inputs need a concrete sequence length
         latency_feeds(model, None)
+
+
+def test_stacked_feeds_are_counted_as_they_are(tmp_path):
+    """A stacked feed (no shared batch axis: a state whose axis 0 is its layers, a scalar) is one sample already."""
+    from onnxopt.manager import PassManager
+
+    proto = builders.make_model(
+        [
+            helper.make_node("MatMul", ["state", "w"], ["h"], name="proj"),
+            helper.make_node("Mul", ["h", "rate"], ["y"], name="scale"),
+        ],
+        [
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, ["L", 4]),
+            helper.make_tensor_value_info("rate", TensorProto.FLOAT, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["L", 5])],
+        [numpy_helper.from_array(np.ones((4, 5), np.float32), "w")],
+    )
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "feeds.npz", state=rng.standard_normal((2, 3, 4)).astype(np.float32), rate=np.ones(2, np.float32)
+    )
+    report = PassManager(["simplify"], data=tmp_path / "feeds.npz").run(ir.from_proto(proto))
+    assert report.before.macs == report.after.macs == 3 * 4 * 5  # L = 3 from the feed, not normalised to 1
+    assert report.to_json()["model"]["input_shapes_from"].startswith("first feed of")
