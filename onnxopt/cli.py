@@ -1,7 +1,8 @@
 """Command line: ``onnxopt run | inspect | validate | passes``. The only module that prints.
 
 Exit codes: 0 success; 1 validation failed (no model written unless ``--force``); 2 bad usage or bad
-input (one line on stderr, nothing written); 3 a pass or onnxopt itself failed; 130 interrupted.
+input (one line on stderr, nothing written); 3 a pass or onnxopt itself failed; 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM).
 ``--debug`` shows tracebacks instead of one-line errors.
 """
 
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -236,9 +238,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.debug:
         logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+    with _Signals() as signals:
+        return _dispatch(args, signals)
+
+
+class _Signals:
+    """SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt once; later ones are ignored while the run cleans up.
+
+    Temporary folders and half-written outputs are removed by ``finally`` blocks on the way out; a second
+    Ctrl-C or a SIGTERM arriving then would cut that cleanup short and leave them behind.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._saved[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: Python's own handling stays
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            return
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+
+
+def _dispatch(args: argparse.Namespace, signals: _Signals) -> int:
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
+        if signals.signum == signal.SIGTERM:
+            sys.stderr.write("onnxopt: terminated; nothing was written\n")
+            return 128 + signal.SIGTERM
         sys.stderr.write("onnxopt: interrupted; nothing was written\n")
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `onnxopt inspect big.onnx | head`
@@ -456,6 +496,10 @@ def _run(args: argparse.Namespace) -> int:
         holdout=HOLDOUT,  # without --eval, lossy passes are judged on the last 30% of --data
         min_eval_samples=0 if args.allow_small_eval else MIN_EVAL_SAMPLES,
     )
+    if not passes:  # it would only copy the model; the model and the data are still read, so their errors come first
+        manager.validate = False
+        manager.run(source)
+        raise UsageError("nothing to do: give --passes (for example --passes simplify; 'onnxopt passes' lists them)")
     try:
         report = manager.run(source)
     finally:

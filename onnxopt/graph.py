@@ -49,6 +49,8 @@ __all__ = [
     "adopt",
     "temporary_model_file",
     "external_data_files",
+    "make_temp_dir",
+    "remove_stale_temp_dirs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -162,7 +164,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data" if external_data else None
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+        tmp_dir = make_temp_dir(f".{path.name}.", parent, suffix=".tmp")
     except OSError as e:
         raise ModelSaveError(f"{path}: cannot write in {parent} ({e.strerror})") from e
     try:
@@ -182,6 +184,46 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.debug("saved %s (external data: %s)", path, data_name)
     return path
+
+
+def make_temp_dir(prefix: str, parent: str | os.PathLike | None = None, *, suffix: str = "") -> Path:
+    """A fresh directory ``<prefix><pid>-<random><suffix>`` in ``parent`` (the system temp dir by default).
+
+    Directories of the same prefix left by a process that no longer runs (killed with SIGKILL, or the machine
+    went down mid-save) are removed first: the process id in the name tells them apart from live runs'.
+    """
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    remove_stale_temp_dirs(prefix, parent, suffix=suffix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", suffix=suffix, dir=parent))
+
+
+def remove_stale_temp_dirs(prefix: str, parent: Path, *, suffix: str = "") -> list[Path]:
+    """Remove ``parent``'s directories made by :func:`make_temp_dir` with ``prefix`` for a dead process."""
+    removed = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(suffix)]
+    except OSError:
+        return removed
+    for candidate in candidates:
+        pid_text = candidate.name[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit() or not candidate.is_dir() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        logger.info("removed %s, left by process %s, which no longer runs", candidate, pid_text)
+        removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -235,7 +277,7 @@ def temporary_model_file(model: ir.Model) -> Iterator[Path]:
     onnxruntime sessions are opened from a path, never from bytes: a model with external data
     opened from bytes fails "External data path validation failed".
     """
-    tmp_dir = Path(tempfile.mkdtemp(prefix="onnxopt-"))
+    tmp_dir = make_temp_dir("onnxopt-")
     try:
         yield save(model, tmp_dir / "model.onnx")
     finally:

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import statistics
-import tempfile
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -38,7 +37,7 @@ class Session:
 
         self._tmp_dir: Path | None = None
         if isinstance(source, ir.Model):
-            self._tmp_dir = Path(tempfile.mkdtemp(prefix="onnxopt-session-"))
+            self._tmp_dir = graph_io.make_temp_dir("onnxopt-session-")
             weakref.finalize(self, shutil.rmtree, self._tmp_dir, True)
             path = graph_io.save(source, self._tmp_dir / "model.onnx")
         else:

@@ -757,3 +757,82 @@ def test_data_that_mixes_the_two_layouts_is_exit_2_with_one_line(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "'h', 'rate' have one axis more than the input (stacked feeds) but 'x' have the input's own rank" in err
+
+
+# --- signals during the save, and what a killed run leaves behind ---------------------------------------------------
+
+_SLOW_SAVE = """
+import os, shutil, sys, time
+import onnx_ir as ir
+from onnxopt import cli
+
+real_save, real_rmtree = ir.save, shutil.rmtree
+
+def slow_save(model, path, **kwargs):  # the output is complete in its temporary folder, not yet renamed
+    real_save(model, path, **kwargs)
+    if os.path.basename(path) == "out.onnx":
+        print("saved", flush=True)
+        time.sleep(60)
+
+def slow_rmtree(path, *args, **kwargs):  # the cleanup of that folder takes a moment
+    if ".out.onnx." in str(path):
+        print("cleaning", flush=True)
+        time.sleep(1)
+    real_rmtree(path, *args, **kwargs)
+
+ir.save, shutil.rmtree = slow_save, slow_rmtree
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGINT", "SIGINT"], ["SIGTERM", "SIGINT"]])
+def test_a_signal_during_the_save_leaves_no_partial_output(signals, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    work.mkdir()
+    model = builders.save(builders.mlp(), work / "m.onnx")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SAVE, "run", model, "--passes", "simplify", "-o", str(work / "out.onnx")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        lines = iter(child.stdout.readline, "")
+        assert any(line.strip() == "saved" for line in lines)
+        child.send_signal(getattr(signal, signals[0]))
+        if len(signals) > 1:  # a second signal while the temporary folder is being removed
+            assert any(line.strip() == "cleaning" for line in lines)
+            child.send_signal(getattr(signal, signals[1]))
+        code = child.wait(timeout=60)
+    finally:
+        child.kill()
+    err = child.stderr.read()
+    expected = (143, "onnxopt: terminated; nothing was written") if signals[0] == "SIGTERM" else (
+        130, "onnxopt: interrupted; nothing was written")  # fmt: skip
+    assert (code, err.strip()) == expected, err
+    assert sorted(os.listdir(work)) == ["m.onnx"]
+
+
+def test_temporary_folders_of_a_killed_run_are_removed_by_the_next_run(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    systmp = _isolated_tmp(tmp_path, monkeypatch)
+    work = tmp_path / "work"
+    work.mkdir()
+    model = builders.save(builders.mlp(), work / "m.onnx")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs: the run SIGKILLed mid-save
+    stale = [work / f".out.onnx.{gone.pid}-k1ll3d.tmp", systmp / f"onnxopt-session-{gone.pid}-k1ll3d"]
+    live = [work / f".out.onnx.{os.getppid()}-running.tmp"]  # another run, still going: left alone
+    for folder in stale + live:
+        folder.mkdir()
+        (folder / "out.onnx").write_bytes(b"partial")
+    code = cli.main(["run", model, "--passes", "simplify", "-o", str(work / "out.onnx")])
+    capsys.readouterr()
+    assert code == 0
+    assert sorted(os.listdir(work)) == sorted(["m.onnx", "out.onnx", live[0].name])
+    assert not stale[1].exists()
+    onnx.checker.check_model(onnx.load(work / "out.onnx"))
