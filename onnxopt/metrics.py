@@ -147,8 +147,11 @@ class Metric:
         return None
 
     # -- per batch ----------------------------------------------------------------------------------------------
-    def rows(self, outputs: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray], reference=None) -> Rows:
-        """What to keep of one batch, one row per sample (``reference``: the original's outputs, or ``None``)."""
+    def rows(
+        self, outputs: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray], reference=None, labels=None
+    ) -> Rows:
+        """What to keep of one batch, one row per sample (``reference``: the original's outputs, or ``None``;
+        ``labels``: the batch's labels, when the data has them per sample)."""
         raise NotImplementedError
 
     # -- whole set ----------------------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ class _TopK(Metric):
             return f"is not a class-score output (N, C) with C >= {max(2, self.k)} (shape {array.shape})"
         return None
 
-    def rows(self, outputs, feeds, reference=None):
+    def rows(self, outputs, feeds, reference=None, labels=None):
         scores = outputs[self.output]
         top = np.argsort(-scores, axis=1, kind="stable")[:, : self.k]
         return {"top": top}
@@ -266,10 +269,17 @@ class _MSE(Metric):
             return f"has {array.size // max(1, len(array))} values per sample, 'labels' {labels.size // max(1, len(labels))}"  # noqa: E501
         return None
 
-    def rows(self, outputs, feeds, reference=None):
-        return {"y": np.asarray(outputs[self.output], np.float32).reshape(len(outputs[self.output]), -1)}
+    def rows(self, outputs, feeds, reference=None, labels=None):
+        y = np.asarray(outputs[self.output], np.float64)
+        y = y.reshape(len(y), -1)
+        if labels is None or np.asarray(labels).size != y.size:  # checked against all labels later
+            return {"y": y.astype(np.float32)}
+        squared = (y - np.asarray(labels, np.float64).reshape(y.shape)) ** 2  # keep two numbers per sample
+        return {"sse": squared.sum(axis=1), "count": np.full(len(y), y.shape[1], np.float64)}
 
     def score(self, rows, labels, reference):
+        if "sse" in rows:
+            return float(rows["sse"].sum() / rows["count"].sum()) if rows["count"].sum() else math.nan
         y = rows["y"].astype(np.float64)
         target = np.asarray(labels, np.float64).reshape(y.shape)
         return float(np.mean((y - target) ** 2)) if y.size else math.nan
@@ -288,7 +298,7 @@ class _PSNR(Metric):
     def unfit(self, array, labels):
         return None if array.dtype.kind == "f" else f"is not a floating-point output (dtype {array.dtype})"
 
-    def rows(self, outputs, feeds, reference=None):
+    def rows(self, outputs, feeds, reference=None, labels=None):
         y = np.asarray(outputs[self.output], np.float64)
         flat = y.reshape(len(y), -1)
         rows = {"min": flat.min(axis=1), "max": flat.max(axis=1), "count": np.full(len(y), flat.shape[1], np.float64)}
@@ -341,7 +351,7 @@ class _Spearman(Metric):
             return f"is not an embedding (N, hidden) or token embeddings (N, tokens, hidden) (shape {array.shape})"
         return None
 
-    def rows(self, outputs, feeds, reference=None):
+    def rows(self, outputs, feeds, reference=None, labels=None):
         y = outputs[self.output]
         pooled = mean_pool(y, feeds.get(MASK_INPUT)) if y.ndim == 3 else np.asarray(y, np.float64)
         return {"embedding": pooled}
@@ -376,7 +386,7 @@ class _UserMetric(Metric):
             super().bind(outputs, labels)  # the one-line error naming the outputs
         self.output = self.requested_output
 
-    def rows(self, outputs, feeds, reference=None):
+    def rows(self, outputs, feeds, reference=None, labels=None):
         rows = {f"o:{name}": np.asarray(value) for name, value in outputs.items()}
         return rows | {f"i:{name}": np.asarray(value) for name, value in feeds.items()}
 

@@ -326,8 +326,8 @@ def validate(
         if metric is not None:
             if index == 0:
                 metric.bind(ref_out, batch.labels)
-            kept["before"].append(metric.rows(ref_out, batch.feeds))
-            kept["after"].append(metric.rows(got_out, batch.feeds, reference=ref_out))
+            kept["before"].append(metric.rows(ref_out, batch.feeds, labels=batch.labels))
+            kept["after"].append(metric.rows(got_out, batch.feeds, reference=ref_out, labels=batch.labels))
             if batch.labels is not None:
                 batch_labels.append(np.asarray(batch.labels))
         for name, acc in accumulators.items():
@@ -387,7 +387,7 @@ def metric_baseline(
         outputs = reference.run(index, batch.feeds)
         if index == 0:
             metric.bind(outputs, batch.labels)
-        rows.append(metric.rows(outputs, batch.feeds))
+        rows.append(metric.rows(outputs, batch.feeds, labels=batch.labels))
         if batch.labels is not None:
             batch_labels.append(np.asarray(batch.labels))
         samples += batch.size
