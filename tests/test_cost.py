@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -324,3 +325,44 @@ def test_stacked_feeds_are_counted_as_they_are(tmp_path):
     report = PassManager(["simplify"], data=tmp_path / "feeds.npz").run(ir.from_proto(proto))
     assert report.before.macs == report.after.macs == 3 * 4 * 5  # L = 3 from the feed, not normalised to 1
     assert report.to_json()["model"]["input_shapes_from"].startswith("first feed of")
+
+
+def _minilm() -> Path | None:
+    cache = Path(os.environ.get("ONNXOPT_CACHE", Path(__file__).resolve().parents[2] / "cache"))
+    found = sorted(cache.glob("minilm/x/**/paraphrase-MiniLM-L3-v2.onnx"))  # where bench/real.py downloads it
+    return found[0] if found else None
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_minilm_run_bench_and_inspect_report_the_hand_count(tmp_path, capsys):
+    """paraphrase-MiniLM-L3-v2 at 1 x 64 tokens: 3 layers x 64 x (4·384² + 2·384·1536 + 2·64·384) MACs everywhere."""
+    from onnxopt import cli
+
+    model = _minilm()
+    if model is None:
+        pytest.skip("paraphrase-MiniLM-L3-v2 is not in the cache (bench/real.py downloads it)")
+    hand = 3 * 64 * (4 * 384**2 + 2 * 384 * 1536 + 2 * 64 * 384)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 30522, (1, 64)).astype(np.int64)
+    np.savez(tmp_path / "d.npz", input_ids=ids, attention_mask=np.ones((1, 64), np.int64))
+    shapes = ["--input-shape", "input_ids=1,64", "--input-shape", "attention_mask=1,64"]
+    assert cli.main(["inspect", str(model), *shapes, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs"] == hand
+    argv = [
+        "run",
+        str(model),
+        "--passes",
+        "simplify",
+        "--data",
+        str(tmp_path / "d.npz"),
+        "-o",
+        str(tmp_path / "o.onnx"),
+    ]
+    assert cli.main([*argv, "--report", str(tmp_path / "r.json")]) == 0
+    counted = json.loads((tmp_path / "r.json").read_text())["model"]
+    assert counted["before"]["macs"] == counted["after"]["macs"] == hand
+    capsys.readouterr()
+    argv = ["bench", str(model), "--data", str(tmp_path / "d.npz"), "--threads", "1", "--rounds", "1", "--json"]
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)[0]["macs"] == hand
