@@ -234,6 +234,7 @@ class PassManager:
             NameFixPass()(model)
             calib, held_out = self._sources(model)
             needs_check = self.validate or not all(p.exact for p in self.passes)
+            self._check_inputs_given(model, calib, random=needs_check and held_out is None and calib is None)
             check_data = held_out or calib or (self._random(model) if needs_check else None)
             budget = self.budget or self._default_budget(check_data, model)
             self._check_up_front(original_path, check_data, budget, given=held_out or calib)
@@ -380,6 +381,20 @@ class PassManager:
         # calibration labels matter only where the calibration data is also the evaluation data
         calib = self._source(self.data, model, "calibration data", pair_labels=self.eval_data is None)
         return calib, self._source(self.eval_data, model, "evaluation data")
+
+    def _check_inputs_given(self, model: ir.Model, calib: data_mod.DataSource | None, *, random: bool) -> None:
+        """Everything missing from the command at once, before any pass runs: calibration data that a pass
+        needs, and the concrete shapes random inputs need (``random``: there is no data to take them from)."""
+        problems = []
+        if calib is None:
+            wanting = [p.name for p in self.passes if p.needs_data()]
+            if wanting:
+                names = ", ".join(f"'{n}'" for n in dict.fromkeys(wanting))
+                problems.append(f"pass {names} needs calibration data: give --data")
+        if random:
+            problems += data_mod.missing_shapes(model, self.input_shapes)
+        if problems:
+            raise UsageError("; ".join(problems))
 
     def _check_up_front(
         self,

@@ -111,6 +111,10 @@ class OptPass(ir.passes.InPlacePass):
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
+    def needs_data(self) -> bool:
+        """Whether this pass, as configured, cannot run without calibration data (checked before any pass runs)."""
+        return False
+
     def stats_request(self, model: ir.Model) -> StatsRequest:
         """Statistics this pass needs on ``model``; empty by default."""
         return StatsRequest()

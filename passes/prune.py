@@ -93,6 +93,9 @@ class ChannelPrunePass(OptPass):
     exact = False
     config_class = PruneConfig
 
+    def needs_data(self) -> bool:
+        return True  # every criterion judges channels from their activations
+
     def stats_request(self, model: ir.Model) -> StatsRequest:
         analysis = self._analyze(model)
         spaces = [a.space for a in analysis.actions if a.kind == "consumer"] + analysis.gates

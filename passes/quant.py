@@ -92,6 +92,9 @@ class Int8QuantPass(OptPass):
     config_class = QuantConfig
     simplify_after = False  # constant folding would turn DequantizeLinear(int8 weight) back into float
 
+    def needs_data(self) -> bool:
+        return self.config.mode == "static"  # "auto" falls back to dynamic recipes without data
+
     def call(self, model: ir.Model) -> OptResult:
         config: QuantConfig = self.config
         data = self.context.data if self.context is not None else None

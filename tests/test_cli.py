@@ -160,18 +160,23 @@ def test_bad_input_gets_one_line_exit_2_and_no_output(case, workdir, capsys, mon
     assert {name: (d / name).read_bytes() for name in inputs} == inputs  # inputs of the case unchanged
 
 
-def test_run_with_no_passes_round_trips_and_reports(workdir, capsys):
+def test_run_with_no_passes_is_nothing_to_do(workdir, capsys):
+    """`run` without passes would only copy the model (issue 19): exit 2, nothing written; the API still round-trips."""
+    from onnxopt import graph
+    from onnxopt.manager import PassManager
+
     d, model = workdir
     code, out, err = _run(capsys, "run", model, "--passes", "", "--data", d / "calib.npz", "-o", d / "o.onnx",
                           "--report", d / "r.json")  # fmt: skip
-    assert code == 0, err
-    assert "validation on 12 samples" in out and "ok" in out
-    report = json.loads((d / "r.json").read_text())
-    assert report["passes"] == [] and report["validation"]["ok"]
+    assert code == 2 and out == "" and err.count("\n") == 1 and "nothing to do: give --passes" in err
+    assert not (d / "o.onnx").exists() and not (d / "r.json").exists()
+    result = PassManager([], data=str(d / "calib.npz")).run(model)
+    report = result.to_json()
+    assert report["passes"] == [] and report["validation"]["ok"] and report["validation"]["samples"] == 12
     assert report["model"]["before"]["macs"] == report["model"]["after"]["macs"] > 0
     x = np.load(d / "calib.npz")["x"]
     ref = builders.run(onnx.load(model), {"x": x})["y"]
-    np.testing.assert_array_equal(builders.run(onnx.load(d / "o.onnx"), {"x": x})["y"], ref)
+    np.testing.assert_array_equal(builders.run(graph.to_proto(result.model), {"x": x})["y"], ref)
 
 
 def test_run_simplify_folds_batchnorm_exactly(workdir, capsys):

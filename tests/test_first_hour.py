@@ -167,3 +167,45 @@ def test_plain_view_waits_for_an_open_ended_stage_and_pluralizes():
     lines = pass_lines(record)
     assert lines[0] == "pass svd: unchanged, 0 sites rewritten, 12 skipped, 0.25 s"
     assert lines[-1] == "  ... 2 more skipped sites in the report" and len(lines) == 12
+
+
+def _dynamic_conv_net(tmp_path: Path) -> Path:
+    """builders.conv_net with symbolic height and width: random inputs cannot be drawn without --input-shape."""
+    import onnx
+
+    from tests import builders
+
+    proto = builders.conv_net(size=10)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    path = tmp_path / "dyn.onnx"
+    onnx.save(proto, path)
+    return path
+
+
+def test_everything_missing_is_reported_in_one_message_before_any_pass(tmp_path, capsys):
+    model = _dynamic_conv_net(tmp_path)
+    out_path = tmp_path / "o.onnx"
+    code = cli.main(["run", str(model), "--passes", "prune", "-o", str(out_path)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1  # no pass ran (its line would be on stdout)
+    assert "pass 'prune' needs calibration data: give --data" in err
+    assert "input 'x' has a dynamic dim 2; give --data or --input-shape x=..." in err
+    assert not out_path.exists()
+    code = cli.main(["run", str(model), "--passes", "prune", "-o", str(out_path), "--input-shape", "x=1,3,10,10"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "needs calibration data" in err and "dynamic dim" not in err
+    code = cli.main(["run", str(model), "--passes", "quant", "--quant-mode", "static", "--no-validate", "-o",
+                     str(out_path), "--input-shape", "x=1,3,10,10"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 2 and "pass 'quant' needs calibration data" in err
+
+
+def test_run_without_passes_still_names_a_bad_model_first(tmp_path, capsys):
+    missing = tmp_path / "nope.onnx"
+    code = cli.main(["run", str(missing), "-o", str(tmp_path / "o.onnx")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "no such file" in err and "nothing to do" not in err
+    code = cli.main(["run", str(TINY / "tiny_mlp.onnx"), "-o", str(tmp_path / "o.onnx")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "nothing to do: give --passes" in err and not (tmp_path / "o.onnx").exists()
