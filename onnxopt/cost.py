@@ -136,7 +136,18 @@ def estimate(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     batch: int = 1,
 ) -> ModelCost:
-    """Cost of ``model`` with dynamic input dims fixed (``input_shapes`` first, then ``batch`` for axis 0)."""
+    """Cost of ``model`` with dynamic input dims fixed (``input_shapes`` first, then ``batch`` for axis 0).
+
+    Args:
+        model: the model; not changed (shapes are inferred on a clone).
+        input_shapes: concrete shapes of data inputs, by name (from :func:`shapes_from_feeds` to count at
+            the data's shapes); an input left out keeps its declared dims.
+        batch: the size of a dynamic axis 0 of an input not in ``input_shapes``.
+
+    Returns:
+        Per-node costs and totals, with the input shapes counted at and what could not be counted
+        (:attr:`ModelCost.uncounted`): a dim that stays unknown leaves the MACs it governs out.
+    """
     shapes = _infer_shapes(model, dict(input_shapes or {}), batch)
     counter = _Counter(shapes, _weight_values(model))
     nodes = counter.graph(model.graph, prefix="")
