@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import onnx_ir as ir
 
@@ -39,6 +40,8 @@ class Recipe:
         fmt: ``qdq`` or ``qoperator`` (static only).
         unsigned: uint8 activations (static only).
         per_channel: one weight scale per output channel.
+        unsigned_weights: uint8 weights (static only; for CPUs where uint8 x int8 saturates).
+        reduce_range: 7-bit weights (static only; the same reason).
     """
 
     name: str
@@ -46,6 +49,8 @@ class Recipe:
     fmt: str = "qdq"
     unsigned: bool = False
     per_channel: bool = True
+    unsigned_weights: bool = False
+    reduce_range: bool = False
 
     def describe(self) -> str:
         if self.kind == "weight4":
@@ -54,7 +59,8 @@ class Recipe:
         if self.kind == "dynamic":
             return f"dynamic int8, {weights} weights"
         acts = "uint8" if self.unsigned else "int8"
-        return f"int8 {'QDQ' if self.fmt == 'qdq' else 'QOperator'}, {acts} activations, {weights} int8 weights"
+        kind = "7-bit int8" if self.reduce_range else "uint8" if self.unsigned_weights else "int8"
+        return f"int8 {'QDQ' if self.fmt == 'qdq' else 'QOperator'}, {acts} activations, {weights} {kind} weights"
 
 
 # The fixed order is the last tie-break: QDQ before QOperator (portable, and what onnxruntime fuses into the
@@ -65,6 +71,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("qdq-u8-pt", "static", "qdq", unsigned=True, per_channel=False),
     Recipe("qdq-s8-pc", "static", "qdq", unsigned=False, per_channel=True),
     Recipe("qdq-s8-pt", "static", "qdq", unsigned=False, per_channel=False),
+    Recipe("qdq-u8u8-pc", "static", "qdq", unsigned=True, per_channel=True, unsigned_weights=True),
+    Recipe("qdq-u8-pc-r7", "static", "qdq", unsigned=True, per_channel=True, reduce_range=True),
     Recipe("qop-u8-pc", "static", "qoperator", unsigned=True, per_channel=True),
     Recipe("dyn-pc", "dynamic", per_channel=True),
     Recipe("dyn-pt", "dynamic", per_channel=False),
@@ -101,6 +109,7 @@ def candidates(
     objective: str = "speed",
     has_data: bool = True,
     names: Sequence[str] = (),
+    saturates: bool | None = None,
 ) -> list[Recipe]:
     """The recipes worth trying on a model, in the fixed order; pruned so that a run stays fast.
 
@@ -114,8 +123,13 @@ def candidates(
       time;
     - 4-bit MatMulNBits is a size option (slower than float at small batch here), tried only with the
       ``size`` objective or ``mode=weight4``, and only when there are constant-weight MatMul/Gemm nodes;
+    - uint8 weights and 7-bit weights are tried only where uint8 x int8 saturates (``saturates``; by default
+      detected: an x86 CPU without VNNI, where onnxruntime's kernels sum pairs of products in int16, so the
+      fast uint8-activation recipe loses accuracy: MobileNetV2 -7 pp on an AVX2 EPYC, float simulation -0.3);
     - ``per_tensor`` keeps the per-tensor recipes only.
     """
+    if saturates is None:
+        saturates = int8_saturates()
     if names:
         unknown = [n for n in names if n not in BY_NAME]
         if unknown:
@@ -130,6 +144,8 @@ def candidates(
             continue
         if per_tensor and recipe.per_channel and recipe.kind != "weight4":
             continue
+        if (recipe.unsigned_weights or recipe.reduce_range) and not saturates:
+            continue
         if recipe.fmt == "qoperator" and (not recipe.unsigned or prof.convs == 0):
             continue
         if recipe.kind == "dynamic" and mode == "auto" and prof.convs:
@@ -138,6 +154,24 @@ def candidates(
             continue
         chosen.append(recipe)
     return chosen
+
+
+def int8_saturates() -> bool:
+    """Whether this CPU's uint8 x int8 kernels may saturate: x86 without (AVX-512 or AVX) VNNI.
+
+    onnxruntime's x86 kernels without VNNI multiply with ``vpmaddubsw``, which adds pairs of uint8 x int8
+    products in int16 and saturates; VNNI's ``vpdpbusd`` accumulates in int32. Unknown CPUs count as saturating
+    (two more recipes to try, never a wrong result).
+    """
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True
+    return not ({"avx512_vnni", "avx_vnni"} & set(flags))
 
 
 @dataclasses.dataclass

@@ -17,7 +17,9 @@ ones that cannot win on this model) and measures each:
 2. the float model and all candidates are timed together in interleaved rounds (onnxruntime, full
    optimizations, 1 thread, at the batch of the run's data; median and spread), and with the ``speed``
    objective a candidate not faster than float by the margin is dropped unchecked;
-3. each remaining candidate is checked against the run's budget (``context.check``: the run's task metric);
+3. the remaining candidates are checked against the run's budget (``context.check``: the run's task metric),
+   fastest first; one slower (by the margin) than a recipe that already holds the budget is not checked
+   unless ``check_all``;
    one that misses it gets the accuracy fallback: the activations whose int8 quantization alone has the
    lowest SQNR point at the layers that hurt, and the nodes writing and reading the 1, 2, 4, ... worst of
    them (up to ``max_fallback`` activations) stay float until the budget holds (skipped when a recipe that
@@ -67,6 +69,7 @@ class QuantConfig(PassConfig):
     recipes: str = dataclasses.field(default="", metadata={"help": "comma-separated recipes to try (qdq-u8-pc, ...)"})
     margin: float = dataclasses.field(default=0.05, metadata={"help": "relative speed-up that counts as faster"})
     rounds: int = dataclasses.field(default=15, metadata={"help": "interleaved timing rounds"})
+    check_all: bool = dataclasses.field(default=False, metadata={"help": "check recipes a faster one already beats"})
 
     def __post_init__(self) -> None:
         for field, allowed in (("mode", MODES), ("calibration", CALIBRATION), ("objective", OBJECTIVES)):
@@ -147,9 +150,9 @@ class _Search:
             except Exception as e:  # onnxruntime's quantizers fail on some graphs; that recipe is out
                 outcome.note = f"onnxruntime failed: {first_line(e)}"
                 logger.info("quant %s: %s", outcome.recipe.name, outcome.note)
-        by_speed = config.objective == "speed" and not config.force
+        by_speed = config.objective == "speed"
         float_us = self.time([o for o in outcomes if not o.note])
-        if by_speed and float_us is not None:
+        if by_speed and not config.force and float_us is not None:
             for o in outcomes:
                 if not o.note and o.latency_us > float_us * (1 - config.margin):
                     # timed before checking: a recipe that cannot beat float needs no (costly) budget check
@@ -157,10 +160,15 @@ class _Search:
         live = [o for o in outcomes if not o.note]
         live.sort(key=lambda o: (o.latency_us or 0.0) if by_speed else (o.bytes or 0))
         for outcome in live:
+            beaten = [p for p in live if p.passed and _better(p, outcome, by_speed, config.margin)]
+            if beaten and not config.check_all:
+                # checked fastest first: once a recipe holds the budget, the ones it beats cannot win
+                outcome.note = f"{beaten[0].recipe.name} holds the budget and is faster; not checked"
+                continue
             self.judge(outcome, self.check(graph_io.load(self.paths[outcome.recipe.name])))
         refitted = False
         for outcome in live:
-            if outcome.passed is not False or outcome.recipe.kind == "weight4" or self.config.max_fallback < 1:
+            if outcome.passed is not False or outcome.recipe.kind == "weight4" or config.max_fallback < 1:
                 continue
             if self.data is None:
                 outcome.note = "misses the budget (no calibration data for a float fallback)"
@@ -186,6 +194,7 @@ class _Search:
             self.float_path, dst, self.data, per_channel=recipe.per_channel, method=self.config.calibration,
             exclude=exclude, quantize_bias=self.config.objective != "size", unsigned_activations=recipe.unsigned,
             quant_format=recipe.fmt, calibration_cache=self.calibration_cache,
+            unsigned_weights=recipe.unsigned_weights, reduce_range=recipe.reduce_range,
         )  # fmt: skip
 
     def check(self, candidate: ir.Model):
@@ -263,7 +272,7 @@ def _better(a: Outcome, b: Outcome, by_speed: bool, margin: float) -> bool:
     """Whether ``a`` already beats ``b`` by the margin (speed) or by size, however ``b`` ends up."""
     if by_speed:
         return a.latency_us is not None and b.latency_us is not None and a.latency_us <= b.latency_us * (1 - margin)
-    return a.bytes is not None and b.bytes is not None and a.bytes <= b.bytes
+    return a.bytes is not None and b.bytes is not None and a.bytes < b.bytes
 
 
 def _verdict(report) -> str:

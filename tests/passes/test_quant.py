@@ -79,17 +79,26 @@ def _names(prof, **kwargs):
     return [r.name for r in recipes.candidates(prof, **kwargs)]
 
 
+def _vnni_names(prof, **kwargs):
+    """The candidates on a CPU whose uint8 x int8 kernels do not saturate (VNNI, or not x86)."""
+    return _names(prof, saturates=False, **kwargs)
+
+
 def test_recipe_enumeration_prunes_by_model_and_objective(net):
     conv = recipes.profile(ir.from_proto(net[0]))
     dense = recipes.profile(ir.from_proto(builders.mlp()))
     assert conv.convs == 2 and dense == recipes.ModelProfile(convs=0, matmuls=2)
     # conv nets: static recipes only, QOperator only with unsigned activations
-    assert _names(conv) == ["qdq-u8-pc", "qdq-u8-pt", "qdq-s8-pc", "qdq-s8-pt", "qop-u8-pc"]
+    assert _vnni_names(conv) == ["qdq-u8-pc", "qdq-u8-pt", "qdq-s8-pc", "qdq-s8-pt", "qop-u8-pc"]
+    # where uint8 x int8 saturates, uint8 and 7-bit weights too
+    assert _names(conv, saturates=True) == [
+        "qdq-u8-pc", "qdq-u8-pt", "qdq-s8-pc", "qdq-s8-pt", "qdq-u8u8-pc", "qdq-u8-pc-r7", "qop-u8-pc"
+    ]  # fmt: skip
     # MatMul models: static QDQ and dynamic int8, no QOperator; 4-bit weights only as a size option
-    assert _names(dense) == ["qdq-u8-pc", "qdq-u8-pt", "qdq-s8-pc", "qdq-s8-pt", "dyn-pc", "dyn-pt"]
-    assert _names(dense, objective="size")[-1] == "w4" and "w4" not in _names(dense)
-    assert _names(dense, has_data=False) == ["dyn-pc", "dyn-pt"]
-    assert _names(conv, has_data=False) == []
+    assert _vnni_names(dense) == ["qdq-u8-pc", "qdq-u8-pt", "qdq-s8-pc", "qdq-s8-pt", "dyn-pc", "dyn-pt"]
+    assert _vnni_names(dense, objective="size")[-1] == "w4" and "w4" not in _vnni_names(dense)
+    assert _vnni_names(dense, has_data=False) == ["dyn-pc", "dyn-pt"]
+    assert _vnni_names(conv, has_data=False) == []
     assert _names(conv, per_tensor=True) == ["qdq-u8-pt", "qdq-s8-pt"]
     assert _names(conv, mode="dynamic") == ["dyn-pc", "dyn-pt"]  # asked for explicitly: tried even on a conv net
     assert _names(dense, mode="weight4") == ["w4"]
@@ -178,11 +187,21 @@ def test_u8_activation_qdq_structure_per_axis_int8_weights(net, monkeypatch):
     assert 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)) > 25.0  # SQNR floor
 
 
+def test_int8_saturation_is_detected_per_cpu(monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert recipes.int8_saturates() is False
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert recipes.int8_saturates() == (not {"avx512_vnni", "avx_vnni"} & set(flags))
+
+
 def test_recipe_table_in_the_report(net, monkeypatch):
     """Every candidate appears with its latency ratio and verdict, as skips and as JSON details."""
     _timer(monkeypatch, {"float": 100.0, "qdq-u8-pc": 46.0, "qdq-u8-pt": 60.0, "qdq-s8-pc": 98.0})
     _, path, data = net
-    report = _run(path, data, QuantConfig(recipes="qdq-u8-pc,qdq-u8-pt,qdq-s8-pc"))
+    report = _run(path, data, QuantConfig(recipes="qdq-u8-pc,qdq-u8-pt,qdq-s8-pc", check_all=True))
     record = report.passes[0]
     assert "latency 0.46x float" in record.changes[0].what and "holds the budget" in record.changes[0].what
     skips = {s.site: s.reason for s in record.skipped}
@@ -194,6 +213,11 @@ def test_recipe_table_in_the_report(net, monkeypatch):
     rows = {row["recipe"]: row for row in details["quant_recipes"]}
     assert rows["qdq-u8-pc"]["latency_ratio"] == 0.46 and rows["qdq-u8-pc"]["passed"] is True
     assert rows["qdq-s8-pc"]["passed"] is None and rows["qdq-s8-pc"]["latency_ratio"] == 0.98
+    # without check_all, a recipe the fastest passing one beats is not checked (the run stays fast)
+    quick = _run(path, data, QuantConfig(recipes="qdq-u8-pc,qdq-u8-pt,qdq-s8-pc"))
+    skips = {s.site: s.reason for s in quick.passes[0].skipped}
+    assert "qdq-u8-pc holds the budget and is faster; not checked" in skips["recipe qdq-u8-pt"]
+    assert {r["recipe"]: r["passed"] for r in _details(quick)["quant_recipes"]}["qdq-u8-pt"] is None
 
 
 def test_float_is_kept_when_no_recipe_is_faster(net, monkeypatch):
@@ -317,7 +341,7 @@ def test_no_fallback_for_a_recipe_a_passing_one_already_beats(net, monkeypatch):
     calls = _timer(monkeypatch, {"float": 100.0, "qdq-u8-pc": 50.0, "qdq-u8-pt": 40.0})
     _, path, data = net
     budget = Budget(min_cosine=0.998)  # on this net per-tensor weights hold it (0.9992) and per-channel not (0.996)
-    report = _run(path, data, QuantConfig(recipes="qdq-u8-pc,qdq-u8-pt"), budget)
+    report = _run(path, data, QuantConfig(recipes="qdq-u8-pc,qdq-u8-pt", check_all=True), budget)
     verdicts = {row["recipe"]: row["passed"] for row in _details(report)["quant_recipes"]}
     assert verdicts == {"qdq-u8-pc": False, "qdq-u8-pt": True}
     assert "[qdq-u8-pt]" in report.passes[0].changes[0].what and len(calls) == 1  # nothing re-timed

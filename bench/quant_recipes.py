@@ -1,0 +1,104 @@
+"""onnxopt `quant` outputs against onnxruntime's quantize_static (QDQ, U8 activations, S8 per-channel weights).
+
+    python bench/quant_recipes.py MODEL.onnx --calib CALIB.npz --eval EVAL.npz OPT1.onnx [OPT2.onnx ...]
+                                  [--batches 1,16] [--rounds 15] [--eval-samples 600]
+
+The reference recipe is made here from MODEL with onnxruntime's own ``quantize_static`` calibrated on all of
+CALIB (the recipe onnxruntime documents as the fast one on x86). Every model (float, the reference, each
+onnxopt output) is scored on EVAL (top-1 in % when EVAL has class ``labels``, else the worst per-sample cosine
+to the float model's first output), and timed at each batch size with onnxopt's interleaved timer
+(onnxruntime full optimizations, 1 intra-op thread; median of ``--rounds`` rounds, with the fastest and slowest
+round). Prints one markdown row per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _reference(model: Path, calib: dict[str, np.ndarray], dst: Path) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    name = next(k for k in calib if k != "labels")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{name: calib[name][i : i + 16]} for i in range(0, len(calib[name]) - 15, 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(model), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+    return dst
+
+
+def _outputs(path: Path, feeds: dict[str, np.ndarray], batch: int = 16) -> np.ndarray:
+    from onnxopt.runtime import Session
+
+    session = Session(path, optimize=True)
+    total = len(next(iter(feeds.values())))
+    parts = [session.run({k: v[i : i + batch] for k, v in feeds.items()})[session.output_names[0]]
+             for i in range(0, total, batch)]  # fmt: skip
+    return np.concatenate(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("optimized", nargs="*")
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--eval", required=True)
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--eval-samples", type=int, default=600)
+    args = parser.parse_args(argv)
+
+    from onnxopt.runtime import measure_latency
+
+    calib = dict(np.load(args.calib))
+    evaluation = dict(np.load(args.eval))
+    labels = evaluation.pop("labels", None)
+    evaluation = {k.removeprefix("input__"): v[: args.eval_samples] for k, v in evaluation.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = _reference(Path(args.model), calib, Path(tmp) / "ort_u8s8_pc.onnx")
+        models = {"float": Path(args.model), "onnxruntime quantize_static U8S8 per-channel": reference}
+        models.update({Path(p).name: Path(p) for p in args.optimized})
+        scores = {}
+        base = None
+        for name, path in models.items():
+            out = _outputs(path, evaluation)
+            if labels is not None:
+                scores[name] = f"{100 * np.mean(out.argmax(1) == labels[: len(out)]):.2f}%"
+            else:
+                flat, ref = out.reshape(len(out), -1), (base if base is not None else out).reshape(len(out), -1)
+                cos = np.sum(flat * ref, 1) / np.linalg.norm(flat, axis=1) / np.linalg.norm(ref, axis=1)
+                scores[name] = f"cosine {cos.min():.5f}"
+            base = out if base is None else base
+        latency = {}
+        for batch in (int(b) for b in args.batches.split(",")):
+            feeds = {k: v[:batch] for k, v in evaluation.items()}
+            measured = measure_latency(list(models.values()), feeds, rounds=args.rounds)
+            latency[batch] = measured
+        heads = " | ".join(f"batch {b}: × fp32 (median µs, rounds min-max)" for b in latency)
+        print(f"| model | metric | {heads} |")
+        print("|---|---|" + "---|" * len(latency))
+        for index, name in enumerate(models):
+            cells = []
+            for measured in latency.values():
+                m, f = measured[index], measured[0]
+                cells.append(f"{m.median_us / f.median_us:.2f} ({m.median_us:.0f}, {m.min_us:.0f}-{m.max_us:.0f})")
+            print(f"| {name} | {scores[name]} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
