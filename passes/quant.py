@@ -22,8 +22,9 @@ ones that cannot win on this model) and measures each:
    unless ``check_all``;
    one that misses it gets the accuracy fallback: the activations whose int8 quantization alone has the
    lowest SQNR point at the layers that hurt, and the nodes writing and reading the 1, 2, 4, ... worst of
-   them (up to ``max_fallback`` activations) stay float until the budget holds (skipped when a recipe that
-   already holds the budget is faster by the margin: a fallback only adds float layers);
+   them (up to ``max_fallback`` activations) stay float until the budget holds (the most accurate recipe
+   first; skipped when a recipe that already holds the budget is faster by the margin: a fallback only adds
+   float layers);
 4. the fastest recipe that holds the budget wins; recipes within the margin of it tie, and the more accurate,
    then the earlier in the fixed order, wins. If none is faster than float by the margin, the float model is
    kept (unless ``force``); ``objective=size`` takes the smallest model that holds the budget instead.
@@ -167,7 +168,9 @@ class _Search:
                 continue
             self.judge(outcome, self.check(graph_io.load(self.paths[outcome.recipe.name])))
         refitted = False
-        for outcome in live:
+        # the most accurate failing recipe first: it needs the fewest float layers (fewest checks, least speed
+        # lost); once one holds the budget, only recipes faster than it (by the margin) are worth repairing
+        for outcome in sorted(live, key=lambda o: (o.score is None, -(o.score or 0.0))):
             if outcome.passed is not False or outcome.recipe.kind == "weight4" or config.max_fallback < 1:
                 continue
             if self.data is None:
