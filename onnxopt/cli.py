@@ -14,14 +14,17 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from onnxopt.errors import OnnxoptError, UsageError
+from onnxopt.progress import plural
 
 __all__ = ["main", "build_parser"]
 
@@ -238,8 +241,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.debug:
         logging.getLogger("onnx_ir").setLevel(logging.ERROR)
-    with _Signals() as signals:
+    quiet = not (args.debug or args.verbose)
+    if quiet:
+        _quiet_libraries()
+    with _Signals() as signals, warnings.catch_warnings():
+        if quiet:  # numpy RuntimeWarnings, library deprecations: stderr carries onnxopt's one-line errors only
+            warnings.simplefilter("ignore")
         return _dispatch(args, signals)
+
+
+def _quiet_libraries() -> None:
+    """Keep onnxscript's and onnxruntime's warnings off stderr (``--verbose`` or ``--debug`` show them)."""
+    for name in ("onnxscript", "onnxruntime", "onnx_ir", "tf2onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # its C++ log ("[W:onnxruntime:...]" in colour) goes to fd 2
+    except ImportError:  # pragma: no cover - a core dependency
+        pass
 
 
 class _Signals:
@@ -386,7 +406,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         data = load_npz(Path(args.data), "data")
     result = convert.convert_file(source, output, opset=args.opset, nchw=args.nchw, data=data)
     print(
-        f"wrote {output}: validated against the source on {result.samples} samples, "
+        f"wrote {output}: validated against the source on {plural(result.samples, 'sample')}, "
         f"max error {result.max_error:.3g} (tolerance {result.tolerance:g})"
     )
     return EXIT_OK
@@ -402,7 +422,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     result = export_ort(args.model, args.output, data=source)
     print(
         f"wrote {result.ort_path} and {result.config_path}: the ORT model matches the ONNX model on "
-        f"{result.samples} samples (max error {result.max_abs:.3g})"
+        f"{plural(result.samples, 'sample')} (max error {result.max_abs:.3g})"
     )
     return EXIT_OK
 
@@ -513,16 +533,21 @@ def _run(args: argparse.Namespace) -> int:
     if not report.ok and not args.force:
         if args.report:
             _write_json_atomic(Path(args.report), payload)
+            print(f"wrote {args.report}")
         where = sys.stderr if args.quiet else sys.stdout
         print(f"validation failed: nothing written to {output} (use --force to write it anyway)", file=where)
         return EXIT_INVALID
     page = None
     if args.html:
         page = html_report.render(report, latency=latency, model_name=str(source), output_name=str(output))
-    graph.save(report.model, output)  # before the report: an interrupted save leaves neither
+    if _unchanged_copy(source, report):  # byte for byte: a re-serialized copy gains value_info and grows
+        _copy_atomic(source, output)
+    else:
+        graph.save(report.model, output)  # before the report: an interrupted save leaves neither
+    print(f"wrote {output}")
     if args.report:
         _write_json_atomic(Path(args.report), payload)
-    print(f"wrote {output}")
+        print(f"wrote {args.report}")
     if page is not None:
         html_report.write(args.html, page)
         print(f"wrote {args.html}")
@@ -617,7 +642,40 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=1)
+        os.chmod(tmp, _file_mode())  # mkstemp's 0600 would hide the report from the user's group, unlike the model
         os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _unchanged_copy(source: Path, report) -> bool:
+    """No pass changed the model, which is one self-contained file at its own opset: the output is a copy."""
+    from onnxopt import graph
+
+    if any(record.modified for record in report.passes) or graph.external_data_files(source):
+        return False
+    import onnx
+
+    proto = onnx.load(str(source), load_external_data=False)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return opset == graph.default_opset(report.model)  # not upgraded on load (opset < 7)
+
+
+def _copy_atomic(source: Path, output: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent if str(output.parent) else ".")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -704,7 +762,7 @@ def _print_partial(counted, label: str = "MACs") -> None:
 
 def _print_validation(report) -> None:
     print(
-        f"validation on {report.samples} samples of {report.data} ({report.budget.describe()}): "
+        f"validation on {plural(report.samples, 'sample')} of {report.data} ({report.budget.describe()}): "
         f"{'ok' if report.ok else 'FAILED'}"
     )
     for name, diff in report.outputs.items():

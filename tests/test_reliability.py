@@ -836,3 +836,35 @@ def test_temporary_folders_of_a_killed_run_are_removed_by_the_next_run(tmp_path,
     assert sorted(os.listdir(work)) == sorted(["m.onnx", "out.onnx", live[0].name])
     assert not stale[1].exists()
     onnx.checker.check_model(onnx.load(work / "out.onnx"))
+
+
+# --- stderr carries onnxopt's one-line errors only ----------------------------------------------------------------
+
+
+def test_library_warnings_stay_off_stderr_unless_verbose(tmp_path, capfd, monkeypatch):
+    from onnxopt import cost
+
+    from tests.test_backend_corpus import backend_case
+
+    real_estimate = cost.estimate
+
+    def noisy_estimate(*args, **kwargs):
+        np.log(np.zeros(1))  # numpy: RuntimeWarning: divide by zero encountered in log
+        return real_estimate(*args, **kwargs)
+
+    monkeypatch.setattr(cost, "estimate", noisy_estimate)
+    # onnxruntime's quantizer leaves an unused initializer that onnxruntime then warns about, in colour, on fd 2
+    path, feeds, _ = backend_case("pytorch-operator/test_operator_sqrt")
+    np.savez(tmp_path / "d.npz", **{k: np.abs(np.concatenate([v] * 11)) for k, v in feeds.items()})
+    args = ["run", str(path), "--passes", "quant", "--data", str(tmp_path / "d.npz"), "--eval",
+            str(tmp_path / "d.npz"), "-o", str(tmp_path / "o.onnx")]  # fmt: skip
+    import warnings
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        code = cli.main(args)
+    captured = capfd.readouterr()
+    assert code == 0 and captured.err == "" and not shown, captured.err + str([str(w.message) for w in shown])
+    with pytest.warns(RuntimeWarning, match="divide by zero encountered in log"):
+        code = cli.main(["--verbose", *args[:-1], str(tmp_path / "o2.onnx")])
+    assert code == 0
