@@ -843,7 +843,6 @@ def test_temporary_folders_of_a_killed_run_are_removed_by_the_next_run(tmp_path,
 
 def test_library_warnings_stay_off_stderr_unless_verbose(tmp_path, capfd, monkeypatch):
     from onnxopt import cost
-
     from tests.test_backend_corpus import backend_case
 
     real_estimate = cost.estimate
