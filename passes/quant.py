@@ -179,7 +179,7 @@ class _Search:
             beaten = [p for p in live if p.passed and _better(p, outcome, by_speed, config.margin)]
             if beaten:
                 # a fallback only adds float layers: it cannot make this recipe beat one that already holds
-                outcome.note = f"misses the budget; {beaten[0].recipe.name} holds it and is faster, no fallback tried"
+                outcome.note = f"{beaten[0].recipe.name} holds the budget and is faster; no fallback tried"
                 continue
             self.fallback(outcome)
             refitted = refitted or bool(outcome.passed)

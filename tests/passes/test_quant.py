@@ -346,7 +346,7 @@ def test_no_fallback_for_a_recipe_a_passing_one_already_beats(net, monkeypatch):
     assert verdicts == {"qdq-u8-pc": False, "qdq-u8-pt": True}
     assert "[qdq-u8-pt]" in report.passes[0].changes[0].what and len(calls) == 1  # nothing re-timed
     skip = next(s.reason for s in report.passes[0].skipped if s.site == "recipe qdq-u8-pc")
-    assert "qdq-u8-pt holds it and is faster, no fallback tried" in skip
+    assert "qdq-u8-pt holds the budget and is faster; no fallback tried" in skip
 
 
 def test_old_opset_models_are_converted_first(tmp_path, monkeypatch):
