@@ -62,6 +62,9 @@ def write(path: str | os.PathLike, page: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(page)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # as open() would: mkstemp's 0600 is for secrets, not a report
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -143,6 +143,16 @@ class RunReport:
     def ok(self) -> bool:
         return self.validation is None or self.validation.ok
 
+    def __repr__(self) -> str:
+        """One line (the dataclass default would print the whole model)."""
+        verdict = "not validated" if self.validation is None else ("ok" if self.validation.ok else "FAILED")
+        passes = ",".join(r.name for r in self.passes) or "none"
+        return (
+            f"RunReport(passes={passes}, params {self.before.params:,} -> {self.after.params:,}, "
+            f"MACs {self.before.macs:,} -> {self.after.macs:,}, bytes {self.before.bytes:,} -> {self.after.bytes:,}, "
+            f"validation {verdict}, {self.seconds:.2f} s)"
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The stable report schema read by tools and benchmarks."""
         validation = self.validation.to_json() if self.validation is not None else None

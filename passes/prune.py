@@ -122,7 +122,8 @@ class ChannelPrunePass(OptPass):
         refitted = self._apply(original, model, analysis, chosen, stats)
         changes = _describe(analysis, chosen, setting, per_group, config)
         if refitted:
-            changes.append(Change(f"{len(refitted)} layers", "re-fitted to the original outputs (least squares)"))
+            layers = f"{len(refitted)} layer{'s' * (len(refitted) != 1)}"
+            changes.append(Change(layers, "re-fitted to the original outputs (least squares)"))
         return OptResult(model, modified=True, changes=changes, skipped=skipped)
 
     # --- search --------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def _blocked(analysis: Analysis) -> list[Skip]:
     for unit in analysis.units:
         if unit.blocked:
             reasons[unit.blocked] = reasons.get(unit.blocked, 0) + 1
-    return [Skip(f"{count} channels", f"kept: {reason}") for reason, count in reasons.items()]
+    return [Skip(f"{count} channel{'s' * (count != 1)}", f"kept: {reason}") for reason, count in reasons.items()]
 
 
 def _describe(
@@ -404,10 +405,12 @@ def _describe(
         if action.kind == "producer" and id(action.space.value) in removed:
             before = action.space.size
             after = before - len(removed[id(action.space.value)])
-            what = f"{before} -> {after} channels ({config.criterion}"
+            # the fraction removed, which rounding, alignment and min_channels make differ from the setting
+            what = f"{before} -> {after} channel{'s' * (after != 1)} ({(before - after) / before:.3g} removed; "
+            what += config.criterion
             if config.criterion not in ("dead", "outlier"):
                 value = per_group.get(group_of.get(id(action.space.value), -1), setting)
-                what += f" {value:.4g}"
+                what += f" {value:.4g}"  # the criterion's setting
             changes.append(Change(action.node.name or action.space.value.name, what + ")"))
     merged = {id(space.value) for space in analysis.head_inputs}
     for action in analysis.actions:  # the head merge Reshapes: heads per attention layer

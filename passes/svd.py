@@ -174,6 +174,7 @@ class GemmSvdPass(OptPass):
             weight_value = node.inputs[1]
             weight = graph_io.const_array(weight_value)
             if weight is None or weight.ndim != 2 or weight.dtype.kind != "f":
+                skipped.append(Skip(site_name, "no constant 2-D float weight (both inputs computed)"))
                 continue
             if weight_value.is_graph_input() or len(weight_value.uses()) != 1:
                 skipped.append(Skip(site_name, "weight is shared or a graph input"))
@@ -186,12 +187,15 @@ class GemmSvdPass(OptPass):
             w = w * attrs.get("alpha", 1.0)
             k, m = w.shape
             if min(k, m) < self.config.min_size:
+                skipped.append(Skip(site_name, f"{k}x{m}: smaller than --svd-min-size {self.config.min_size}"))
                 continue
             max_rank = (k * m - 1) // (k + m)
             if max_rank < 1:
                 skipped.append(Skip(site_name, f"{k}x{m}: no rank saves work"))
                 continue
             sites.append(_Site(node, w, max_rank))
+        if not sites and not skipped:
+            skipped.append(Skip("model", "no Gemm or MatMul node"))
         return sites, skipped
 
 

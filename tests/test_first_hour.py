@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from onnxopt import cli
+from onnxopt import cli, graph, registry
 from onnxopt.manager import PassManager, PassRecord, ProgressEvent
 from onnxopt.pass_base import Change, Skip
 from onnxopt.progress import ProgressView, pass_lines, plural
@@ -209,3 +209,92 @@ def test_run_without_passes_still_names_a_bad_model_first(tmp_path, capsys):
     code = cli.main(["run", str(TINY / "tiny_mlp.onnx"), "-o", str(tmp_path / "o.onnx")])
     _, err = capsys.readouterr()
     assert code == 2 and "nothing to do: give --passes" in err and not (tmp_path / "o.onnx").exists()
+
+
+def test_outputs_get_ordinary_modes_and_each_is_announced(tmp_path, capsys):
+    """Report and HTML are 0644 like the model (mkstemp made them 0600); "wrote" names each file written."""
+    import os
+
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("jinja2")
+    report, page = tmp_path / "r.json", tmp_path / "r.html"
+    old = os.umask(0o022)
+    try:
+        code = cli.main(_tiny_run(tmp_path, "--prune-ratio", "0.25", "--report", str(report), "--html", str(page)))
+    finally:
+        os.umask(old)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    for path in (tmp_path / "out.onnx", report, page):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    wrote = [line for line in out.splitlines() if line.startswith("wrote ")]
+    assert wrote == [f"wrote {tmp_path / 'out.onnx'}", f"wrote {report}", f"wrote {page}"]
+
+
+def test_unchanged_model_is_written_byte_for_byte(tmp_path, capsys):
+    argv = _tiny_run(tmp_path, "--svd-rank", "100000", "--no-svd-data-aware")  # no layer can take that rank
+    argv[argv.index("prune")] = "svd"
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "pass svd: unchanged" in out and "would not save work" in out  # the reason is given
+    assert (tmp_path / "out.onnx").read_bytes() == (TINY / "tiny_mlp.onnx").read_bytes()
+
+
+def test_svd_says_why_it_left_every_layer(tmp_path):
+    from tests import builders
+
+    model = graph.from_proto(builders.conv_net())  # one Gemm, 6 inputs x 5 outputs: below min_size
+    result = registry.make_pass("svd", rank=2, min_size=8)(model)
+    assert not result.modified and [(s.site, s.reason) for s in result.skipped] == [
+        ("fc", "6x5: smaller than --svd-min-size 8")
+    ]
+    result = registry.make_pass("svd", rank=2)(graph.from_proto(_conv_only()))
+    assert [(s.site, s.reason) for s in result.skipped] == [("model", "no Gemm or MatMul node")]
+
+
+def _conv_only():
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests import builders
+
+    w = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")
+    return builders.make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [w],
+    )
+
+
+def test_prune_reports_the_fraction_it_removed():
+    report = PassManager([registry.make_pass("prune", ratio=0.3)], data=str(TINY / "calib.npz"), simplify=False).run(
+        TINY / "tiny_mlp.onnx"
+    )
+    fc1 = next(c.what for c in report.passes[0].changes if c.site == "fc1")
+    match = re.fullmatch(r"(\d+) -> (\d+) channels \(([\d.]+) removed; ratio 0\.3\)", fc1)
+    assert match, fc1
+    before, after, fraction = int(match[1]), int(match[2]), float(match[3])
+    assert fraction == float(f"{(before - after) / before:.3g}")
+    assert (before, after) == (256, report.model.graph.initializers["fc1.weight"].shape[0])
+
+
+def test_run_report_repr_is_one_short_line():
+    report = PassManager(["simplify"], data=str(TINY / "calib.npz")).run(TINY / "tiny_mlp.onnx")
+    text = repr(report)
+    assert "\n" not in text and len(text) < 300 and "ir.Model" not in text and "Gemm" not in text
+    assert text.startswith("RunReport(passes=simplify,") and "params 235,146 -> 235,146" in text
+
+
+def test_one_sample_is_singular(tmp_path, capsys):
+    import numpy as np
+
+    data = np.load(TINY / "eval.npz")
+    one = tmp_path / "one.npz"
+    np.savez(one, **{k: v[:1] for k, v in data.items()})
+    code = cli.main(["run", str(TINY / "tiny_mlp.onnx"), "--passes", "simplify", "--eval", str(one), "-o",
+                     str(tmp_path / "o.onnx")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "validation on 1 sample of" in out and "1 samples" not in out

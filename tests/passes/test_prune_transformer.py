@@ -194,7 +194,7 @@ def test_apoz_removes_gelu_neurons_whose_inputs_are_never_positive():
     bias[[3, 9, 30]] = -60.0  # GELU(x - 60) is exactly 0 in float32: these neurons never fire
     _set(proto, "layer0/ffn1.bias", bias)
     result, out = _prune(proto, PruneConfig(criterion="apoz", threshold=0.99), CALIB)
-    assert [c.what for c in result.changes] == ["64 -> 61 channels (apoz 0.99)"]
+    assert [c.what for c in result.changes] == ["64 -> 61 channels (0.0469 removed; apoz 0.99)"]
     assert _inits(out)["layer0/ffn1.weight"].shape == (HIDDEN, 61)
     _close(proto, out, builders.tiny_bert_feeds(4, 9, seed=5), 1e-5)
 
@@ -310,7 +310,7 @@ def test_torch_exports_of_an_encoder_lose_heads_and_neurons(tmp_path, dynamo):
     report = PassManager([ChannelPrunePass(QUARTER)], data=calib, budget=Budget(min_cosine=0.0)).run(path)
     changes = [c.what for r in report.passes for c in r.changes]
     assert changes.count(f"{HEADS} -> {HEADS - 1} attention heads") == LAYERS
-    assert changes.count(f"{FFN} -> {FFN * 3 // 4} channels (ratio 0.25)") == LAYERS
+    assert changes.count(f"{FFN} -> {FFN * 3 // 4} channels (0.25 removed; ratio 0.25)") == LAYERS
     out = ir.to_proto(report.model)
     onnx.checker.check_model(out, full_check=True)
     assert sum(numpy_helper.to_array(i).size for i in out.graph.initializer) < sum(
