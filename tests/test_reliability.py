@@ -867,3 +867,27 @@ def test_library_warnings_stay_off_stderr_unless_verbose(tmp_path, capfd, monkey
     with pytest.warns(RuntimeWarning, match="divide by zero encountered in log"):
         code = cli.main(["--verbose", *args[:-1], str(tmp_path / "o2.onnx")])
     assert code == 0
+
+
+# --- the same command on the same data writes the same bytes, also when quant's latency decision is close -------
+
+
+@pytest.mark.xfail(
+    reason="quant keeps float or int8 by a latency measurement: on this model int8 is within noise of 5% faster "
+    "(0.91x-1.04x measured between runs), and the choice flips between runs (issue 18; reported to the lead)",
+    strict=False,
+)
+def test_quant_by_speed_writes_the_same_bytes_when_its_latency_decision_is_close(tmp_path, capsys):
+    model = builders.save(builders.mlp(sizes=(128, 128, 10), seed=0), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    for name in ("d", "e"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((64, 128)).astype(np.float32))
+    blobs = []
+    for index in range(3):
+        out = tmp_path / f"o{index}.onnx"
+        code = cli.main(["run", model, "--passes", "quant", "--data", str(tmp_path / "d.npz"), "--eval",
+                         str(tmp_path / "e.npz"), "-o", str(out)])  # fmt: skip
+        captured = capsys.readouterr()
+        assert code == 0, captured.out + captured.err
+        blobs.append(out.read_bytes())
+    assert blobs[0] == blobs[1] == blobs[2]
