@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="write the model even when validation fails")
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress, no table)")
     run.add_argument(
+        "--config",
+        metavar="RECIPE.toml",
+        help="passes, options, budget, metric and data from a TOML recipe (flags given here win; see README)",
+    )
+    run.add_argument(
         "--allow-small-eval",
         action="store_true",
         help=f"judge lossy passes on fewer than {MIN_EVAL_SAMPLES} evaluation samples (refused by default)",
@@ -477,6 +482,11 @@ def _run(args: argparse.Namespace) -> int:
     from onnxopt.manager import PassManager
     from onnxopt.progress import ProgressView
 
+    if args.config:
+        from onnxopt import recipe
+
+        defaults = vars(build_parser().parse_args(["run", args.model, "-o", args.output]))
+        recipe.apply(args, recipe.load(args.config), defaults, Path(args.config))
     source, output = Path(args.model), Path(args.output)
     _check_output_path(source, output)
     if args.report:
@@ -530,6 +540,10 @@ def _run(args: argparse.Namespace) -> int:
     payload = report.to_json()
     if latency is not None:
         payload["latency_us"] = latency
+    from onnxopt import recipe
+
+    judged_by = report.validation.budget if report.validation is not None else _budget(args)
+    payload["recipe"] = recipe.effective(args, passes, judged_by)  # `--config` on it repeats this run
     if not report.ok and not args.force:
         if args.report:
             _write_json_atomic(Path(args.report), payload)

@@ -298,3 +298,107 @@ def test_one_sample_is_singular(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "validation on 1 sample of" in out and "1 samples" not in out
+
+
+RECIPE = """
+passes = ["prune"]
+data = "calib.npz"      # beside the recipe
+eval = "eval.npz"
+seed = 3
+
+[budget]
+max_accuracy_drop = 1
+
+[options.prune]
+ratio = 0.3
+align = 4
+"""
+
+
+def _recipe_dir(tmp_path: Path) -> Path:
+    import shutil
+
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    for name in ("calib.npz", "eval.npz"):
+        shutil.copyfile(TINY / name, folder / name)
+    (folder / "recipe.toml").write_text(RECIPE)
+    return folder
+
+
+def test_recipe_runs_like_the_flags_and_the_report_repeats_it(tmp_path, capsys):
+    import json
+
+    from onnxopt import recipe
+
+    folder = _recipe_dir(tmp_path)
+    model = str(TINY / "tiny_mlp.onnx")
+    first, report = tmp_path / "a.onnx", tmp_path / "a.json"
+    assert (
+        cli.main(["run", model, "--config", str(folder / "recipe.toml"), "-o", str(first), "--report", str(report)])
+        == 0
+    )
+    flags = tmp_path / "flags.onnx"
+    assert cli.main(["run", model, "--passes", "prune", "--data", str(TINY / "calib.npz"), "--eval",
+                     str(TINY / "eval.npz"), "--seed", "3", "--max-accuracy-drop", "1", "--prune-ratio", "0.3",
+                     "--prune-align", "4", "-o", str(flags)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert first.read_bytes() == flags.read_bytes()
+    effective = json.loads(report.read_text())["recipe"]
+    assert effective["passes"] == ["simplify", "prune", "simplify"] and effective["seed"] == 3
+    assert effective["data"] == str((folder / "calib.npz").resolve())  # relative to the recipe's folder
+    assert effective["budget"] == {"max_accuracy_drop": 1.0}
+    assert effective["options"]["prune"]["ratio"] == 0.3 and effective["options"]["prune"]["align"] == 4
+    assert effective["options"]["prune"]["criterion"] == "ratio"  # defaults recorded too: exact repetition
+    again = tmp_path / "again.toml"
+    again.write_text(recipe.to_toml(effective))
+    second, report2 = tmp_path / "b.onnx", tmp_path / "b.json"
+    assert cli.main(["run", model, "--config", str(again), "-o", str(second), "--report", str(report2)]) == 0
+    assert second.read_bytes() == first.read_bytes()
+    assert json.loads(report2.read_text())["recipe"] == effective
+
+
+def test_flags_win_over_the_recipe(tmp_path, capsys):
+    import json
+
+    folder = _recipe_dir(tmp_path)
+    argv = [
+        "run",
+        str(TINY / "tiny_mlp.onnx"),
+        "--config",
+        str(folder / "recipe.toml"),
+        "--prune-ratio",
+        "0.5",
+        "--max-accuracy-drop",
+        "4",
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--report",
+        str(tmp_path / "r.json"),
+    ]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    effective = json.loads((tmp_path / "r.json").read_text())["recipe"]
+    assert effective["options"]["prune"]["ratio"] == 0.5 and effective["options"]["prune"]["align"] == 4
+    assert effective["budget"] == {"max_accuracy_drop": 4.0} and effective["seed"] == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("passes = 'prune'\nbogus = 1\n", "unknown key 'bogus'"),
+        ("passes = 'prune'\n[budget]\nmax_drop = 1\n", "unknown [budget] key 'max_drop'"),
+        ("passes = 'prune'\n[options.prune]\nratoi = 0.3\n", "pass 'prune' has no option 'ratoi'"),
+        ("passes = 'prune'\n[options.prune]\nratio = 'high'\n", "options.prune.ratio = 'high': expected float"),
+        ("passes = 'prune'\n[options.zap]\nx = 1\n", "unknown pass 'zap'"),
+        ("passes = [prune\n", "not valid TOML"),
+        ("passes = 'prune'\n[budget]\nmin_cosine = 'x'\n", "budget.min_cosine = 'x': expected a number"),
+    ],
+)
+def test_bad_recipe_is_one_line_exit_2(tmp_path, capsys, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    code = cli.main(["run", str(TINY / "tiny_mlp.onnx"), "--config", str(path), "-o", str(tmp_path / "o.onnx")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1 and fragment in err, err
+    assert not (tmp_path / "o.onnx").exists()
