@@ -268,6 +268,13 @@ def test_fixed_batch_drops_the_remainder(tmp_path):
     assert [b.size for b in source] == [2, 2, 2] and source.samples == 6
 
 
+def test_dynamic_spatial_dims_take_the_images_as_preprocessed(tmp_path):
+    folder = _classes(tmp_path / "imgs", size=(12, 14))
+    model = graph.load(_single(tmp_path, TensorProto.FLOAT, ["N", 3, "H", "W"]))
+    batches = list(images.image_source(folder, images.PRESETS["none"], model, batch_size=4))
+    assert [b.feeds["x"].shape for b in batches] == [(4, 3, 12, 14), (3, 3, 12, 14)]
+
+
 def _two_inputs(tmp_path):
     shape = ["N", 3, 10, 10]
     model = builders.make_model(
