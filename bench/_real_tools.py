@@ -8,6 +8,7 @@ spec's folder. Peers reuse bench/run.py's calls where they are the same (onnxsli
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -154,8 +155,9 @@ def _onnxopt(passes: str, *options: str) -> Tool:
         from onnxopt import cli
 
         out, report = work / "out.onnx", work / "report.json"
-        argv = ["run", str(spec.path), "--passes", passes, "--data", str(spec.calib_file), "--eval",
-                str(spec.budget_file), *spec.onnxopt_flags, *options, "-o", str(out), "--report", str(report)]  # fmt: skip
+        argv = ["run", str(spec.path), "--passes", passes, "--data", str(spec.calib_file),
+                "--eval", str(spec.budget_file), *spec.onnxopt_flags, *options,
+                "-o", str(out), "--report", str(report)]  # fmt: skip
         with _quiet():
             code = cli.main(argv)
         if code != 0 or not out.exists():
@@ -197,6 +199,15 @@ def is_onnxopt(label: str) -> bool:
     return label.startswith("onnxopt")
 
 
+def high_water_kib(pid: int | str = "self") -> int:
+    """A process's peak resident memory (``VmHWM`` in /proc), KiB; 0 when it cannot be read."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
 def worker(spec_file: str) -> int:
     """Run the spec's tool; write ``result.json`` (``note`` or ``error``) beside it."""
     import logging
@@ -204,12 +215,13 @@ def worker(spec_file: str) -> int:
     logging.basicConfig(level=logging.ERROR)
     raw = json.loads(Path(spec_file).read_text())
     spec = Spec(**raw)
-    result: dict[str, str] = {}
+    result: dict[str, str | int] = {}
     try:
         out, result["note"] = TOOLS[spec.tool][0](spec, spec.work)
         result["out"] = str(out)
     except Exception as e:  # a tool failing is a result
         result["error"] = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+    result["peak_kib"] = high_water_kib()
     (spec.work / "result.json").write_text(json.dumps(result))
     return 0
 

@@ -12,7 +12,7 @@ table): onnxruntime ``quantize_static`` (QDQ U8S8 / S8S8 per-channel) and ``quan
 transformer optimizer alone and before dynamic int8, onnxsim 0.8.1 (L2 and Wanda structured pruning at 30/50%,
 int8, ``recommend_quantization``), onnxslim, and onnxopt's CLI with the task's budget.
 
-Each tool runs in its own process: its wall time and peak RSS (``wait4``) are its own, and it is stopped at
+Each tool runs in its own process: its wall time and peak RSS (``VmHWM``) are its own, and it is stopped at
 ``--timeout`` seconds ("timed out"). Every output is then scored on the task's report split, and its latency is
 measured with onnxruntime (all graph optimizations, 1 intra-op thread) at batch 1 and batch 16 in interleaved rounds
 over all variants of the model (onnxopt.runtime.measure_latency): median ratio to fp32, ± half the range of the
@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -43,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _real_tasks import LOADERS, MINILM_OUTPUT, ROOT, Scorer, Skip, Task  # noqa: E402
-from _real_tools import TOOLS, is_onnxopt  # noqa: E402
+from _real_tools import TOOLS, high_water_kib, is_onnxopt  # noqa: E402
 from _report import emit  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_real_tools.py"
@@ -70,8 +71,9 @@ class Row:
 # ---------------------------------------------------------------------------------------------------- running tools
 
 
-def onnxopt_flags(task: Task, has_metric: bool) -> tuple[list[str], str]:
-    """onnxopt's budget flags for the task, and how the table should describe them."""
+def onnxopt_flags(task: Task, options: set[str]) -> tuple[list[str], str]:
+    """onnxopt's budget flags for the task, given the flags ``onnxopt run`` takes, and how to describe them."""
+    has_metric = "--max-metric-drop" in options
     if task.metric == "cosine":
         flags = ["--min-cosine", f"{task.budget:g}"]
     elif has_metric and task.metric == "psnr":
@@ -85,44 +87,44 @@ def onnxopt_flags(task: Task, has_metric: bool) -> tuple[list[str], str]:
         cosine = 0.99 if task.metric == "spearman" else 0.999
         flags = ["--min-cosine", f"{cosine:g}"]
         return flags, f"--min-cosine {cosine:g} (no --metric {task.metric} in onnxopt yet)"
+    if task.metric in ("psnr", "cosine") and "--allow-small-eval" in options:  # 13 photographs: below its 32
+        flags.append("--allow-small-eval")
     return flags, " ".join(flags)
 
 
-def cli_has_metric() -> bool:
-    """Whether ``onnxopt run`` takes ``--metric`` / ``--max-metric-drop`` (issue 15 part 1)."""
+def cli_options() -> set[str]:
+    """The flags ``onnxopt run`` takes (``--metric`` and friends arrive with issue 15 part 1)."""
     from onnxopt import cli
 
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    return "--max-metric-drop" in sub.choices["run"].format_help()
+    return set(re.findall(r"--[a-z][a-z0-9-]+", sub.choices["run"].format_help()))
 
 
 def run_tool(label: str, task: Task, files: dict[str, Path], flags: list[str], timeout: float) -> Row:
-    """Run one tool in a worker process; its wall time and peak RSS from ``wait4``."""
+    """Run one tool in a worker process: its wall time, and its peak RSS (``VmHWM``, read while it runs)."""
     row = Row(label)
     work = Path(tempfile.mkdtemp(prefix=f"real-{task.name}-", dir=files["dir"]))
     spec = {"tool": label, "path": str(task.model), "kind": task.kind, "work": str(work),
             "calib_file": str(files["calib"]), "budget_file": str(files["budget"]), "onnxopt_flags": flags}  # fmt: skip
     (work / "spec.json").write_text(json.dumps(spec))
     start = time.perf_counter()
+    peak_kib, timed_out = 0, False
     with open(work / "log.txt", "w") as log:
         proc = subprocess.Popen([sys.executable, str(WORKER), str(work / "spec.json")], stdout=log, stderr=log,
                                 start_new_session=True)  # fmt: skip
-        timed_out = False
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
+        while proc.poll() is None:
+            # the high-water mark of the worker's own memory since its exec (ru_maxrss would include this
+            # process's footprint at fork time); the worker also reports it as it exits
+            peak_kib = max(peak_kib, high_water_kib(proc.pid))
             if time.perf_counter() - start > timeout:
                 timed_out = True
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                pid, status, usage = os.wait4(proc.pid, 0)
+                proc.wait()
                 break
-            time.sleep(0.2)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+            time.sleep(0.1)
     row.seconds = time.perf_counter() - start
-    row.peak_mb = usage.ru_maxrss / 1024  # KiB on Linux
     result_file = work / "result.json"
     if timed_out:
         row.error = f"timed out after {timeout:.0f} s"
@@ -133,6 +135,8 @@ def run_tool(label: str, task: Task, files: dict[str, Path], flags: list[str], t
         result = json.loads(result_file.read_text())
         row.error, row.note = result.get("error", ""), result.get("note", "")
         row.path = Path(result["out"]) if "out" in result else None
+        peak_kib = max(peak_kib, result.get("peak_kib", 0))
+    row.peak_mb = peak_kib / 1024 if peak_kib else float("nan")
     return row
 
 
@@ -151,14 +155,15 @@ def measure(task: Task, rows: list[Row], scorer: Scorer, rounds: int) -> None:
         try:
             row.metric, row.heldout = scorer.score(row.path)
         except Exception as e:  # an output onnxruntime cannot run is a result
-            row.error = " ".join(f"output does not run: {type(e).__name__}: {e}".split())[:160]
+            text = re.sub(r"/\S+/", "", f"output does not run: {type(e).__name__}: {e}")  # no temporary paths
+            row.error = " ".join(text.split())[:160]
             row.path = None
             continue
         row.size = row.path.stat().st_size / task.model.stat().st_size
         count = _macs(row.path, task)
         row.macs = count / base_macs if count and base_macs else None
-        if row is not base and row.macs == 1.0 and abs(row.size - 1) < 0.002:
-            row.note = "; ".join(filter(None, [row.note, "output ≈ input (same MACs, size within 0.2%)"]))
+        if row is not base and abs(row.size - 1) < 0.002 and _op_counts(row.path) == _op_counts(task.model):
+            row.note = "; ".join(filter(None, [row.note, "output ≈ input (same ops, size within 0.2%)"]))
     for row in rows:
         if row.path is not None and row is not base:
             row.within = task.within(base.metric, row.metric)
@@ -171,6 +176,14 @@ def measure(task: Task, rows: list[Row], scorer: Scorer, rounds: int) -> None:
             row.latency[batch] = (latency.median_us / latencies[0].median_us, spread)
         base.note += f"{'; ' if base.note else ''}batch {batch}: {latencies[0].median_us / 1000:.2f} ms"
     base.note += f"; {base_macs:,} MACs" if base_macs else ""
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _macs(path: Path, task: Task) -> int | None:
@@ -269,6 +282,7 @@ def plot(results: dict[str, tuple[Task, list[Row]]], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
     from run import _styles
 
     style = _styles(list(dict.fromkeys(r.tool for _, rows in results.values() for r in rows)))
@@ -289,17 +303,19 @@ def plot(results: dict[str, tuple[Task, list[Row]]], out: Path) -> None:
         ax.axhline(floor, color="grey", lw=0.8, ls="--")
         ax.axvline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "2458" else ""))
         ax.set_title(f"{name} ({METRIC_UNITS[task.metric]})", fontsize=9)
         ax.set_xlabel(f"latency ratio to fp32 ({'batch 16' if 16 in task.feeds else 'batch 1'}, log)", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[count:]:
         ax.axis("off")
     handles = [plt.Line2D([], [], marker=m, color=c, ls="", markeredgecolor="black", markersize=7)
                for m, c in style.values()]  # fmt: skip
     fig.legend(handles, list(style), loc="center right", fontsize=7, frameon=False)
-    fig.suptitle("Task metric against onnxruntime latency (1 thread, interleaved medians); dashed: the budget; "
-                 "faint: outside it", fontsize=9)  # fmt: skip
+    fig.suptitle("Task metric against onnxruntime latency (1 thread, interleaved medians)\n"
+                 "solid: fp32; dashed: the budget; faint: outside it", fontsize=9)  # fmt: skip
     fig.tight_layout(rect=(0, 0, 1 - 2.6 / (3.8 * cols + 2.8), 0.95))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -343,7 +359,7 @@ def main(argv=None) -> int:
     wanted = args.tools.split(";") if args.tools else list(TOOLS)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    has_metric = cli_has_metric()
+    options = cli_options()
     command = shlex.join(["python", "bench/real.py", *(sys.argv[1:] if argv is None else argv)])
     started, load_start = time.perf_counter(), os.getloadavg()
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -391,10 +407,10 @@ def main(argv=None) -> int:
             skipped.append(f"{name}: {e}")
             print(f"{name}: skipped: {e}", file=sys.stderr)
             continue
-        flags, described = onnxopt_flags(task, has_metric)
+        flags, described = onnxopt_flags(task, options)
         protocols.append(f"- {name} ({task.model.name}): {task.protocol}; budget {_budget_text(task)}; onnxopt "
                          f"`{described}`")  # fmt: skip
-        files = _write_data(task, scratch, labelled=has_metric or task.metric == "top1")
+        files = _write_data(task, scratch, labelled="--metric" in options or task.metric == "top1")
         scorer = Scorer(task)
         base = Row("original", task.model)
         rows = [base]

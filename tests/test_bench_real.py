@@ -101,11 +101,17 @@ def test_summary_line_compares_within_budget_at_equal_or_better_metric():
     assert real.summary_line("m", task, rows).startswith("- m: no onnxopt result within the budget; fastest peer")
 
 
+OLD = {"--max-accuracy-drop", "--min-cosine"}
+NEW = OLD | {"--metric", "--max-metric-drop", "--metric-limit", "--metric-output", "--allow-small-eval"}
+
+
 def test_onnxopt_flags_fall_back_and_say_so():
-    assert real.onnxopt_flags(_task("top1", 1.0), has_metric=False)[0] == ["--max-accuracy-drop", "1"]
-    flags, text = real.onnxopt_flags(_task("spearman", 0.5), has_metric=False)
+    assert real.onnxopt_flags(_task("top1", 1.0), options=OLD)[0] == ["--max-accuracy-drop", "1"]
+    flags, text = real.onnxopt_flags(_task("spearman", 0.5), options=OLD)
     assert flags == ["--min-cosine", "0.99"] and "no --metric spearman" in text
-    flags, _ = real.onnxopt_flags(_task("spearman", 0.5), has_metric=True)
+    flags, _ = real.onnxopt_flags(_task("spearman", 0.5), options=NEW)
     assert flags[:4] == ["--metric", "spearman", "--max-metric-drop", "0.5"] and "--metric-output" in flags
-    assert real.onnxopt_flags(_task("psnr", 40.0), has_metric=True)[0] == ["--metric", "psnr", "--metric-limit", "40"]
-    assert real.onnxopt_flags(_task("cosine", 0.999), has_metric=True)[0] == ["--min-cosine", "0.999"]
+    flags = real.onnxopt_flags(_task("psnr", 40.0), options=NEW)[0]
+    assert flags == ["--metric", "psnr", "--metric-limit", "40", "--allow-small-eval"]
+    assert real.onnxopt_flags(_task("cosine", 0.999), options=OLD)[0] == ["--min-cosine", "0.999"]
+    assert {"--metric", "--max-metric-drop", "--max-accuracy-drop", "--min-cosine"} <= real.cli_options()
