@@ -102,12 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_options(val)
     _add_data_options(val)
 
-    conv = sub.add_parser("convert", help="convert a Keras file, SavedModel directory or TFLite file to ONNX")
-    conv.add_argument("source", help=".keras/.h5 file, SavedModel directory or .tflite file")
+    conv = sub.add_parser(
+        "convert", help="convert a Keras file, SavedModel directory, TFLite or TorchScript file to ONNX"
+    )
+    conv.add_argument("source", help=".keras/.h5 file, SavedModel directory, .tflite file or TorchScript .pt")
     conv.add_argument("-o", "--output", required=True, help="output .onnx path")
     conv.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
     conv.add_argument("--nchw", action="store_true", help="make NHWC image inputs NCHW")
     conv.add_argument("--data", help=".npz of sample inputs to validate the conversion on (default: random)")
+    conv.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME=D0,D1,...",
+        help="TorchScript: each input's name and example shape, in forward()'s order (torch extra)",
+    )
 
     exp = sub.add_parser("export", help="write an ORT-format model for onnxruntime mobile, validated")
     exp.add_argument("model")
@@ -409,7 +417,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         from onnxopt.data import load_npz
 
         data = load_npz(Path(args.data), "data")
-    result = convert.convert_file(source, output, opset=args.opset, nchw=args.nchw, data=data)
+    from onnxopt.data import parse_shape_overrides
+
+    shapes = parse_shape_overrides(args.input_shape)
+    result = convert.convert_file(source, output, opset=args.opset, nchw=args.nchw, data=data, input_shapes=shapes)
     print(
         f"wrote {output}: validated against the source on {plural(result.samples, 'sample')}, "
         f"max error {result.max_error:.3g} (tolerance {result.tolerance:g})"

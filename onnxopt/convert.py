@@ -47,6 +47,7 @@ __all__ = [
     "from_saved_model",
     "from_tflite",
     "from_torch",
+    "from_torchscript",
     "convert_file",
 ]
 
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+TORCH_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
 
 
 class ConversionError(OnnxoptError):
@@ -231,6 +233,49 @@ def from_torch(
     return _check(converted, feeds, [r.detach().cpu().numpy() for r in refs], tolerance)
 
 
+def from_torchscript(
+    path: str | os.PathLike,
+    input_shapes: Mapping[str, Sequence[int]],
+    *,
+    opset: int = DEFAULT_OPSET,
+    data: Mapping[str, np.ndarray] | None = None,
+    tolerance: float = 1e-5,
+) -> Converted:
+    """A TorchScript file (``torch.jit.save``) through :func:`from_torch`.
+
+    TorchScript keeps no input shapes: ``input_shapes`` names the inputs, in the order ``forward`` takes them,
+    with the example shapes to export at (``data`` arrays of those names are used instead of random ones).
+    """
+    from onnxopt import filekind
+
+    path = Path(path)
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            "converting PyTorch models needs the 'torch' extra: pip install \"onnxopt[torch]\""
+        ) from None
+    kind = filekind.describe(path)
+    if kind is not None and not kind.startswith("a TorchScript"):
+        raise ConversionError(f"{path}: this is {kind}; {filekind.advice(path, kind)}")
+    if not input_shapes:
+        raise ConversionError(
+            f"{path}: a TorchScript file does not record its input shapes: give --input-shape NAME=D0,D1,... "
+            "for each input, in the order forward() takes them"
+        )
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise ConversionError(f"{path}: not a readable TorchScript file ({first_line(e)})") from e
+    rng = np.random.default_rng(0)
+    arrays = [
+        np.asarray(data[name]) if data is not None and name in data else rng.standard_normal(shape).astype(np.float32)
+        for name, shape in input_shapes.items()
+    ]
+    example = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    return from_torch(module, example, opset=opset, input_names=list(input_shapes), tolerance=tolerance)
+
+
 def convert_file(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -238,12 +283,19 @@ def convert_file(
     opset: int = DEFAULT_OPSET,
     nchw: bool = False,
     data: Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Converted:
-    """Convert a Keras file, a SavedModel directory or a TFLite file, and save the result."""
+    """Convert a Keras file, a SavedModel directory, a TFLite file or a TorchScript file (with
+    ``input_shapes``), and save the result."""
+    from onnxopt import filekind
+
     source = Path(source)
     if not source.exists():
         raise ConversionError(f"{source}: no such file or directory")
-    if source.is_dir():
+    kind = None if source.is_dir() else filekind.describe(source)
+    if source.suffix.lower() in TORCH_SUFFIXES or (kind or "").startswith(("a TorchScript", "a PyTorch", "a safet")):
+        result = from_torchscript(source, input_shapes or {}, opset=opset, data=data)
+    elif source.is_dir():
         result = from_saved_model(source, opset=opset, nchw=nchw, data=data)
     elif source.suffix.lower() in KERAS_SUFFIXES:
         tf = _require_tf()
@@ -257,7 +309,8 @@ def convert_file(
     else:
         raise ConversionError(
             f"{source}: unsupported format; give a Keras file ({', '.join(KERAS_SUFFIXES)}), "
-            "a SavedModel directory or a .tflite file (PyTorch: use onnxopt.convert.from_torch in Python)"
+            "a SavedModel directory, a .tflite file or a TorchScript file with --input-shape "
+            "(a PyTorch module in Python: onnxopt.convert.from_torch)"
         )
     result.save(output)
     return result

@@ -75,14 +75,17 @@ def load(path: str | os.PathLike) -> ir.Model:
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
+        _refuse_other_kind(path)
         raise ModelLoadError(f"{path}: is a directory, not an ONNX model file")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: file is empty")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, RuntimeWarning-derived errors, ...
+        _refuse_other_kind(path)
         raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(e)})") from e
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        _refuse_other_kind(path)
         raise ModelLoadError(f"{path}: not an ONNX model (no graph found)")
     opset = _proto_default_opset(proto)
     if opset is None:
@@ -105,6 +108,15 @@ def load(path: str | os.PathLike) -> ir.Model:
             raise ModelLoadError(f"{path}: cannot be read by onnx_ir ({first_line(e)})") from e
     _check_usable(path, model)
     return model
+
+
+def _refuse_other_kind(path: Path) -> None:
+    """A PyTorch, safetensors, TFLite or Keras file given as a model: say which, and what converts it."""
+    from onnxopt import filekind
+
+    kind = filekind.describe(path)
+    if kind is not None:
+        raise ModelLoadError(f"{path}: this is {kind}, not an ONNX model; {filekind.advice(path, kind)}")
 
 
 def _check_usable(path: Path, model: ir.Model) -> None:

@@ -402,3 +402,81 @@ def test_bad_recipe_is_one_line_exit_2(tmp_path, capsys, text, fragment):
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err.count("\n") == 1 and fragment in err, err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _other_kinds(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files people mistake for ONNX models, made from their formats' first bytes, with the kind named."""
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    files = {
+        "w.safetensors": (struct.pack("<Q", len(header)) + header + bytes(8), "a safetensors file"),
+        "m.tflite": (b"\x1c\x00\x00\x00TFL3" + bytes(64), "a TFLite model"),
+        "m.h5": (b"\x89HDF\r\n\x1a\n" + bytes(64), "a Keras HDF5 model"),
+        "old.pth": (b"\x80\x02\x8a\x0alZ\xfc\x9cF\xf9 j\xa8P\x19." + bytes(32), "a PyTorch checkpoint"),
+    }
+    out = {}
+    for name, (blob, kind) in files.items():
+        (folder / name).write_bytes(blob)
+        out[name] = (folder / name, kind)
+    saved = folder / "saved"
+    saved.mkdir()
+    (saved / "saved_model.pb").write_bytes(b"\x08\x01")
+    out["saved"] = (saved, "a TensorFlow SavedModel directory")
+    return out
+
+
+def test_other_model_kinds_point_to_convert(tmp_path, capsys):
+    for name, (path, kind) in _other_kinds(tmp_path).items():
+        code = cli.main(["run", str(path), "--passes", "simplify", "-o", str(tmp_path / "o.onnx")])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "" and err.count("\n") == 1, (name, err)
+        assert f"this is {kind}" in err and "not an ONNX model" in err, (name, err)
+        assert "onnxopt convert" in err or "from_torch" in err, (name, err)
+        assert not (tmp_path / "o.onnx").exists()
+
+
+def test_torchscript_is_detected_and_converted_with_input_shapes(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    import onnx
+
+    from tests import builders
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    scripted = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.trace(net, torch.randn(1, 3, 8, 8)), str(scripted))
+    torch.save(net.state_dict(), tmp_path / "weights.pth")
+    code = cli.main(["run", str(scripted), "--passes", "simplify", "-o", str(tmp_path / "o.onnx")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "this is a TorchScript archive" in err and "onnxopt convert" in err and "--input-shape" in err
+    code = cli.main(["convert", str(scripted), "-o", str(tmp_path / "net.onnx")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "give --input-shape" in err and not (tmp_path / "net.onnx").exists()
+    code = cli.main(
+        ["convert", str(tmp_path / "weights.pth"), "--input-shape", "x=1,3,8,8", "-o", str(tmp_path / "w.onnx")]
+    )
+    _, err = capsys.readouterr()
+    assert code == 2 and "weights without the network" in err
+    code = cli.main(["convert", str(scripted), "--input-shape", "x=1,3,8,8", "-o", str(tmp_path / "net.onnx")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "validated against the source on 1 sample" in out
+    converted = onnx.load(tmp_path / "net.onnx")
+    assert [i.name for i in converted.graph.input] == ["x"]
+    x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)  # another batch size
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    got = next(iter(builders.run(converted, {"x": x}).values()))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
