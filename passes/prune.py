@@ -44,10 +44,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from onnxopt import graph as graph_io
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
-from onnxopt.passes._channel_groups import Analysis, Unit, analyze
+from onnxopt.passes._channel_groups import Analysis, analyze
 from onnxopt.passes._prune_apply import apply_removal
+from onnxopt.passes._prune_scores import Scored, score_units
 from onnxopt.passes._reconstruct import downstream, reconstruct
 from onnxopt.passes._transformer_groups import HANDLERS
 from onnxopt.stats import StatsRequest, StatsTable, get_stats
@@ -113,7 +113,7 @@ class ChannelPrunePass(OptPass):
         stats = get_stats(model)
         if stats is None:
             raise ir.passes.PreconditionError("pass 'prune' needs activation statistics: give calibration data")
-        scored = _score_units(analysis, stats)
+        scored = score_units(analysis, stats)
         setting, per_group = self._choose_setting(model, scored)
         chosen = _select(analysis, scored, config, setting, per_group)
         if not chosen:
@@ -185,7 +185,7 @@ class ChannelPrunePass(OptPass):
         candidate = model.clone()
         analysis = self._analyze(candidate)
         stats = get_stats(model)
-        scored = _score_units(analysis, stats)
+        scored = score_units(analysis, stats)
         chosen = _select(analysis, scored, self.config, setting, per_group)
         if not chosen:
             return True
@@ -219,116 +219,18 @@ class ChannelPrunePass(OptPass):
 
 
 # --- scoring and selection ---------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Scored:
-    unit: Unit
-    dead: bool
-    apoz: float
-    freq: float
-    rel_std: float
-    mean_abs: float
-    contribution: float
-
-
-def _score_units(analysis: Analysis, stats: StatsTable) -> dict[int, _Scored]:
-    """Per unit (keyed by its first slot), the statistics of the channels the next layers read."""
-    consumers = {}
-    for action in analysis.actions:
-        if action.kind == "consumer":
-            consumers.setdefault(id(action.space.value), []).append(action)
-    owner = analysis._slot_owner()
-    layer_scale: dict[int, float] = {}
-    norms: dict[int, np.ndarray] = {}  # per consumer: the norm of its weight for each input channel
-    for actions in consumers.values():
-        for action in actions:
-            weight = np.moveaxis(graph_io.const_array(action.node.inputs[1]), action.weight_axis, 0)
-            norms[id(action)] = np.linalg.norm(weight.reshape(len(weight), -1), axis=1)
-    gates = {id(space.value) for space in analysis.gates}
-    blocks = _block_contributions(analysis, stats, consumers)
-    scored = {}
-    for unit in analysis.units:
-        if unit.blocked:
-            continue
-        dead, apoz, freq, rel_std, mean_abs, contribution = True, 1.0, 0.0, 0.0, 0.0, 0.0
-        seen = False
-        nonpos = [
-            1.0 - float(stats.channels[owner[slot].value.name].pos_frac[slot - owner[slot].base])
-            for slot in unit.slots
-            if id(owner[slot].value) in gates and owner[slot].value.name in stats.channels
-        ]
-        for slot in unit.slots:
-            space = owner[slot]
-            if id(space.value) not in consumers:
-                continue
-            s = stats.channels.get(space.value.name)
-            if s is None:
-                continue
-            c = slot - space.base
-            seen = True
-            if id(space.value) not in layer_scale:
-                layer_scale[id(space.value)] = float(np.mean(s.abs_mean)) + 1e-12
-            dead = dead and s.min[c] == 0 and s.max[c] == 0
-            apoz = min(apoz, float(s.zero_frac[c]))
-            freq = max(freq, float(s.pos_frac[c]))
-            rel_std = max(rel_std, float(s.std[c]) / layer_scale[id(space.value)])
-            mean_abs = max(mean_abs, float(s.abs_mean[c]))
-            rms = float(np.sqrt(s.sq_mean[c]))
-            for action in consumers[id(space.value)]:
-                if id(action) not in blocks:
-                    contribution += rms * float(norms[id(action)][c])
-        for per_unit in blocks.values():
-            contribution += per_unit.get(unit.slots[0], 0.0)
-        if nonpos:  # a GELU/ReLU neuron: how often its activation input is non-positive (APoZ-style)
-            apoz = max(nonpos)
-        if seen:
-            scored[unit.slots[0]] = _Scored(unit, dead, apoz, freq, rel_std, mean_abs, contribution)
-    return scored
-
-
-def _block_contributions(analysis: Analysis, stats: StatsTable, consumers) -> dict[int, dict[int, float]]:
-    """Per consumer reading merged attention heads: unit (first slot) -> ``√E‖x_S·W_S‖²`` over the unit's slots ``S``.
-
-    ``E[x_Sᵀx_S]`` is the block of the consumer input's Gram matrix, so the head's channels are scored together,
-    correlations included, instead of summing per-channel norms.
-    """
-    unit_of = {}
-    for unit in analysis.units:
-        for slot in unit.slots:
-            unit_of[slot] = unit
-    result: dict[int, dict[int, float]] = {}
-    for space in analysis.head_inputs:
-        for action in consumers.get(id(space.value), []):
-            gram = stats.grams.get(action.node.name)
-            weight = graph_io.const_array(action.node.inputs[1])
-            if gram is None or weight is None or weight.ndim != 2 or gram.xtx.shape[0] != space.size:
-                continue
-            moment = gram.second_moment
-            rows = np.moveaxis(weight, action.weight_axis, 0).astype(np.float64)  # (K, M)
-            per_unit: dict[int, list[int]] = {}
-            for c in range(space.size):
-                unit = unit_of.get(space.base + c)
-                if unit is not None and not unit.blocked:
-                    per_unit.setdefault(unit.slots[0], []).append(c)
-            scores = {}
-            for first, channels in per_unit.items():
-                w = rows[channels]
-                scores[first] = float(np.sqrt(max(np.sum((moment[np.ix_(channels, channels)] @ w) * w), 0.0)))
-            result[id(action)] = scores
-    return result
-
-
 def _select(
     analysis: Analysis,
-    scored: dict[int, _Scored],
+    scored: dict[int, Scored],
     config: PruneConfig,
     setting: float,
     per_group: dict[int, float] | None = None,
-) -> list[_Scored]:
-    by_group: dict[int, list[_Scored]] = {}
+) -> list[Scored]:
+    by_group: dict[int, list[Scored]] = {}
     for item in scored.values():
         by_group.setdefault(item.unit.group, []).append(item)
     owner = analysis._slot_owner()
-    chosen: list[_Scored] = []
+    chosen: list[Scored] = []
     for group, items in by_group.items():
         candidates = _candidates(items, config, (per_group or {}).get(group, setting))
         if not candidates:
@@ -357,7 +259,7 @@ def _select(
     return chosen
 
 
-def _candidates(items: list[_Scored], config: PruneConfig, setting: float) -> list[_Scored]:
+def _candidates(items: list[Scored], config: PruneConfig, setting: float) -> list[Scored]:
     criterion = config.criterion
     if criterion == "dead":
         return [i for i in items if i.dead]
