@@ -120,8 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write an ORT-format model for onnxruntime mobile, validated")
     exp.add_argument("model")
     exp.add_argument("--format", choices=["ort"], default="ort", help="output format (ORT for onnxruntime mobile)")
-    exp.add_argument("-o", "--output", required=True, help="output directory")
+    exp.add_argument(
+        "-o", "--output", required=True, help="output .ort file (its operator config beside it), or a directory"
+    )
     exp.add_argument("--data", help=".npz of sample inputs to validate on (default: random)")
+    exp.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...", help="fix a dynamic input")
+    exp.add_argument("--no-usability", action="store_true", help="skip onnxruntime's mobile usability checker")
 
     bench = sub.add_parser("bench", help="size, params, MACs, latency and accuracy of models, side by side")
     bench.add_argument("models", nargs="+")
@@ -435,11 +439,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     source = None
     if args.data:
         source = data.as_source(args.data, graph.load(args.model), what="data")
-    result = export_ort(args.model, args.output, data=source)
+    shapes = data.parse_shape_overrides(args.input_shape)
+    result = export_ort(args.model, args.output, data=source, input_shapes=shapes, usability=not args.no_usability)
     print(
         f"wrote {result.ort_path} and {result.config_path}: the ORT model matches the ONNX model on "
         f"{plural(result.samples, 'sample')} (max error {result.max_abs:.3g})"
     )
+    if result.usability:
+        print("mobile execution providers (onnxruntime's usability checker; XNNPACK is not covered):")
+        for support in result.usability:
+            print(f"  {support.describe()}")
     return EXIT_OK
 
 

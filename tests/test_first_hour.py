@@ -480,3 +480,46 @@ def test_torchscript_is_detected_and_converted_with_input_shapes(tmp_path, capsy
         expected = net(torch.from_numpy(x)).numpy()
     got = next(iter(builders.run(converted, {"x": x}).values()))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_writes_the_ort_file_at_o_with_its_config_and_judges_mobile_providers(tmp_path, capsys):
+    import numpy as np
+    import onnxruntime as ort
+
+    from onnxopt.export import mobile_usability
+
+    target = tmp_path / "tiny.ort"
+    argv = ["export", str(TINY / "tiny_mlp.onnx"), "-o", str(target), "--input-shape", "input=1,784"]
+    assert cli.main(argv) == 0
+    out, _ = capsys.readouterr()
+    config = tmp_path / "tiny.required_operators.config"
+    assert (
+        target.is_file()
+        and config.is_file()
+        and sorted(p.name for p in tmp_path.iterdir())
+        == [
+            "tiny.ort",
+            "tiny.required_operators.config",
+        ]
+    )
+    text = config.read_text()
+    assert str((TINY / "tiny_mlp.onnx").resolve()) in text and "onnxopt-export-" not in text  # not a temporary path
+    assert "ai.onnx;13;Gemm" in text
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 784]  # --input-shape fixed it, as NNAPI and CoreML need
+    x = np.load(TINY / "eval.npz")["input"][:1]
+    reference = ort.InferenceSession(str(TINY / "tiny_mlp.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], reference.run(None, {"input": x})[0], atol=1e-5)
+    assert "NNAPI: 5 of 5 nodes in 1 partition; worth trying: YES" in out
+    assert "CoreML MLProgram:" in out and "XNNPACK is not covered" in out
+    dynamic = {s.provider: s for s in mobile_usability(TINY / "tiny_mlp.onnx")}  # batch axis left dynamic
+    assert dynamic["NNAPI"].supported == 0 and dynamic["NNAPI"].dynamic_shape_nodes == 5
+    assert dynamic["NNAPI"].verdict == "NO"
+
+
+def test_export_input_shape_errors_are_one_line(tmp_path, capsys):
+    for shape, fragment in (("inp=1,784", "has no input 'inp'"), ("input=1,785", "fixed size of 784")):
+        code = cli.main(["export", str(TINY / "tiny_mlp.onnx"), "-o", str(tmp_path / "t.ort"), "--input-shape", shape])
+        out, err = capsys.readouterr()
+        assert code == 2 and err.count("\n") == 1 and fragment in err, err
+        assert not (tmp_path / "t.ort").exists()
