@@ -115,3 +115,12 @@ def test_onnxopt_flags_fall_back_and_say_so():
     assert flags == ["--metric", "psnr", "--metric-limit", "40", "--allow-small-eval"]
     assert real.onnxopt_flags(_task("cosine", 0.999), options=OLD)[0] == ["--min-cosine", "0.999"]
     assert {"--metric", "--max-metric-drop", "--max-accuracy-drop", "--min-cosine"} <= real.cli_options()
+
+
+def test_default_tools_by_kind_minus_the_cut():
+    text = real.default_tools("minilm", "text")
+    assert "ort dynamic" in text and "ort bert fusion+dynamic" in text and "onnxopt quant dynamic" in text
+    assert "ort static U8S8" not in text and "onnxopt svd" not in text  # image-only; cut for time
+    image = real.default_tools("resnet20", "image")
+    assert "ort static U8S8" in image and "onnxopt quant" in image and "ort bert fusion" not in image
+    assert all(kind in real.TOOLS[t][1] for kind, tools in (("text", text), ("image", image)) for t in tools)
