@@ -55,6 +55,7 @@ __all__ = ["QuantConfig", "Int8QuantPass"]
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "static", "dynamic", "weight4")
+SCREEN_SLOWER = 1.5  # a recipe this much slower than float in a short first timing is not timed further
 CALIBRATION = ("minmax", "entropy", "percentile")
 OBJECTIVES = ("speed", "size")
 
@@ -120,7 +121,8 @@ class Int8QuantPass(OptPass):
             skipped = [Skip(f"recipe {o.recipe.name}", _line(o, float_us, winner)) for o in outcomes if o is not winner]
             if winner is None:
                 return OptResult(model, modified=False, skipped=[Skip("model", why), *skipped], details=details)
-            graph_io.adopt(model, graph_io.load(search.paths[winner.recipe.name]))
+            # in memory: a >2 GB model's quantized weights may sit in a .data file of the folder removed below
+            graph_io.adopt(model, graph_io.in_memory(graph_io.load(search.paths[winner.recipe.name])))
         what = f"{winner.recipe.describe()} [{winner.recipe.name}]: {_line(winner, float_us, winner)}; {why}"
         changes = [Change("model", what)]
         changes += [Change(name, "kept in float (quantization noise)") for name in winner.fallback]
@@ -152,7 +154,7 @@ class _Search:
                 outcome.note = f"onnxruntime failed: {first_line(e)}"
                 logger.info("quant %s: %s", outcome.recipe.name, outcome.note)
         by_speed = config.objective == "speed"
-        float_us = self.time([o for o in outcomes if not o.note])
+        float_us = self.time([o for o in outcomes if not o.note], screen=by_speed and not config.force)
         if by_speed and not config.force and float_us is not None:
             for o in outcomes:
                 if not o.note and o.latency_us > float_us * (1 - config.margin):
@@ -215,11 +217,27 @@ class _Search:
         outcome.metric = _verdict(report)
         logger.info("quant %s: %s", outcome.recipe.name, outcome.metric)
 
-    def time(self, outcomes: list[Outcome]) -> float | None:
-        """Time float and ``outcomes`` in interleaved rounds; sets their latencies and returns float's."""
+    def time(self, outcomes: list[Outcome], screen: bool = False) -> float | None:
+        """Time float and ``outcomes`` in interleaved rounds; sets their latencies and returns float's.
+
+        With ``screen``, a first 3-round timing drops recipes over :data:`SCREEN_SLOWER` times float's latency
+        (uint8 weights ran EfficientNet-Lite0 6.6x slower than float on an AVX2 CPU: 15 full rounds of it cost
+        minutes); they keep the screen's figures and a note.
+        """
         from onnxopt import runtime
 
         feeds = self.feeds()
+        if screen and self.config.rounds > 3 and outcomes:
+            paths = [self.float_path] + [self.paths[o.recipe.name] for o in outcomes]
+            quick = runtime.measure_latency(paths, feeds, rounds=3, warmup=1)
+            kept = []
+            for outcome, latency in zip(outcomes, quick[1:], strict=True):
+                if latency.median_us > SCREEN_SLOWER * quick[0].median_us:
+                    outcome.latency_us, outcome.spread_us = latency.median_us, (latency.min_us, latency.max_us)
+                    outcome.note = f"over {SCREEN_SLOWER:g}x float's latency in a 3-round screen; not checked"
+                else:
+                    kept.append(outcome)
+            outcomes = kept
         paths = [self.float_path] + [self.paths[o.recipe.name] for o in outcomes]
         measured = runtime.measure_latency(paths, feeds, rounds=self.config.rounds)
         for outcome, latency in zip(outcomes, measured[1:], strict=True):

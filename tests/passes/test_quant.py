@@ -36,12 +36,14 @@ def net(tmp_path):
 
 
 def _timer(monkeypatch, table: dict[str, float], default: float = 1000.0) -> list[list[str]]:
-    """Replace onnxruntime timing by ``table`` (recipe name or "float" → µs); returns the timed model stems."""
+    """Replace onnxruntime timing by ``table`` (recipe name or "float" → µs); returns the model stems of each
+    full timing (the 3-round screens left out)."""
     calls: list[list[str]] = []
 
     def fake(models, feeds, **kwargs):
         stems = [Path(m).stem for m in models]
-        calls.append(stems)
+        if kwargs.get("rounds") != 3:
+            calls.append(stems)
         result = []
         for stem in stems:
             name = "float" if stem == "float" else stem.removeprefix("q_").removesuffix("_fallback")
@@ -218,6 +220,15 @@ def test_recipe_table_in_the_report(net, monkeypatch):
     skips = {s.site: s.reason for s in quick.passes[0].skipped}
     assert "qdq-u8-pc holds the budget and is faster; not checked" in skips["recipe qdq-u8-pt"]
     assert {r["recipe"]: r["passed"] for r in _details(quick)["quant_recipes"]}["qdq-u8-pt"] is None
+
+
+def test_a_far_slower_recipe_is_screened_out_before_full_timing(net, monkeypatch):
+    calls = _timer(monkeypatch, {"float": 100.0, "qdq-u8-pc": 60.0, "qdq-u8u8-pc": 660.0})
+    _, path, data = net
+    report = _run(path, data, QuantConfig(recipes="qdq-u8-pc,qdq-u8u8-pc"))
+    assert calls == [["float", "q_qdq-u8-pc"]]  # the slow one is not in the full timing
+    skips = {s.site: s.reason for s in report.passes[0].skipped}
+    assert "6.60x float" in skips["recipe qdq-u8u8-pc"] and "3-round screen; not checked" in skips["recipe qdq-u8u8-pc"]
 
 
 def test_float_is_kept_when_no_recipe_is_faster(net, monkeypatch):
