@@ -214,11 +214,16 @@ def _image_data(args: argparse.Namespace, *flags: str) -> list[Any]:
     if not folders:
         raise UsageError("--preprocess applies to image folders, but no --data/--eval folder was given")
     pre = images.parse_preprocess(args.preprocess)
-    return [images.ImageFolder(v, pre) if v and Path(v).is_dir() and not is_npz_folder(v) else v for v in values]
+    batch = getattr(args, "batch_size", None)  # None: automatic, by the images' size
+    return [images.ImageFolder(v, pre, batch) if v and Path(v).is_dir() and not is_npz_folder(v) else v for v in values]
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="batch size for dynamic batch axes")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help="batch size for dynamic batch axes (default 16; image folders: up to 16, at most 4 MiB of input)",
+    )
     parser.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...", help="fix a dynamic input")
     parser.add_argument("--seed", type=int, default=0, help="seed for random inputs and passes")
 
@@ -399,7 +404,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         metric = metrics.resolve(args.metric, output=args.metric_output)
     if data_arg:
         pair = metric is not None and metric.pair
-        source = data.as_source(data_arg, original, batch_size=args.batch_size, what="data", pair_labels=pair)
+        source = data.as_source(data_arg, original, batch_size=args.batch_size or 16, what="data", pair_labels=pair)
     else:
         source = data.random_source(original, seed=args.seed, shapes=shapes)
     budget = budget or Budget.default(exact=False, has_labels=source.has_labels)
@@ -536,7 +541,7 @@ def _run(args: argparse.Namespace) -> int:
         eval_data=held_out,
         budget=_budget(args),
         validate=not args.no_validate,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 16,
         input_shapes=data.parse_shape_overrides(args.input_shape),
         seed=args.seed,
         progress=view,

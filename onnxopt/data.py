@@ -139,7 +139,10 @@ def as_source(
     from onnxopt import images  # here, not at the top: images builds on this module (Pillow loads later still)
 
     if isinstance(data, images.ImageFolder):
-        return images.image_source(data.path, data.preprocess, model, batch_size=batch_size, what=what)
+        return images.image_source(
+            data.path, data.preprocess, model, batch_size=data.batch_size or batch_size, what=what,
+            max_batch_bytes=None if data.batch_size else data.max_batch_bytes,
+        )  # fmt: skip
     specs = input_specs(model)
     if isinstance(data, str | os.PathLike):
         if is_npz_folder(data):

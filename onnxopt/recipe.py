@@ -140,7 +140,9 @@ def effective(args: argparse.Namespace, passes: list, budget) -> dict[str, Any]:
     for key in ("preprocess", "metric", "metric_output"):
         if getattr(args, key, None) is not None:
             recipe[key] = getattr(args, key)
-    recipe["batch_size"], recipe["seed"] = args.batch_size, args.seed
+    if args.batch_size is not None:  # None: the default batch (16; for image folders, by the images' size)
+        recipe["batch_size"] = args.batch_size
+    recipe["seed"] = args.seed
     if args.input_shape:
         from onnxopt.data import parse_shape_overrides
 

@@ -317,6 +317,17 @@ def test_image_source_rejects_models_it_cannot_feed(tmp_path, make, pre, message
         images.image_source(folder, pre, model)
 
 
+def test_automatic_batch_size_caps_the_input_bytes_of_a_batch(tmp_path):
+    folder = _classes(tmp_path / "imgs", counts=(7, 6))
+    model = graph.load(builders.save(builders.conv_net(), tmp_path / "net.onnx"))
+    one = 3 * 10 * 10 * 4  # bytes of one preprocessed image
+    capped = data.as_source(images.ImageFolder(folder, PRE10, max_batch_bytes=3 * one + 1), model, batch_size=16)
+    assert [b.size for b in capped] == [3, 3, 3, 3, 1]
+    assert [b.size for b in data.as_source(images.ImageFolder(folder, PRE10), model, batch_size=8)] == [8, 5]
+    given = data.as_source(images.ImageFolder(folder, PRE10, batch_size=5, max_batch_bytes=one), model, batch_size=8)
+    assert [b.size for b in given] == [5, 5, 3]  # a batch size given for the folder wins over the cap
+
+
 def test_as_source_takes_image_folders_and_refuses_a_bare_folder(tmp_path):
     folder = _classes(tmp_path / "imgs")
     model = graph.load(builders.save(builders.conv_net(), tmp_path / "net.onnx"))
