@@ -79,8 +79,9 @@ def test_fp16_models_run_through_the_passes(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((16, 3, 10, 10)).astype(np.float16))
     for passes in ("simplify", "prune", "svd"):
         code = cli.main(
-            ["run", path, "--passes", passes, "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o.onnx")]
-        )
+            ["run", path, "--passes", passes, "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o.onnx"),
+             "--allow-small-eval"]
+        )  # fmt: skip
         out = capsys.readouterr().out
         assert code == 0, out
         assert onnx.load(tmp_path / "o.onnx").graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
@@ -176,7 +177,7 @@ def test_a_pass_exception_leaves_no_temp_files(tmp_path, capsys, monkeypatch):
     np.savez(work / "d.npz", x=np.ones((4, 3, 10, 10), np.float32))
     before = {name: (work / name).read_bytes() for name in os.listdir(work)}
     code = cli.main(["run", model, "--passes", "prune,boom", "--prune-ratio", "0.25", "--data", str(work / "d.npz"),
-                     "-o", str(work / "out.onnx"), "--report", str(work / "r.json")])  # fmt: skip
+                     "--allow-small-eval", "-o", str(work / "out.onnx"), "--report", str(work / "r.json")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 3 and "pass 'boom' failed after ['simplify', 'prune']" in err and len(err.splitlines()) == 1
     assert {name: (work / name).read_bytes() for name in os.listdir(work)} == before and os.listdir(systmp) == []
@@ -206,7 +207,7 @@ def test_same_inputs_and_seed_give_a_byte_identical_model_for_every_pass(case, t
     for index in range(2):
         out = tmp_path / f"out{index}.onnx"
         code = cli.main(["run", model, *passes, *extra, "--data", str(tmp_path / "d.npz"), "--seed", "7", "--force",
-                         "-o", str(out)])  # fmt: skip
+                         "--allow-small-eval", "-o", str(out)])  # fmt: skip
         captured = capsys.readouterr()
         assert code in (0, 1), captured.out + captured.err
         blobs.append(out.read_bytes())
@@ -432,7 +433,8 @@ def test_if_loop_subgraphs_and_local_functions_are_left_untouched(passes, tmp_pa
              "share": ["--share-min-size", "16", "--min-cosine", "0.99"],
              "quant": ["--quant-force", "--min-cosine", "0.99"]}  # fmt: skip
     code = cli.main(["run", path, "--passes", passes, *extra.get(passes, []), "--data", str(tmp_path / "d.npz"),
-                     "-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json")])  # fmt: skip
+                     "--allow-small-eval", "-o", str(tmp_path / "o.onnx"),
+                     "--report", str(tmp_path / "r.json")])  # fmt: skip
     out_text = capsys.readouterr().out
     assert code == 0, out_text
     out = onnx.load(tmp_path / "o.onnx")
@@ -470,7 +472,8 @@ def test_custom_domain_ops_are_skipped_and_reported(tmp_path, capsys):
     path = builders.save(proto, tmp_path / "ms.onnx")
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
     code = cli.main(["run", path, "--passes", "prune", "--prune-ratio", "0.5", "--data", str(tmp_path / "d.npz"),
-                     "--force", "-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json")])  # fmt: skip
+                     "--force", "--allow-small-eval", "-o", str(tmp_path / "o.onnx"),
+                     "--report", str(tmp_path / "r.json")])  # fmt: skip
     out = capsys.readouterr().out
     assert code in (0, 1), out
     report = json.loads((tmp_path / "r.json").read_text())
@@ -546,7 +549,7 @@ def test_a_model_with_external_data_is_optimized_and_written_loadable(args, tmp_
     weights = (tmp_path / "in" / "m.onnx.data").read_bytes()
     (tmp_path / "out").mkdir()  # elsewhere: a copied relative reference to m.onnx.data would not resolve there
     out = tmp_path / "out" / "o.onnx"
-    code = cli.main(["run", str(model), *args, "--data", str(data), "-o", str(out)])
+    code = cli.main(["run", str(model), *args, "--data", str(data), "--allow-small-eval", "-o", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.out + captured.err
     assert os.listdir(tmp_path / "out") == ["o.onnx"]  # a small model: weights inside the file
