@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -276,6 +277,8 @@ def test_bad_labels_for_a_metric(classifier):
 # --- the command line -------------------------------------------------------------------------------------------
 
 USER_METRICS = """
+from pathlib import Path
+
 import numpy as np
 
 
@@ -427,3 +430,33 @@ def test_report_and_summary_of_a_builtin_metric(cli_case, capsys):
     assert m["interval"][0] <= m["drop"] <= m["interval"][1] <= 2.5  # the worse end is within the budget
     assert validation["budget"] == {"max_metric_drop": 2.5, "confidence": 0.9}
     assert "metric top1 on 'y' (higher is better)" in out and "90% interval of the drop" in out
+
+
+@pytest.mark.shared
+def test_stsb_data_keeps_each_pair_on_rows_2k_and_2k_plus_1(shared_dir, tmp_path):
+    """models/stsb_data.py: sentence pairs tokenized one by one land on consecutive rows, gold scores per pair."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import subprocess
+    import sys
+
+    stsb = shared_dir / "data" / "stsb"
+    if not (stsb / "sts-dev.csv").is_file():
+        pytest.skip("../shared/data/stsb is absent")
+    script = Path(__file__).resolve().parents[1] / "models" / "stsb_data.py"
+    out = tmp_path / "dev.npz"
+    tokenizer_file = stsb / "bert_uncased_tokenizer.json"
+    subprocess.run([sys.executable, str(script), "--stsb", str(stsb), "--tokenizer", str(tokenizer_file),
+                    "--split", "dev", "--pairs", "5", "--out", str(out)], check=True, capture_output=True)  # fmt: skip
+    arrays = np.load(out)
+    assert sorted(arrays.files) == ["attention_mask", "input_ids", "labels"]
+    assert arrays["input_ids"].dtype == arrays["attention_mask"].dtype == np.int64
+    rows = [line.split("\t") for line in (stsb / "sts-dev.csv").read_text(encoding="utf-8").splitlines()[:5]]
+    np.testing.assert_allclose(arrays["labels"], [float(r[4]) for r in rows], rtol=1e-6)
+    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+    tokenizer.no_padding()  # the file pads to a fixed length; the script pads to the longest sentence instead
+    for k, row in enumerate(rows):
+        for offset, sentence in enumerate((row[5], row[6])):
+            ids = arrays["input_ids"][2 * k + offset]
+            mask = arrays["attention_mask"][2 * k + offset]
+            assert ids[mask == 1].tolist() == tokenizer.encode(sentence).ids
+            assert (ids[mask == 0] == 0).all()
