@@ -460,3 +460,15 @@ def test_stsb_data_keeps_each_pair_on_rows_2k_and_2k_plus_1(shared_dir, tmp_path
             mask = arrays["attention_mask"][2 * k + offset]
             assert ids[mask == 1].tolist() == tokenizer.encode(sentence).ids
             assert (ids[mask == 0] == 0).all()
+
+
+def test_held_out_split_keeps_pairs_and_their_labels_together():
+    x = np.arange(10, dtype=np.float32)[:, None]
+    first, last, held, total = data.holdout({"x": x, "labels": np.arange(5.0)}, 0.3, unit=2)
+    assert (held, total) == (4, 10)  # the last 2 of 5 pairs
+    np.testing.assert_array_equal(last["x"][:, 0], [6, 7, 8, 9])
+    np.testing.assert_array_equal(last["labels"], [3, 4])
+    np.testing.assert_array_equal(first["labels"], [0, 1, 2])
+    first, last, held, _ = data.holdout({"x": x, "labels": np.arange(10)}, 0.3)
+    assert held == 3 and last["labels"].tolist() == [7, 8, 9] and len(first["x"]) == 7
+    assert data.holdout({"x": x, "labels": np.arange(4)}, 0.3) is None  # a count that fits nothing: as_source says so
