@@ -481,7 +481,8 @@ def _run_for_missing_shapes(model: ir.Model) -> None:
         logger.debug("shape measurement run failed: %s", e)
         return
     for value in missing:
-        value.shape = ir.Shape(list(results[value.name].shape))
+        if isinstance(results[value.name], np.ndarray):  # a sequence value comes back as a list: no shape
+            value.shape = ir.Shape(list(results[value.name].shape))
 
 
 def _graph_values(graph: ir.Graph) -> list[ir.Value]:

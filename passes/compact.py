@@ -47,6 +47,10 @@ class CompactPass(OptPass):
         values: list[ir.Value] = [v for v in graph.initializers.values() if v.name not in keep]
         for node in ir.traversal.RecursiveGraphIterator(graph):
             values.extend(v for v in node.outputs if v.name and v.name not in keep)
+        # initializers leave the table before any is renamed: a new short name may be another one's old name
+        renaming = [v for v in values if v.is_initializer()]
+        for value in renaming:
+            graph.initializers.pop(value.name)
         taken = set(keep)
         counter = 0
         renamed = annotations = 0
@@ -59,17 +63,14 @@ class CompactPass(OptPass):
                 counter += 1
             new = _short(counter)
             counter += 1
-            if value.is_initializer():
-                graph.initializers.pop(value.name)
-                value.name = new
-                graph.initializers.add(value)
-            else:
-                value.name = new
+            value.name = new
             if value.type is not None or value.shape is not None:  # the tensor itself keeps dtype and shape
                 annotations += 1
             value.type = None
             value.shape = None
             renamed += 1
+        for value in renaming:
+            graph.initializers.add(value)
         for index, node in enumerate(ir.traversal.RecursiveGraphIterator(graph)):
             node.name = _short(index)
             node.doc_string = None

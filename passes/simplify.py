@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
@@ -108,6 +109,7 @@ class SimplifyPass(OptPass):
         # Merge equal weights so identical nodes reading them merge too (what onnxruntime's own CSE does with
         # placeholder ConstantOfShape weights), then give every remaining reader of a folded placeholder its
         # own copy again: prune and svd skip shared weights, and the original had none.
+        _contiguous_initializers(model)  # the hash reads raw buffers: a folded Transpose leaves a strided view
         ir_common.DeduplicateHashedInitializersPass()(model)  # sha512, and values compared on a hash match
         ir_common.CommonSubexpressionEliminationPass()(model)
         _fold.unshare(model, {v.name for v in model.graph.initializers.values() if v.name.endswith("_folded")})
@@ -184,6 +186,14 @@ def _rewrite(model: ir.Model) -> None:
     from onnxscript.rewriter.rules import common as rules
 
     rewriter.rewrite(model, pattern_rewrite_rules=[getattr(rules, name) for name in _RULES])
+
+
+def _contiguous_initializers(model: ir.Model) -> None:
+    """Give every in-memory initializer held as a non-contiguous numpy view a contiguous copy."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray) and not tensor.raw.flags.c_contiguous:
+            value.const_value = ir.Tensor(np.ascontiguousarray(tensor.raw), name=tensor.name, dtype=tensor.dtype)
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:
