@@ -36,6 +36,8 @@ import importlib
 import importlib.util
 import logging
 import math
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -445,7 +447,15 @@ def _import(module_name: str, text: str):
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
-        return importlib.import_module(module_name)
+        # MODULE:FUNCTION as `python -m` finds it: the current directory first
+        added = os.getcwd() not in sys.path
+        if added:
+            sys.path.insert(0, os.getcwd())
+        try:
+            return importlib.import_module(module_name)
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
     except UsageError:
         raise
     except BaseException as e:  # a user module may raise anything, SystemExit included, while importing
