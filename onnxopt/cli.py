@@ -379,7 +379,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     )
     for node in result.nodes:
         if node.note:  # If/Loop/Scan: how their subgraphs were counted
-            print(f"{node.name or node.op_type}: {node.note}")
+            print(f"{node.name or '(unnamed)'} ({node.op_type}): {node.note}")
     _print_cost_shapes(result, "--input-shape" if shapes else "declared shapes, a dynamic batch axis 1")
     _print_partial(result)
     unknown = sum(1 for n in result.nodes if n.output_shape is None)

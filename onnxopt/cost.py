@@ -256,19 +256,19 @@ class _Counter:
         if op == "If" and len(bodies) > 1:
             label, macs, ops = max(bodies, key=lambda b: (b[1], b[2]))
             others = ", ".join(f"{b[0]} {b[1]:,}" for b in bodies if b[0] != label)
-            note = f"If: MACs of the larger branch, {label} (other: {others} MACs); parameters of both"
+            note = f"MACs of the larger branch, {label} (other: {others} MACs); parameters of both"
             return NodeCost(node.name or "", op, params, macs, ops, out_shape, note)
         macs, ops = sum(b[1] for b in bodies), sum(b[2] for b in bodies)
         if op in ("Loop", "Scan"):
             trips, why = _loop_trips(node, self.shapes) if op == "Loop" else _scan_trips(node, self.shapes)
             if trips is not None:
                 return NodeCost(
-                    node.name or "", op, params, macs * trips, ops * trips, out_shape, f"{op}: body x {trips} {why}"
+                    node.name or "", op, params, macs * trips, ops * trips, out_shape, f"body x {trips} {why}"
                 )
             if macs or any(u.node.startswith(f"{prefix}{name}/") for u in self.uncounted):
                 self.uncounted.append(Uncounted(prefix + name, op, f"{why}: body counted once"))
-            return NodeCost(node.name or "", op, params, macs, ops, out_shape, f"{op}: body counted once ({why})")
-        note = f"{op}: its {len(bodies)} subgraph(s) counted once each"
+            return NodeCost(node.name or "", op, params, macs, ops, out_shape, f"body counted once ({why})")
+        note = f"its {len(bodies)} subgraph(s) counted once each"
         return NodeCost(node.name or "", op, params, macs, ops, out_shape, note)
 
 

@@ -209,7 +209,7 @@ def test_if_counts_the_larger_branch_and_the_parameters_of_both(tmp_path, capsys
 
     assert cli.main(["inspect", builders.save(proto, tmp_path / "if.onnx"), "--input-shape", "x=3,4"]) == 0
     out = capsys.readouterr().out
-    assert "total: 45 params, 210 MACs" in out and "branch: If: MACs of the larger branch, else_branch" in out
+    assert "total: 45 params, 210 MACs" in out and "branch (If): MACs of the larger branch, else_branch" in out
 
 
 def _loop_model(trip_count, *, constant: bool):
@@ -247,7 +247,7 @@ def test_loop_counts_its_body_per_iteration_when_the_trip_count_is_constant():
     proto = _loop_model(5, constant=True)
     result = cost.estimate(ir.from_proto(proto))
     assert result.macs == 5 * 2 * 6 * 6 and result.params == 36 and not result.macs_partial
-    assert result.nodes[0].note.startswith("Loop: body x 5 iterations")
+    assert result.nodes[0].note.startswith("body x 5 iterations")
     out = builders.run(proto, {"h": np.ones((2, 6), np.float32)})  # the model is valid: it runs
     assert out["y"].shape == (2, 6)
     dynamic = cost.estimate(ir.from_proto(_loop_model(5, constant=False)))
@@ -282,7 +282,7 @@ def test_scan_counts_its_body_per_scanned_element():
         [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")],
     )
     result = cost.estimate(ir.from_proto(proto), input_shapes={"xs": [4, 7]})
-    assert result.macs == 7 * 4 * 3 and result.nodes[0].note.startswith("Scan: body x 7")
+    assert result.macs == 7 * 4 * 3 and result.nodes[0].note.startswith("body x 7")
     unknown = cost.estimate(ir.from_proto(proto))  # T unknown: counted once, partial
     assert unknown.macs == 4 * 3 and unknown.macs_partial
 
