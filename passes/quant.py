@@ -178,9 +178,10 @@ class _Search:
             if self.data is None:
                 outcome.note = "misses the budget (no calibration data for a float fallback)"
                 continue
-            beaten = [p for p in live if p.passed and _better(p, outcome, by_speed, config.margin)]
+            # a fallback only adds float layers: a recipe no faster (by the margin) than one that already holds
+            # the budget can at best tie with it, and repairing it costs up to log2(max_fallback) checks
+            beaten = [p for p in live if p.passed and _better(p, outcome, by_speed, -config.margin)]
             if beaten:
-                # a fallback only adds float layers: it cannot make this recipe beat one that already holds
                 outcome.note = f"{beaten[0].recipe.name} holds the budget and is faster; no fallback tried"
                 continue
             self.fallback(outcome)
