@@ -184,12 +184,17 @@ class Outcome:
     metric: str = ""  # the check's verdict in words
     latency_us: float | None = None
     spread_us: tuple[float, float] | None = None
+    float_us: float | None = None  # float's latency in the same interleaved timing (ratios are within one timing)
     bytes: int | None = None
     fallback: list[str] = dataclasses.field(default_factory=list)  # nodes kept float
     note: str = ""  # why it was not chosen / not checked / failed
 
-    def to_json(self, float_us: float | None) -> dict:
-        ratio = self.latency_us / float_us if self.latency_us and float_us else None
+    def ratio(self) -> float | None:
+        """Latency over float's, both from the same interleaved timing."""
+        return self.latency_us / self.float_us if self.latency_us and self.float_us else None
+
+    def to_json(self) -> dict:
+        ratio = self.ratio()
         return {
             "recipe": self.recipe.name,
             "description": self.recipe.describe(),
@@ -246,16 +251,18 @@ def choose(
         if not valid:
             return None, _misses(outcomes)
         return min(valid, key=rank), "not timed"
-    eligible = timed if force else [o for o in timed if o.latency_us <= float_us * (1 - margin)]
+    faster = lambda o: o.latency_us <= (o.float_us or float_us) * (1 - margin)  # noqa: E731  (within one timing)
+    eligible = timed if force else [o for o in timed if faster(o)]
     if not eligible:
-        fast = [o for o in outcomes if o.latency_us is not None and o.latency_us <= float_us * (1 - margin)]
+        fast = [o for o in outcomes if o.latency_us is not None and faster(o)]
         if fast:
             return None, _misses(fast, f" of the recipes {margin:.0%} faster than float")
         best = min((o for o in outcomes if o.latency_us is not None), key=lambda o: o.latency_us, default=None)
         if best is None:
             return None, _misses(outcomes)
+        reference = best.float_us or float_us
         return None, (f"int8 is not {margin:.0%} faster than float with any recipe (fastest {best.recipe.name}: "
-                      f"{best.latency_us:.0f} us vs {float_us:.0f} us float); use --quant-force")  # fmt: skip
+                      f"{best.latency_us:.0f} us vs {reference:.0f} us float); use --quant-force")  # fmt: skip
     fastest = min(o.latency_us for o in eligible)
     tied = [o for o in eligible if o.latency_us <= fastest * (1 + margin)]
     winner = min(tied, key=rank)

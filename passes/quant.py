@@ -235,6 +235,7 @@ class _Search:
             for outcome, latency in zip(outcomes, quick[1:], strict=True):
                 if latency.median_us > SCREEN_SLOWER * quick[0].median_us:
                     outcome.latency_us, outcome.spread_us = latency.median_us, (latency.min_us, latency.max_us)
+                    outcome.float_us = quick[0].median_us
                     outcome.note = f"over {SCREEN_SLOWER:g}x float's latency in a 3-round screen; not checked"
                 else:
                     kept.append(outcome)
@@ -243,6 +244,7 @@ class _Search:
         measured = runtime.measure_latency(paths, feeds, rounds=self.config.rounds)
         for outcome, latency in zip(outcomes, measured[1:], strict=True):
             outcome.latency_us, outcome.spread_us = latency.median_us, (latency.min_us, latency.max_us)
+            outcome.float_us = measured[0].median_us
         logger.info("quant float latency %.0f us; %s", measured[0].median_us,
                     ", ".join(f"{o.recipe.name} {o.latency_us:.0f} us" for o in outcomes))  # fmt: skip
         return measured[0].median_us
@@ -317,6 +319,7 @@ def _verdict(report) -> str:
 
 def _line(outcome: Outcome, float_us: float | None, winner: Outcome | None = None) -> str:
     parts = []
+    float_us = outcome.float_us or float_us  # float's latency in the timing that measured this recipe
     if outcome.latency_us is not None and float_us:
         low, high = outcome.spread_us or (outcome.latency_us, outcome.latency_us)
         parts.append(f"latency {outcome.latency_us / float_us:.2f}x float ({outcome.latency_us:.0f} us, "
@@ -336,7 +339,7 @@ def _line(outcome: Outcome, float_us: float | None, winner: Outcome | None = Non
 
 def _details(float_us, outcomes: list[Outcome], winner: Outcome | None, batch_shape) -> dict:
     return {
-        "quant_recipes": [o.to_json(float_us) for o in outcomes],
+        "quant_recipes": [o.to_json() for o in outcomes],
         "quant_chosen": winner.recipe.name if winner is not None else None,
         "quant_float_latency_us": None if float_us is None else round(float_us, 1),
         "quant_latency_feeds": batch_shape,
