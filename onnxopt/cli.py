@@ -276,12 +276,12 @@ def _quiet_libraries() -> None:
     """Keep onnxscript's and onnxruntime's warnings off stderr (``--verbose`` or ``--debug`` show them)."""
     for name in ("onnxscript", "onnxruntime", "onnx_ir", "tf2onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import onnxruntime
+    import onnxruntime
 
-        onnxruntime.set_default_logger_severity(3)  # its C++ log ("[W:onnxruntime:...]" in colour) goes to fd 2
-    except ImportError:  # pragma: no cover - a core dependency
-        pass
+    from onnxopt import runtime
+
+    onnxruntime.set_default_logger_severity(4)  # its C++ log ("[W:onnxruntime:...]" in colour) goes to fd 2
+    runtime.LOG_SEVERITY = 4  # a failed run is raised (one line), not also logged
 
 
 class _Signals:

@@ -25,6 +25,10 @@ from onnxopt import graph as graph_io
 
 __all__ = ["Session", "check_runs", "Latency", "measure_latency", "TimingFeeds", "latency_feeds"]
 
+# onnxruntime's C++ log level for onnxopt's sessions: 3 errors only; the CLI sets 4 (fatal only) without
+# --verbose, as a failed run is raised as an exception anyway and its coloured log line would be a second one
+LOG_SEVERITY = 3
+
 _UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\(-?\d+\) is not a registered function/op")
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
 
@@ -48,7 +52,7 @@ class Session:
         )
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = LOG_SEVERITY
         self.path = path
         self.inner = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.inner.get_inputs()]
