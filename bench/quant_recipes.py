@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         default="static",
         help="onnxruntime's quantize_static U8S8 per-channel, or quantize_dynamic (S8 weights)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from onnxopt.runtime import measure_latency
 
