@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -31,6 +31,9 @@ import onnx_ir as ir
 from onnxopt.data import DataSource
 from onnxopt.errors import CalibrationError
 from onnxopt.runtime import Session
+
+if TYPE_CHECKING:
+    from onnxopt.executor import Executor
 
 __all__ = [
     "STATS_KEY",
@@ -188,6 +191,24 @@ class ChannelReducer:
         self.samples += array.shape[0] if axis != 0 else 1
         self.count += flat.shape[1]
 
+    def merge(self, other: ChannelReducer) -> None:
+        """Fold ``other``'s state (the same value over other batches) into this one: sums add, extremes combine."""
+        if other._state is not None:
+            if self._state is None:
+                self._state = {key: array.copy() for key, array in other._state.items()}
+            elif self._state["sum"].shape != other._state["sum"].shape:
+                raise CalibrationError(
+                    f"value '{self.name}': {other._state['sum'].shape[0]} channels in one part, "
+                    f"{self._state['sum'].shape[0]} in another"
+                )
+            else:
+                for key in ("zeros", "pos", "sum", "abs", "sq"):
+                    self._state[key] += other._state[key]
+                np.minimum(self._state["min"], other._state["min"], out=self._state["min"])
+                np.maximum(self._state["max"], other._state["max"], out=self._state["max"])
+        self.samples += other.samples
+        self.count += other.count
+
     def result(self) -> ChannelStats:
         if self._state is None or self.count == 0:
             raise CalibrationError(f"value '{self.name}': no data was collected")
@@ -248,6 +269,18 @@ class GramReducer:
         self._xtx += rows.T @ rows
         self._sum += rows.sum(axis=0)
         self.rows += rows.shape[0]
+
+    def merge(self, other: GramReducer) -> None:
+        """Fold ``other``'s state (the same node over other batches) into this one: the matrices and sums add."""
+        if other._xtx is not None:
+            if self._xtx is None:
+                self._xtx, self._sum = other._xtx.copy(), other._sum.copy()
+            elif self._xtx.shape != other._xtx.shape:
+                raise CalibrationError(f"node '{self.node_name}': input rows of different lengths in two parts")
+            else:
+                self._xtx += other._xtx
+                self._sum += other._sum
+        self.rows += other.rows
 
     def result(self) -> GramStats:
         if self._xtx is None:
@@ -313,8 +346,12 @@ def collect_stats(
     *,
     channel_axis: int = 1,
     progress: Callable[[int, int | None], None] | None = None,
+    executor: Executor | None = None,
 ) -> StatsTable:
     """Run ``model`` over ``data`` and reduce the requested values and Gram matrices.
+
+    With an ``executor`` (:mod:`onnxopt.executor`, e.g. Ray), the batches are folded in shards, each into fresh
+    reducers, and the shards' reducers merged in batch order; ``None`` folds them all here.
 
     Raises:
         CalibrationError: a requested value or node does not exist, or no batch arrived.
@@ -339,18 +376,22 @@ def collect_stats(
     input_names = {v.name for v in graph.inputs}
     exposed = sorted(needed - input_names)
 
-    session = Session(expose(model, exposed)) if exposed else None
-    samples = 0
-    for batch in data:
-        outputs = session.run(batch.feeds, exposed) if session is not None else {}
-        outputs.update({name: batch.feeds[name] for name in needed & input_names})
-        for name, reducer in channel_reducers.items():
-            reducer.update(outputs[name])
-        for value_name, reducer in gram_reducers.values():
-            reducer.update(outputs[value_name])
-        samples += batch.size
-        if progress is not None:
-            progress(samples, data.samples)
+    if executor is not None:
+        samples = _collect_sharded(
+            executor,
+            expose(model, exposed) if exposed else model,
+            data,
+            progress,
+            (exposed, needed, input_names, channel_reducers, gram_reducers),
+        )
+    else:
+        session = Session(expose(model, exposed)) if exposed else None
+        samples = 0
+        for batch in data:
+            _fold_batch(batch, session, exposed, needed, input_names, channel_reducers, gram_reducers)
+            samples += batch.size
+            if progress is not None:
+                progress(samples, data.samples)
     if samples == 0:
         raise CalibrationError(f"no calibration batch arrived from {data.description}")
     table = StatsTable(samples=samples, source=data.description)
@@ -360,6 +401,41 @@ def collect_stats(
         "statistics: %d values, %d Gram matrices over %d samples", len(table.channels), len(table.grams), samples
     )
     return table
+
+
+def _fold_batch(batch, session, exposed, needed, input_names, channel_reducers, gram_reducers) -> None:
+    """Run one batch and fold the requested values into the reducers."""
+    outputs = session.run(batch.feeds, exposed) if session is not None else {}
+    outputs.update({name: batch.feeds[name] for name in needed & input_names})
+    for name, reducer in channel_reducers.items():
+        reducer.update(outputs[name])
+    for value_name, reducer in gram_reducers.values():
+        reducer.update(outputs[value_name])
+
+
+def _stats_shard(session: Session, batches, init_args) -> tuple[int, dict, dict]:
+    """An executor's shard: fold ``batches`` into the (fresh, unshared) reducers of ``init_args``."""
+    exposed, needed, input_names, channel_reducers, gram_reducers = init_args
+    samples = 0
+    for batch in batches:
+        _fold_batch(batch, session if exposed else None, exposed, needed, input_names, channel_reducers, gram_reducers)
+        samples += batch.size
+    return samples, channel_reducers, gram_reducers
+
+
+def _collect_sharded(executor: Executor, model: ir.Model, data: DataSource, progress, init_args) -> int:
+    """Fold ``data`` in the executor's shards and merge each shard's reducers, in batch order, into ``init_args``'."""
+    _, _, _, channel_reducers, gram_reducers = init_args
+    samples = 0
+    for shard_samples, shard_channels, shard_grams in executor.map_batches(
+        model, data, _stats_shard, init_args, progress=progress
+    ):
+        samples += shard_samples
+        for name, reducer in channel_reducers.items():
+            reducer.merge(shard_channels[name])
+        for name, (_, reducer) in gram_reducers.items():
+            reducer.merge(shard_grams[name][1])
+    return samples
 
 
 def attach_stats(model: ir.Model, table: StatsTable) -> None:
