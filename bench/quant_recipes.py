@@ -52,12 +52,13 @@ def _reference(model: Path, calib: dict[str, np.ndarray], dst: Path, peer: str) 
     return dst
 
 
-def _outputs(path: Path, feeds: dict[str, np.ndarray], batch: int = 16) -> np.ndarray:
+def _outputs(path: Path, feeds: dict[str, np.ndarray], output: str | None, batch: int = 16) -> np.ndarray:
     from onnxopt.runtime import Session
 
     session = Session(path, optimize=True)
     total = len(next(iter(feeds.values())))
-    parts = [session.run({k: v[i : i + batch] for k, v in feeds.items()})[session.output_names[0]]
+    name = output or session.output_names[0]
+    parts = [session.run({k: v[i : i + batch] for k, v in feeds.items()}, [name])[name]
              for i in range(0, total, batch)]  # fmt: skip
     return np.concatenate(parts)
 
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--eval-samples", type=int, default=600)
+    parser.add_argument("--output", help="the output to score (default: the first)")
     parser.add_argument(
         "--peer",
         choices=("static", "dynamic"),
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
         scores = {}
         base = None
         for name, path in models.items():
-            out = _outputs(path, evaluation)
+            out = _outputs(path, evaluation, args.output)
             if labels is not None and labels.dtype.kind == "f":  # STS-B pairs: Spearman of pooled cosines
                 scores[name] = f"Spearman {_spearman(out, evaluation.get('attention_mask'), labels):.2f}"
             elif labels is not None:
