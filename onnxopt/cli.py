@@ -43,49 +43,66 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxopt", description="Make ONNX models small and fast: prune, split, svd, quant.")
+    parser.add_argument("--version", action="version", version=f"onnxopt {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log one line per pass and stage")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="optimize a model with a list of passes and validate the result")
-    run.add_argument("model", help="input .onnx model (never overwritten)")
-    run.add_argument("--passes", default="", help="comma-separated pass names, in order (see 'onnxopt passes')")
-    run.add_argument("-o", "--output", required=True, help="output .onnx path")
+    run = sub.add_parser(
+        "run",
+        help="optimize a model with a list of passes and validate the result",
+        usage="onnxopt run MODEL --passes P1,P2,... -o OUT [--data DATA] [--eval DATA] [options]",
+        description=_RUN_DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    run.add_argument("model", metavar="MODEL", help="input .onnx model (never overwritten)")
+    run.add_argument("--passes", default="", metavar="P1,P2,...", help="pass names, in order (see 'onnxopt passes')")
+    run.add_argument("-o", "--output", required=True, metavar="OUT", help="output .onnx path")
     run.add_argument(
         "--data",
+        metavar="DATA",
         help="calibration data: .npz keyed by input name (optional 'labels'), a folder of .npz files (one feed "
         "each), or a folder of images. An .npz whose every array has one axis more than its input's full shape "
         "holds stacked feeds (axis 0 indexes the feed: recurrent states, scalars, shape inputs); arrays of the "
         "input's own rank hold samples on the batch axis",
     )
     run.add_argument(
-        "--eval", help="held-out evaluation data (as --data: .npz, .npz folder or image folder) for validation"
+        "--eval",
+        metavar="DATA",
+        help="held-out evaluation data (as --data: .npz, .npz folder or image folder) for validation",
     )
-    _add_preprocess_option(run)
-    run.add_argument("--report", help="write the JSON report here")
-    run.add_argument("--html", help="write a self-contained HTML report here (plots need the 'report' extra)")
-    run.add_argument("--force", action="store_true", help="write the model even when validation fails")
+    run.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
+    run.add_argument(
+        "--html", metavar="FILE.html", help="write a self-contained HTML report here (needs the 'report' extra)"
+    )
+    # the first screen of `run --help` is the options above and below; the rest goes into groups after it
+    data_options = run.add_argument_group("data")
+    checks = run.add_argument_group("validation and output")
+    _add_preprocess_option(data_options)
+    checks.add_argument("--force", action="store_true", help="write the model even when validation fails")
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress, no table)")
     run.add_argument(
         "--config",
         metavar="RECIPE.toml",
         help="passes, options, budget, metric and data from a TOML recipe (flags given here win; see README)",
     )
-    run.add_argument(
+    data_options.add_argument(
         "--allow-small-eval",
         action="store_true",
         help=f"judge lossy passes on fewer than {MIN_EVAL_SAMPLES} evaluation samples (refused by default)",
     )
-    run.add_argument("--no-validate", action="store_true", help="skip the final validation")
-    run.add_argument("--latency", action="store_true", help="measure onnxruntime latency before and after")
-    run.add_argument("--no-simplify", action="store_true", help="don't wrap the passes in the lossless 'simplify' pass")
-    run.add_argument(
+    checks.add_argument("--no-validate", action="store_true", help="skip the final validation")
+    checks.add_argument("--latency", action="store_true", help="measure onnxruntime latency before and after")
+    checks.add_argument(
+        "--no-simplify", action="store_true", help="don't wrap the passes in the lossless 'simplify' pass"
+    )
+    checks.add_argument(
         "--keep-initializer-inputs",
         action="store_true",
         help="keep weights that the model lists as graph inputs overridable (simplify leaves them)",
     )
+    _add_data_options(data_options)
     _add_budget_options(run)
-    _add_data_options(run)
     _add_pass_options(run)
 
     inspect = sub.add_parser("inspect", help="per-layer shapes, parameters and MACs")
@@ -139,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser("passes", help="list the registered passes")
+    for command in sub.choices.values():  # `onnxopt run ... -v` as well as `onnxopt -v run ...`
+        # SUPPRESS: when absent here, the value given (or not) before the sub-command stands
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log one line per pass and stage")  # fmt: skip
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks and debug logs")  # fmt: skip
     return parser
 
 
@@ -222,10 +245,46 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size",
         type=_positive_int,
+        metavar="N",
         help="batch size for dynamic batch axes (default 16; image folders: up to 16, at most 4 MiB of input)",
     )
     parser.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...", help="fix a dynamic input")
-    parser.add_argument("--seed", type=int, default=0, help="seed for random inputs and passes")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed for random inputs and passes")
+
+
+_RUN_DESCRIPTION = """\
+Optimize MODEL with the passes named, validate the result against MODEL and write it to OUT.
+
+  onnxopt run model.onnx --passes prune,quant --data calib.npz --eval eval.npz -o out.onnx
+
+Lossy passes (prune, split, svd, quant, share) search the strongest setting within the error budget: by
+default 0.5 pp of accuracy when the data has labels, else a per-sample cosine of 0.999; runs of exact passes
+only must match to 1e-5. --config reads all of it from a recipe file.
+"""
+_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """A wider option column, the description's line breaks kept, and "(default: X)" where a default means
+    something (not on switches or options that default to "not given")."""
+
+    def __init__(self, prog: str) -> None:
+        width = min(shutil.get_terminal_size((100, 24)).columns, 110)
+        super().__init__(prog, max_help_position=34, width=width)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == "" or default == argparse.SUPPRESS
+        if not action.option_strings or "default" in text or unset:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _version() -> str:
+    from onnxopt import __version__
+
+    return __version__
 
 
 def _add_pass_options(parser: argparse.ArgumentParser) -> None:
@@ -239,19 +298,25 @@ def _add_pass_options(parser: argparse.ArgumentParser) -> None:
         fields = dataclasses.fields(cls.config_class)
         if not fields:
             continue
-        group = parser.add_argument_group(f"'{name}' pass options")
+        group = parser.add_argument_group(f"'{name}' pass options", cls.summary())
         for field in fields:
             flag = f"--{name}-{field.name.replace('_', '-')}"
-            help_text = field.metadata.get("help", "")
+            help_text = field.metadata.get("help", "").replace("%", "%%")
             default = field.default if field.default is not dataclasses.MISSING else None
             dest = f"pass__{name}__{field.name}"
+            # the flags default to None ("not given", so only given options reach the pass); the help shows the
+            # pass's own default
             if isinstance(default, bool):
+                help_text += f" (default: {'on' if default else 'off'})"
                 group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
                 kind = type(default) if default is not None else str
+                if default not in (None, ""):
+                    help_text += f" (default: {default})"
                 group.add_argument(
-                    flag, dest=dest, type=kind, default=None, choices=field.metadata.get("choices"), help=help_text
-                )
+                    flag, dest=dest, type=kind, default=None, choices=field.metadata.get("choices"), help=help_text,
+                    metavar=None if field.metadata.get("choices") else _METAVARS.get(kind, "TEXT"),
+                )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

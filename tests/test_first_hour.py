@@ -523,3 +523,49 @@ def test_export_input_shape_errors_are_one_line(tmp_path, capsys):
         out, err = capsys.readouterr()
         assert code == 2 and err.count("\n") == 1 and fragment in err, err
         assert not (tmp_path / "t.ort").exists()
+
+
+def _run_help() -> str:
+    import contextlib
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(["run", "--help"])
+    assert exit_.value.code == 0
+    return buffer.getvalue()
+
+
+def test_run_help_leads_with_the_common_case_and_shows_defaults():
+    text = _run_help()
+    assert "PASS__" not in text and "BATCH_SIZE" not in text and "OUTPUT" not in text  # plain metavars
+    first_screen = "\n".join(text.splitlines()[:40])
+    assert first_screen.startswith("usage: onnxopt run MODEL --passes P1,P2,... -o OUT")
+    assert "onnxopt run model.onnx --passes prune,quant --data calib.npz --eval eval.npz -o out.onnx" in first_screen
+    for flag in ("--passes P1,P2,...", "-o OUT, --output OUT", "--data DATA", "--eval DATA", "--config RECIPE.toml"):
+        assert flag in first_screen, flag
+    assert "'prune' pass options" not in first_screen  # pass options come after the common ones
+    sections = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    passes = [s for s in sections if s.endswith("pass options:")]
+    assert passes[:2] == ["'simplify' pass options:", "'prune' pass options:"]
+    flat = " ".join(text.split())
+    assert "--prune-ratio X ratio: fraction per layer (<0: search) (default: -1.0)" in flat
+    assert "--prune-align N" in flat and "(default: 8)" in flat
+    assert "--svd-data-aware, --no-svd-data-aware whiten with the input Gram matrix (default: on)" in flat
+    assert "--seed N seed for random inputs and passes (default: 0)" in flat
+    assert "re-fit every linear layer downstream" in flat  # as the README says
+
+
+def test_version_and_verbose_after_the_sub_command(capsys):
+    from onnxopt import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"onnxopt {__version__}"
+    parser = cli.build_parser()
+    after = parser.parse_args(["run", "m.onnx", "-o", "o.onnx", "-v", "--debug"])
+    before = parser.parse_args(["-v", "run", "m.onnx", "-o", "o.onnx"])
+    neither = parser.parse_args(["inspect", "m.onnx"])
+    assert (after.verbose, after.debug) == (True, True)
+    assert (before.verbose, before.debug) == (True, False)
+    assert (neither.verbose, neither.debug) == (False, False)
+    assert parser.parse_args(["inspect", "m.onnx", "-v"]).verbose
