@@ -49,6 +49,7 @@ __all__ = [
     "adopt",
     "temporary_model_file",
     "external_data_files",
+    "in_memory",
     "make_temp_dir",
     "remove_stale_temp_dirs",
 ]
@@ -361,6 +362,12 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if tensor is None:
         return None
     return tensor.numpy()
+
+
+def in_memory(model: ir.Model) -> ir.Model:
+    """``model`` with every weight read from its external-data file into memory (the file may then go)."""
+    ir.external_data.load_to_model(model)
+    return model
 
 
 def fresh_name(graph: ir.Graph, base: str) -> str:
