@@ -56,8 +56,23 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     proto.ir_version = min(max(proto.ir_version, 7), graph_io.MAX_IR_VERSION)
     # stale or initializer value_info trips the quantizers' strict shape inference when they rewrite weights
     del proto.graph.value_info[:]
-    onnx.save(proto, str(dst))
+    if _large(proto):  # protobuf cannot serialize 2 GB: the weights go to <dst>.data
+        onnx.save(proto, str(dst), save_as_external_data=True, location=Path(dst).name + ".data")
+    else:
+        onnx.save(proto, str(dst))
     return Path(dst)
+
+
+def _large(proto: onnx.ModelProto) -> bool:
+    try:
+        return proto.ByteSize() > graph_io.EXTERNAL_DATA_THRESHOLD
+    except Exception:  # noqa: BLE001 - protobuf's EncodeError: it cannot even size a message over 2 GB
+        return True
+
+
+def _external(path: str | os.PathLike) -> bool:
+    """Whether the model file at ``path`` keeps its weights in external data (onnxruntime's quantizers must too)."""
+    return bool(graph_io.external_data_files(path))
 
 
 def _flatten_gemm_bias(proto: onnx.ModelProto) -> None:
@@ -161,26 +176,36 @@ def quantize_static(
             nodes_to_exclude=list(exclude) or None,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "QuantizeBias": quantize_bias},
             calibration_cache_path=None if calibration_cache is None else str(calibration_cache),
+            use_external_data_format=_external(src),
         )  # fmt: skip
     return Path(dst)
 
 
 def quantize_dynamic(
-    src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = False, exclude: Sequence[str] = ()
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    per_channel: bool = False,
+    exclude: Sequence[str] = (),
+    unsigned_weights: bool | None = None,
 ) -> Path:
     """Dynamic quantization: int8 weights, activations quantized at run time (MatMul/Gemm/... ).
 
-    The nodes named in ``exclude`` stay float.
+    The nodes named in ``exclude`` stay float. ``unsigned_weights``: uint8 (True) or int8 (False) weights; by
+    default uint8 per tensor and int8 per channel.
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     # unsigned weights: signed per-channel dynamic Conv is far slower here (../shared/FINDINGS.md)
-    weight = QuantType.QInt8 if per_channel else QuantType.QUInt8
+    if unsigned_weights is None:
+        unsigned_weights = not per_channel
+    weight = QuantType.QUInt8 if unsigned_weights else QuantType.QInt8
     with _quiet_root():
         ort_quantize_dynamic(
-            str(src), str(dst), per_channel=per_channel, weight_type=weight, nodes_to_exclude=list(exclude) or None
-        )
+            str(src), str(dst), per_channel=per_channel, weight_type=weight, nodes_to_exclude=list(exclude) or None,
+            use_external_data_format=_external(src),
+        )  # fmt: skip
     return Path(dst)
 
 

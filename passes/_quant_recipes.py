@@ -57,7 +57,7 @@ class Recipe:
             return "4-bit MatMul weights (MatMulNBits)"
         weights = "per-channel" if self.per_channel else "per-tensor"
         if self.kind == "dynamic":
-            return f"dynamic int8, {weights} weights"
+            return f"dynamic int8, {weights} {'uint8' if self.unsigned_weights else 'int8'} weights"
         acts = "uint8" if self.unsigned else "int8"
         kind = "7-bit int8" if self.reduce_range else "uint8" if self.unsigned_weights else "int8"
         return f"int8 {'QDQ' if self.fmt == 'qdq' else 'QOperator'}, {acts} activations, {weights} {kind} weights"
@@ -75,7 +75,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("qdq-u8-pc-r7", "static", "qdq", unsigned=True, per_channel=True, reduce_range=True),
     Recipe("qop-u8-pc", "static", "qoperator", unsigned=True, per_channel=True),
     Recipe("dyn-pc", "dynamic", per_channel=True),
-    Recipe("dyn-pt", "dynamic", per_channel=False),
+    Recipe("dyn-pt", "dynamic", per_channel=False, unsigned_weights=True),
+    Recipe("dyn-s8-pt", "dynamic", per_channel=False),  # onnxruntime's quantize_dynamic default
     Recipe("w4", "weight4", per_channel=False),
 )
 BY_NAME = {r.name: r for r in RECIPES}
@@ -144,7 +145,7 @@ def candidates(
             continue
         if per_tensor and recipe.per_channel and recipe.kind != "weight4":
             continue
-        if (recipe.unsigned_weights or recipe.reduce_range) and not saturates:
+        if recipe.kind == "static" and (recipe.unsigned_weights or recipe.reduce_range) and not saturates:
             continue
         if recipe.fmt == "qoperator" and (not recipe.unsigned or prof.convs == 0):
             continue

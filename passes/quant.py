@@ -193,7 +193,10 @@ class _Search:
     def quantize(self, recipe: Recipe, exclude, stem: str) -> Path:
         dst = self.tmp / f"{stem}.onnx"
         if recipe.kind == "dynamic":
-            return q.quantize_dynamic(self.float_path, dst, per_channel=recipe.per_channel, exclude=exclude)
+            return q.quantize_dynamic(
+                self.float_path, dst, per_channel=recipe.per_channel, exclude=exclude,
+                unsigned_weights=recipe.unsigned_weights,
+            )  # fmt: skip
         if recipe.kind == "weight4":
             return q.quantize_weight4(self.float_path, dst)
         return q.quantize_static(

@@ -97,12 +97,13 @@ def test_recipe_enumeration_prunes_by_model_and_objective(net):
         "qdq-u8-pc", "qdq-u8-pt", "qdq-s8-pc", "qdq-s8-pt", "qdq-u8u8-pc", "qdq-u8-pc-r7", "qop-u8-pc"
     ]  # fmt: skip
     # MatMul models: static QDQ and dynamic int8, no QOperator; 4-bit weights only as a size option
-    assert _vnni_names(dense) == ["qdq-u8-pc", "qdq-u8-pt", "qdq-s8-pc", "qdq-s8-pt", "dyn-pc", "dyn-pt"]
+    assert _vnni_names(dense) == ["qdq-u8-pc", "qdq-u8-pt", "qdq-s8-pc", "qdq-s8-pt", "dyn-pc", "dyn-pt", "dyn-s8-pt"]
     assert _vnni_names(dense, objective="size")[-1] == "w4" and "w4" not in _vnni_names(dense)
-    assert _vnni_names(dense, has_data=False) == ["dyn-pc", "dyn-pt"]
+    assert _vnni_names(dense, has_data=False) == ["dyn-pc", "dyn-pt", "dyn-s8-pt"]
     assert _vnni_names(conv, has_data=False) == []
     assert _names(conv, per_tensor=True) == ["qdq-u8-pt", "qdq-s8-pt"]
-    assert _names(conv, mode="dynamic") == ["dyn-pc", "dyn-pt"]  # asked for explicitly: tried even on a conv net
+    # asked for explicitly: tried even on a conv net
+    assert _names(conv, mode="dynamic") == ["dyn-pc", "dyn-pt", "dyn-s8-pt"]
     assert _names(dense, mode="weight4") == ["w4"]
     assert _names(conv, names=["qdq-s8-pc", "qop-u8-pc", "qdq-s8-pc"]) == ["qdq-s8-pc", "qop-u8-pc"]
     with pytest.raises(ValueError, match="unknown quant recipe"):
@@ -274,7 +275,7 @@ def _matmul_model():
     )
 
 
-@pytest.mark.parametrize("winner", ["dyn-pc", "dyn-pt"])
+@pytest.mark.parametrize("winner", ["dyn-pc", "dyn-pt", "dyn-s8-pt"])
 def test_dynamic_int8_wins_on_a_matmul_model(winner, tmp_path, monkeypatch):
     _timer(monkeypatch, {"float": 100.0, winner: 40.0}, default=70.0)
     proto = _matmul_model()
@@ -291,6 +292,7 @@ def test_dynamic_int8_wins_on_a_matmul_model(winner, tmp_path, monkeypatch):
     inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
     int8_weights = [a for a in inits.values() if a.dtype in (np.int8, np.uint8) and a.ndim == 2]
     assert len(int8_weights) == 2
+    assert {a.dtype for a in int8_weights} == {np.dtype(np.uint8 if winner == "dyn-pt" else np.int8)}
     scales = [a for n, a in inits.items() if n.endswith("_scale") and a.dtype == np.float32]
     assert any(s.size > 1 for s in scales) == (winner == "dyn-pc")  # per output channel
     ref, got = builders.run(proto, {"x": x})["y"], builders.run(out, {"x": x})["y"]
