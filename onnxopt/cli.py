@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"judge lossy passes on fewer than {MIN_EVAL_SAMPLES} evaluation samples (refused by default)",
     )
     checks.add_argument("--no-validate", action="store_true", help="skip the final validation")
+    run.add_argument(
+        "--executor",
+        default="local",
+        metavar="local|ray[:ADDRESS]",
+        help="where calibration statistics are collected: 'local' (default, this process), 'ray' (a local Ray "
+        "instance over this machine's CPUs) or 'ray:HOST:PORT' (a running Ray cluster); Ray needs onnxopt[ray]",
+    )
     checks.add_argument("--latency", action="store_true", help="measure onnxruntime latency before and after")
     checks.add_argument(
         "--no-simplify", action="store_true", help="don't wrap the passes in the lossless 'simplify' pass"
@@ -615,6 +622,7 @@ def _run(args: argparse.Namespace) -> int:
         metric_output=args.metric_output,
         holdout=HOLDOUT,  # without --eval, lossy passes are judged on the last 30% of --data
         min_eval_samples=0 if args.allow_small_eval else MIN_EVAL_SAMPLES,
+        executor=args.executor,
     )
     if not passes:  # it would only copy the model; the model and the data are still read, so their errors come first
         manager.validate = False

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import os
 import shutil
 import socket
@@ -98,7 +99,8 @@ class RayExecutor:
             (``None``: Ray's count of this machine's CPUs).
         max_in_flight: tasks submitted and not yet finished at any time (default: ``num_workers``, else the
             cluster's CPU count).
-        batches_per_task: consecutive batches folded by one task.
+        batches_per_task: consecutive batches folded by one task (``None``: about two tasks per task in flight
+            when the source knows its sample count, else 4).
         max_retries: how often a task whose worker died is run again before the run fails.
     """
 
@@ -110,7 +112,7 @@ class RayExecutor:
         *,
         num_workers: int | None = None,
         max_in_flight: int | None = None,
-        batches_per_task: int = 4,
+        batches_per_task: int | None = None,
         max_retries: int = 3,
     ) -> None:
         if num_workers is not None and num_workers < 1:
@@ -118,7 +120,7 @@ class RayExecutor:
         self.address = address
         self.num_workers = num_workers
         self.max_in_flight = max_in_flight
-        self.batches_per_task = max(1, batches_per_task)
+        self.batches_per_task = None if batches_per_task is None else max(1, batches_per_task)
         self.max_retries = max_retries
         self._started = False
 
@@ -132,10 +134,14 @@ class RayExecutor:
             import ray
         except ImportError as e:
             raise ExecutorError("--executor ray needs Ray: pip install 'onnxopt[ray]'") from e
-        if ray.is_initialized():
-            return ray
         if self.address not in (None, "auto"):
             _probe(self.address)
+        if ray.is_initialized():
+            return ray
+        quiet = logging.getLogger("ray")  # Ray's start-up warnings (token auth) only with onnxopt's --verbose
+        level = quiet.level
+        if not logger.isEnabledFor(logging.INFO):
+            quiet.setLevel(logging.ERROR)
         try:
             if self.address is None:
                 ray.init(
@@ -149,6 +155,8 @@ class RayExecutor:
         except Exception as e:
             where = self.address or "a local Ray instance"
             raise ExecutorError(f"--executor ray: cannot connect to {where}: {first_line(e)}") from e
+        finally:
+            quiet.setLevel(level)
         self._started = True
         return ray
 
@@ -179,14 +187,14 @@ class RayExecutor:
         pending: dict[Any, tuple[int, int]] = {}  # ref -> (shard index, samples)
         results: dict[int, Any] = {}
         done_samples = 0
-        for index, shard in enumerate(_shards(source, self.batches_per_task)):
+        for index, shard in enumerate(_shards(source, self.batches_per_task, 2 * in_flight_limit)):
             while len(pending) >= in_flight_limit:
                 done_samples = self._collect(ray, pending, results, done_samples, source, progress)
             ref = task.remote(payload_ref, key, optimize, fn, init_args, shard)
             pending[ref] = (index, sum(batch.size for batch in shard))
         while pending:
             done_samples = self._collect(ray, pending, results, done_samples, source, progress)
-        logger.info("ray: %d shards of up to %d batches", len(results), self.batches_per_task)
+        logger.info("ray: %d shards, at most %d in flight", len(results), in_flight_limit)
         return [results[i] for i in range(len(results))]
 
     def _collect(self, ray, pending, results, done_samples, source, progress) -> int:
@@ -258,9 +266,12 @@ def _model_payload(model: ir.Model | str | os.PathLike) -> dict[str, bytes]:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _shards(source: DataSource, size: int) -> Iterator[list[Batch]]:
+def _shards(source: DataSource, size: int | None, parts: int) -> Iterator[list[Batch]]:
+    """Consecutive batches in shards of ``size``; ``None``: sized from the first batch for about ``parts`` shards."""
     shard: list[Batch] = []
     for batch in source:
+        if size is None:
+            size = 4 if not source.samples else max(1, math.ceil(source.samples / batch.size / parts))
         shard.append(batch)
         if len(shard) == size:
             yield shard

@@ -31,6 +31,7 @@ from onnxopt import data as data_mod
 from onnxopt import graph as graph_io
 from onnxopt import metrics as metrics_mod
 from onnxopt.errors import CalibrationError, UsageError
+from onnxopt.executor import Executor, make_executor
 from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip
 from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
 from onnxopt.validate import Budget, Reference, ValidationReport, metric_baseline, validate
@@ -192,6 +193,9 @@ class PassManager:
             ``data`` itself.
         min_eval_samples: refuse (UsageError, before any pass) to judge lossy passes on fewer given evaluation
             samples (the CLI's 32 unless ``--allow-small-eval``); seeded random inputs are not counted.
+        executor: where calibration statistics are collected: ``None``/``"local"`` in this process, ``"ray"`` /
+            ``"ray:ADDRESS"`` (or an :class:`onnxopt.executor.Executor`) sharded over Ray workers, joined before
+            any pass runs (an unreachable address or a missing ``ray`` package: ExecutorError, exit 2).
     """
 
     def __init__(
@@ -211,10 +215,12 @@ class PassManager:
         metric_output: str | None = None,
         holdout: float | None = None,
         min_eval_samples: int = 0,
+        executor: str | Executor | None = None,
     ) -> None:
         self.metric = None if metric is None else metrics_mod.resolve(metric, output=metric_output)
         self.holdout = holdout
         self.min_eval_samples = min_eval_samples
+        self.executor = make_executor(executor)
         self.passes = [registry.make_pass(p) if isinstance(p, str) else p for p in passes]
         if simplify and self.passes and not any(p.name == "simplify" for p in self.passes):
             last_allows = self.passes[-1].simplify_after
@@ -240,6 +246,8 @@ class PassManager:
                 original_path = Path(model)
                 model = graph_io.load(original_path)
             runtime.check_runs(original_path)  # an op onnxruntime lacks is bad input (exit 2), not a pass failure
+            if hasattr(self.executor, "connect"):
+                self.executor.connect()  # an unreachable cluster fails now, not after the first passes
             # unique node and value names: statistics, Gram matrices and fallbacks are keyed by name
             NameFixPass()(model)
             calib, held_out = self._sources(model)
@@ -330,7 +338,9 @@ class PassManager:
                 if calib is None:
                     raise CalibrationError(f"pass '{pass_.name}' needs calibration data: give --data")
                 t0 = time.perf_counter()
-                table: StatsTable = collect_stats(model, calib, missing, progress=self._progress("calibrating"))
+                table: StatsTable = collect_stats(
+                    model, calib, missing, progress=self._progress("calibrating"), executor=self.executor
+                )
                 attach_stats(model, table)
                 stats_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()

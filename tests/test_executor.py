@@ -191,3 +191,57 @@ def test_ray_calibration_error_in_a_task_is_raised_as_itself(ray_head):
     request = stats.StatsRequest(values=frozenset({"h1"}), axes=frozenset({("h1", 0)}))
     with pytest.raises(CalibrationError, match="value 'h1': 1 channels in one batch, 2 before"):
         stats.collect_stats(model, source, request, executor=RayExecutor(batches_per_task=4))
+
+
+def _cli(capsys, *argv):
+    from onnxopt import cli
+
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    model = builders.save(builders.conv_net(seed=0), tmp_path / "net.onnx")
+    x = np.random.default_rng(0).standard_normal((40, 3, 10, 10)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    return tmp_path, model
+
+
+def test_cli_unknown_executor_is_exit_2(workdir, capsys):
+    d, model = workdir
+    code, _, err = _cli(capsys, "run", model, "--passes", "prune", "--data", d / "calib.npz", "-o", d / "o.onnx",
+                        "--executor", "spark")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "'spark' is not 'local', 'ray' or 'ray:ADDRESS'" in err
+    assert not (d / "o.onnx").exists()
+
+
+def test_cli_unreachable_ray_address_is_one_line_exit_2_and_writes_nothing(workdir, capsys):
+    pytest.importorskip("ray")
+    d, model = workdir
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, _, err = _cli(capsys, "run", model, "--passes", "prune", "--data", d / "calib.npz", "-o", d / "o.onnx",
+                        "--allow-small-eval", "--executor", f"ray:127.0.0.1:{port}")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"ray:127.0.0.1:{port}: unreachable" in err
+    assert not (d / "o.onnx").exists()
+
+
+@pytest.mark.slow  # a Ray head takes ~15 s to start on a loaded 2-core machine
+def test_cli_prune_on_ray_writes_the_same_model_as_local(ray_head, workdir, capsys):
+    import onnx
+
+    d, model = workdir
+    common = ["run", model, "--passes", "prune", "--prune-ratio", "0.25", "--min-cosine", "0.5",
+              "--data", d / "calib.npz", "--allow-small-eval", "-q"]  # fmt: skip
+    assert _cli(capsys, *common, "-o", d / "local.onnx")[0] == 0
+    assert _cli(capsys, *common, "-o", d / "ray.onnx", "--executor", "ray")[0] == 0
+    local, ray = onnx.load(d / "local.onnx"), onnx.load(d / "ray.onnx")
+    shapes = {t.name: list(t.dims) for t in local.graph.initializer}
+    assert shapes == {t.name: list(t.dims) for t in ray.graph.initializer}  # the same channels kept
+    assert shapes["w1"][0] == 6 and shapes["w2"][1] == 6  # conv1 lost 2 of its 8 channels, chosen by statistics
+    for a, b in zip(local.graph.initializer, ray.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
