@@ -19,7 +19,7 @@ $(CORE_STAMP): pyproject.toml constraints.txt
 	touch $(CORE_STAMP)
 
 $(STAMP): $(CORE_STAMP)
-	$(PIP) -e ".[dev,tf,torch,models,images,text]"
+	$(PIP) -e ".[dev,tf,torch,models,images,text,ray]"
 	touch $(STAMP)
 
 setup: $(STAMP)
