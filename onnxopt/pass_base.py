@@ -111,6 +111,13 @@ class OptPass(ir.passes.InPlacePass):
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
+    def expect_trials(self, count: int) -> None:
+        """Tell progress displays how many budget checks this pass's search will make (through the run context;
+        a context without ``expect_trials``, such as a test's stand-in, is left alone)."""
+        expect = getattr(self.context, "expect_trials", None)
+        if expect is not None:
+            expect(count)
+
     def needs_data(self) -> bool:
         """Whether this pass, as configured, cannot run without calibration data (checked before any pass runs)."""
         return False

@@ -153,7 +153,7 @@ class ChannelPrunePass(OptPass):
             lo, hi, stronger_is_higher = 0.0, 0.5, True
         groups = {item.unit.group for item in scored.values()}
         per_group_steps = max(3, config.steps // 2) if config.criterion == "ratio" else 0
-        self.context.expect_trials(config.steps + per_group_steps * len(groups))  # at most; a progress estimate
+        self.expect_trials(config.steps + per_group_steps * len(groups))  # at most; a progress estimate
         best = self._bisect(model, lo, hi, stronger_is_higher, lambda v: (v, {}), check)
         if config.criterion != "ratio":
             return best, {}

@@ -87,7 +87,7 @@ class WeightSharePass(OptPass):
         elif check is None:
             raise ir.passes.PreconditionError("share: give --share-bits, or data and a budget to search with")
         else:
-            self.context.expect_trials(7)  # 2 to 8 bits, fewest first
+            self.expect_trials(7)  # 2 to 8 bits, fewest first
             bits = next((b for b in range(2, 9) if check(_shared_copy(model, b, config.min_size)).ok), None)
             if bits is None:
                 return OptResult(

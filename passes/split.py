@@ -108,7 +108,7 @@ class ConvSplitPass(OptPass):
         if not config.rank and config.energy < 0 and check is None:
             raise ir.passes.PreconditionError("split: give --split-rank or --split-energy, or data and a budget")
         if not config.rank and config.energy < 0:  # at most one check, then a bisection, per layer (progress)
-            self.context.expect_trials(sum(1 + int(site.max_rank).bit_length() for site in sites))
+            self.expect_trials(sum(1 + int(site.max_rank).bit_length() for site in sites))
         order = sorted(sites, key=lambda s: _tail(s.spectrum, max(1, s.max_rank // 4)))
         changes: list[Change] = []
         for site in order:

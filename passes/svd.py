@@ -116,7 +116,7 @@ class GemmSvdPass(OptPass):
         if not config.rank and config.energy < 0 and check is None:
             raise ir.passes.PreconditionError("svd: give --svd-rank or --svd-energy, or data and a budget to search")
         if not config.rank and config.energy < 0:  # at most one check, then a bisection, per layer (progress)
-            self.context.expect_trials(sum(1 + int(site.max_rank).bit_length() for site in sites))
+            self.expect_trials(sum(1 + int(site.max_rank).bit_length() for site in sites))
         factors = {id(site.node): _Factorization(site.weight, grams.get(site.node.name)) for site in sites}
         # most compressible first: the smallest fraction of layer energy outside the first few directions
         order = sorted(sites, key=lambda s: _tail_energy(factors[id(s.node)].s, max(1, s.max_rank // 4)))
