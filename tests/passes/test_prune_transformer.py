@@ -324,3 +324,18 @@ def test_torch_exports_of_an_encoder_lose_heads_and_neurons(tmp_path, dynamo):
         assert got.shape == want.shape
         cosine = float(got.ravel() @ want.ravel() / np.linalg.norm(got) / np.linalg.norm(want))
         assert 0.5 < cosine < 1 - 1e-6  # pruned: close to the module, not identical
+
+
+def test_statistics_of_token_activations_are_per_feature():
+    """(batch, tokens, features) values are reduced over batch and tokens, per feature (not per token)."""
+    proto = _bert()
+    model = ir.from_proto(proto)
+    request = ChannelPrunePass(QUARTER).stats_request(model)
+    assert ("layer0/gelu", 2) in request.axes and "layer0/gelu/div" in request.values  # FFN2 input, GELU gate
+    assert request.grams == {"layer0/out", "layer1/out"}  # output projections, for head scores
+    table = stats.collect_stats(model, data.as_source(CALIB, model, batch_size=8), request)
+    gelu = builders.run(builders.expose(proto, ["layer0/gelu"]), CALIB)["layer0/gelu"]
+    channel = table.channels["layer0/gelu"]
+    assert channel.channels == FFN
+    np.testing.assert_allclose(channel.abs_mean, np.abs(gelu).mean(axis=(0, 1)), rtol=1e-4, atol=1e-6)
+    assert table.grams["layer0/out"].xtx.shape == (HIDDEN, HIDDEN)
