@@ -148,8 +148,10 @@ class _Search:
         outcomes = [Outcome(r) for r in todo]
         for outcome in outcomes:
             try:
-                self.paths[outcome.recipe.name] = self.quantize(outcome.recipe, (), f"q_{outcome.recipe.name}")
-                outcome.bytes = self.paths[outcome.recipe.name].stat().st_size
+                path = self.quantize(outcome.recipe, (), f"q_{outcome.recipe.name}")
+                graph_io.load(path)  # onnx's checker: quantize_dynamic misorders nodes around If/Loop subgraphs
+                self.paths[outcome.recipe.name] = path
+                outcome.bytes = path.stat().st_size
             except Exception as e:  # onnxruntime's quantizers fail on some graphs; that recipe is out
                 outcome.note = f"onnxruntime failed: {first_line(e)}"
                 logger.info("quant %s: %s", outcome.recipe.name, outcome.note)
@@ -281,8 +283,12 @@ class _Search:
         count, name = 1, outcome.recipe.name
         while count <= min(self.config.max_fallback, len(tensors)):
             excluded = list(dict.fromkeys(n for t in tensors[:count] for n in around[t]))
-            path = self.quantize(outcome.recipe, excluded, f"q_{name}_fallback")
-            report = self.check(graph_io.load(path))
+            try:
+                path = self.quantize(outcome.recipe, excluded, f"q_{name}_fallback")
+                report = self.check(graph_io.load(path))
+            except Exception as e:  # as in run(): an invalid quantized model ends this recipe's fallback
+                outcome.passed, outcome.note = False, f"fallback failed: {first_line(e)}"
+                return
             logger.info("quant %s fallback: %d layers in float -> %s", name, len(excluded),
                         "ok" if report is None or report.ok else "fails")  # fmt: skip
             outcome.fallback = excluded

@@ -418,3 +418,22 @@ def test_score_prefers_accuracy_then_mse_then_cosine():
     assert recipes.score(report(task_mse={"before": 1.0, "after": 2.0})) == -2.0
     diff = OutputDiff(0.1, 0.1, 0.1, 0.97, 0.1, None)
     assert recipes.score(report(outputs={"y": diff, "z": dataclass_replace(diff, cosine=0.99)})) == 0.97
+
+
+def test_a_recipe_onnxruntime_cannot_make_is_left_out(tmp_path, monkeypatch):
+    """A quantizer error (or an output onnx's checker rejects) rules that recipe out; the others still compete."""
+    _timer(monkeypatch, {"float": 100.0, "dyn-pc": 40.0, "dyn-pt": 50.0})
+    real = quant_module.q.quantize_dynamic
+
+    def broken_per_channel(src, dst, **kwargs):
+        if kwargs.get("per_channel"):
+            raise RuntimeError("Nodes in a graph must be topologically sorted")
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(quant_module.q, "quantize_dynamic", broken_per_channel)
+    path = builders.save(_matmul_model(), tmp_path / "ffn.onnx")
+    x = np.random.default_rng(11).standard_normal((48, 64)).astype(np.float32)
+    report = _run(path, {"x": x}, QuantConfig(recipes="dyn-pc,dyn-pt"))
+    assert report.ok and "[dyn-pt]" in report.passes[0].changes[0].what
+    skip = next(s.reason for s in report.passes[0].skipped if s.site == "recipe dyn-pc")
+    assert skip == "onnxruntime failed: Nodes in a graph must be topologically sorted"
