@@ -407,7 +407,7 @@ class PassManager:
         needs, and the concrete shapes random inputs need (``random``: there is no data to take them from)."""
         problems = []
         if calib is None:
-            wanting = [p.name for p in self.passes if p.needs_data()]
+            wanting = [p.name for p in self.passes if p.needs_data(model)]
             if wanting:
                 names = ", ".join(f"'{n}'" for n in dict.fromkeys(wanting))
                 problems.append(f"pass {names} needs calibration data: give --data")

@@ -118,8 +118,9 @@ class OptPass(ir.passes.InPlacePass):
         if expect is not None:
             expect(count)
 
-    def needs_data(self) -> bool:
-        """Whether this pass, as configured, cannot run without calibration data (checked before any pass runs)."""
+    def needs_data(self, model: ir.Model) -> bool:
+        """Whether this pass, as configured, cannot run on ``model`` without calibration data (checked before any
+        pass runs)."""
         return False
 
     def stats_request(self, model: ir.Model) -> StatsRequest:

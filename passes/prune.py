@@ -97,8 +97,8 @@ class ChannelPrunePass(OptPass):
     exact = False
     config_class = PruneConfig
 
-    def needs_data(self) -> bool:
-        return True  # every criterion judges channels from their activations
+    def needs_data(self, model: ir.Model) -> bool:
+        return bool(self.stats_request(model))  # channels are judged from activations, if there are any to prune
 
     def stats_request(self, model: ir.Model) -> StatsRequest:
         analysis = self._analyze(model)

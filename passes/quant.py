@@ -97,7 +97,7 @@ class Int8QuantPass(OptPass):
     config_class = QuantConfig
     simplify_after = False  # constant folding would turn DequantizeLinear(int8 weight) back into float
 
-    def needs_data(self) -> bool:
+    def needs_data(self, model: ir.Model) -> bool:
         return self.config.mode == "static"  # "auto" falls back to dynamic recipes without data
 
     def call(self, model: ir.Model) -> OptResult:
