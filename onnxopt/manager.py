@@ -41,7 +41,6 @@ __all__ = ["PassRecord", "StageRecord", "RunReport", "PassManager", "ProgressEve
 logger = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ProgressEvent:
     """One step of :meth:`PassManager.run`, for a front end to show (the engine itself never prints).
