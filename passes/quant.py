@@ -72,6 +72,9 @@ class QuantConfig(PassConfig):
     margin: float = dataclasses.field(default=0.05, metadata={"help": "relative speed-up that counts as faster"})
     rounds: int = dataclasses.field(default=15, metadata={"help": "interleaved timing rounds"})
     check_all: bool = dataclasses.field(default=False, metadata={"help": "check recipes a faster one already beats"})
+    remeasure: bool = dataclasses.field(
+        default=False, metadata={"help": "time again instead of reusing an earlier run's record of these candidates"}
+    )
 
     def __post_init__(self) -> None:
         for field, allowed in (("mode", MODES), ("calibration", CALIBRATION), ("objective", OBJECTIVES)):
@@ -230,9 +233,27 @@ class _Search:
         (uint8 weights ran EfficientNet-Lite0 6.6x slower than float on an AVX2 CPU: 15 full rounds of it cost
         minutes); they keep the screen's figures and a note.
         """
-        from onnxopt import runtime
+        from onnxopt import latency_cache
 
         feeds = self.feeds()
+        paths = [self.float_path] + [self.paths[o.recipe.name] for o in outcomes]
+        digest = latency_cache.key(paths, feeds, rounds=self.config.rounds, screen=screen, threads=1)
+        recorded = None if self.config.remeasure else latency_cache.lookup(digest)
+        if isinstance(recorded, dict) and len(recorded.get("outcomes", ())) == len(outcomes):
+            # the same candidates were timed before on this CPU: the same figures, so the same choice
+            for outcome, fields in zip(outcomes, recorded["outcomes"], strict=True):
+                outcome.latency_us, outcome.float_us, outcome.note = fields[0], fields[1], fields[3] or outcome.note
+                outcome.spread_us = None if fields[2] is None else tuple(fields[2])
+            logger.info("quant: latencies from the record of an earlier run (--quant-remeasure times again)")
+            return recorded["float_us"]
+        float_us = self._measure(outcomes, feeds, screen)
+        record = [[o.latency_us, o.float_us, o.spread_us, o.note] for o in outcomes]
+        latency_cache.store(digest, {"float_us": float_us, "outcomes": record})
+        return float_us
+
+    def _measure(self, outcomes: list[Outcome], feeds: dict, screen: bool) -> float:
+        from onnxopt import runtime
+
         if screen and self.config.rounds > 3 and outcomes:
             paths = [self.float_path] + [self.paths[o.recipe.name] for o in outcomes]
             quick = runtime.measure_latency(paths, feeds, rounds=3, warmup=1)

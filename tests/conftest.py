@@ -19,3 +19,10 @@ def shared_dir() -> Path:
     if not (SHARED / "models").is_dir():
         pytest.skip("../shared is absent")
     return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _fresh_latency_record(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty latency record (onnxopt/latency_cache.py), so a stubbed timer is always used
+    and no test writes to the user's cache."""
+    monkeypatch.setenv("ONNXOPT_CACHE_DIR", str(tmp_path_factory.mktemp("onnxopt-cache")))
