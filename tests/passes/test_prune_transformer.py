@@ -7,13 +7,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
-from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from onnxopt import data, stats
 from onnxopt.manager import PassManager
 from onnxopt.passes.prune import ChannelPrunePass, PruneConfig
 from onnxopt.validate import Budget
 from tests import builders
+from tests.passes.test_prune import _prune
 
 LAYERS, HIDDEN, HEADS, FFN = 2, 32, 4, 64
 DEPTH = HIDDEN // HEADS
@@ -103,19 +103,6 @@ def _zero_units(proto, head=1, neurons=range(0, FFN, 4)):
         w2[list(neurons)] = 0
         _set(proto, f"layer{layer}/ffn2.weight", w2)
     return proto
-
-
-def _prune(proto, config, feeds):
-    model = ir.from_proto(proto)
-    source = data.as_source(feeds, model, batch_size=8)
-    pass_ = ChannelPrunePass(config)
-    stats.attach_stats(model, stats.collect_stats(model, source, pass_.stats_request(model)))
-    result = pass_(model)
-    RemoveUnusedNodesPass()(model)
-    ShapeInferencePass(strict_mode=False)(model)
-    out = ir.to_proto(model)
-    onnx.checker.check_model(out, full_check=True)
-    return result, out
 
 
 def _reshape_tails(proto):
