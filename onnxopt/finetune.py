@@ -91,9 +91,7 @@ def finetune(
     count = len(next(iter(inputs.values())))
     if any(len(a) != count for a in inputs.values()) or len(targets) != count:
         raise OnnxoptError("inputs and targets must have the same number of samples")
-    torch.manual_seed(seed)
-    params = {name: torch.nn.Parameter(torch.from_numpy(np.array(array, dtype=np.float32)))
-              for name, array in program.learnable.items()}  # fmt: skip
+    params = _parameters(torch, program, seed)
     optimizer = torch.optim.Adam(params.values(), lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
     target_array = np.asarray(targets)
@@ -162,9 +160,7 @@ def distill(
     missing = [n for n in names if n not in program.outputs or n not in batches[0][1]]
     if missing or not names:
         raise OnnxoptError(f"no teacher output to distill from (asked: {', '.join(missing) or 'none'})")
-    torch.manual_seed(seed)
-    params = {name: torch.nn.Parameter(torch.from_numpy(np.array(array, dtype=np.float32)))
-              for name, array in program.learnable.items()}  # fmt: skip
+    params = _parameters(torch, program, seed)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     rng = np.random.default_rng(seed)
     softmax = {n for n in names if program.producer.get(n) is not None and program.producer[n].op_type == "Softmax"}
@@ -211,6 +207,13 @@ def _distill_loss(student, teacher, temperature: float, probabilities: bool):
         return torch.nn.functional.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
     scale = teacher.pow(2).mean().clamp_min(1e-12)
     return torch.nn.functional.mse_loss(student, teacher) / scale
+
+
+def _parameters(torch, program: _Program, seed: int) -> dict:
+    """The program's learnable float weights as float32 torch parameters, after seeding torch."""
+    torch.manual_seed(seed)
+    return {name: torch.nn.Parameter(torch.from_numpy(np.array(array, dtype=np.float32)))
+            for name, array in program.learnable.items()}  # fmt: skip
 
 
 def _write_back(proto: onnx.ModelProto, params, losses: list[float]) -> FinetuneResult:
