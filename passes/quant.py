@@ -44,6 +44,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxopt import graph as graph_io
+from onnxopt import latency
 from onnxopt import quantize as q
 from onnxopt.errors import first_line
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
@@ -233,23 +234,28 @@ class _Search:
         (uint8 weights ran EfficientNet-Lite0 6.6x slower than float on an AVX2 CPU: 15 full rounds of it cost
         minutes); they keep the screen's figures and a note.
         """
-        from onnxopt import latency_cache
-
         feeds = self.feeds()
         paths = [self.float_path] + [self.paths[o.recipe.name] for o in outcomes]
-        digest = latency_cache.key(paths, feeds, rounds=self.config.rounds, screen=screen, threads=1)
-        recorded = None if self.config.remeasure else latency_cache.lookup(digest)
-        if isinstance(recorded, dict) and len(recorded.get("outcomes", ())) == len(outcomes):
+
+        def measure() -> dict:
+            float_us = self._measure(outcomes, feeds, screen)
+            record = [[o.latency_us, o.float_us, o.spread_us, o.note] for o in outcomes]
+            return {"float_us": float_us, "outcomes": record}
+
+        def complete(record) -> bool:
+            return isinstance(record, dict) and len(record.get("outcomes", ())) == len(outcomes)
+
+        record, reused = latency.recorded(
+            paths, feeds, measure, remeasure=self.config.remeasure, valid=complete,
+            rounds=self.config.rounds, screen=screen, threads=1,
+        )  # fmt: skip
+        if reused:
             # the same candidates were timed before on this CPU: the same figures, so the same choice
-            for outcome, fields in zip(outcomes, recorded["outcomes"], strict=True):
+            for outcome, fields in zip(outcomes, record["outcomes"], strict=True):
                 outcome.latency_us, outcome.float_us, outcome.note = fields[0], fields[1], fields[3] or outcome.note
                 outcome.spread_us = None if fields[2] is None else tuple(fields[2])
             logger.info("quant: latencies from the record of an earlier run (--quant-remeasure times again)")
-            return recorded["float_us"]
-        float_us = self._measure(outcomes, feeds, screen)
-        record = [[o.latency_us, o.float_us, o.spread_us, o.note] for o in outcomes]
-        latency_cache.store(digest, {"float_us": float_us, "outcomes": record})
-        return float_us
+        return record["float_us"]
 
     def _measure(self, outcomes: list[Outcome], feeds: dict, screen: bool) -> float:
         from onnxopt import runtime
@@ -277,13 +283,7 @@ class _Search:
 
     def feeds(self) -> dict:
         """The first batch of the run's data (evaluation data first): latency at the batch the user runs."""
-        source = self.context.eval_data if self.context is not None else None
-        source = source or self.data
-        if source is None:
-            from onnxopt import data as data_mod
-
-            source = data_mod.random_source(graph_io.load(self.float_path))
-        feeds = dict(next(iter(source)).feeds)
+        feeds = latency.run_feeds(self.context, self.float_path)
         self.batch_shape = {k: list(v.shape) for k, v in feeds.items()}
         return feeds
 
