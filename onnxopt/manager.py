@@ -27,6 +27,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, ShapeInferencePass
 
 from onnxopt import cost, registry, runtime
+from onnxopt import early_stop as early_stopping
 from onnxopt import data as data_mod
 from onnxopt import graph as graph_io
 from onnxopt import metrics as metrics_mod
@@ -273,6 +274,7 @@ class PassManager:
                 passed.clear()
                 self._emit(ProgressEvent("pass_start", pass_.name, len(done), len(self.passes)))
                 records.append(self._run_pass(pass_, model, context, calib, done))
+                _search_cost(records[-1], context.check)
                 self._emit(ProgressEvent("pass_end", pass_.name, len(done) + 1, len(self.passes), record=records[-1]))
                 stages.append(_stage(records[-1], pass_, model, passed, stages[-1].bytes))
                 first_check = first_check or (passed[0] if passed else None)
@@ -302,17 +304,28 @@ class PassManager:
 
         Passing reports are appended to ``passed`` (the per-stage metrics of :class:`StageRecord`). With a
         metric, every candidate is judged by it (the searches of all lossy passes go through here).
+
+        A check stops as soon as its failure is certain (``$ONNXOPT_EARLY_STOP``, :mod:`onnxopt.early_stop`:
+        ``on`` by default, ``exact``, ``off``); a passing candidate is always scored on every sample. The checks'
+        cost is tallied on ``check.cost`` (:class:`onnxopt.early_stop.SearchCost`), which the run takes per pass.
         """
         reference: list[Reference] = []
+        stop_mode = early_stopping.mode()
+        cost = early_stopping.SearchCost()
 
         def check(candidate: ir.Model) -> ValidationReport:
+            start = time.perf_counter()
             if not reference:
                 reference.append(Reference(original_path))
-            result = validate(reference[0], candidate, check_data, budget, check=False, metric=metric)
+            result = validate(
+                reference[0], candidate, check_data, budget, check=False, metric=metric, early_stop=stop_mode
+            )
             if result.ok:
                 passed.append(result)
+            cost.record(result, time.perf_counter() - start)
             return result
 
+        check.cost = cost
         return check
 
     def _enumerate(self):
@@ -529,6 +542,28 @@ def _stage(
     if passed:
         return StageRecord.measured(record.name, size, passed[-1], "budget check")
     return StageRecord(record.name, size)
+
+
+def _search_cost(record: PassRecord, check) -> None:
+    """Add the pass's budget-check tally (candidates, early stops, time saved) to its record's details, and log it."""
+    tally = getattr(check, "cost", None)
+    tally = tally.take() if tally is not None else None
+    if not tally:
+        return
+    record.details["search"] = tally
+    logger.info(
+        "pass %s: %d budget checks, %d stopped early (%d exact, %d statistical), %d of %d samples scored, "
+        "%.1f s checking, about %.1f s saved",
+        record.name,
+        tally["candidates"],
+        tally["stopped_early"],
+        tally["stopped_exact"],
+        tally["stopped_statistical"],
+        tally["samples_scored"],
+        tally["samples_if_full"],
+        tally["check_seconds"],
+        tally["seconds_saved_estimate"],
+    )
 
 
 def _weight_bytes(model: ir.Model) -> int:

@@ -35,6 +35,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,6 +43,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt import early_stop as early_stopping
 from onnxopt import metrics as metrics_mod
 from onnxopt.data import DataSource
 from onnxopt.errors import DataError, UsageError, ValidationError, first_line
@@ -155,6 +157,7 @@ class ValidationReport:
     checker_error: str | None = None
     failures: list[str] = dataclasses.field(default_factory=list)
     metric: metrics_mod.MetricResult | None = None
+    early_stop: early_stopping.Stopped | None = None  # the check stopped before the whole set (a clear failure)
 
     def raise_if_failed(self) -> None:
         if not self.ok:
@@ -172,7 +175,7 @@ class ValidationReport:
             "checker_error": self.checker_error,
             "failures": list(self.failures),
             "metric": None if self.metric is None else self.metric.to_json(),
-        }
+        } | ({} if self.early_stop is None else {"early_stop": self.early_stop.to_json()})
 
 
 class _OutputAccumulator:
@@ -280,6 +283,7 @@ def validate(
     check: bool = True,
     progress: Callable[[int, int | None], None] | None = None,
     metric: metrics_mod.Metric | str | Callable[..., Any] | None = None,
+    early_stop: str | None = None,
 ) -> ValidationReport:
     """Compare ``optimized`` with ``original`` on ``data`` and judge the result by ``budget``.
 
@@ -287,12 +291,17 @@ def validate(
     on both models and judged by the budget's metric bounds; without one, an accuracy budget on labelled data
     is measured as ``top1``.
 
+    ``early_stop`` (``"off"``, the default; ``"exact"``; ``"on"``): stop scoring as soon as the failure is certain
+    (see the module docstring); the report then says so in ``early_stop`` and holds what was measured so far. A
+    passing verdict is the same in every mode.
+
     Raises:
         UsageError, DataError: the metric cannot be computed on the original model's outputs (an output that
             does not exist or fit, labels that do not fit, a user function that raises or returns NaN).
     """
     if metric is not None:
         metric = metrics_mod.resolve(metric)
+    stop_mode = early_stopping.mode(early_stop or "off")
     report = ValidationReport(ok=False, samples=0, data=data.description, budget=budget)
     reference = original if isinstance(original, Reference) else Reference(original, cache_bytes=0)
     try:
@@ -313,11 +322,30 @@ def validate(
     accumulators = {name: _OutputAccumulator() for name in reference.output_names}
     correct = {"before": 0, "after": 0}
     labelled = 0
-    squared, targets = {"before": 0.0, "after": 0.0}, 0
+    squared_parts: dict[int, tuple[float, float]] = {}  # per batch, summed in batch order (as one stream would)
+    targets = 0
     score_output = None
-    kept: dict[str, list[dict[str, np.ndarray]]] = {"before": [], "after": []}
-    batch_labels: list[np.ndarray] = []
-    for index, batch in enumerate(data):
+    kept: dict[str, dict[int, dict[str, np.ndarray]]] = {"before": {}, "after": {}}
+    batch_labels: dict[int, np.ndarray] = {}
+    stopper = None
+    if stop_mode != "off" and not report.failures:
+        baseline = early_stopping.baseline(reference, data, metric, budget, stop_mode, _auto_metric(budget))
+        if baseline is not None:
+            metric = baseline.metric
+            stopper = early_stopping.Stopper(budget, baseline, stop_mode)
+    elif stop_mode != "off":  # the checker already failed it: nothing the samples say can pass it
+        report.early_stop = early_stopping.Stopped(report.failures[0], "exact", 0, data.samples or 0)
+        return report
+    started = time.perf_counter()
+    first_sweep: list[int] = []  # the statistical subset: the batches of the first sweep
+    for sweep, index, batch in _sweeps(data, early_stopping.STRIDE if stopper and stopper.statistical else 1):
+        if stopper is not None and sweep == 1 and first_sweep:
+            reason = stopper.subset(first_sweep, [kept["after"][i] for i in first_sweep])
+            first_sweep = []
+            if reason is not None:
+                return _stopped(report, accumulators, stopper, reason, "statistical", started)
+        if sweep == 0:
+            first_sweep.append(index)
         ref_out = reference.run(index, batch.feeds)
         got_out = candidate.run(batch.feeds, reference.output_names)
         if index == 0 and metric is None and budget.max_accuracy_drop is not None and batch.labels is not None:
@@ -326,10 +354,10 @@ def validate(
         if metric is not None:
             if index == 0:
                 metric.bind(ref_out, batch.labels)
-            kept["before"].append(metric.rows(ref_out, batch.feeds, labels=batch.labels))
-            kept["after"].append(metric.rows(got_out, batch.feeds, reference=ref_out, labels=batch.labels))
+            kept["before"][index] = metric.rows(ref_out, batch.feeds, labels=batch.labels)
+            kept["after"][index] = metric.rows(got_out, batch.feeds, reference=ref_out, labels=batch.labels)
             if batch.labels is not None:
-                batch_labels.append(np.asarray(batch.labels))
+                batch_labels[index] = np.asarray(batch.labels)
         for name, acc in accumulators.items():
             if ref_out[name].shape != got_out[name].shape:
                 report.failures.append(
@@ -341,8 +369,10 @@ def validate(
             target_output = _target_output(ref_out, batch.labels)
             if target_output is not None:
                 target = batch.labels.reshape(ref_out[target_output].shape).astype(np.float64)
-                squared["before"] += float(np.sum((ref_out[target_output] - target) ** 2))
-                squared["after"] += float(np.sum((got_out[target_output] - target) ** 2))
+                squared_parts[index] = (
+                    float(np.sum((ref_out[target_output] - target) ** 2)),
+                    float(np.sum((got_out[target_output] - target) ** 2)),
+                )
                 targets += target.size
         elif batch.labels is not None:
             score_output = score_output or _score_output(ref_out, batch.labels)
@@ -354,6 +384,16 @@ def validate(
         report.samples += batch.size
         if progress is not None:
             progress(report.samples, data.samples)
+        if stopper is not None:
+            stopper.add(index, kept["after"].get(index))
+            reason = stopper.exact(accumulators)
+            if reason is not None:
+                return _stopped(report, accumulators, stopper, reason, "exact", started)
+    squared = {"before": 0.0, "after": 0.0}
+    for index in sorted(squared_parts):
+        squared["before"] += squared_parts[index][0]
+        squared["after"] += squared_parts[index][1]
+    kept_lists = {side: [rows[i] for i in sorted(rows)] for side, rows in kept.items()}
     report.outputs = {name: acc.result() for name, acc in accumulators.items()}
     if labelled:
         report.accuracy = {k: 100.0 * v / labelled for k, v in correct.items()}
@@ -362,13 +402,50 @@ def validate(
     if metric is not None and report.samples:
         labels = getattr(data, "labels", None)
         if labels is None and batch_labels:
-            labels = np.concatenate(batch_labels, axis=0)
-        report.metric = _measure(metric, kept, labels, report, budget)
+            labels = np.concatenate([batch_labels[i] for i in sorted(batch_labels)], axis=0)
+        report.metric = _measure(metric, kept_lists, labels, report, budget)
     report.failures.extend(_judge(report, budget))
     report.ok = not report.failures and report.samples > 0
     if report.samples == 0:
         report.failures.append(f"no validation batch arrived from {data.description}")
     logger.info("validation on %d samples: %s", report.samples, "ok" if report.ok else "; ".join(report.failures))
+    return report
+
+
+def _auto_metric(budget: Budget):
+    """What an accuracy budget measures when no metric is given: ``top1`` on labelled class scores."""
+
+    def auto(outputs: Mapping[str, np.ndarray], labels: np.ndarray) -> metrics_mod.Metric | None:
+        if budget.max_accuracy_drop is not None and _score_output(outputs, labels) is not None:
+            return metrics_mod.resolve("top1")
+        return None
+
+    return auto
+
+
+def _sweeps(data: DataSource, stride: int):
+    """``(sweep, index, batch)``: with ``stride`` 1 the batches in order; else every ``stride``-th batch first
+    (sweep 0: a subset spread over the set as it is ordered), then the others (sweep 1), reading the data twice."""
+    if stride <= 1:
+        for index, batch in enumerate(data):
+            yield 0, index, batch
+        return
+    for index, batch in enumerate(data):
+        if index % stride == 0:
+            yield 0, index, batch
+    for index, batch in enumerate(data):
+        if index % stride:
+            yield 1, index, batch
+
+
+def _stopped(report: ValidationReport, accumulators, stopper, reason: str, kind: str, started: float):
+    """End a check early: its failure, what was measured so far, and how far it got."""
+    total = stopper.baseline.samples
+    seconds = time.perf_counter() - started
+    report.early_stop = early_stopping.Stopped(reason, kind, report.samples, total, seconds)
+    report.failures.append(f"{reason} (decided on {report.samples} of {total} samples, {kind})")
+    report.outputs = {name: acc.result() for name, acc in accumulators.items()}
+    logger.info("validation stopped early: %s", report.failures[-1])
     return report
 
 

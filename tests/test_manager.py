@@ -150,3 +150,47 @@ def test_entry_point_passes_are_found(monkeypatch):
     monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [_EP()])
     assert registry.available()["third"] == "tests.test_manager:_Boom"
     assert registry.get_pass("third") is _Boom
+
+
+# --- search cost: early-stopped budget checks ---------------------------------------------------------------------
+def _labelled(model_file, n, seed):
+    x = np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+    y = builders.run(builders.onnx.load(model_file), {"x": x})["y"].argmax(axis=1)  # the original is 100% right
+    return {"x": x, "labels": y}
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [Budget(max_accuracy_drop=2.0), Budget(max_accuracy_drop=6.0, confidence=0.95), Budget(min_cosine=0.98)],
+    ids=["top1", "top1-confidence", "cosine"],
+)
+def test_search_chooses_the_same_with_and_without_early_stop(tmp_path, monkeypatch, budget):
+    model_file = builders.save(builders.mlp(sizes=(8, 48, 48, 6), seed=2), tmp_path / "m.onnx")
+    calib, held_out = _labelled(model_file, 128, 0), _labelled(model_file, 160, 1)
+    runs = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv("ONNXOPT_EARLY_STOP", mode)
+        runs[mode] = PassManager(["prune"], data=calib, eval_data=held_out, budget=budget, batch_size=16).run(
+            model_file
+        )
+    off, on = runs["off"], runs["on"]
+    prune_off, prune_on = (next(p for p in r.passes if p.name == "prune") for r in (off, on))
+    assert prune_on.modified and prune_on.changes == prune_off.changes  # the same setting chosen
+    assert ir.to_proto(on.model).SerializeToString() == ir.to_proto(off.model).SerializeToString()
+    assert on.validation.to_json() == off.validation.to_json()  # the final validation never stops early
+    search_off, search_on = prune_off.details["search"], prune_on.details["search"]
+    assert search_off["candidates"] == search_on["candidates"] > 5
+    assert search_off["stopped_early"] == 0 and search_off["samples_scored"] == search_off["samples_if_full"]
+    assert search_on["stopped_early"] == search_on["stopped_exact"] > 0 and search_on["stopped_statistical"] == 0
+    assert search_on["samples_scored"] < search_on["samples_if_full"] == 160 * search_on["candidates"]
+    assert on.to_json()["passes"][1]["details"]["search"] == search_on  # in the --report JSON
+
+
+def test_early_stop_summary_in_the_verbose_log(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("ONNXOPT_EARLY_STOP", raising=False)  # on by default
+    model_file = builders.save(builders.mlp(sizes=(8, 48, 48, 6), seed=2), tmp_path / "m.onnx")
+    calib, held_out = _labelled(model_file, 128, 0), _labelled(model_file, 160, 1)
+    with caplog.at_level("INFO", logger="onnxopt.manager"):
+        PassManager(["prune"], data=calib, eval_data=held_out, budget=Budget(max_accuracy_drop=2.0)).run(model_file)
+    lines = [r.getMessage() for r in caplog.records if "budget checks" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("pass prune: ") and "stopped early (" in lines[0]

@@ -210,3 +210,138 @@ def test_nan_labels_and_empty_eval_are_refused_up_front(tmp_path, capsys, arrays
     out, err = capsys.readouterr()
     assert len(err.strip().splitlines()) == 1 and fragment in err and "pass prune" not in out
     assert cli.main(["validate", model, model, "--data", str(tmp_path / "bad.npz")]) == 2
+
+
+# --- early stop (onnxopt.early_stop): a clear failure decided on the first batches --------------------------------
+def _scores_model(path, swap: tuple[int, int] | None = None, classes: int = 6) -> str:
+    """y = x @ P: P the identity, or the permutation swapping two classes (their samples then score wrong)."""
+    p = np.eye(classes, dtype=np.float32)
+    if swap is not None:
+        p[list(swap)] = p[list(reversed(swap))]
+    model = builders.make_model(
+        [helper.make_node("MatMul", ["x", "p"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", classes])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])],
+        [onnx.numpy_helper.from_array(p, "p")],
+    )
+    return builders.save(model, path)
+
+
+def _class_data(model_path, classes_of_samples, batch_size=16):
+    """Scores whose argmax is the given class (margin 1), labels the same: the original is 100% right."""
+    labels = np.asarray(classes_of_samples, np.int64)
+    rng = np.random.default_rng(0)
+    x = rng.random((len(labels), 6)).astype(np.float32)
+    x[np.arange(len(labels)), labels] += 1.0
+    return data.as_source({"x": x, "labels": labels}, graph.load(model_path), batch_size=batch_size)
+
+
+def _reference(path):
+    from onnxopt.validate import Reference
+
+    return Reference(path)
+
+
+@pytest.mark.parametrize("wrong, budget, stops", [(3, 4.6, True), (3, 3 / 64 * 100, False)])
+def test_early_stop_top1_bound_is_exact(tmp_path, wrong, budget, stops):
+    # class 0 only in the first batch (`wrong` samples): swapping classes 0 and 1 costs exactly 100 * wrong / 64 pp,
+    # all of it visible on the first 16 samples; the bound stops there iff the final drop misses the budget
+    original = _scores_model(tmp_path / "o.onnx")
+    candidate = graph.load(_scores_model(tmp_path / "c.onnx", swap=(0, 1)))
+    classes = [0] * wrong + [2 + i % 4 for i in range(64 - wrong)]
+    source = _class_data(original, classes)
+    full = validate(original, candidate, source, Budget(max_accuracy_drop=budget), check=False)
+    early = validate(_reference(original), candidate, source, Budget(max_accuracy_drop=budget), check=False,
+                     early_stop="exact")  # fmt: skip
+    assert full.metric.drop == pytest.approx(100 * wrong / 64) and full.samples == 64 and full.early_stop is None
+    assert full.ok is (not stops) and early.ok is full.ok
+    if stops:
+        assert early.early_stop.kind == "exact" and early.samples == early.early_stop.samples == 16
+        assert early.early_stop.total == 64 and "remaining 48 samples were all right" in early.failures[0]
+        assert "decided on 16 of 64 samples" in early.failures[0]
+    else:  # exactly at the budget: a pass, scored on every sample like the full check
+        assert early.early_stop is None and early.samples == 64
+        assert early.metric.drop == full.metric.drop and early.outputs == full.outputs
+
+
+def test_early_stop_top1_waits_while_the_rest_could_still_pass(tmp_path):
+    # 3 wrong in the first batch, budget 1 pp (0.64 samples of 64): not decided before the bound says so
+    original = _scores_model(tmp_path / "o.onnx")
+    candidate = graph.load(_scores_model(tmp_path / "c.onnx", swap=(0, 1)))
+    classes = [2 + i % 4 for i in range(60)] + [0] * 4  # the wrong ones come last
+    source = _class_data(original, classes)
+    report = validate(_reference(original), candidate, source, Budget(max_accuracy_drop=1.0), check=False,
+                      early_stop="on")  # fmt: skip
+    assert not report.ok and report.early_stop is not None and report.early_stop.samples == 64
+    assert report.metric is None  # stopped after the last batch's bound, before the whole-set metric
+
+
+def test_early_stop_cosine_is_final_once_a_sample_is_below(tmp_path):
+    original = _scores_model(tmp_path / "o.onnx")
+    candidate = graph.load(_scores_model(tmp_path / "c.onnx", swap=(0, 1)))
+    classes = [0] + [2 + i % 4 for i in range(63)]  # one sample far off, in the first batch
+    source = _class_data(original, classes)
+    full = validate(original, candidate, source, Budget(min_cosine=0.99), check=False)
+    early = validate(_reference(original), candidate, source, Budget(min_cosine=0.99), check=False, early_stop="on")
+    assert not full.ok and full.samples == 64
+    assert not early.ok and early.samples == 16 and early.early_stop.kind == "exact"
+    assert early.outputs["y"].cosine == full.outputs["y"].cosine < 0.99  # the worst is the final worst
+    assert "cosine" in early.failures[0] and "decided on 16 of 64" in early.failures[0]
+
+
+def test_early_stop_passing_candidate_scored_on_all_samples(tmp_path):
+    original = _scores_model(tmp_path / "o.onnx")
+    candidate = graph.load(_scores_model(tmp_path / "c.onnx", swap=(0, 1)))
+    classes = [2 + i % 4 for i in range(64)]  # no sample of class 0 or 1: the swap changes nothing that counts
+    source = _class_data(original, classes)
+    budget = Budget(max_accuracy_drop=0.5, min_cosine=0.5)
+    full = validate(original, candidate, source, budget, check=False)
+    early = validate(_reference(original), candidate, source, budget, check=False, early_stop="on")
+    assert full.ok and early.ok and early.samples == full.samples == 64 and early.early_stop is None
+    assert early.outputs == full.outputs and early.metric == full.metric
+
+
+def test_early_stop_max_abs_uses_the_whole_sets_scale(tmp_path):
+    # the scaled error divides by max(1, max|y|) over all samples: a large output in the last batch lowers it,
+    # so the early bound divides by the whole set's scale (not the scale seen so far) and does not stop here
+    original = _scores_model(tmp_path / "o.onnx")
+    candidate = graph.load(_scores_model(tmp_path / "c.onnx", swap=(0, 1)))
+    x = np.random.default_rng(0).random((64, 6)).astype(np.float32)
+    x[0, 0] += 1.0  # the swap's error: |x0 - x1| < 2, in the first batch
+    x[63] = [0, 0, 100, 0, 0, 0]  # the last batch sets the scale (its error is 0)
+    source = data.as_source({"x": x}, graph.load(original), batch_size=16)
+    budget = Budget(max_abs=0.05)
+    full = validate(original, candidate, source, budget, check=False)
+    early = validate(_reference(original), candidate, source, budget, check=False, early_stop="exact")
+    assert full.ok and early.ok and early.samples == 64 and early.outputs == full.outputs
+    assert full.outputs["y"].max_abs > 0.05 * 2  # judged on the first batch's own scale, it would have failed
+
+
+def test_early_stop_psnr_and_mse_bounds(tmp_path):
+    from onnxopt import metrics
+
+    original = _scores_model(tmp_path / "o.onnx")
+    candidate = graph.load(_scores_model(tmp_path / "c.onnx", swap=(0, 1)))
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 6)).astype(np.float32)
+    x[:16, 0] += 5.0  # the error is all in the first batch
+    source = data.as_source({"x": x, "labels": x.copy()}, graph.load(original), batch_size=16)
+    for name, budget in [("psnr", Budget(metric_limit=30.0)), ("mse", Budget(max_metric_drop=0.1))]:
+        full = validate(original, candidate, source, budget, check=False, metric=metrics.resolve(name))
+        early = validate(_reference(original), candidate, source, budget, check=False,
+                         metric=metrics.resolve(name), early_stop="exact")  # fmt: skip
+        assert not full.ok and full.samples == 64, name
+        assert not early.ok and early.samples == 16 and early.early_stop.kind == "exact", name
+        loose = {"psnr": Budget(metric_limit=full.metric.after), "mse": Budget(max_metric_drop=full.metric.drop)}
+        again = validate(_reference(original), candidate, source, loose[name], check=False,
+                         metric=metrics.resolve(name), early_stop="exact")  # fmt: skip
+        assert again.ok and again.samples == 64, name  # exactly at the bar: no early stop
+
+
+def test_early_stop_mode_is_checked():
+    from onnxopt import early_stop
+    from onnxopt.errors import UsageError
+
+    assert early_stop.mode("EXACT") == "exact" and early_stop.mode("off") == "off"
+    with pytest.raises(UsageError, match="one of off, exact, on"):
+        early_stop.mode("sometimes")
