@@ -22,6 +22,31 @@ metric is computed once over the whole set; its drop (with a paired bootstrap in
 ``max_metric_drop`` / ``metric_limit`` (at the interval's worse end with ``confidence``), and output similarity
 is reported but not judged unless a similarity budget is given too.
 
+Early stop (``validate(..., early_stop="exact" | "on")``; the searches' budget checks, :mod:`onnxopt.early_stop`):
+after every batch, a check whose failure is already certain stops there and fails, with ``report.early_stop``
+saying where. A passing candidate is always scored on every sample, so a passing verdict, and the final
+validation (which never stops early), are what they are without early stopping. What the samples not yet
+scored could at best do is bounded with facts about the whole set taken from the original model once per data
+source (its metric rows, its largest |y|, its element counts):
+
+- exact (the bound cannot be wrong; a search chooses exactly what it chooses without early stopping):
+  - NaN/Inf at places the original has none (or the reverse): final once seen.
+  - ``min_cosine`` / ``max_rel_l2``: the worst sample so far is final (a later sample can only make it worse).
+  - ``max_abs`` (scaled): the error so far over ``max(1, max|y|)`` of the *whole* set (the scale may still grow).
+  - integer outputs: differing elements so far over all elements of the set exceed ``max_mismatch``.
+  - ``top1`` / ``top5`` (and ``--max-accuracy-drop``): even if every remaining sample were a hit, the whole-set
+    drop would exceed the budget (or the accuracy stay under ``metric_limit``).
+  - ``mse``: even if every remaining error were zero, the whole-set MSE misses; ``psnr``: even then, the PSNR
+    (the peak from the original over the whole set) stays under the floor.
+  With ``confidence`` the verdict is at the bootstrap interval's worse end, and the metric bounds above are on
+  the point estimate: exact as long as the worse end is at least as bad as the point estimate, which a
+  percentile bootstrap (1000 resamples) breaks only if fewer than 2.5% of resamples were at or beyond it.
+- statistical (mode ``"on"``, only for a bootstrapped metric without an exact bound, i.e. ``spearman``): every
+  4th batch is scored first (a quarter spread over the set as ordered); when the 99% bootstrap interval of the
+  drop on that quarter lies wholly above the budget (at least 32 pairs), the check stops. It can be wrong, so
+  a search's choice may differ from a full check's (rarely: it needs the quarter to be misleading at 99%).
+- never early: user metrics (one call over the whole set), the legacy task-MSE budget (``max_mse_increase``).
+
 The optimized model must also pass ``onnx.checker.check_model(full_check=True)``, whose strict shape
 inference catches stale shapes that onnxruntime only warns about. Both models run as they would be
 deployed, with onnxruntime's graph optimizations on: a QDQ int8 model then runs onnxruntime's integer

@@ -345,3 +345,42 @@ def test_early_stop_mode_is_checked():
     assert early_stop.mode("EXACT") == "exact" and early_stop.mode("off") == "off"
     with pytest.raises(UsageError, match="one of off, exact, on"):
         early_stop.mode("sometimes")
+
+
+def test_early_stop_spearman_is_statistical_on_a_spread_quarter(tmp_path):
+    from onnxopt import metrics
+
+    def encoder(path, w):
+        model = builders.make_model(
+            [helper.make_node("MatMul", ["x", "w"], ["e"], name="mm")],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+            [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 8])],
+            [onnx.numpy_helper.from_array(w.astype(np.float32), "w")],
+        )
+        return builders.save(model, path)
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8))
+    original = encoder(tmp_path / "o.onnx", w)
+    x = rng.standard_normal((320, 16)).astype(np.float32)  # 160 pairs; batches of 8: 40 batches, a quarter is 10
+    e = x.astype(np.float64) @ w
+    gold = (e[0::2] * e[1::2]).sum(1) / np.linalg.norm(e[0::2], axis=1) / np.linalg.norm(e[1::2], axis=1)
+    source = data.as_source({"x": x, "labels": gold}, graph.load(original), batch_size=8, pair_labels=True)
+    budget = Budget(max_metric_drop=0.5)
+    spearman = metrics.resolve("spearman")
+    unrelated = graph.load(encoder(tmp_path / "c.onnx", rng.standard_normal((16, 8))))  # rho ~ 0: drop ~ 100
+    full = validate(original, unrelated, source, budget, check=False, metric=metrics.resolve("spearman"))
+    exact = validate(_reference(original), unrelated, source, budget, check=False, metric=spearman, early_stop="exact")
+    early = validate(_reference(original), unrelated, source, budget, check=False, metric=spearman, early_stop="on")
+    assert not full.ok and full.metric.drop > 10 and not exact.ok and exact.early_stop is None  # no exact bound
+    assert not early.ok and early.early_stop.kind == "statistical" and early.samples == 80
+    assert "40 pairs of every 4th batch" in early.failures[0] and "99% confidence" in early.failures[0]
+    same = validate(_reference(original), graph.load(original), source, budget, check=False, metric=spearman,
+                    early_stop="on")  # fmt: skip
+    assert same.ok and same.samples == 320 and same.metric.drop == 0  # scored on every sample
+    near = graph.load(encoder(tmp_path / "n.onnx", w + 0.3 * rng.standard_normal((16, 8))))
+    loose = Budget(max_metric_drop=50)
+    full = validate(original, near, source, loose, check=False, metric=metrics.resolve("spearman"))
+    early = validate(_reference(original), near, source, loose, check=False, metric=spearman, early_stop="on")
+    assert full.ok and early.ok and full.metric.drop > 0.1  # scored in two sweeps, judged in data order:
+    assert early.metric == full.metric and early.outputs == full.outputs  # the same numbers as one pass
