@@ -296,6 +296,7 @@ def _pass(record: PassRecord) -> dict[str, Any]:
     return {
         "name": record.name,
         "modified": record.modified,
+        "reverted": getattr(record, "reverted", None),
         "changes": list(record.changes),
         "skipped": list(record.skipped),
         "time": f"{record.seconds:.2f} s{stats}",

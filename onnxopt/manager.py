@@ -81,6 +81,8 @@ class PassRecord:
     seconds: float
     stats_seconds: float = 0.0
     details: dict[str, Any] = dataclasses.field(default_factory=dict)  # the pass's OptResult.details
+    # why the manager restored the pass's input (its result missed the budget; see _BudgetGuard), or None
+    reverted: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         record = {
@@ -93,6 +95,8 @@ class PassRecord:
         }
         if self.details:  # only passes that report structured details add the key
             record["details"] = self.details
+        if self.reverted:  # only a reverted pass adds the key
+            record["reverted"] = self.reverted
         return record
 
 
@@ -273,7 +277,7 @@ class PassManager:
             for done, pass_ in self._enumerate():
                 passed.clear()
                 self._emit(ProgressEvent("pass_start", pass_.name, len(done), len(self.passes)))
-                records.append(self._run_pass(pass_, model, context, calib, done))
+                records.append(self._run_pass(pass_, model, context, calib, done, passed))
                 _search_cost(records[-1], context.check)
                 self._emit(ProgressEvent("pass_end", pass_.name, len(done) + 1, len(self.passes), record=records[-1]))
                 stages.append(_stage(records[-1], pass_, model, passed, stages[-1].bytes))
@@ -339,9 +343,11 @@ class PassManager:
         context: PassContext,
         calib: data_mod.DataSource | None,
         done: list[str],
+        passed: list[ValidationReport] | None = None,
     ) -> PassRecord:
         stats_seconds = 0.0
         pass_.context = self._watched(context, pass_.name, model)
+        guard = _BudgetGuard(pass_, pass_.context)  # a lossy pass that searched hands on only what holds the budget
         request = pass_.stats_request(model)
         if request:
             existing = get_stats(model)
@@ -356,6 +362,7 @@ class PassManager:
                 attach_stats(model, table)
                 stats_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
+        guard.before(model)
         try:
             result = pass_(model)
         except ir.passes.PreconditionError as e:  # the pass cannot run as asked: a usage error (exit 2)
@@ -368,7 +375,13 @@ class PassManager:
         seconds = time.perf_counter() - t0
         changes = result.changes if isinstance(result, OptResult) else []
         skipped = result.skipped if isinstance(result, OptResult) else []
-        if result.modified:
+        details = dict(result.details) if isinstance(result, OptResult) else {}
+        reverted = guard.after(model, result.modified, context.check, passed)
+        if reverted is not None:
+            details["reverted_changes"] = [dataclasses.asdict(c) for c in changes]
+            changes, skipped = [], [Skip("model", f"reverted: {reverted}"), *skipped]
+        modified = bool(result.modified) and reverted is None
+        if modified:
             if STATS_KEY in model.meta:
                 model.meta.invalidate(STATS_KEY)
             RemoveUnusedNodesPass()(model)
@@ -377,14 +390,13 @@ class PassManager:
         logger.info(
             "pass %s: %s, %d changes, %d skipped, %.3f s",
             pass_.name,
-            "modified" if result.modified else "unchanged",
+            "reverted" if reverted else "modified" if modified else "unchanged",
             len(changes),
             len(skipped),
             seconds,
         )
-        details = dict(result.details) if isinstance(result, OptResult) else {}
         return PassRecord(
-            pass_.name, bool(result.modified), list(changes), list(skipped), seconds, stats_seconds, details
+            pass_.name, modified, list(changes), list(skipped), seconds, stats_seconds, details, reverted=reverted
         )
 
     def _source(self, data, model: ir.Model, what: str, pair_labels: bool = True) -> data_mod.DataSource | None:
@@ -584,3 +596,89 @@ def _carry_metrics(stages: list[StageRecord]) -> None:
                 cosine=previous.cosine,
                 source=stage.source if known else None,
             )
+
+
+class _BudgetGuard:
+    """Makes a lossy pass that searched within the budget hand on only a model that holds it.
+
+    For a lossy pass in a run with a budget check, the guard keeps a clone of the pass's input (an onnx_ir clone
+    copies the graph and shares the weight tensors, which passes replace rather than change in place) and wraps
+    the pass's ``context.check`` to count its checks and remember the fingerprint (:mod:`onnxopt.fingerprint`,
+    a digest of the nodes and the weights' bytes) of every candidate that passed. After a pass that checked at
+    least one candidate and modified the model:
+
+    - a result with the fingerprint of a candidate that passed is handed on without checking it again (the pass's
+      own search validated exactly this model; its report becomes the stage's metrics);
+    - any other result is checked once more, and if it misses the budget the pass's input is restored and the
+      pass recorded as not modified, with the reason (``reverted: result outside the budget: ...``) first in its
+      skipped sites and in ``PassRecord.reverted``, its discarded changes in ``details["reverted_changes"]``.
+
+    A pass that checked nothing was given a fixed setting by the user (``--svd-rank 8``): it is not second-guessed
+    here; the final validation judges the result, and a miss fails the run (exit 1, nothing written unless
+    ``--force``), as before.
+    """
+
+    def __init__(self, pass_: OptPass, context: PassContext | None) -> None:
+        self.active = not pass_.exact and context is not None and context.check is not None
+        self.checks = 0
+        self.passing: dict[str, ValidationReport] = {}  # fingerprint of a passing candidate -> its report
+        self.backup: ir.Model | None = None
+        if self.active:
+            inner = context.check
+
+            def check(candidate: ir.Model) -> ValidationReport:
+                result = inner(candidate)
+                self.checks += 1
+                if result.ok:
+                    key = _fingerprint(candidate)
+                    if key is not None:
+                        self.passing[key] = result
+                return result
+
+            context.check = check
+
+    def before(self, model: ir.Model) -> None:
+        """Keep the pass's input (only for a guarded pass)."""
+        self.backup = model.clone() if self.active else None
+
+    def after(self, model: ir.Model, modified: bool, check, passed: list[ValidationReport] | None) -> str | None:
+        """Check the pass's result when needed (``check``: the run's own, unwatched); restore the input if it fails.
+
+        Returns the reason the pass was reverted, or ``None`` when its result stands.
+        """
+        backup, self.backup = self.backup, None
+        if not modified or backup is None or not self.checks:
+            return None
+        key = _fingerprint(model) if self.passing else None
+        if key is not None and key in self.passing:
+            if passed is not None:
+                passed.append(self.passing[key])  # the stage's metrics: this model's own check
+            logger.debug("budget guard: the result is a candidate the search checked; not checked again")
+            return None
+        report = check(model)
+        if report.ok:
+            return None
+        graph_io.adopt(model, backup)
+        reason = f"result outside the budget: {_figures(report)}"
+        logger.info("budget guard: input restored: %s", reason)
+        return reason
+
+
+def _fingerprint(model: ir.Model) -> str | None:
+    """:func:`onnxopt.fingerprint.fingerprint`, or ``None`` for a model it cannot digest (then it is checked)."""
+    from onnxopt.fingerprint import fingerprint
+
+    try:
+        return fingerprint(model)
+    except Exception as e:  # an exotic tensor type: costs one more budget check, never a wrong answer
+        logger.debug("no fingerprint: %s", e)
+        return None
+
+
+def _figures(report: ValidationReport) -> str:
+    """The failed check's figures: the first failures, and the worst cosine when they do not name it."""
+    text = "; ".join(report.failures[:2]) or "fails"
+    cosines = [d.cosine for d in report.outputs.values()]
+    if cosines and "cosine" not in text:
+        text += f"; worst cosine {min(cosines):.5f}"
+    return text

@@ -38,6 +38,8 @@ def plural(count: int, noun: str, plural_form: str | None = None) -> str:
 def pass_lines(record: PassRecord) -> list[str]:
     """The summary of one pass: what it did and the first skipped sites with their reasons."""
     state = "changed" if record.modified else "unchanged"
+    if getattr(record, "reverted", None):  # its result missed the budget: the manager restored its input
+        state = "reverted (result outside the budget)"
     counts = f"{plural(len(record.changes), 'site')} rewritten, {len(record.skipped):,} skipped"
     lines = [f"pass {record.name}: {state}, {counts}, {record.seconds:.2f} s"]
     for skip in record.skipped[:_MAX_SKIPS_SHOWN]:

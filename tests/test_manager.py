@@ -194,3 +194,125 @@ def test_early_stop_summary_in_the_verbose_log(tmp_path, monkeypatch, caplog):
         PassManager(["prune"], data=calib, eval_data=held_out, budget=Budget(max_accuracy_drop=2.0)).run(model_file)
     lines = [r.getMessage() for r in caplog.records if "budget checks" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("pass prune: ") and "stopped early (" in lines[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _SearchConfig(PassConfig):
+    checked: float = 1.0  # the factor of the one candidate the "search" checks
+    factor: float = 1.0  # the factor of the model the pass returns
+
+
+def _scaled(model, factor):
+    w = model.graph.initializers["w2"]
+    w.const_value = ir.tensor(w.const_value.numpy() * factor, name="w2")  # a new tensor: clones keep the old one
+    return model
+
+
+class _SearchThenScale(OptPass):
+    """A lossy pass that checks one candidate (w2 scaled by ``checked``) and returns w2 scaled by ``factor``."""
+
+    name = "search_scale"
+    exact = False
+    config_class = _SearchConfig
+
+    def call(self, model):
+        self.verdicts = [self.context.check(_scaled(model.clone(), self.config.checked)).ok]
+        _scaled(model, self.config.factor)
+        return OptResult(model, modified=True, changes=[Change("w2", f"scaled by {self.config.factor}")])
+
+
+def _counting_validations(monkeypatch):
+    from onnxopt import manager
+
+    calls = []
+    real = manager.validate
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "validate", counted)
+    return calls
+
+
+def test_a_searching_pass_whose_result_misses_the_budget_is_reverted_and_reported(mlp_file, monkeypatch):
+    from onnxopt import html_report, progress
+
+    first, lossy, last = _NeedsStats(), _SearchThenScale(_SearchConfig(checked=1.0, factor=1.5)), _NeedsStats()
+    calls = _counting_validations(monkeypatch)
+    report = PassManager([first, lossy, last], simplify=False, data=_data(), budget=Budget(max_abs=1e-3)).run(mlp_file)
+    assert lossy.verdicts == [True]  # its search checked a candidate that holds, then returned another one
+    assert len(calls) == 3  # the search's check, the guard's check of the result, the final validation
+    record = report.passes[1]
+    assert not record.modified and record.changes == []
+    assert record.reverted.startswith("result outside the budget: ") and "max abs" in record.reverted
+    assert record.skipped[0].site == "model" and record.skipped[0].reason == f"reverted: {record.reverted}"
+    assert record.details["reverted_changes"] == [{"site": "w2", "what": "scaled by 1.5"}]
+    # the input came back: the run holds the budget exactly, and the statistics of the input still apply
+    assert report.ok and report.validation.outputs["y"].max_abs == 0
+    assert first.seen[0] is last.seen[0]
+    assert report.stages[2].source == "unchanged"
+    payload = report.to_json()["passes"][1]
+    assert payload["modified"] is False and payload["reverted"] == record.reverted
+    assert "reverted" not in report.to_json()["passes"][0]
+    assert progress.pass_lines(record)[:2] == [
+        f"pass search_scale: reverted (result outside the budget), 0 sites rewritten, 1 skipped, "
+        f"{record.seconds:.2f} s",
+        f"  skipped model: reverted: {record.reverted}",
+    ]
+    pytest.importorskip("jinja2")
+    pytest.importorskip("matplotlib")
+    page = html_report.render(report)
+    assert 'class="badge fail"' in page and "Reverted: result outside the budget" in page
+
+
+def test_a_result_the_search_already_checked_is_not_checked_again(mlp_file, monkeypatch):
+    budget = Budget(max_abs=1e-2)
+    calls = _counting_validations(monkeypatch)
+    same = _SearchThenScale(_SearchConfig(checked=1.001, factor=1.001))
+    report = PassManager([same], simplify=False, data=_data(), budget=budget).run(mlp_file)
+    assert report.ok and report.passes[0].modified and report.passes[0].reverted is None
+    assert len(calls) == 2  # the search's check and the final validation: the result is the checked candidate
+    calls.clear()
+    other = _SearchThenScale(_SearchConfig(checked=1.001, factor=1.002))  # holds too, but was never checked
+    report = PassManager([other], simplify=False, data=_data(), budget=budget).run(mlp_file)
+    assert report.ok and report.passes[0].modified and report.passes[0].reverted is None
+    assert len(calls) == 3 and calls[1] is calls[2] is report.model  # the guard checked the result itself
+
+
+def test_a_fixed_setting_is_not_second_guessed(mlp_file, monkeypatch):
+    """A lossy pass that checked nothing (a setting the user fixed) is judged by the final validation only."""
+    calls = _counting_validations(monkeypatch)
+    report = PassManager(
+        [_ScaleOutput(_ScaleConfig(1.5))], simplify=False, data=_data(), budget=Budget(max_abs=1e-3)
+    ).run(mlp_file)
+    assert len(calls) == 1 and not report.ok and report.passes[0].modified and report.passes[0].reverted is None
+
+
+def test_fingerprint_sees_weights_attributes_and_wiring_but_not_shape_annotations():
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    from onnxopt.fingerprint import fingerprint
+
+    model = ir.from_proto(builders.conv_net(channels=(3, 8, 8), seed=1))
+    key = fingerprint(model)
+    clone = model.clone()
+    for value in clone.graph.inputs:
+        value.shape = None
+    ShapeInferencePass(strict_mode=False)(clone)
+    assert fingerprint(clone) == key  # same computation, other shape annotations
+    assert fingerprint(_scaled_first_weight(model.clone(), 1.0 + 1e-7)) != key  # one weight, one ulp or so
+    changed = model.clone()
+    conv = next(node for node in changed.graph if node.op_type == "Conv")
+    conv.attributes["dilations"] = ir.AttrInt64s("dilations", [2, 2])
+    assert fingerprint(changed) != key
+    rewired = model.clone()
+    relu = next(node for node in rewired.graph if node.op_type == "Relu")
+    relu.replace_input_with(0, rewired.graph.inputs[0])
+    assert fingerprint(rewired) != key
+
+
+def _scaled_first_weight(model, factor):
+    value = next(iter(model.graph.initializers.values()))
+    value.const_value = ir.tensor(value.const_value.numpy() * np.float32(factor), name=value.name)
+    return model
