@@ -51,12 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="optimize a model with a list of passes and validate the result",
-        usage="onnxopt run MODEL --passes P1,P2,... -o OUT [--data DATA] [--eval DATA] [options]",
+        usage="onnxopt run MODEL (--passes P1,P2,... | --target KIND=RATIO) -o OUT [--data DATA] [--eval DATA] "
+        "[options]",
         description=_RUN_DESCRIPTION,
         formatter_class=_HelpFormatter,
     )
     run.add_argument("model", metavar="MODEL", help="input .onnx model (never overwritten)")
     run.add_argument("--passes", default="", metavar="P1,P2,...", help="pass names, in order (see 'onnxopt passes')")
+    run.add_argument(
+        "--target",
+        type=_target,
+        metavar="KIND=RATIO",
+        help="a goal instead of --passes: latency=0.5 or size=0.25 (a ratio to the original); onnxopt tries "
+        "pipelines from cheap to strong until one reaches it within the budget, else writes the best within the "
+        "budget, exits 1 and says why (README, 'A goal instead of a recipe')",
+    )
     run.add_argument("-o", "--output", required=True, metavar="OUT", help="output .onnx path")
     run.add_argument(
         "--data",
@@ -595,6 +604,8 @@ def _run(args: argparse.Namespace) -> int:
         html_report.require_matplotlib()
     _check_collisions(args)
     calib, held_out = _image_data(args, "data", "eval")
+    if args.target is not None:
+        return _run_goal(args, source, output, calib, held_out)
     names = [n.strip() for n in args.passes.split(",") if n.strip()]
     if names and not args.no_simplify and "simplify" not in names:
         names = ["simplify", *names]
@@ -664,6 +675,146 @@ def _run(args: argparse.Namespace) -> int:
         html_report.write(args.html, page)
         print(f"wrote {args.html}")
     return EXIT_OK if report.ok else EXIT_INVALID
+
+
+_GOAL_PASSES = ("simplify", "prune", "quant", "svd", "distill", "share")  # what onnxopt.goal's ladder runs
+
+
+def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, held_out: Any) -> int:
+    """``run --target``: the goal search (:mod:`onnxopt.goal`), each point printed as it is measured.
+
+    Exit 0 when a pipeline reaches the target within the budget (written to ``-o``); 1 when none does: the best
+    within the budget is written (nothing when no pipeline holds the budget) and the reason printed.
+    """
+    from onnxopt import data, goal, graph, recipe, registry
+    from onnxopt.progress import ProgressView
+
+    if args.passes.strip():
+        raise UsageError("--target chooses the passes itself: give --target or --passes, not both")
+    if args.no_validate:
+        raise UsageError("--target judges every pipeline by its validation: drop --no-validate")
+    if calib is None:
+        raise UsageError("--target needs calibration data: give --data (every pipeline it tries is lossy)")
+    options = _pass_options(args, list(registry.available()))
+    unused = [name for name in options if name not in _GOAL_PASSES]
+    if unused:
+        raise UsageError(f"--target does not use the '{unused[0]}' pass: drop its --{unused[0]}-* options")
+    if args.keep_initializer_inputs:
+        options.setdefault("simplify", {})["keep_initializer_inputs"] = True
+    view = None if args.quiet else ProgressView()
+    print(f"goal: {args.target.describe()}; trying pipelines from cheap to strong")
+
+    def on_point(point) -> None:
+        if view is not None:
+            view.close()
+        print(f"goal point {_goal_point_line(point)}")
+
+    try:
+        result = goal.seek(
+            source, args.target, data=calib, eval_data=held_out, budget=_budget(args), metric=args.metric,
+            metric_output=args.metric_output, options=options, batch_size=args.batch_size or 16,
+            input_shapes=data.parse_shape_overrides(args.input_shape), seed=args.seed,
+            simplify=not args.no_simplify, holdout=HOLDOUT,
+            min_eval_samples=0 if args.allow_small_eval else MIN_EVAL_SAMPLES, executor=args.executor,
+            progress=view, on_point=on_point,
+        )  # fmt: skip
+    finally:
+        if view is not None:
+            view.close()
+    report, chosen = result.report, result.chosen
+    latency = None
+    if chosen is not None and chosen.latency_us is not None:
+        latency = {
+            "before": round(chosen.original_latency_us, 2),
+            "after": round(chosen.latency_us, 2),
+            "inputs": result.latency_inputs,
+            "inputs_from": result.latency_from,
+        }
+    _print_goal(result)
+    if report is not None:
+        print(f"chosen: {chosen.pipeline}")
+        _print_run(report, latency)
+    print(("target reached: " if result.reached else "") + result.reason)
+    payload = report.to_json() if report is not None else {}
+    payload["goal"] = result.to_json()
+    if latency is not None:
+        payload["latency_us"] = latency
+    if report is not None:
+        payload["recipe"] = recipe.effective(args, result.passes, report.validation.budget)  # the chosen pipeline
+    if report is None:
+        if args.report:
+            _write_json_atomic(Path(args.report), payload)
+            print(f"wrote {args.report}")
+        where = sys.stderr if args.quiet else sys.stdout
+        print(f"no pipeline holds the budget: nothing written to {output}", file=where)
+        return EXIT_INVALID
+    page = None
+    if args.html:
+        from onnxopt import html_report
+
+        page = html_report.render(
+            report, latency=latency, model_name=str(source), output_name=str(output), goal=result
+        )  # fmt: skip
+    graph.save(report.model, output)  # before the report: an interrupted save leaves neither
+    print(f"wrote {output}")
+    if args.report:
+        _write_json_atomic(Path(args.report), payload)
+        print(f"wrote {args.report}")
+    if page is not None:
+        html_report.write(args.html, page)
+        print(f"wrote {args.html}")
+    return EXIT_OK if result.reached else EXIT_INVALID
+
+
+def _goal_point_line(point) -> str:
+    """One point of the goal search: its pipeline, metric, ratios, verdict and time."""
+    parts = []
+    if point.metric is not None and point.metric_after is not None:
+        drop = f" (drop {point.metric_drop:+.4g})" if point.metric_drop is not None else ""
+        before = f"{point.metric_before:.4g} -> " if point.metric_before is not None else ""
+        parts.append(f"{point.metric} {before}{point.metric_after:.4g}{drop}")
+    if point.cosine is not None:
+        parts.append(f"cosine {point.cosine:.5f}")
+    for label, value in (("latency", point.latency_ratio), ("size", point.size_ratio), ("MACs", point.macs_ratio)):
+        if value is not None:
+            parts.append(f"{label} {value:.3f}x")
+    verdict = "within the budget" if point.ok else "over the budget"
+    if point.reached:
+        verdict += ", reaches the target"
+    parts.append(verdict)
+    if point.note:
+        parts.append(point.note)
+    return f"{point.pipeline}: {', '.join(parts)}, {point.seconds:.1f} s"
+
+
+def _print_goal(result) -> None:
+    """Every point the goal search tried, as a table (``*``: on the Pareto front of the target's ratio and the
+    metric, among the points within the budget)."""
+    metric = next((p.metric for p in result.points if p.metric is not None), None)
+    rows = [("pipeline", f"{metric} drop" if metric else "metric", "cosine", "latency", "size", "MACs", "budget", "s")]
+
+    def cell(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for p in result.points:
+        verdict = ("ok" if p.ok else "over") + (", target" if p.reached else "")
+        rows.append(
+            (
+                p.pipeline + (" *" if p.on_front else ""),
+                cell(p.metric_drop, "+.4g"),
+                cell(p.cosine, ".5f"),
+                cell(p.latency_ratio, ".3f"),
+                cell(p.size_ratio, ".3f"),
+                cell(p.macs_ratio, ".3f"),
+                verdict,
+                f"{p.seconds:.1f}",
+            )
+        )
+    shapes = _shapes_text(result.latency_inputs)
+    print(f"goal points ({result.target.describe()}; * on the Pareto front; latency timed on {shapes}):")
+    _print_table(rows)
+    for skipped in result.skipped:
+        print(f"  not tried: {skipped}")
 
 
 def _pass_options(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -925,6 +1076,15 @@ def _confidence(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (e.g. 0.95), got {text}")
     return value
+
+
+def _target(text: str):
+    from onnxopt.goal import Target
+
+    try:
+        return Target.parse(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_int(text: str) -> int:

@@ -36,6 +36,7 @@ from onnxopt.errors import UsageError
 
 if TYPE_CHECKING:
     from onnxopt.cost import ModelCost, NodeCost
+    from onnxopt.goal import GoalResult, Point
     from onnxopt.manager import PassRecord, RunReport, StageRecord
     from onnxopt.validate import ValidationReport
 
@@ -124,8 +125,13 @@ def render(
     latency: Mapping[str, float] | None = None,
     model_name: str = "model",
     output_name: str | None = None,
+    goal: GoalResult | None = None,
 ) -> str:
-    """The HTML page for ``report`` (with ``latency`` = ``{"before": us, "after": us}`` when measured)."""
+    """The HTML page for ``report`` (with ``latency`` = ``{"before": us, "after": us}`` when measured).
+
+    ``goal``: the search of ``run --target`` (:mod:`onnxopt.goal`), shown as a table of every point it tried and an
+    inline SVG plot of the metric against the target's ratio, the Pareto front highlighted.
+    """
     require_matplotlib()
     rows = layer_rows(report.before, report.after)
     metric = _main_metric(report)
@@ -153,6 +159,7 @@ def render(
             _ratio(after.macs, before.macs),
         ],  # fmt: skip
         version=_version(),
+        goal=_goal(goal, report.validation),
     )
     return page.rstrip("\n") + "\n"
 
@@ -314,6 +321,139 @@ def _layer(row: LayerRow) -> dict[str, Any]:
         _ratio_cell(b, a, "macs"),
     ]
     return {"name": row.name, "op": _op_text(b, a), "cells": cells, "status": row.status}
+
+
+# --- the goal search's Pareto plot (inline SVG, drawn by the template) -------------------------------------------
+
+_SVG_SIZE = (660, 360)
+_SVG_PAD = (70, 24, 18, 46)  # left, right, top, bottom
+
+
+def _goal(goal: GoalResult | None, validation: ValidationReport | None) -> dict[str, Any] | None:
+    """The goal section: the verdict, the plot's geometry (one marker per point with both coordinates) and a row
+    per point. x is the target's ratio (latency or size, to the original), y the task metric (else the worst
+    cosine); the original sits at (1, its metric); the budget's bound and the target are dashed lines."""
+    if goal is None:
+        return None
+    target = goal.target
+    points = list(goal.points)
+    with_metric = any(p.metric_after is not None for p in points)
+    metric = next((p for p in points if p.metric_after is not None), None)
+
+    def y_of(p: Point) -> float | None:
+        value = p.metric_after if with_metric else p.cosine
+        return value if value is not None and math.isfinite(value) else None
+
+    plotted = [(p, target.value(p), y_of(p)) for p in points]
+    plotted = [(p, x, y) for p, x, y in plotted if x is not None and y is not None and math.isfinite(x)]
+    original_y = (metric.metric_before if metric is not None else None) if with_metric else 1.0
+    bound = _goal_bound(validation, metric, with_metric)
+    xs = [x for _, x, _ in plotted] + [1.0, target.ratio]
+    ys = [y for _, _, y in plotted] + [v for v in (original_y, bound) if v is not None and math.isfinite(v)]
+    x0, x1 = 0.0, max(1.1, max(xs) * 1.08)
+    y0, y1 = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    spread = (y1 - y0) or max(abs(y1) * 0.01, 1e-3)
+    y0, y1 = y0 - 0.12 * spread, y1 + 0.12 * spread
+    width, height = _SVG_SIZE
+    left, right, top, bottom = _SVG_PAD
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def sx(x: float) -> float:
+        return round(left + (x - x0) / (x1 - x0) * plot_w, 1)
+
+    def sy(y: float) -> float:
+        return round(top + (y1 - y) / (y1 - y0) * plot_h, 1)
+
+    markers = []
+    for p, x, y in plotted:
+        state = "reached" if p.reached else ("ok" if p.ok else "over")
+        title = f"{p.pipeline}: {_goal_metric_text(p)}; {target.kind} {x:.3f}x; {state}"
+        markers.append({"cx": sx(x), "cy": sy(y), "front": p.on_front, "state": state, "label": p.pipeline,
+                        "title": title})  # fmt: skip
+    front = sorted(((x, y) for p, x, y in plotted if p.on_front), key=lambda xy: xy[0])
+    y_label = (f"{metric.metric} after" if metric is not None else "metric") if with_metric else "worst cosine"
+    return {
+        "target": target.describe(),
+        "reached": goal.reached,
+        "reason": goal.reason,
+        "chosen": goal.chosen.pipeline if goal.chosen is not None else None,
+        "seconds": f"{goal.seconds:.1f} s",
+        "svg": {
+            "width": width,
+            "height": height,
+            "left": left,
+            "top": top,
+            "right": width - right,
+            "bottom": height - bottom,
+            "markers": markers,
+            "front": " ".join(f"{sx(x)},{sy(y)}" for x, y in front),
+            "x_ticks": [{"at": sx(v), "text": f"{v:g}"} for v in _ticks(x0, x1)],
+            "y_ticks": [{"at": sy(v), "text": f"{v:.4g}"} for v in _ticks(y0, y1)],
+            "original": None if original_y is None else {"cx": sx(1.0), "cy": sy(original_y)},
+            "target_x": sx(target.ratio),
+            "bound_y": None if bound is None or not y0 <= bound <= y1 else sy(bound),
+            "x_label": f"{target.kind} / original",
+            "y_label": y_label,
+        },
+        "unplotted": [p.pipeline for p in points if not any(p is q for q, _, _ in plotted)],
+        "rows": [_goal_row(p) for p in points],
+        "skipped": list(goal.skipped),
+    }
+
+
+def _goal_bound(validation: ValidationReport | None, metric: Point | None, with_metric: bool) -> float | None:
+    """The budget's worst allowed y: the metric before less the allowed drop, or the cosine floor."""
+    if validation is None:
+        return None
+    budget = validation.budget
+    if not with_metric:
+        return budget.min_cosine
+    if metric is None or metric.metric_before is None:
+        return None
+    drop = budget.max_metric_drop
+    if drop is None and metric.metric in ("top1", "accuracy"):
+        drop = budget.max_accuracy_drop
+    if drop is None:
+        return None
+    return metric.metric_before - drop if metric.metric_higher_is_better else metric.metric_before + drop
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About ``count`` round values between ``low`` and ``high`` (steps of 1, 2 or 5 times a power of ten)."""
+    raw = (high - low) / count
+    if not raw > 0 or not math.isfinite(raw):
+        return [low]
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step) * step
+    return [round(first + i * step, 12) for i in range(int((high - first) / step) + 1)]
+
+
+def _goal_metric_text(p: Point) -> str:
+    if p.metric is not None and p.metric_after is not None:
+        drop = "" if p.metric_drop is None else f" (drop {p.metric_drop:+.4g})"
+        return f"{p.metric} {p.metric_after:.4g}{drop}"
+    return "–" if p.cosine is None else f"cosine {p.cosine:.5f}"
+
+
+def _goal_row(p: Point) -> dict[str, Any]:
+    def cell(value: float | None, spec: str) -> str:
+        return "–" if value is None or not math.isfinite(value) else format(value, spec)
+
+    return {
+        "pipeline": p.pipeline,
+        "front": p.on_front,
+        "state": "reached" if p.reached else ("ok" if p.ok else "over"),
+        "cells": [
+            _goal_metric_text(p) if p.metric is not None else "–",
+            cell(p.cosine, ".5f"),
+            cell(p.latency_ratio, ".3f"),
+            cell(p.size_ratio, ".3f"),
+            cell(p.macs_ratio, ".3f"),
+            f"{p.seconds:.1f} s",
+        ],
+        "note": p.note,
+    }
 
 
 # --- plots --------------------------------------------------------------------------------------------------

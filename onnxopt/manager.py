@@ -240,15 +240,29 @@ class PassManager:
         self.seed = seed
         self.progress = progress
 
-    def run(self, model: ir.Model | str | os.PathLike) -> RunReport:
-        """Optimize ``model`` (a path is loaded; an ``ir.Model`` is changed in place) and validate it."""
+    def run(
+        self, model: ir.Model | str | os.PathLike, *, original: str | os.PathLike | Reference | None = None
+    ) -> RunReport:
+        """Optimize ``model`` (a path is loaded; an ``ir.Model`` is changed in place) and validate it.
+
+        ``original``: the model the budget checks and the validation compare with, when it is not ``model``
+        itself (continuing a pipeline from a model an earlier run produced, as :mod:`onnxopt.goal` does); a
+        :class:`~onnxopt.validate.Reference` of it shares the original's outputs across runs on the same data.
+        The report's ``before`` is then ``model``'s cost, not the original's.
+        """
         start = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            if isinstance(model, ir.Model):
+            reference = original if isinstance(original, Reference) else None
+            if original is not None:
+                original_path = Path(reference.session.path if reference is not None else original)
+                if not isinstance(model, ir.Model):
+                    model = graph_io.load(model)
+            elif isinstance(model, ir.Model):
                 original_path = stack.enter_context(graph_io.temporary_model_file(model))
             else:
                 original_path = Path(model)
                 model = graph_io.load(original_path)
+            judge = reference if reference is not None else original_path  # what the checks compare with
             runtime.check_runs(original_path)  # an op onnxruntime lacks is bad input (exit 2), not a pass failure
             if hasattr(self.executor, "connect"):
                 self.executor.connect()  # an unreachable cluster fails now, not after the first passes
@@ -259,7 +273,7 @@ class PassManager:
             self._check_inputs_given(model, calib, random=needs_check and held_out is None and calib is None)
             check_data = held_out or calib or (self._random(model) if needs_check else None)
             budget = self.budget or self._default_budget(check_data, model)
-            self._check_up_front(original_path, check_data, budget, given=held_out or calib)
+            self._check_up_front(judge, check_data, budget, given=held_out or calib)
             passed: list[ValidationReport] = []  # passing budget checks of the current pass, newest last
             context = PassContext(
                 budget=budget,
@@ -267,7 +281,7 @@ class PassManager:
                 eval_data=held_out,
                 check=None
                 if check_data is None
-                else self._checker(original_path, check_data, budget, passed, metric=self.metric),
+                else self._checker(judge, check_data, budget, passed, metric=self.metric),
                 seed=self.seed,
                 original=original_path,
             )
@@ -286,7 +300,7 @@ class PassManager:
             report = None
             if self.validate:
                 report = validate(
-                    original_path, model, check_data, budget, progress=self._progress("validating"), metric=self.metric
+                    judge, model, check_data, budget, progress=self._progress("validating"), metric=self.metric
                 )
             if report is not None or first_check is not None:
                 source = "validation" if report is not None else "budget check"
@@ -298,7 +312,7 @@ class PassManager:
 
     @staticmethod
     def _checker(
-        original_path: Path,
+        original_path: Path | Reference,
         check_data: data_mod.DataSource,
         budget: Budget,
         passed: list[ValidationReport],
@@ -313,7 +327,7 @@ class PassManager:
         ``on`` by default, ``exact``, ``off``); a passing candidate is always scored on every sample. The checks'
         cost is tallied on ``check.cost`` (:class:`onnxopt.early_stop.SearchCost`), which the run takes per pass.
         """
-        reference: list[Reference] = []
+        reference: list[Reference] = [original_path] if isinstance(original_path, Reference) else []
         stop_mode = early_stopping.mode()
         cost = early_stopping.SearchCost()
 
@@ -442,7 +456,7 @@ class PassManager:
 
     def _check_up_front(
         self,
-        original_path: Path,
+        original_path: Path | Reference,
         check_data: data_mod.DataSource | None,
         budget: Budget,
         given: data_mod.DataSource | None,

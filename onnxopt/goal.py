@@ -1,0 +1,580 @@
+"""A goal instead of a recipe: choose the passes that reach a latency or size target within the error budget.
+
+    result = seek("model.onnx", Target.parse("latency=0.5"), data="calib.npz", eval_data="eval.npz",
+                  metric="top1", budget=Budget(max_metric_drop=0.5))
+    result.reached, result.reason   # the target reached? if not, the facts measured that say why
+    result.report                   # a RunReport of the chosen pipeline, against the original (None: nothing held)
+    result.points                   # every pipeline tried: metric, cosine, latency, size and MACs ratios
+
+The search walks a ladder of pipelines from cheap to strong (:func:`ladder`), built from what the model has and
+what is installed:
+
+- latency: ``quant``; for MatMul/Gemm-heavy models (at least half of the MACs) ``svd`` and ``svd,quant``; then
+  ``prune`` (with ``--prune-refit``), ``prune,quant``, and with torch ``prune,distill`` and ``prune,distill,quant``;
+- size: ``quant`` with ``objective=size`` (int8 kept even where it is not faster), ``share``; for MatMul/Gemm-heavy
+  models ``svd,quant``; ``prune``, ``prune,quant``, ``prune,share``.
+
+Every pipeline runs through :class:`~onnxopt.manager.PassManager` with the user's budget, metric and data, each of
+its lossy passes searching the strongest setting that holds the budget (the strengths). What is expensive is done
+once: a pipeline continues from the model of its longest prefix already run (``prune,quant`` quantizes the model
+``prune`` produced instead of pruning again; the prune statistics are collected once), and all runs share one
+:class:`~onnxopt.validate.Reference`, so the original model runs over the evaluation data once in the whole search.
+Each prefix is itself a point. A point is judged against the *original* model (the final validation of its run),
+and timed against the original in interleaved rounds by :func:`onnxopt.latency.compare`, as ``quant`` times its
+recipes (onnxruntime, all optimizations, 1 intra-op thread, the first batch of the evaluation data, median of
+``rounds``; the latency record keeps the figures, so the same command makes the same choice). The size ratio is
+the serialized size's, the MACs ratio :mod:`onnxopt.cost`'s at the data's shapes.
+
+The search stops at the first point that holds the budget and reaches the target. Otherwise it returns the best
+point within the budget (the fastest for a latency target, the smallest for a size target; the earlier, cheaper
+one on a tie) with ``reached = False`` and a reason made of what was measured: the best ratio and its pipeline,
+the pipelines that missed the budget and how, what ``quant`` found (the recipe it chose, or why it kept float),
+and whether the CPU has VNNI int8 instructions. Without any point within the budget, ``report`` is ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from onnxopt.errors import UsageError, first_line
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from onnxopt.manager import RunReport
+
+__all__ = ["Target", "Step", "Point", "GoalResult", "ladder", "seek", "pareto_front", "KINDS"]
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("latency", "size")
+MATMUL_HEAVY = 0.5  # share of the MACs in Gemm/MatMul from which svd joins the ladder
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the optimized model should reach, as a ratio to the original: ``latency`` or ``size`` (file bytes)."""
+
+    kind: str
+    ratio: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"target '{self.kind}': unknown kind; choose {' or '.join(KINDS)} (e.g. latency=0.5)")
+        if not (math.isfinite(self.ratio) and 0 < self.ratio < 1):
+            raise UsageError(
+                f"target {self.kind}={self.ratio:g}: the ratio to the original must be between 0 and 1, both excluded "
+                "(0.5: half the original's)"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """``latency=0.5`` or ``size=0.25``. Raises UsageError for anything else."""
+        kind, sep, value = str(text).partition("=")
+        kind = kind.strip()
+        if not sep:
+            raise UsageError(f"target '{text}': expected KIND=RATIO, e.g. latency=0.5 or size=0.25")
+        if kind not in KINDS:
+            raise UsageError(f"target '{text}': unknown kind '{kind}'; choose {' or '.join(KINDS)}")
+        try:
+            ratio = float(value)
+        except ValueError:
+            raise UsageError(f"target '{text}': '{value}' is not a number") from None
+        return cls(kind, ratio)
+
+    def describe(self) -> str:
+        return f"{self.kind} <= {self.ratio:g}x the original's"
+
+    def value(self, point: Point) -> float | None:
+        """The point's ratio this target is about."""
+        return point.latency_ratio if self.kind == "latency" else point.size_ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One pass of a candidate pipeline, with the options the ladder gives it (the user's options win)."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        shown = ",".join(f"{k}={v}" for k, v in self.options if k == "objective")
+        return f"{self.name}({shown})" if shown else self.name
+
+
+def _pipeline(steps: Sequence[Step]) -> str:
+    return ",".join(s.label for s in steps)
+
+
+@dataclasses.dataclass
+class Point:
+    """One pipeline tried: how it scores against the original, and what it cost to get there.
+
+    ``seconds`` is this point's own cost: its pass run (continuing from its prefix's model), validation and timing.
+    Ratios are to the original model; ``metric_*`` are the task metric's (``--metric``), else accuracy's (labels),
+    else ``None``; ``cosine`` is the worst per-sample cosine over the outputs. ``ok``: within the budget;
+    ``reached``: within the budget and at or under the target.
+    """
+
+    pipeline: str
+    ok: bool = False
+    reached: bool = False
+    metric: str | None = None
+    metric_before: float | None = None
+    metric_after: float | None = None
+    metric_drop: float | None = None
+    metric_higher_is_better: bool = True
+    cosine: float | None = None
+    latency_ratio: float | None = None
+    latency_us: float | None = None
+    original_latency_us: float | None = None  # the original's, in the same interleaved timing
+    size_ratio: float | None = None
+    bytes: int | None = None
+    macs_ratio: float | None = None
+    seconds: float = 0.0
+    note: str = ""
+    same_as: str | None = None  # the earlier point whose model this one is (its last pass changed nothing)
+    on_front: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        def r(value: float | None, digits: int = 4) -> float | None:
+            return None if value is None or not math.isfinite(value) else round(value, digits)
+
+        return {
+            "pipeline": self.pipeline,
+            "within_budget": self.ok,
+            "reached": self.reached,
+            "metric": self.metric,
+            "metric_before": r(self.metric_before),
+            "metric_after": r(self.metric_after),
+            "metric_drop": r(self.metric_drop),
+            "metric_higher_is_better": self.metric_higher_is_better,
+            "cosine": r(self.cosine, 6),
+            "latency_ratio": r(self.latency_ratio),
+            "latency_us": r(self.latency_us, 1),
+            "original_latency_us": r(self.original_latency_us, 1),
+            "size_ratio": r(self.size_ratio),
+            "bytes": self.bytes,
+            "macs_ratio": r(self.macs_ratio),
+            "seconds": round(self.seconds, 2),
+            "pareto_front": self.on_front,
+            "same_as": self.same_as,
+            "note": self.note,
+        }
+
+
+@dataclasses.dataclass
+class GoalResult:
+    """The outcome of :func:`seek`; ``report`` and ``model`` are the chosen point's (``None``: no point held)."""
+
+    target: Target
+    points: list[Point]
+    chosen: Point | None
+    reached: bool
+    reason: str
+    report: RunReport | None
+    passes: list  # the chosen pipeline's pass objects, in order (simplify included): what `--config` repeats
+    latency_inputs: dict[str, list[int]]
+    latency_from: str
+    skipped: list[str]
+    seconds: float
+
+    @property
+    def model(self) -> ir.Model | None:
+        return None if self.report is None else self.report.model
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": {"kind": self.target.kind, "ratio": self.target.ratio},
+            "reached": self.reached,
+            "chosen": None if self.chosen is None else self.chosen.pipeline,
+            "reason": self.reason,
+            "latency_inputs": self.latency_inputs,
+            "latency_from": self.latency_from,
+            "points": [p.to_json() for p in self.points],
+            "not_tried": list(self.skipped),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def ladder(model: ir.Model, target: Target, *, torch: bool | None = None) -> tuple[list[tuple[Step, ...]], list[str]]:
+    """The candidate pipelines for ``model``, cheap to strong, and the ones left out with why.
+
+    ``torch``: whether the ``distill`` pass can run (default: torch is importable).
+    """
+    if torch is None:
+        torch = importlib.util.find_spec("torch") is not None
+    heavy = _matmul_share(model) >= MATMUL_HEAVY
+    prune = Step("prune", (("refit", True),))
+    skipped = []
+    if target.kind == "latency":
+        quant = Step("quant")
+        pipelines: list[tuple[Step, ...]] = [(quant,)]
+        if heavy:
+            pipelines += [(Step("svd"),), (Step("svd"), quant)]
+        pipelines += [(prune,), (prune, quant)]
+        if torch:
+            pipelines += [(prune, Step("distill")), (prune, Step("distill"), quant)]
+        else:
+            skipped.append("prune,distill,quant: torch is not installed (pip install 'onnxopt[torch]')")
+    else:
+        quant = Step("quant", (("objective", "size"),))
+        pipelines = [(quant,), (Step("share"),)]
+        if heavy:
+            pipelines.append((Step("svd"), quant))
+        pipelines += [(prune,), (prune, quant), (prune, Step("share"))]
+    if not heavy:
+        skipped.append(f"svd: Gemm/MatMul hold under {MATMUL_HEAVY:.0%} of the MACs")
+    return pipelines, skipped
+
+
+def seek(
+    model: str | os.PathLike,
+    target: Target,
+    *,
+    data: Any = None,
+    eval_data: Any = None,
+    budget: Any = None,
+    metric: str | Callable[..., Any] | None = None,
+    metric_output: str | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    pipelines: Sequence[str | Sequence[Step | str]] | None = None,
+    batch_size: int = 16,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    simplify: bool = True,
+    holdout: float | None = None,
+    min_eval_samples: int = 0,
+    executor: Any = None,
+    progress: Callable[[Any], None] | None = None,
+    on_point: Callable[[Point], None] | None = None,
+    rounds: int = 15,
+    remeasure: bool = False,
+) -> GoalResult:
+    """Search the :func:`ladder` for a pipeline that reaches ``target`` within the budget; see the module docstring.
+
+    Args:
+        model: the original model file (never changed).
+        target: the latency or size ratio to reach.
+        data, eval_data, budget, metric, metric_output, batch_size, input_shapes, seed, simplify, holdout,
+            min_eval_samples, executor, progress: as :class:`~onnxopt.manager.PassManager` takes them, for
+            every run.
+        options: pass options by pass name (``{"prune": {"refit": False}}``), over the ladder's own.
+        pipelines: the candidates instead of :func:`ladder`'s (``"prune,quant"``, or lists of pass names or
+            :class:`Step` objects), tried in the order given.
+        on_point: called with each point as soon as it is measured (the CLI prints it).
+        rounds: interleaved timing rounds per point; ``remeasure``: time again instead of reusing the record.
+
+    Raises:
+        UsageError: no calibration data (every goal pipeline is lossy); errors of the first run (bad data, a metric
+            that cannot be computed) as :class:`~onnxopt.manager.PassManager` raises them.
+    """
+    from onnxopt import graph as graph_io
+    from onnxopt.executor import make_executor
+    from onnxopt.manager import PassManager
+    from onnxopt.validate import Reference
+
+    if data is None:
+        raise UsageError("--target needs calibration data: give --data (every pipeline it tries is lossy)")
+    start = time.perf_counter()
+    original_path = Path(model)
+    original = graph_io.load(original_path)
+    if pipelines is None:
+        candidates, skipped = ladder(original, target)
+    else:
+        candidates = [
+            tuple(s if isinstance(s, Step) else Step(s.strip()) for s in (p.split(",") if isinstance(p, str) else p))
+            for p in pipelines
+        ]
+        skipped = []
+    user = {name: dict(values) for name, values in (options or {}).items()}
+    reference = Reference(original_path)  # the original's outputs, computed once for every run
+    executor = make_executor(executor)
+    feeds = None
+    stages: dict[tuple[Step, ...], _Stage] = {}
+    points: list[Point] = []
+    base = None  # the original's cost, at the data's shapes (the first run's "before")
+    chosen: Point | None = None
+    with tempfile.TemporaryDirectory(prefix="onnxopt-goal-") as tmp:
+        for candidate in candidates:
+            for length in range(1, len(candidate) + 1):
+                prefix = candidate[:length]
+                if prefix in stages:
+                    continue
+                parent = stages.get(prefix[:-1]) if length > 1 else None
+                if length > 1 and (parent is None or parent.model is None):
+                    what = "failed" if parent is None or parent.point.note.startswith("failed") else "misses the budget"
+                    skipped.append(f"{_pipeline(candidate)}: {_pipeline(prefix[:-1])} {what}")
+                    break
+                step = prefix[-1]
+                passes = _passes(step, user, simplify)
+                manager = PassManager(
+                    passes, data=data, eval_data=eval_data, budget=budget, batch_size=batch_size,
+                    input_shapes=input_shapes, seed=seed, progress=progress, simplify=False, metric=metric,
+                    metric_output=metric_output, holdout=holdout, min_eval_samples=min_eval_samples, executor=executor,
+                )  # fmt: skip
+                t0 = time.perf_counter()
+                point = Point(_pipeline(prefix))
+                start_model = graph_io.clone(parent.model) if parent is not None else graph_io.load(original_path)
+                try:
+                    report = manager.run(start_model, original=reference)
+                except Exception as e:
+                    if not stages and not points:
+                        raise  # the first run: bad data, a metric that cannot be computed... (exit 2 / 3)
+                    point.note = f"failed: {first_line(e)}"
+                    point.seconds = time.perf_counter() - t0
+                    logger.info("goal %s: %s", point.pipeline, point.note)
+                    stages[prefix] = _Stage(None, [], [], point)
+                    points.append(point)
+                    if on_point is not None:
+                        on_point(point)
+                    break
+                if base is None and parent is None:
+                    base = report.before
+                chain = [*(parent.chain if parent is not None else []), report]
+                used = [*(parent.passes if parent is not None else []), *passes]
+                if feeds is None:
+                    feeds = _timing_feeds(original, eval_data, data, batch_size, input_shapes, seed)
+                if any(r.modified for r in report.passes):
+                    path = graph_io.save(report.model, Path(tmp) / f"point{len(points)}.onnx")
+                    point.latency_us, point.original_latency_us = _time(
+                        original_path, path, feeds.feeds, rounds, remeasure
+                    )
+                else:  # nothing changed: the model of its prefix (or the original), whose figures it takes
+                    point.same_as = (parent.point.same_as or parent.point.pipeline) if parent else "original"
+                    point.note = f"the same model as {point.same_as} ({step.name} changed nothing)"
+                    if parent is not None:
+                        point.latency_us = parent.point.latency_us
+                        point.original_latency_us = parent.point.original_latency_us
+                _fill(point, report, base, target)
+                point.seconds = time.perf_counter() - t0
+                stages[prefix] = _Stage(report.model if point.ok else None, chain, used, point)
+                if not point.ok:
+                    point.note = point.note or _failure(report)
+                points.append(point)
+                logger.info("goal %s: %s", point.pipeline, point.to_json())
+                if on_point is not None:
+                    on_point(point)
+                if point.reached:
+                    chosen = point
+                    break
+                if not point.ok:
+                    break
+            if chosen is not None:
+                break
+    reached = chosen is not None
+    if chosen is None:
+        chosen = _best(points, target)
+    pareto_front(points, target)
+    stage = next((s for s in stages.values() if s.point is chosen), None) if chosen is not None else None
+    report = _combined(stage.chain, base) if stage is not None and stage.chain else None
+    reason = _reason(target, points, chosen, reached, stages, skipped)
+    return GoalResult(
+        target, points, chosen, reached, reason, report, list(stage.passes) if stage is not None else [],
+        feeds.shapes if feeds else {}, feeds.source if feeds else "", skipped, time.perf_counter() - start,
+    )  # fmt: skip
+
+
+def pareto_front(points: Sequence[Point], target: Target) -> list[Point]:
+    """Mark (``on_front``) and return the points within the budget that no other such point beats on both the
+    target's ratio (lower is better) and the metric (the task metric, else accuracy, else cosine; higher is better,
+    a drop counts as its negative). A point that repeats an earlier one's model (``same_as``) is not on it."""
+    scored = [(p, target.value(p), _quality(p)) for p in points if p.ok and p.same_as is None]
+    scored = [(p, x, y) for p, x, y in scored if x is not None and y is not None]
+    front = []
+    for p, x, y in scored:
+        p.on_front = not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for _, x2, y2 in scored)
+        if p.on_front:
+            front.append(p)
+    return front
+
+
+# --- internals ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Stage:
+    model: ir.Model | None  # None when it failed or missed the budget: no pipeline continues from it
+    chain: list  # the RunReports from the original to this point
+    passes: list  # the pass objects of those runs, in order
+    point: Point
+
+
+def _quality(point: Point) -> float | None:
+    """Higher is better: minus the metric's drop, else the worst cosine."""
+    if point.metric_drop is not None:
+        return -point.metric_drop
+    return point.cosine
+
+
+def _matmul_share(model: ir.Model) -> float:
+    from onnxopt import cost
+
+    try:
+        counted = cost.estimate(model)
+    except Exception:  # an uncountable model simply gets no svd candidates
+        return 0.0
+    total = sum(n.macs for n in counted.nodes)
+    return sum(n.macs for n in counted.nodes if n.op_type in ("Gemm", "MatMul")) / total if total else 0.0
+
+
+def _passes(step: Step, user: Mapping[str, Mapping[str, Any]], simplify: bool) -> list:
+    """The step's pass with the ladder's options and the user's over them, wrapped in ``simplify`` (the user's
+    simplify options) as :class:`~onnxopt.manager.PassManager` would wrap it."""
+    from onnxopt import registry
+
+    main = registry.make_pass(step.name, **{**dict(step.options), **user.get(step.name, {})})
+    if not simplify or step.name == "simplify":
+        return [main]
+    cleanup = user.get("simplify", {})
+    after = [registry.make_pass("simplify", **cleanup)] if main.simplify_after else []
+    return [registry.make_pass("simplify", **cleanup), main, *after]
+
+
+def _timing_feeds(original, eval_data, data, batch_size, input_shapes, seed):
+    """The first batch of the evaluation data (else the calibration data), as quant times its recipes."""
+    from onnxopt.runtime import latency_feeds
+
+    source = eval_data if eval_data is not None else data
+    what = "evaluation data" if eval_data is not None else "calibration data"
+    return latency_feeds(original, source, input_shapes=input_shapes, batch_size=batch_size, seed=seed, what=what)
+
+
+def _time(original: Path, candidate: Path, feeds: dict, rounds: int, remeasure: bool) -> tuple[float, float]:
+    """(candidate us, original us): medians of one interleaved timing, or the record of an earlier run's
+    (:func:`onnxopt.latency.compare`, the harness ``quant`` times its recipes with)."""
+    from onnxopt import latency
+
+    (original_us, _, _), (candidate_us, _, _) = latency.compare(
+        [original, candidate], feeds, rounds=rounds, remeasure=remeasure, purpose="goal"
+    )[0]
+    return candidate_us, original_us
+
+
+def _fill(point: Point, report, base, target: Target) -> None:
+    validation = report.validation
+    point.ok = bool(validation is not None and validation.ok)
+    if validation is not None:
+        if validation.metric is not None:
+            m = validation.metric
+            point.metric, point.metric_before, point.metric_after, point.metric_drop = m.name, m.before, m.after, m.drop
+            point.metric_higher_is_better = m.higher_is_better
+        elif validation.accuracy is not None:
+            acc = validation.accuracy
+            point.metric, point.metric_before, point.metric_after = "accuracy", acc["before"], acc["after"]
+            point.metric_drop = acc["before"] - acc["after"]
+        cosines = [d.cosine for d in validation.outputs.values()]
+        point.cosine = min(cosines) if cosines else None
+    if point.latency_us is not None and point.original_latency_us:
+        point.latency_ratio = point.latency_us / point.original_latency_us
+    elif point.same_as == "original":
+        point.latency_ratio = 1.0  # the original itself: not timed
+    point.bytes = report.after.bytes
+    if base is not None:
+        point.size_ratio = report.after.bytes / base.bytes if base.bytes else None
+        point.macs_ratio = report.after.macs / base.macs if base.macs else None
+    value = target.value(point)
+    point.reached = point.ok and value is not None and value <= target.ratio
+
+
+def _failure(report) -> str:
+    validation = report.validation
+    if validation is None or not validation.failures:
+        return "misses the budget"
+    return f"misses the budget: {validation.failures[0]}"
+
+
+def _best(points: Sequence[Point], target: Target) -> Point | None:
+    within = [p for p in points if p.ok and target.value(p) is not None]
+    return min(within, key=lambda p: target.value(p)) if within else None  # min keeps the first of equals
+
+
+def _combined(chain: list, base) -> RunReport:
+    """One RunReport from the original to the chosen point: every pass of the chain, the last validation."""
+    from onnxopt.manager import RunReport
+
+    last = chain[0]
+    stages = list(last.stages)
+    passes = list(last.passes)
+    for report in chain[1:]:
+        passes += report.passes
+        for stage in report.stages[1:]:  # [0] is the run's start, already the previous run's last stage
+            if stage.source in ("unchanged", "exact pass"):
+                previous = stages[-1]
+                stage = dataclasses.replace(
+                    stage, accuracy=previous.accuracy, task_mse=previous.task_mse, cosine=previous.cosine,
+                    source=stage.source if previous.source is not None else None,
+                )  # fmt: skip
+            stages.append(stage)
+        last = report
+    seconds = sum(r.seconds for r in chain)
+    before = base if base is not None else chain[0].before
+    return RunReport(last.model, before, last.after, passes, last.validation, seconds, stages, last.cost_shapes_from)
+
+
+def _reason(target: Target, points: Sequence[Point], chosen: Point | None, reached: bool, stages, skipped) -> str:
+    """Why the search ended where it did, from what was measured."""
+    if reached and chosen is not None:
+        return f"{chosen.pipeline} reaches {target.kind} {target.value(chosen):.2f}x within the budget"
+    facts = []
+    if chosen is not None:
+        facts.append(f"best within the budget {target.value(chosen):.2f}x {target.kind} ({chosen.pipeline})")
+    else:
+        facts.append("no pipeline holds the budget")
+    for point in points:
+        if not point.ok:
+            facts.append(f"{point.pipeline} {point.note or 'misses the budget'}")
+    quant = _quant_facts(stages)
+    facts += quant
+    if quant and target.kind == "latency":
+        vnni = _cpu_vnni()
+        if vnni is False:
+            facts.append("this CPU has no AVX-512 VNNI / AVX-VNNI int8 instructions")
+    prune = next((p for p in points if p.pipeline.startswith("prune") and "," not in p.pipeline and p.ok), None)
+    if prune is not None and prune.macs_ratio is not None:
+        facts.append(f"prune keeps {prune.macs_ratio:.2f} of the MACs within the budget")
+    facts += [f"not tried: {s}" for s in skipped]
+    return f"target {target.describe()} not reached: " + "; ".join(facts)
+
+
+def _quant_facts(stages) -> list[str]:
+    """What each quant run measured: the recipe it chose and its speed against its float input, or why it kept
+    float; pipelines with the same finding share one fact."""
+    found: dict[str, list[str]] = {}
+    for prefix, stage in stages.items():
+        if not stage.chain or prefix[-1].name != "quant":
+            continue
+        record = next((r for r in stage.chain[-1].passes if r.name == "quant"), None)
+        if record is None:
+            continue
+        details = record.details
+        chosen = details.get("quant_chosen")
+        if chosen is not None:
+            ratio = next((r["latency_ratio"] for r in details.get("quant_recipes", []) if r["recipe"] == chosen), None)
+            fact = f"int8 recipe {chosen}" + (f" at {ratio:.2f}x its float input" if ratio is not None else "")
+        else:
+            fact = "float kept: " + next((s.reason for s in record.skipped if s.site == "model"), "no recipe won")
+        found.setdefault(fact, []).append(_pipeline(prefix))
+    return [f"{', '.join(where)}: {fact}" for fact, where in found.items()]
+
+
+def _cpu_vnni() -> bool | None:
+    """Whether the CPU advertises VNNI int8 dot products (``/proc/cpuinfo`` flags; ``None``: unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return None
+    return "avx512_vnni" in flags or "avx_vnni" in flags

@@ -1,0 +1,282 @@
+"""`onnxopt run --target`: a goal instead of a recipe (onnxopt/goal.py).
+
+The model: x (N, 32) -> Gemm to 2048 -> Relu -> Gemm to 8, where all but 16 hidden units are dead (bias -50), so
+`prune` removes most of the MACs exactly and a latency target of 0.5 is within reach whichever pipeline gets there
+first. Assertions do not depend on which candidate is faster: only on the definitions (a reached point is within
+the budget and at or under the target; the chosen point of a missed target is the fastest within the budget).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt import cli, goal
+from onnxopt.goal import Point, Target
+from tests import builders
+
+HIDDEN, ALIVE = 2048, 16
+# cheap settings for every run: one int8 recipe timed in 3 rounds, short searches
+FAST = ["--quant-recipes", "qdq-u8-pc", "--quant-rounds", "3", "--prune-steps", "3"]
+
+
+def _dead_mlp(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((HIDDEN, 32)) / np.sqrt(32)).astype(np.float32)
+    b1 = np.full(HIDDEN, -50.0, np.float32)
+    b1[:ALIVE] = 1.0  # only these units ever fire
+    w2 = (rng.standard_normal((8, HIDDEN)) / 4).astype(np.float32)
+    b2 = (rng.standard_normal(8) * 0.1).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["g1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["g1"], ["h1"], name="relu1"),
+        helper.make_node("Gemm", ["h1", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    return builders.make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        inits,
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("goal")
+    model = builders.save(_dead_mlp(), d / "mlp.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(d / "calib.npz", x=rng.standard_normal((96, 32)).astype(np.float32))
+    np.savez(d / "eval.npz", x=rng.standard_normal((64, 32)).astype(np.float32))
+    return d, model
+
+
+def _run(capsys, *argv):
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse rejects the command line before main's handlers
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _worst_cosine(original, optimized, x: np.ndarray) -> float:
+    ref = builders.run(onnx.load(str(original)), {"x": x}, optimize=True)["y"].astype(np.float64)
+    got = builders.run(onnx.load(str(optimized)), {"x": x}, optimize=True)["y"].astype(np.float64)
+    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    return float(cos.min())
+
+
+@pytest.fixture(scope="module")
+def reached(workdir, tmp_path_factory):
+    """One `run --target latency=0.5` with --report and --html, shared by the tests that read its files."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("jinja2")
+    d, model = workdir
+    out = tmp_path_factory.mktemp("reached")
+    original = open(model, "rb").read()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main([str(a) for a in ["run", model, "--target", "latency=0.5", "--data", d / "calib.npz",
+                                          "--eval", d / "eval.npz", "-o", out / "out.onnx", "--report",
+                                          out / "r.json", "--html", out / "r.html", *FAST]])  # fmt: skip
+    assert open(model, "rb").read() == original  # the input is never touched
+    return code, stdout.getvalue(), stderr.getvalue(), out
+
+
+def test_reachable_target_is_reached_within_the_budget(reached, workdir):
+    code, out, err, where = reached
+    d, model = workdir
+    assert code == 0, out + err
+    report = json.loads((where / "r.json").read_text())
+    found = report["goal"]
+    assert found["reached"] is True and found["target"] == {"kind": "latency", "ratio": 0.5}
+    points = found["points"]
+    assert points and points[-1]["pipeline"] == found["chosen"]  # the search stops at the first point that reaches
+    assert [p["reached"] for p in points] == [False] * (len(points) - 1) + [True]
+    last = points[-1]
+    assert last["within_budget"] and last["latency_ratio"] <= 0.5
+    for p in points:
+        for key in ("metric_drop", "cosine", "latency_ratio", "size_ratio", "macs_ratio", "seconds", "within_budget"):
+            assert key in p
+        assert p["latency_ratio"] > 0 and p["size_ratio"] > 0 and p["seconds"] > 0
+    # the written model holds the default budget (cosine 0.999, no labels) against the original, in onnxruntime
+    x = np.load(d / "eval.npz")["x"]
+    assert _worst_cosine(model, where / "out.onnx", x) >= 0.999
+    assert report["validation"]["ok"] and report["validation"]["budget"] == {"min_cosine": 0.999}
+    # the report's before is the original (not the start of the chosen pipeline's last run), its passes the chain
+    assert report["model"]["before"]["macs"] == (32 * HIDDEN + HIDDEN * 8)
+    assert report["model"]["after"]["macs"] / report["model"]["before"]["macs"] == pytest.approx(last["macs_ratio"], abs=1e-4)
+    steps = [s.split("(")[0] for s in found["chosen"].split(",")]
+    assert [p["name"] for p in report["passes"] if p["name"] != "simplify"] == steps
+    assert [n for n in report["recipe"]["passes"] if n != "simplify"] == steps  # --config on it repeats the choice
+    assert report["latency_us"]["after"] / report["latency_us"]["before"] == pytest.approx(last["latency_ratio"], 1e-3)
+    assert "target reached: " in out and out.count("goal point ") == len(points)
+
+
+def test_html_has_the_pareto_plot_with_one_marker_per_point(reached):
+    code, _, _, where = reached
+    assert code == 0
+    page = (where / "r.html").read_text(encoding="utf-8")
+    points = json.loads((where / "r.json").read_text())["goal"]["points"]
+    svg = page[page.index('<figure class="pareto"><svg') : page.index("</svg>")]
+    markers = re.findall(r'<circle class="point ([a-z ]+)"', svg)
+    assert len(markers) == len(points)
+    assert sum("front" in m.split() for m in markers) == sum(p["pareto_front"] for p in points) >= 1
+    assert sum("reached" in m.split() for m in markers) == 1
+    assert "<script" not in page and 'class="target"' in svg
+    for p in points:  # each marker names its pipeline (tooltip)
+        assert f"<title>{p['pipeline']}:" in svg
+
+
+def test_unreachable_target_writes_the_best_within_the_budget(workdir, tmp_path, capsys):
+    """latency=0.01 cannot be reached: the fastest point within the budget is written, exit 1, the reason printed."""
+    d, model = workdir
+    code, out, err = _run(capsys, "run", model, "--target", "latency=0.01", "--data", d / "calib.npz", "--eval",
+                          d / "eval.npz", "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json", *FAST,
+                          "--distill-epochs", "1", "--distill-max-samples", "32")  # fmt: skip
+    assert code == 1, out + err
+    found = json.loads((tmp_path / "r.json").read_text())["goal"]
+    assert found["reached"] is False
+    within = [p for p in found["points"] if p["within_budget"]]
+    assert within and found["chosen"] == min(within, key=lambda p: p["latency_ratio"])["pipeline"]
+    assert not any(p["reached"] for p in found["points"])
+    tried = {p["pipeline"] for p in found["points"]} | {s.split(":")[0] for s in found["not_tried"]}
+    pipelines, _ = goal.ladder(_load(model), Target.parse("latency=0.5"))
+    assert {",".join(s.label for s in p) for p in pipelines} <= tried  # every candidate tried or said why not
+    assert found["reason"].startswith("target latency <= 0.01x the original's not reached: best within the budget")
+    assert found["reason"] in out and "not reached" in out
+    x = np.load(d / "eval.npz")["x"]
+    assert _worst_cosine(model, tmp_path / "o.onnx", x) >= 0.999
+
+
+def _load(path):
+    from onnxopt import graph
+
+    return graph.load(path)
+
+
+BAD = {
+    "unknown kind": (["--target", "foo=1"], "unknown kind 'foo'"),
+    "ratio 0": (["--target", "latency=0"], "between 0 and 1"),
+    "ratio 2": (["--target", "latency=2"], "between 0 and 1"),
+    "not a number": (["--target", "size=half"], "not a number"),
+    "no ratio": (["--target", "latency"], "expected KIND=RATIO"),
+    "with passes": (["--target", "latency=0.5", "--passes", "quant"], "not both"),
+    "no data": (["--target", "latency=0.5", "--eval", "{eval}"], "needs calibration data"),
+    "no validation": (["--target", "latency=0.5", "--no-validate"], "drop --no-validate"),
+    "option of a pass it does not use": (["--target", "size=0.5", "--split-mode", "depthwise"], "'split'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_goal_input_is_one_line_and_exit_2(case, workdir, tmp_path, capsys):
+    d, model = workdir
+    extra, fragment = BAD[case]
+    extra = [a.replace("{eval}", str(d / "eval.npz")) for a in extra]
+    data = [] if "no data" in case else ["--data", d / "calib.npz"]
+    code, out, err = _run(capsys, "run", model, *extra, *data, "-o", tmp_path / "o.onnx", "--report",
+                          tmp_path / "r.json", "--html", tmp_path / "r.html")  # fmt: skip
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and fragment in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+def test_target_parse():
+    assert Target.parse("latency=0.5") == Target("latency", 0.5)
+    assert Target.parse(" size = 0.25") == Target("size", 0.25)
+    for bad in ("latency=1", "latency=-0.1", "latency=nan", "speed=0.5", "=0.5"):
+        with pytest.raises(goal.UsageError):
+            Target.parse(bad)
+
+
+def test_pareto_front_is_the_undominated_points_within_the_budget():
+    target = Target("latency", 0.5)
+    pts = [
+        Point("a", ok=True, latency_ratio=0.9, metric_drop=0.0),
+        Point("b", ok=True, latency_ratio=0.6, metric_drop=0.2),
+        Point("c", ok=True, latency_ratio=0.7, metric_drop=0.3),  # b is faster and better
+        Point("d", ok=False, latency_ratio=0.3, metric_drop=2.0),  # over the budget: never on the front
+        Point("e", ok=True, latency_ratio=0.6, metric_drop=0.2, same_as="b"),  # b's model again
+        Point("f", ok=True, latency_ratio=0.4, metric_drop=0.45),
+    ]
+    front = goal.pareto_front(pts, target)
+    assert [p.pipeline for p in front] == ["a", "b", "f"]
+    assert [p.on_front for p in pts] == [True, True, False, False, False, True]
+
+
+def test_ladder_follows_the_model_and_what_is_installed():
+    mlp = _load_proto(_dead_mlp())
+    conv = _load_proto(builders.conv_net())
+    latency = Target("latency", 0.5)
+    with_torch, skipped = goal.ladder(mlp, latency, torch=True)
+    names = [",".join(s.label for s in p) for p in with_torch]
+    assert names == ["quant", "svd", "svd,quant", "prune", "prune,quant", "prune,distill", "prune,distill,quant"]
+    assert skipped == []
+    without, skipped = goal.ladder(conv, latency, torch=False)
+    assert [",".join(s.label for s in p) for p in without] == ["quant", "prune", "prune,quant"]
+    assert any("torch is not installed" in s for s in skipped) and any(s.startswith("svd:") for s in skipped)
+    sized, _ = goal.ladder(conv, Target("size", 0.25), torch=True)
+    assert [",".join(s.label for s in p) for p in sized] == [
+        "quant(objective=size)", "share", "prune", "prune,quant(objective=size)", "prune,share"
+    ]  # fmt: skip
+    assert all(dict(s.options).get("refit") for p in with_torch for s in p if s.name == "prune")
+
+
+def _load_proto(proto):
+    from onnxopt import graph
+
+    return graph.from_proto(proto)
+
+
+def test_a_pipeline_continues_from_its_prefix(workdir, monkeypatch):
+    """`prune,quant` quantizes the model `prune` produced: prune runs once for both points, and both are measured
+    against the original (its MACs, its outputs)."""
+    from onnxopt.passes.prune import ChannelPrunePass
+
+    d, model = workdir
+    calls = []
+    call = ChannelPrunePass.call
+    monkeypatch.setattr(ChannelPrunePass, "call", lambda self, m: calls.append(1) or call(self, m))
+    result = goal.seek(
+        model, Target("latency", 0.01), data=str(d / "calib.npz"), eval_data=str(d / "eval.npz"),
+        pipelines=["prune", "prune,quant"], options={"quant": {"recipes": "qdq-u8-pc", "rounds": 3}}, rounds=3,
+    )  # fmt: skip
+    assert [p.pipeline for p in result.points] == ["prune", "prune,quant"]
+    assert len(calls) == 1
+    assert not result.reached and result.report is not None and result.chosen in result.points
+    for point in result.points:
+        assert point.ok and point.macs_ratio < 0.1 and point.size_ratio < 0.2
+    assert result.report.before.macs == 32 * HIDDEN + HIDDEN * 8
+    assert result.report.validation.samples == 64
+
+
+def test_manager_judges_against_the_given_original(workdir):
+    """PassManager.run(model, original=...) starts from `model` but compares with `original` (what the goal's chained
+    runs rely on): a perturbed start model is judged by its distance to the original, not to itself."""
+    from onnxopt import graph
+    from onnxopt.manager import PassManager
+    from onnxopt.validate import Budget, Reference
+
+    d, model = workdir
+    proto = _dead_mlp()
+    w2 = numpy_helper.to_array(proto.graph.initializer[2])
+    noise = np.random.default_rng(5).standard_normal(w2.shape).astype(np.float32)
+    proto.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2 + noise, "w2"))
+    x = np.load(d / "eval.npz")["x"]
+    start = builders.save(proto, d / "perturbed.onnx")
+    expected = _worst_cosine(model, start, x)
+    assert expected < 0.99
+    for original in (model, Reference(model)):
+        report = PassManager(["simplify"], data=str(d / "calib.npz"), eval_data=str(d / "eval.npz"),
+                             budget=Budget(min_cosine=-1.0)).run(graph.load(start), original=original)  # fmt: skip
+        assert report.validation.ok
+        assert report.validation.outputs["y"].cosine == pytest.approx(expected, abs=1e-5)
