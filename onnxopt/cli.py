@@ -1,6 +1,7 @@
 """Command line: ``onnxopt run | inspect | validate | passes``. The only module that prints.
 
-Exit codes: 0 success; 1 validation failed (no model written unless ``--force``); 2 bad usage or bad
+Exit codes: 0 success; 1 validation failed (no model written unless ``--force``), or ``--target`` not reached (the
+best model within the budget written); 2 bad usage or bad
 input (one line on stderr, nothing written); 3 a pass or onnxopt itself failed; 130 interrupted (Ctrl-C),
 143 terminated (SIGTERM).
 ``--debug`` shows tracebacks instead of one-line errors.
