@@ -103,13 +103,29 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
 
 
 class DataSource:
-    """A re-iterable source of batches for one model."""
+    """A re-iterable source of batches for one model.
 
-    def __init__(self, factory: Callable[[], Iterable[Batch]], description: str, samples: int | None = None):
+    A source that reads its batches from files (a folder of ``.npz`` feeds or of images) also has a ``reader``:
+    ``reader(start, stop)`` yields batches ``start .. stop-1``, read from the files when iterated, and is
+    picklable, so a Ray task reads its own shard by path (:mod:`onnxopt.executor`); ``batch_sizes`` then lists
+    the samples of every batch.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], Iterable[Batch]],
+        description: str,
+        samples: int | None = None,
+        *,
+        reader: Callable[[int, int], Iterable[Batch]] | None = None,
+        batch_sizes: Sequence[int] | None = None,
+    ):
         self._factory = factory
         self.description = description
         self.samples = samples
         self.labels: np.ndarray | None = None  # all labels, when known up front (array data; per pair: pair_labels)
+        self.reader = reader
+        self.batch_sizes = None if batch_sizes is None else list(batch_sizes)
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self._factory())
@@ -384,23 +400,46 @@ def _stacked_source(
 def _npz_folder_source(folder: Path, specs: Sequence[InputSpec], what: str) -> DataSource:
     """A folder of ``.npz`` files in name order, each one feed keyed by input name (arrays of the full input shape).
 
-    Every file is read and checked up front; iterating reads them again, one at a time.
+    Streamed: only the files' directories are read up front (whether each has ``labels``); iterating reads one
+    file at a time, and ``reader`` lets a Ray task read its own files.
     """
     files = sorted(child for child in folder.iterdir() if child.suffix == ".npz" and child.is_file())
     description = f"{what} {folder.name}/ ({len(files)} .npz feeds)"
-
-    def read(path: Path) -> Batch:
-        arrays = load_npz(path, what)
-        labels = arrays.pop(LABELS, None)
-        where = f"{what} {folder.name}/{path.name}"
-        _check_names(arrays.keys(), specs, where)
-        feeds = {spec.name: _check_array(arrays[spec.name], spec, where, batch_axis=False) for spec in specs}
-        return Batch(feeds, None if labels is None else np.atleast_1d(labels), count=1)
-
-    has_labels = {read(path).labels is not None for path in files}
+    has_labels = {_npz_has_labels(path, what) for path in files}
     if len(has_labels) > 1:
         raise DataError(f"{description}: some files have 'labels' and some do not")
-    return DataSource(lambda: (read(path) for path in files), description, len(files))
+    reader = _NpzFeeds(files, folder.name, tuple(specs), what)
+    return DataSource(
+        lambda: reader(0, len(files)), description, len(files), reader=reader, batch_sizes=[1] * len(files)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _NpzFeeds:
+    """Feeds ``start .. stop-1`` of a folder of ``.npz`` files, each read and checked when its batch is reached."""
+
+    files: list[Path]
+    folder: str
+    specs: tuple[InputSpec, ...]
+    what: str
+
+    def __call__(self, start: int, stop: int) -> Iterator[Batch]:
+        for path in self.files[start:stop]:
+            arrays = load_npz(path, self.what)
+            labels = arrays.pop(LABELS, None)
+            where = f"{self.what} {self.folder}/{path.name}"
+            _check_names(arrays.keys(), self.specs, where)
+            feeds = {spec.name: _check_array(arrays[spec.name], spec, where, batch_axis=False) for spec in self.specs}
+            yield Batch(feeds, None if labels is None else np.atleast_1d(labels), count=1)
+
+
+def _npz_has_labels(path: Path, what: str) -> bool:
+    """Whether an ``.npz`` holds ``labels``, from its zip directory (no array is read)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return LABELS in npz.files
+    except Exception as e:
+        raise DataError(f"{what} {path}: not a readable .npz file ({str(e).splitlines()[0][:200]})") from e
 
 
 def holdout(data: DataLike | DataSource, fraction: float, *, unit: int = 1) -> tuple[dict, dict, int, int] | None:

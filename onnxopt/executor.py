@@ -1,34 +1,47 @@
 """Where per-batch work runs: in this process (``local``, the default) or sharded over Ray workers (``ray``).
 
 An :class:`Executor` maps a shard function over a data source's batches and returns one partial state per shard,
-in batch order; the caller merges the states (the reducers of :mod:`onnxopt.stats` have ``merge``). The shard
-function has the signature ``fn(session, batches, init_args) -> state``: it folds ``batches`` into fresh state
-built from ``init_args`` with an onnxruntime ``session`` of the model, and never touches shared state, so a task
-that is retried after its worker died cannot count a batch twice.
+in batch order; the caller merges the states (the reducers of :mod:`onnxopt.stats` have ``merge``, validation's
+fold in :mod:`onnxopt.validate` concatenates per-sample rows). The shard function has the signature
+``fn(session, batches, init_args) -> state`` (``sessions``, a tuple, when the job has several models): it folds
+``batches`` into fresh state built from ``init_args`` with onnxruntime sessions of the models, and never touches
+shared state, so a task that is retried after its worker died cannot count a batch twice.
 
-- :class:`LocalExecutor`: one session, one shard holding every batch: today's single-process loop.
-- :class:`RayExecutor`: the model file (and its external data, if any) is put once in Ray's object store; the
+A :class:`Job` may carry a :class:`ShardCache`: values computed once per shard and kept between runs (validation
+keeps the original model's outputs there, so the original runs once per batch however many candidates are
+scored). Its shard function is then ``fn(sessions, batches, init_args, cached) -> (state, keep)``: ``cached`` is
+the shard's kept value (``None`` the first time), ``keep`` the value to keep (dropped when the cache is full).
+
+- :class:`LocalExecutor`: one session per model, one shard holding every batch: today's single-process loop.
+- :class:`RayExecutor`: each model file (and its external data, if any) is put once in Ray's object store; the
   batches are cut into contiguous index ranges of ``batches_per_task`` batches, each a Ray task (``max_retries``:
-  a task whose worker dies is run again) that opens its own one-thread session, cached per worker process.
-  At most ``max_in_flight`` tasks are submitted at a time, so the data is streamed, never held whole. States come
-  back in shard order, so merging them is deterministic.
+  a task whose worker dies is run again) that opens its own one-thread sessions, cached per worker process.
+  At most ``max_in_flight`` tasks are submitted at a time, so the data is streamed, never held whole. A source
+  that reads its batches from files (a folder of ``.npz`` feeds or of images: ``DataSource.reader``) is not read
+  by the driver at all: a task gets the paths of its shard and reads them itself. Several jobs over the same
+  source (:meth:`RayExecutor.map_many`: the candidates of a search) share each shard's data and the in-flight
+  bound. States come back in shard order, so merging them is deterministic. A cached value stays in the object
+  store (the driver holds only its reference).
 
 Ray is imported only when a :class:`RayExecutor` first runs; ``local`` never needs it.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import hashlib
 import logging
 import math
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxopt import graph as graph_io
@@ -36,28 +49,88 @@ from onnxopt.data import Batch, DataSource
 from onnxopt.errors import OnnxoptError, UsageError, first_line
 from onnxopt.runtime import Session
 
-__all__ = ["Executor", "ExecutorError", "LocalExecutor", "RayExecutor", "ShardFn", "make_executor"]
+__all__ = [
+    "Executor",
+    "ExecutorError",
+    "Job",
+    "LocalExecutor",
+    "RayExecutor",
+    "SessionOpenError",
+    "ShardCache",
+    "ShardFn",
+    "make_executor",
+]
 
 logger = logging.getLogger(__name__)
 
-ShardFn = Callable[[Session, Iterable[Batch], Any], Any]
+ShardFn = Callable[..., Any]
 Progress = Callable[[int, int | None], None]
+ModelLike = ir.Model | str | os.PathLike
 
 CONNECT_TIMEOUT_S = 5.0  # a Ray address that does not accept a TCP connection within this is unreachable
+MAX_CANDIDATES = 7  # candidates a search scores at once on Ray at most (a bisection tree of depth 3)
 
 
 class ExecutorError(OnnxoptError):
     """The executor cannot run the work (Ray missing, an unreachable cluster, a task that failed every retry)."""
 
 
+class SessionOpenError(OnnxoptError):
+    """onnxruntime cannot open model ``index`` of a job (validation reports it for the optimized model)."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self):  # through Ray: rebuilt from both arguments
+        return SessionOpenError, (self.index, str(self))
+
+
+class ShardCache:
+    """Values kept per shard between runs, up to ``room`` bytes (see the module docstring)."""
+
+    def __init__(self, room: int = 256 << 20) -> None:
+        self.room = room
+        self.values: dict[Any, Any] = {}  # shard key -> value (local) or object reference (Ray)
+
+    def offer(self, key: Any, value: Any, size: int) -> None:
+        if key not in self.values and size <= self.room:
+            self.values[key] = value
+            self.room -= size
+
+
+@dataclasses.dataclass
+class Job:
+    """One model run over a source's batches: ``fn`` folds each shard (see the module docstring)."""
+
+    models: ModelLike | Sequence[ModelLike]
+    fn: ShardFn
+    init_args: Any
+    optimize: bool = False
+    cache: ShardCache | None = None
+
+    @property
+    def single(self) -> bool:
+        return isinstance(self.models, ir.Model | str | os.PathLike)
+
+    @property
+    def model_list(self) -> list[ModelLike]:
+        return [self.models] if self.single else list(self.models)
+
+
 class Executor(Protocol):
-    """Runs a shard function over the batches of a data source."""
+    """Runs shard functions over the batches of a data source."""
 
     name: str
 
+    @property
+    def parallel(self) -> int:
+        """How many independent candidates a search should score at once (1: one after the other)."""
+        ...
+
     def map_batches(
         self,
-        model: ir.Model | str | os.PathLike,
+        model: ModelLike | Sequence[ModelLike],
         source: DataSource,
         fn: ShardFn,
         init_args: Any,
@@ -68,15 +141,20 @@ class Executor(Protocol):
         """The states ``fn`` returns for consecutive shards of ``source``'s batches, in batch order."""
         ...
 
+    def map_many(self, jobs: Sequence[Job], source: DataSource, *, progress: Progress | None = None) -> list[list[Any]]:
+        """Per job, its shards' states in batch order (``progress``: the first job's samples)."""
+        ...
+
 
 class LocalExecutor:
-    """Every batch in this process, through one session: a single shard."""
+    """Every batch in this process, through one session per model: a single shard, jobs one after the other."""
 
     name = "local"
+    parallel = 1
 
     def map_batches(
         self,
-        model: ir.Model | str | os.PathLike,
+        model: ModelLike | Sequence[ModelLike],
         source: DataSource,
         fn: ShardFn,
         init_args: Any,
@@ -84,9 +162,28 @@ class LocalExecutor:
         optimize: bool = False,
         progress: Progress | None = None,
     ) -> list[Any]:
-        session = Session(model, optimize=optimize)
-        # a copy, as a Ray task gets one: the caller merges the returned state into its own
-        return [fn(session, _counted(source, progress), copy.deepcopy(init_args))]
+        return self.map_many([Job(model, fn, init_args, optimize)], source, progress=progress)[0]
+
+    def map_many(self, jobs: Sequence[Job], source: DataSource, *, progress: Progress | None = None) -> list[list[Any]]:
+        results = []
+        for number, job in enumerate(jobs):
+            sessions = []
+            for index, model in enumerate(job.model_list):
+                try:
+                    sessions.append(Session(model, optimize=job.optimize))
+                except Exception as e:
+                    raise SessionOpenError(index, first_line(e)) from e
+            opened = sessions[0] if job.single else tuple(sessions)
+            batches = _counted(source, progress if number == 0 else None)
+            # a copy, as a Ray task gets one: the caller merges the returned state into its own
+            if job.cache is None:
+                results.append([job.fn(opened, batches, copy.deepcopy(job.init_args))])
+                continue
+            state, keep = job.fn(opened, batches, copy.deepcopy(job.init_args), job.cache.values.get("all"))
+            if keep is not None:
+                job.cache.offer("all", keep, _nbytes(keep))
+            results.append([state])
+        return results
 
 
 class RayExecutor:
@@ -102,6 +199,8 @@ class RayExecutor:
         batches_per_task: consecutive batches folded by one task (``None``: about two tasks per task in flight
             when the source knows its sample count, else 4).
         max_retries: how often a task whose worker died is run again before the run fails.
+        max_candidates: independent candidates a search scores at once (``None``: the tasks in flight, at most
+            :data:`MAX_CANDIDATES`); their shards' tasks share the in-flight bound.
     """
 
     name = "ray"
@@ -114,6 +213,7 @@ class RayExecutor:
         max_in_flight: int | None = None,
         batches_per_task: int | None = None,
         max_retries: int = 3,
+        max_candidates: int | None = None,
     ) -> None:
         if num_workers is not None and num_workers < 1:
             raise UsageError(f"--executor ray: num_workers must be at least 1, not {num_workers}")
@@ -122,7 +222,22 @@ class RayExecutor:
         self.max_in_flight = max_in_flight
         self.batches_per_task = None if batches_per_task is None else max(1, batches_per_task)
         self.max_retries = max_retries
+        self.max_candidates = max_candidates
         self._started = False
+        self._models: collections.OrderedDict[str, Any] = collections.OrderedDict()  # payload key -> object ref
+
+    @property
+    def parallel(self) -> int:
+        if self.max_candidates is not None:
+            return max(1, self.max_candidates)
+        if self.max_in_flight or self.num_workers:
+            return max(1, min(MAX_CANDIDATES, self.max_in_flight or self.num_workers))
+        try:
+            import ray
+        except ImportError:
+            return 1
+        cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+        return max(1, min(MAX_CANDIDATES, cpus))
 
     def connect(self) -> Any:
         """Import Ray and join (or start) the cluster; returns the ``ray`` module.
@@ -170,7 +285,7 @@ class RayExecutor:
 
     def map_batches(
         self,
-        model: ir.Model | str | os.PathLike,
+        model: ModelLike | Sequence[ModelLike],
         source: DataSource,
         fn: ShardFn,
         init_args: Any,
@@ -178,31 +293,61 @@ class RayExecutor:
         optimize: bool = False,
         progress: Progress | None = None,
     ) -> list[Any]:
-        ray = self.connect()
-        payload = _model_payload(model)
-        key = hashlib.sha256(b"".join(payload[name] for name in sorted(payload))).hexdigest()
-        payload_ref = ray.put(payload)  # once: every task reads the same object
-        task = ray.remote(num_cpus=1, max_retries=self.max_retries)(_run_shard)
-        in_flight_limit = self.max_in_flight or self.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        pending: dict[Any, tuple[int, int]] = {}  # ref -> (shard index, samples)
-        results: dict[int, Any] = {}
-        done_samples = 0
-        for index, shard in enumerate(_shards(source, self.batches_per_task, 2 * in_flight_limit)):
-            while len(pending) >= in_flight_limit:
-                done_samples = self._collect(ray, pending, results, done_samples, source, progress)
-            ref = task.remote(payload_ref, key, optimize, fn, init_args, shard)
-            pending[ref] = (index, sum(batch.size for batch in shard))
-        while pending:
-            done_samples = self._collect(ray, pending, results, done_samples, source, progress)
-        logger.info("ray: %d shards, at most %d in flight", len(results), in_flight_limit)
-        return [results[i] for i in range(len(results))]
+        return self.map_many([Job(model, fn, init_args, optimize)], source, progress=progress)[0]
 
-    def _collect(self, ray, pending, results, done_samples, source, progress) -> int:
+    def map_many(self, jobs: Sequence[Job], source: DataSource, *, progress: Progress | None = None) -> list[list[Any]]:
+        ray = self.connect()
+        task = ray.remote(num_cpus=1, max_retries=self.max_retries)(_run_shard)
+        cached_task = task.options(num_returns=3)
+        handles = [[self._put(ray, model) for model in job.model_list] for job in jobs]
+        limit = self.max_in_flight or self.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # state ref -> (job, shard, samples, cache, shard key to keep, kept ref, size ref)
+        pending: dict[Any, tuple] = {}
+        results: list[dict[int, Any]] = [{} for _ in jobs]
+        done = [0]
+        wanted: set[tuple[int, Any]] = set()  # (job, shard key) whose value a task is computing for the cache
+        shards = 0
+        for index, (key, samples, shard) in enumerate(_shards(source, self.batches_per_task, 2 * limit)):
+            shard_ref = ray.put(shard) if len(jobs) > 1 else shard  # the shard's data once for all jobs
+            for number, job in enumerate(jobs):
+                while len(pending) >= limit:
+                    self._collect(ray, pending, results, done, source, progress)
+                keys = [h[0] for h in handles[number]]
+                refs = [h[1] for h in handles[number]]
+                args = (job.fn, job.init_args, shard_ref, job.optimize, job.single, keys)
+                if job.cache is None:
+                    pending[task.remote(*args, False, None, *refs)] = (number, index, samples, None, None, None, None)
+                    continue
+                cached = job.cache.values.get(key)
+                want = cached is None and (number, key) not in wanted and job.cache.room > 0
+                wanted.add((number, key))
+                state_ref, kept_ref, size_ref = cached_task.remote(*args, True, cached, *refs)
+                pending[state_ref] = (number, index, samples, job.cache, key if want else None, kept_ref, size_ref)
+            shards = index + 1
+        while pending:
+            self._collect(ray, pending, results, done, source, progress)
+        logger.info("ray: %d job(s) x %d shards, at most %d tasks in flight", len(jobs), shards, limit)
+        return [[job_results[i] for i in range(shards)] for job_results in results]
+
+    def _put(self, ray, model: ModelLike) -> tuple[str, Any]:
+        """The model's payload in the object store, once: a model put before (same bytes) is not put again."""
+        payload = _model_payload(model)
+        key = hashlib.sha256(b"".join(name.encode() + payload[name] for name in sorted(payload))).hexdigest()
+        ref = self._models.pop(key, None)
+        if ref is None:
+            ref = ray.put(payload)
+            while len(self._models) >= _MODELS_KEPT:
+                self._models.popitem(last=False)  # the least recently used
+        self._models[key] = ref
+        return key, ref
+
+    def _collect(self, ray, pending, results, done, source, progress) -> None:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
-            index, samples = pending.pop(ref)
+            number, index, samples, cache, cache_key, kept_ref, size_ref = pending.pop(ref)
             try:
-                results[index] = ray.get(ref)
+                results[number][index] = ray.get(ref)
+                size = ray.get(size_ref) if cache_key is not None else None
             except ray.exceptions.RayTaskError as e:
                 cause = getattr(e, "cause", None)
                 if isinstance(cause, OnnxoptError):
@@ -212,10 +357,12 @@ class RayExecutor:
                 raise ExecutorError(
                     f"ray task for shard {index} failed after {self.max_retries} retries: {first_line(e)}"
                 ) from e
-            done_samples += samples
-            if progress is not None:
-                progress(done_samples, source.samples)
-        return done_samples
+            if cache_key is not None and size:
+                cache.offer(cache_key, kept_ref, size)  # the value stays in the object store
+            if number == 0:
+                done[0] += samples
+                if progress is not None:
+                    progress(done[0], source.samples)
 
 
 def make_executor(spec: str | Executor | None) -> Executor | None:
@@ -266,18 +413,41 @@ def _model_payload(model: ir.Model | str | os.PathLike) -> dict[str, bytes]:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _shards(source: DataSource, size: int | None, parts: int) -> Iterator[list[Batch]]:
-    """Consecutive batches in shards of ``size``; ``None``: sized from the first batch for about ``parts`` shards."""
+def _shards(source: DataSource, size: int | None, parts: int) -> Iterator[tuple[tuple[int, int], int, Any]]:
+    """``((first batch, end batch), samples, shard)`` for consecutive shards of ``size`` batches (``None``: sized
+    for about ``parts`` shards). A source that reads its batches from files gives each shard as a
+    :class:`_FileShard` (read by the task); any other is read here and shipped as a list of batches."""
+    sizes = source.batch_sizes
+    if source.reader is not None and sizes is not None:
+        size = size or max(1, math.ceil(len(sizes) / parts))
+        for start in range(0, len(sizes), size):
+            stop = min(start + size, len(sizes))
+            yield (start, stop), sum(sizes[start:stop]), _FileShard(source.reader, start, stop)
+        return
     shard: list[Batch] = []
+    start = 0
     for batch in source:
         if size is None:
             size = 4 if not source.samples else max(1, math.ceil(source.samples / batch.size / parts))
         shard.append(batch)
         if len(shard) == size:
-            yield shard
+            yield (start, start + len(shard)), sum(b.size for b in shard), shard
+            start += len(shard)
             shard = []
     if shard:
-        yield shard
+        yield (start, start + len(shard)), sum(b.size for b in shard), shard
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileShard:
+    """Batches ``start .. stop-1`` of a source that reads them from files, read lazily where it is iterated."""
+
+    reader: Callable[[int, int], Iterable[Batch]]
+    start: int
+    stop: int
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.reader(self.start, self.stop))
 
 
 def _counted(source: DataSource, progress: Progress | None) -> Iterator[Batch]:
@@ -289,22 +459,55 @@ def _counted(source: DataSource, progress: Progress | None) -> Iterator[Batch]:
             progress(done, source.samples)
 
 
+def _nbytes(value: Any) -> int:
+    """Bytes of the arrays in ``value`` (nested lists, tuples and dicts)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+_MODELS_KEPT = 8  # model payloads a driver keeps in the object store (the original and recent candidates)
 # per worker process: the sessions opened from payloads already seen, newest last
 _SESSIONS: dict[tuple[str, bool], tuple[Session, Path]] = {}
-_SESSION_CACHE = 2
+_SESSION_CACHE = 4
 
 
-def _run_shard(payload: dict[str, bytes], key: str, optimize: bool, fn: ShardFn, init_args: Any, batches) -> Any:
-    """The body of a Ray task: a cached session of the payload's model, then ``fn`` over the shard."""
+def _session(payload: dict[str, bytes], key: str, optimize: bool) -> Session:
     entry = _SESSIONS.pop((key, optimize), None)
     if entry is None:
         directory = graph_io.make_temp_dir("onnxopt-ray-worker-")  # a dead worker's directory goes next time
         for name, data in payload.items():
             (directory / name).parent.mkdir(parents=True, exist_ok=True)
             (directory / name).write_bytes(data)
-        entry = (Session(directory / "model.onnx", optimize=optimize, threads=1), directory)
+        try:
+            entry = (Session(directory / "model.onnx", optimize=optimize, threads=1), directory)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         while len(_SESSIONS) >= _SESSION_CACHE:
             _, old = _SESSIONS.pop(next(iter(_SESSIONS)))  # the oldest
             shutil.rmtree(old, ignore_errors=True)
     _SESSIONS[(key, optimize)] = entry
-    return fn(entry[0], batches, init_args)
+    return entry[0]
+
+
+def _run_shard(
+    fn: ShardFn, init_args: Any, batches, optimize: bool, single: bool, keys: list[str], cache: bool, cached, *payloads
+):
+    """The body of a Ray task: cached sessions of the payloads' models, then ``fn`` over the shard (with a cache:
+    ``(state, kept value, its bytes)``)."""
+    sessions = []
+    for index, (payload, key) in enumerate(zip(payloads, keys, strict=True)):
+        try:
+            sessions.append(_session(payload, key, optimize))
+        except Exception as e:
+            raise SessionOpenError(index, first_line(e)) from e
+    opened = sessions[0] if single else tuple(sessions)
+    if not cache:
+        return fn(opened, batches, init_args)
+    state, keep = fn(opened, batches, init_args, cached)
+    return state, keep, _nbytes(keep)

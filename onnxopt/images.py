@@ -357,8 +357,10 @@ def image_source(
                        len(files) - usable, step)  # fmt: skip
     description = f"{what} {folder.name}/ ({pre.describe()})"
 
-    def batches() -> Iterator[data_mod.Batch]:
-        for start in range(0, usable, step):
+    starts = range(0, usable, step)
+
+    def read(first: int, stop: int) -> Iterator[data_mod.Batch]:  # batches first .. stop-1 (a Ray task's shard)
+        for start in starts[first:stop]:
             chunk = files[start : start + step]
             arrays = [load_image(f, pre) for f in chunk]
             _check_same_shape(arrays, chunk)
@@ -367,7 +369,8 @@ def image_source(
             batch_labels = None if labels is None else np.asarray(labels[start : start + step], dtype=np.int64)
             yield data_mod.Batch({spec.name: batch}, batch_labels)
 
-    source = data_mod.DataSource(batches, description, usable)
+    sizes = [min(step, usable - start) for start in starts]
+    source = data_mod.DataSource(lambda: read(0, len(starts)), description, usable, reader=read, batch_sizes=sizes)
     if labels is not None:
         source.labels = np.asarray(labels[:usable], dtype=np.int64)
     return source

@@ -35,7 +35,7 @@ from onnxopt.errors import CalibrationError, UsageError
 from onnxopt.executor import Executor, make_executor
 from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip
 from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
-from onnxopt.validate import Budget, Reference, ValidationReport, metric_baseline, validate
+from onnxopt.validate import Budget, Reference, ValidationReport, metric_baseline, validate, validate_many
 
 __all__ = ["PassRecord", "StageRecord", "RunReport", "PassManager", "ProgressEvent", "Progress"]
 
@@ -281,10 +281,12 @@ class PassManager:
                 eval_data=held_out,
                 check=None
                 if check_data is None
-                else self._checker(judge, check_data, budget, passed, metric=self.metric),
+                else self._checker(judge, check_data, budget, passed, metric=self.metric, executor=self.executor),
                 seed=self.seed,
                 original=original_path,
             )
+            if self.executor is not None and self.executor.parallel > 1:  # a search may score candidates at once
+                context.prefetch, context.parallel = getattr(context.check, "prefetch", None), self.executor.parallel
             cost_shapes, cost_shapes_from = self._cost_shapes(model, held_out or calib)
             before = cost.estimate(model, input_shapes=cost_shapes)
             records, stages, first_check = [], [StageRecord("original", before.bytes)], None
@@ -300,8 +302,9 @@ class PassManager:
             report = None
             if self.validate:
                 report = validate(
-                    judge, model, check_data, budget, progress=self._progress("validating"), metric=self.metric
-                )
+                    judge, model, check_data, budget, progress=self._progress("validating"), metric=self.metric,
+                    executor=self.executor,
+                )  # fmt: skip
             if report is not None or first_check is not None:
                 source = "validation" if report is not None else "budget check"
                 stages[0] = StageRecord.measured("original", before.bytes, report or first_check, source, "before")
@@ -317,6 +320,7 @@ class PassManager:
         budget: Budget,
         passed: list[ValidationReport],
         metric: metrics_mod.Metric | None = None,
+        executor: Executor | None = None,
     ):
         """``context.check``: validate a candidate against the original, whose outputs are computed once.
 
@@ -326,6 +330,11 @@ class PassManager:
         A check stops as soon as its failure is certain (``$ONNXOPT_EARLY_STOP``, :mod:`onnxopt.early_stop`:
         ``on`` by default, ``exact``, ``off``); a passing candidate is always scored on every sample. The checks'
         cost is tallied on ``check.cost`` (:class:`onnxopt.early_stop.SearchCost`), which the run takes per pass.
+
+        With an ``executor`` (Ray) each check is sharded over its workers (no early stop there), and
+        ``check.prefetch(candidates)`` scores several candidates at once: a later ``check`` of one of those very
+        objects returns its report (appended to ``passed`` then, in the order the search asks), so a search
+        that prefetches what it may ask next chooses exactly as one that checks one candidate at a time.
         """
         reference: list[Reference] = [original_path] if isinstance(original_path, Reference) else []
         stop_mode = early_stopping.mode()
@@ -335,15 +344,37 @@ class PassManager:
             start = time.perf_counter()
             if not reference:
                 reference.append(Reference(original_path))
-            result = validate(
-                reference[0], candidate, check_data, budget, check=False, metric=metric, early_stop=stop_mode
-            )
+            ready = prefetched.pop(id(candidate), None)
+            if ready is not None and ready[0] is candidate:
+                result = ready[1]
+            else:
+                result = validate(
+                    reference[0], candidate, check_data, budget, check=False, metric=metric, early_stop=stop_mode,
+                    executor=executor,
+                )  # fmt: skip
             if result.ok:
                 passed.append(result)
             cost.record(result, time.perf_counter() - start)
             return result
 
+        prefetched: dict[int, tuple[ir.Model, ValidationReport]] = {}  # id -> (the candidate, its report)
+
+        def prefetch(candidates: list[ir.Model]) -> None:
+            """Score ``candidates`` at once; the reports of earlier prefetches not among them are dropped."""
+            wanted = {id(c) for c in candidates}
+            for key in [key for key in prefetched if key not in wanted]:
+                del prefetched[key]
+            todo = [c for c in candidates if id(c) not in prefetched]
+            if not todo:
+                return
+            if not reference:
+                reference.append(Reference(original_path))
+            reports = validate_many(reference[0], todo, check_data, budget, check=False, metric=metric,
+                                    executor=executor)  # fmt: skip
+            prefetched.update((id(c), (c, r)) for c, r in zip(todo, reports, strict=True))
+
         check.cost = cost
+        check.prefetch = prefetch
         return check
 
     def _enumerate(self):
@@ -481,7 +512,7 @@ class PassManager:
                 f"(at least {self.min_eval_samples}); give more with --eval, or --allow-small-eval to judge anyway"
             )
         if metric is not None and check_data is not None:
-            value = metric_baseline(original_path, check_data, metric)
+            value = metric_baseline(original_path, check_data, metric, executor=self.executor)
             logger.info("metric %s of the original model: %.6g", metric.name, value)
 
     def _cost_shapes(

@@ -76,6 +76,10 @@ class PassContext:
     original: Path | None = None
     # how many budget checks the running pass's search expects to make (progress displays; see expect_trials)
     expected_trials: int | None = None
+    # candidates worth scoring at once (an executor's workers; 1: one after the other), and how: ``prefetch(models)``
+    # scores those models together so that the search's later ``check`` of each returns at once (None: no executor)
+    parallel: int = 1
+    prefetch: Callable[[list[ir.Model]], None] | None = None
 
     def expect_trials(self, count: int) -> None:
         """Tell progress displays how many budget checks the search will make in all (an upper bound is fine)."""

@@ -56,12 +56,14 @@ int8 models judged within 0.5 pp with optimizations off lost 0.52-1.06 pp with t
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,12 +71,14 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import early_stop as early_stopping
+from onnxopt import graph as graph_io
 from onnxopt import metrics as metrics_mod
 from onnxopt.data import DataSource
 from onnxopt.errors import DataError, UsageError, ValidationError, first_line
+from onnxopt.executor import Executor, Job, SessionOpenError, ShardCache
 from onnxopt.runtime import Session
 
-__all__ = ["Budget", "OutputDiff", "ValidationReport", "Reference", "validate", "metric_baseline"]
+__all__ = ["Budget", "OutputDiff", "ValidationReport", "Reference", "validate", "validate_many", "metric_baseline"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +264,21 @@ class _OutputAccumulator:
         else:
             self.classes = False
 
+    def merge(self, other: _OutputAccumulator) -> None:
+        """Fold in the accumulator of the batches that follow (extremes, counts: exact in any grouping)."""
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.ref_max = max(self.ref_max, other.ref_max)
+        self.worst_cosine = min(self.worst_cosine, other.worst_cosine)
+        self.worst_rel_l2 = max(self.worst_rel_l2, other.worst_rel_l2)
+        self.top1_same += other.top1_same
+        self.top1_total += other.top1_total
+        self.classes = self.classes and other.classes
+        self.exact = self.exact or other.exact
+        self.mismatched += other.mismatched
+        self.elements += other.elements
+        self.nonfinite += other.nonfinite
+        self.nonfinite_mismatch += other.nonfinite_mismatch
+
     def result(self) -> OutputDiff:
         return OutputDiff(
             max_abs=self.max_abs,
@@ -278,14 +297,29 @@ class Reference:
     """The original model's session, with its outputs on one data source cached (up to ``cache_bytes``).
 
     A pass that searches its strength validates many candidates against the same original on the same
-    data; the original then runs once per batch instead of once per candidate.
+    data; the original then runs once per batch instead of once per candidate. On an executor (Ray) the
+    outputs are kept per shard in ``shards`` (Ray's object store; the driver holds only references), and this
+    process never opens a session of the original.
     """
 
     def __init__(self, original: ir.Model | str | os.PathLike, cache_bytes: int = 256 << 20) -> None:
-        self.session = Session(original, optimize=True)
-        self.output_names = self.session.output_names
+        self.original = original
+        self._session: Session | None = None
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         self._room = cache_bytes
+        self.shards = ShardCache(cache_bytes)
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = Session(self.original, optimize=True)
+        return self._session
+
+    @property
+    def output_names(self) -> list[str]:
+        if self._session is None and not isinstance(self.original, ir.Model):
+            return _output_names(self.original)  # no session for a sharded run
+        return self.session.output_names
 
     def run(self, index: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         cached = self._cache.get(index)
@@ -299,6 +333,243 @@ class Reference:
         return outputs
 
 
+class _Fold:
+    """Validation's per-batch quantities over consecutive batches (see :func:`validate`).
+
+    Extremes and counts are folded; what depends on every sample (the metric's rows, the labels, per-batch
+    squared errors) is kept per batch, so the folds of consecutive shards, merged in batch order, give the
+    report of one pass over all batches exactly.
+    """
+
+    def __init__(self, output_names: list[str], metric: metrics_mod.Metric | None, auto_top1: bool) -> None:
+        self.output_names = list(output_names)
+        self.metric = metric  # bound on the first batch
+        self.auto_top1 = auto_top1  # an accuracy budget on labelled class scores is top1's
+        self.accumulators = {name: _OutputAccumulator() for name in output_names}
+        self.correct = {"before": 0, "after": 0}
+        self.labelled = 0
+        self.squared: list[tuple[float, float]] = []  # per batch with regression targets, summed in batch order
+        self.targets = 0
+        self.score_output: str | None = None
+        self.kept: dict[str, list[dict[str, np.ndarray]]] = {"before": [], "after": []}
+        self.batch_labels: list[np.ndarray] = []
+        self.samples = 0
+        self.batches = 0
+        self.failure: str | None = None
+
+    def add(self, ref_out: dict[str, np.ndarray], got_out: dict[str, np.ndarray], batch) -> bool:
+        """Fold one batch in; ``False`` (and ``failure``) when an output's shape differs: validation stops there."""
+        first = self.batches == 0
+        self.batches += 1
+        if first and self.metric is None and self.auto_top1 and batch.labels is not None:
+            if _score_output(ref_out, batch.labels) is not None:
+                self.metric = metrics_mod.resolve("top1")
+        if self.metric is not None:
+            if first:
+                self.metric.bind(ref_out, batch.labels)
+            self.kept["before"].append(self.metric.rows(ref_out, batch.feeds, labels=batch.labels))
+            self.kept["after"].append(self.metric.rows(got_out, batch.feeds, reference=ref_out, labels=batch.labels))
+            if batch.labels is not None:
+                self.batch_labels.append(np.asarray(batch.labels))
+        for name, acc in self.accumulators.items():
+            if ref_out[name].shape != got_out[name].shape:
+                self.failure = f"output '{name}' has shape {got_out[name].shape}, the original {ref_out[name].shape}"
+                return False
+            acc.update(ref_out[name], got_out[name])
+        if batch.labels is not None and batch.labels.dtype.kind == "f" and batch.labels.ndim > 1:
+            target_output = _target_output(ref_out, batch.labels)
+            if target_output is not None:
+                target = batch.labels.reshape(ref_out[target_output].shape).astype(np.float64)
+                self.squared.append(
+                    (
+                        float(np.sum((ref_out[target_output] - target) ** 2)),
+                        float(np.sum((got_out[target_output] - target) ** 2)),
+                    )
+                )
+                self.targets += target.size
+        elif batch.labels is not None:
+            self.score_output = self.score_output or _score_output(ref_out, batch.labels)
+            if self.score_output is not None:
+                labels = _label_indices(batch.labels)
+                self.correct["before"] += int((ref_out[self.score_output].argmax(axis=1) == labels).sum())
+                self.correct["after"] += int((got_out[self.score_output].argmax(axis=1) == labels).sum())
+                self.labelled += len(labels)
+        self.samples += batch.size
+        return True
+
+    def merge(self, other: _Fold) -> None:
+        """Fold in the fold of the batches that follow (nothing after a failure, as one pass stops there).
+
+        Raises:
+            DataError: the shards' first batches chose different metric outputs (batches of different layouts).
+        """
+        if self.failure is not None or other.batches == 0:
+            return
+        if self.batches == 0:
+            self.__dict__.update(other.__dict__)
+            return
+        mine = None if self.metric is None else (self.metric.name, self.metric.output)
+        theirs = None if other.metric is None else (other.metric.name, other.metric.output)
+        if mine != theirs:
+            raise DataError(f"the evaluation batches differ in layout: metric {mine} on the first, {theirs} later")
+        for name, acc in self.accumulators.items():
+            acc.merge(other.accumulators[name])
+        for side in ("before", "after"):
+            self.correct[side] += other.correct[side]
+            self.kept[side] += other.kept[side]
+        self.labelled += other.labelled
+        self.squared += other.squared
+        self.targets += other.targets
+        self.score_output = self.score_output or other.score_output
+        self.batch_labels += other.batch_labels
+        self.samples += other.samples
+        self.batches += other.batches
+        self.failure = other.failure
+
+    def finish(
+        self, report: ValidationReport, data: DataSource, budget: Budget, metric: metrics_mod.Metric | None
+    ) -> None:
+        """Fill ``report`` (``metric``: the caller's metric, which scores; the fold's copy only kept rows)."""
+        report.samples = self.samples
+        if self.failure is not None:
+            report.failures.append(self.failure)
+            return
+        report.outputs = {name: acc.result() for name, acc in self.accumulators.items()}
+        if self.labelled:
+            report.accuracy = {k: 100.0 * v / self.labelled for k, v in self.correct.items()}
+        if self.targets:
+            squared = {"before": 0.0, "after": 0.0}
+            for before, after in self.squared:  # in batch order: the sums of one pass
+                squared["before"] += before
+                squared["after"] += after
+            report.task_mse = {k: v / self.targets for k, v in squared.items()}
+        if metric is not None and self.metric is not None:
+            metric.output = self.metric.output
+        metric = metric or self.metric
+        if metric is not None and report.samples:
+            labels = getattr(data, "labels", None)
+            if labels is None and self.batch_labels:
+                labels = np.concatenate(self.batch_labels, axis=0)
+            report.metric = _measure(metric, self.kept, labels, report, budget)
+        report.failures.extend(_judge(report, budget))
+
+
+def validate_many(
+    original: ir.Model | str | os.PathLike | Reference,
+    candidates: Sequence[ir.Model | str | os.PathLike | Session],
+    data: DataSource,
+    budget: Budget,
+    *,
+    check: bool = True,
+    progress: Callable[[int, int | None], None] | None = None,
+    metric: metrics_mod.Metric | str | Callable[..., Any] | None = None,
+    executor: Executor | None = None,
+) -> list[ValidationReport]:
+    """:func:`validate` for several candidates against one original: their reports, in order.
+
+    On a sharded executor (Ray) every candidate's shards are tasks submitted together (at most the executor's
+    tasks in flight), each shard's data read once for all of them: a search scores its independent candidates
+    at once. Otherwise they are validated one after the other.
+    """
+    if metric is not None:
+        metric = metrics_mod.resolve(metric)
+    if not _sharded(executor):
+        return [validate(original, c, data, budget, check=check, progress=progress, metric=metric) for c in candidates]
+    reference = original if isinstance(original, Reference) else Reference(original, cache_bytes=0)
+    names = reference.output_names
+    with contextlib.ExitStack() as stack:
+        reports, jobs = [], []
+        for candidate in candidates:
+            report = ValidationReport(ok=False, samples=0, data=data.description, budget=budget)
+            reports.append(report)
+            if isinstance(candidate, Session):
+                candidate = candidate.path
+            if check:
+                if isinstance(candidate, ir.Model):
+                    candidate = stack.enter_context(graph_io.temporary_model_file(candidate))
+                try:
+                    onnx.checker.check_model(str(candidate), full_check=True)
+                except Exception as e:
+                    report.checker_error = first_line(e)
+                    report.failures.append(f"checker: {report.checker_error}")
+            missing = [name for name in names if name not in _output_names(candidate)]
+            if missing:
+                report.failures.append(f"outputs missing from the optimized model: {missing}")
+                continue
+            auto_top1 = metric is None and budget.max_accuracy_drop is not None
+            init = (_rows_only(metric), auto_top1)
+            jobs.append((report, Job((reference.original, candidate), _validate_shard, init, True, reference.shards)))
+        if not jobs:
+            return _judged(reports, data)
+        try:
+            folds = executor.map_many([job for _, job in jobs], data, progress=progress)
+        except SessionOpenError as e:
+            if e.index == 0:  # the original's own problem raises, as validate's session does
+                raise
+            if len(jobs) == 1:  # as validate: that failure alone
+                jobs[0][0].checker_error = None
+                jobs[0][0].failures[:] = [f"onnxruntime cannot load the optimized model: {e}"]
+                return _judged(reports, data)
+            # one candidate onnxruntime cannot load: score them one at a time to say which
+            return [
+                validate(reference, c, data, budget, check=check, progress=progress, metric=metric, executor=executor)
+                for c in candidates
+            ]
+        for (report, _), shards in zip(jobs, folds, strict=True):
+            fold = _Fold(names, None, False)
+            for part in shards:
+                fold.merge(part)
+            fold.finish(report, data, budget, metric)
+    return _judged(reports, data)
+
+
+def _sharded(executor: Executor | None) -> bool:
+    return executor is not None and executor.name != "local"
+
+
+def _judged(reports: list[ValidationReport], data: DataSource) -> list[ValidationReport]:
+    for report in reports:
+        report.ok = not report.failures and report.samples > 0
+        if report.samples == 0 and not report.failures:
+            report.failures.append(f"no validation batch arrived from {data.description}")
+        logger.info("validation on %d samples: %s", report.samples, "ok" if report.ok else "; ".join(report.failures))
+    return reports
+
+
+def _validate_shard(sessions, batches, init_args, cached):
+    """An executor's shard: the original's outputs (``cached``, else computed and kept) and the candidate's,
+    folded into a fresh :class:`_Fold`."""
+    reference, candidate = sessions
+    metric, auto_top1 = init_args
+    names = reference.output_names
+    fold = _Fold(names, metric, auto_top1)
+    keep: list[dict[str, np.ndarray]] | None = [] if cached is None else None
+    for index, batch in enumerate(batches):
+        ref_out = cached[index] if cached is not None else reference.run(batch.feeds)
+        if keep is not None:
+            keep.append(ref_out)
+        if not fold.add(ref_out, candidate.run(batch.feeds, names), batch):
+            return fold, None  # a partial shard is not kept
+    return fold, keep
+
+
+def _rows_only(metric: metrics_mod.Metric | None) -> metrics_mod.Metric | None:
+    """A copy of ``metric`` for a worker, which only keeps rows: a user function (perhaps imported from a file
+    the worker cannot import) stays here, where the metric is scored."""
+    if metric is None or not hasattr(metric, "fn"):
+        return metric
+    rows_only = copy.copy(metric)
+    rows_only.fn = None
+    return rows_only
+
+
+def _output_names(model: ir.Model | str | os.PathLike) -> list[str]:
+    """The graph outputs' names, in order (onnxruntime's), without reading the weights."""
+    if isinstance(model, ir.Model):
+        return [value.name for value in model.graph.outputs]
+    return [value.name for value in onnx.load(str(model), load_external_data=False).graph.output]
+
+
 def validate(
     original: ir.Model | str | os.PathLike | Reference,
     optimized: ir.Model | str | os.PathLike | Session,
@@ -309,6 +580,7 @@ def validate(
     progress: Callable[[int, int | None], None] | None = None,
     metric: metrics_mod.Metric | str | Callable[..., Any] | None = None,
     early_stop: str | None = None,
+    executor: Executor | None = None,
 ) -> ValidationReport:
     """Compare ``optimized`` with ``original`` on ``data`` and judge the result by ``budget``.
 
@@ -320,12 +592,20 @@ def validate(
     (see the module docstring); the report then says so in ``early_stop`` and holds what was measured so far. A
     passing verdict is the same in every mode.
 
+    ``executor`` (:mod:`onnxopt.executor`; ``None`` or local: this process) shards the batches over Ray workers:
+    each shard's fold comes back and they merge, in batch order, into the report of one pass (the same numbers;
+    ``early_stop`` does not apply there). A :class:`Reference` then keeps the original's outputs per shard in
+    Ray's object store.
+
     Raises:
         UsageError, DataError: the metric cannot be computed on the original model's outputs (an output that
             does not exist or fit, labels that do not fit, a user function that raises or returns NaN).
     """
     if metric is not None:
         metric = metrics_mod.resolve(metric)
+    if _sharded(executor):
+        return validate_many(original, [optimized], data, budget, check=check, progress=progress, metric=metric,
+                             executor=executor)[0]  # fmt: skip
     stop_mode = early_stopping.mode(early_stop or "off")
     report = ValidationReport(ok=False, samples=0, data=data.description, budget=budget)
     reference = original if isinstance(original, Reference) else Reference(original, cache_bytes=0)
@@ -475,24 +755,30 @@ def _stopped(report: ValidationReport, accumulators, stopper, reason: str, kind:
 
 
 def metric_baseline(
-    original: ir.Model | str | os.PathLike | Reference, data: DataSource, metric: metrics_mod.Metric
+    original: ir.Model | str | os.PathLike | Reference,
+    data: DataSource,
+    metric: metrics_mod.Metric,
+    *,
+    executor: Executor | None = None,
 ) -> float:
     """The metric of the original model on ``data``: a check, before any pass runs, that it can be computed.
+
+    ``executor``: as :func:`validate` (the rows come from Ray workers, the metric is scored here).
 
     Raises:
         UsageError, DataError: an output that does not exist or fit, labels that do not fit the metric, a
             function that raises or returns NaN, Inf or a non-scalar.
     """
     reference = original if isinstance(original, Reference) else Reference(original, cache_bytes=0)
-    rows, batch_labels, samples = [], [], 0
-    for index, batch in enumerate(data):
-        outputs = reference.run(index, batch.feeds)
-        if index == 0:
-            metric.bind(outputs, batch.labels)
-        rows.append(metric.rows(outputs, batch.feeds, labels=batch.labels))
-        if batch.labels is not None:
-            batch_labels.append(np.asarray(batch.labels))
-        samples += batch.size
+    if _sharded(executor):
+        parts = executor.map_batches(reference.original, data, _baseline_shard, _rows_only(metric), optimize=True)
+        parts = [part for part in parts if part[3]]
+        metric.output = parts[0][0] if parts else metric.output  # as bound on the first batch
+        rows = [r for part in parts for r in part[1]]
+        batch_labels = [b for part in parts for b in part[2]]
+        samples = sum(part[3] for part in parts)
+    else:
+        rows, batch_labels, samples = _baseline_rows(metric, data, reference.run)
     if not samples:
         raise DataError(f"{data.description}: no evaluation samples")
     labels = getattr(data, "labels", None)
@@ -507,6 +793,26 @@ def metric_baseline(
     if math.isnan(value) or (not metric.reference_based and not math.isfinite(value)):
         raise DataError(f"metric '{metric.name}' is {value} on the original model's outputs")
     return value
+
+
+def _baseline_rows(metric: metrics_mod.Metric, batches, run) -> tuple[list, list, int]:
+    """The metric's rows of the original's outputs (``run(index, feeds)``), the batches' labels, the samples."""
+    rows, batch_labels, samples = [], [], 0
+    for index, batch in enumerate(batches):
+        outputs = run(index, batch.feeds)
+        if index == 0:
+            metric.bind(outputs, batch.labels)
+        rows.append(metric.rows(outputs, batch.feeds, labels=batch.labels))
+        if batch.labels is not None:
+            batch_labels.append(np.asarray(batch.labels))
+        samples += batch.size
+    return rows, batch_labels, samples
+
+
+def _baseline_shard(session: Session, batches, metric: metrics_mod.Metric):
+    """An executor's shard of :func:`metric_baseline`: the chosen output, rows, labels and samples."""
+    rows, batch_labels, samples = _baseline_rows(metric, batches, lambda index, feeds: session.run(feeds))
+    return metric.output, rows, batch_labels, samples
 
 
 def _measure(

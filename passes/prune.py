@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import numpy as np
 import onnx_ir as ir
@@ -96,6 +97,7 @@ class ChannelPrunePass(OptPass):
     name = "prune"
     exact = False
     config_class = PruneConfig
+    _speculated: dict = {}  # (setting, per-group ratios) -> candidate built ahead (see _speculate); reassigned
 
     def needs_data(self, model: ir.Model) -> bool:
         return bool(self.stats_request(model))  # channels are judged from activations, if there are any to prune
@@ -119,6 +121,7 @@ class ChannelPrunePass(OptPass):
             raise ir.passes.PreconditionError("pass 'prune' needs activation statistics: give calibration data")
         scored = score_units(analysis, stats)
         setting, per_group = self._choose_setting(model, scored)
+        self._speculated = {}
         chosen = _select(analysis, scored, config, setting, per_group)
         if not chosen:
             return OptResult(model, modified=False, skipped=skipped)
@@ -173,8 +176,10 @@ class ChannelPrunePass(OptPass):
 
     def _bisect(self, model, lo: float, hi: float, stronger_is_higher: bool, make, check, steps: int = 0) -> float:
         best = lo if stronger_is_higher else hi
-        for _ in range(steps or self.config.steps):
+        steps = steps or self.config.steps
+        for step in range(steps):
             mid = (lo + hi) / 2
+            self._speculate(model, lo, hi, make, steps - step)
             ok = self._trial(model, *make(mid), check)
             logger.debug("prune search: %s=%.4f -> %s", self.config.criterion, mid, "ok" if ok else "fails")
             if ok == stronger_is_higher:
@@ -185,17 +190,46 @@ class ChannelPrunePass(OptPass):
                 best = mid
         return best
 
+    def _speculate(self, model: ir.Model, lo: float, hi: float, make, steps_left: int) -> None:
+        """With an executor that scores several candidates at once (``context.parallel`` > 1), build the settings
+        the bisection may try in its next steps (a tree of midpoints below ``(lo, hi)``: 3 for 3 candidates at
+        once, 7 for 7) and have them scored together; the bisection then reads their verdicts in the order it
+        needs them, so it takes the same path, and chooses the same, as one trial at a time. Only the graph
+        surgery of the candidates stays here, one after the other."""
+        width = getattr(self.context, "parallel", 1)
+        prefetch = getattr(self.context, "prefetch", None)
+        if width < 2 or prefetch is None:
+            return
+        depth = min(steps_left, int(math.log2(width + 1)))
+        settings, level = [], [(lo, hi)]
+        for _ in range(depth):
+            settings += [(a + b) / 2 for a, b in level]
+            level = [half for a, b in level for half in ((a, (a + b) / 2), ((a + b) / 2, b))]
+        built = {}
+        for value in settings:
+            setting, per_group = make(value)
+            key = (setting, tuple(sorted(per_group.items())))
+            built[key] = self._speculated[key] if key in self._speculated else self._candidate(model, *make(value))
+        self._speculated = built
+        prefetch([candidate for candidate in built.values() if candidate is not None])
+
     def _trial(self, model: ir.Model, setting: float, per_group: dict[int, float], check) -> bool:
+        key = (setting, tuple(sorted(per_group.items())))
+        candidate = self._speculated.pop(key) if key in self._speculated else self._candidate(model, setting, per_group)
+        return True if candidate is None else check(candidate).ok
+
+    def _candidate(self, model: ir.Model, setting: float, per_group: dict[int, float]) -> ir.Model | None:
+        """``model`` pruned at ``setting`` (and ``per_group`` ratios); ``None`` when that removes nothing."""
         candidate = model.clone()
         analysis = self._analyze(candidate)
         stats = get_stats(model)
         scored = score_units(analysis, stats)
         chosen = _select(analysis, scored, self.config, setting, per_group)
         if not chosen:
-            return True
+            return None
         self._apply(model, candidate, analysis, chosen, stats)
         ShapeInferencePass(strict_mode=False)(candidate)
-        return check(candidate).ok
+        return candidate
 
     def _apply(self, original: ir.Model, model: ir.Model, analysis: Analysis, chosen, stats: StatsTable) -> list[str]:
         """Remove the ``chosen`` channels from ``model`` (an ``analysis`` of it); with ``refit``, re-fit the layers

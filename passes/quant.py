@@ -168,13 +168,17 @@ class _Search:
                     o.note = f"not {config.margin:.0%} faster than float; not checked"
         live = [o for o in outcomes if not o.note]
         live.sort(key=lambda o: (o.latency_us or 0.0) if by_speed else (o.bytes or 0))
-        for outcome in live:
+        ahead: dict[str, ir.Model] = {}  # candidates scored ahead, at once, on an executor (see _prefetch)
+        for index, outcome in enumerate(live):
             beaten = [p for p in live if p.passed and _better(p, outcome, by_speed, config.margin)]
             if beaten and not config.check_all:
                 # checked fastest first: once a recipe holds the budget, the ones it beats cannot win
                 outcome.note = f"{beaten[0].recipe.name} holds the budget and is faster; not checked"
                 continue
-            self.judge(outcome, self.check(graph_io.load(self.paths[outcome.recipe.name])))
+            if outcome.recipe.name not in ahead:
+                ahead = self._prefetch(live[index:])
+            candidate = ahead.pop(outcome.recipe.name, None) or graph_io.load(self.paths[outcome.recipe.name])
+            self.judge(outcome, self.check(candidate))
         refitted = False
         # the most accurate failing recipe first: it needs the fewest float layers (fewest checks, least speed
         # lost); once one holds the budget, only recipes faster than it (by the margin) are worth repairing
@@ -211,6 +215,18 @@ class _Search:
             quant_format=recipe.fmt, calibration_cache=self.calibration_cache,
             unsigned_weights=recipe.unsigned_weights, reduce_range=recipe.reduce_range,
         )  # fmt: skip
+
+    def _prefetch(self, outcomes: list[Outcome]) -> dict[str, ir.Model]:
+        """On an executor that scores several candidates at once (``context.parallel`` > 1), the next that many
+        recipes not yet checked, loaded and scored together; the checks then read their verdicts in the usual
+        order, so the same recipes are checked, judged and chosen as one at a time ({} otherwise)."""
+        width = getattr(self.context, "parallel", 1)
+        prefetch = getattr(self.context, "prefetch", None)
+        if width < 2 or prefetch is None or self.context.check is None:
+            return {}
+        models = {o.recipe.name: graph_io.load(self.paths[o.recipe.name]) for o in outcomes[:width] if not o.note}
+        prefetch(list(models.values()))
+        return models
 
     def check(self, candidate: ir.Model):
         if self.context is None or self.context.check is None:

@@ -12,9 +12,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxopt import data, stats
+from onnxopt import data, stats, validate
 from onnxopt.errors import CalibrationError
-from onnxopt.executor import ExecutorError, LocalExecutor, RayExecutor, make_executor
+from onnxopt.executor import ExecutorError, Job, LocalExecutor, RayExecutor, SessionOpenError, make_executor
 from tests import builders
 
 REQUEST = stats.StatsRequest(values=frozenset({"c1", "r1", "c2", "gap", "y"}), grams=frozenset({"conv2", "fc"}))
@@ -151,24 +151,28 @@ def test_ray_statistics_equal_the_single_process_run(ray_head):
     assert seen == sorted(seen) and seen[-1] == 30
 
 
-def _die_once_then(session, batches, args):
+def _die_once_then(sessions, batches, args, *cached):
     """A shard function whose first call anywhere kills its worker process (as an OOM kill would)."""
     marker, fn, init_args = args
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
     except FileExistsError:
-        return fn(session, batches, init_args)
+        return fn(sessions, batches, init_args, *cached)
     os._exit(1)
 
 
-class _DyingOnce:
+class _DyingOnce(RayExecutor):
     """A Ray executor whose first task's worker dies."""
 
-    def __init__(self, inner: RayExecutor, marker: str) -> None:
-        self.inner, self.marker, self.name = inner, marker, "ray"
+    def __init__(self, marker: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.marker = marker
 
-    def map_batches(self, model, source, fn, init_args, **kwargs):
-        return self.inner.map_batches(model, source, _die_once_then, (self.marker, fn, init_args), **kwargs)
+    def map_many(self, jobs, source, *, progress=None):
+        import dataclasses
+
+        dying = [dataclasses.replace(j, fn=_die_once_then, init_args=(self.marker, j.fn, j.init_args)) for j in jobs]
+        return super().map_many(dying, source, progress=progress)
 
 
 @pytest.mark.slow  # a Ray head takes ~15 s to start on a loaded 2-core machine
@@ -177,7 +181,7 @@ def test_ray_task_of_a_dead_worker_is_retried_without_double_counting(ray_head, 
     want = stats.collect_stats(model, source, REQUEST)
     marker = tmp_path / "died"
     got = stats.collect_stats(
-        model, source, REQUEST, executor=_DyingOnce(RayExecutor(batches_per_task=2, max_retries=2), str(marker))
+        model, source, REQUEST, executor=_DyingOnce(str(marker), batches_per_task=2, max_retries=2)
     )
     assert marker.exists()  # a worker did die
     _assert_tables_equal(got, want)
@@ -245,3 +249,321 @@ def test_cli_prune_on_ray_writes_the_same_model_as_local(ray_head, workdir, caps
     assert shapes["w1"][0] == 6 and shapes["w2"][1] == 6  # conv1 lost 2 of its 8 channels, chosen by statistics
     for a, b in zip(local.graph.initializer, ray.graph.initializer, strict=True):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+# --- validation sharded: the folds of consecutive shards merge into the report of one pass ---------------------
+
+
+class _InProcessShards:
+    """A sharded executor without Ray: each job's shard function runs here on shards of ``size`` batches, with
+    fresh sessions and copied arguments, as Ray tasks would (the merging logic without a Ray head)."""
+
+    name = "shards"
+    parallel = 3
+
+    def __init__(self, size: int) -> None:
+        self.size, self.jobs_run = size, 0
+
+    def map_batches(self, model, source, fn, init_args, *, optimize=False, progress=None):
+        return self.map_many([Job(model, fn, init_args, optimize)], source, progress=progress)[0]
+
+    def map_many(self, jobs, source, *, progress=None):
+        import copy
+
+        from onnxopt.runtime import Session
+
+        batches = list(source)
+        results = []
+        for job in jobs:
+            self.jobs_run += 1
+            sessions = []
+            for index, m in enumerate(job.model_list):
+                try:
+                    sessions.append(Session(m, optimize=job.optimize))
+                except Exception as e:
+                    raise SessionOpenError(index, str(e).splitlines()[0]) from e
+            opened = sessions[0] if job.single else tuple(sessions)
+            states = []
+            for start in range(0, len(batches), self.size):
+                shard = batches[start : start + self.size]
+                args = copy.deepcopy(job.init_args)
+                if job.cache is None:
+                    states.append(job.fn(opened, iter(shard), args))
+                    continue
+                key = (start, start + len(shard))
+                state, keep = job.fn(opened, iter(shard), args, job.cache.values.get(key))
+                if keep is not None:
+                    job.cache.offer(key, keep, sum(a.nbytes for out in keep for a in out.values()))
+                states.append(state)
+            results.append(states)
+        return results
+
+
+def _perturbed(model: ir.Model, scale: float, seed: int = 0) -> ir.Model:
+    """A copy of ``model`` whose weights carry relative noise of ``scale``: a lossy candidate."""
+    rng = np.random.default_rng(seed)
+    candidate = model.clone()
+    for value in candidate.graph.initializers.values():
+        array = value.const_value.numpy()
+        noise = rng.standard_normal(array.shape).astype(array.dtype) * scale * float(np.abs(array).max() or 1)
+        value.const_value = ir.tensor(array + noise, name=value.name)
+    return candidate
+
+
+def _labelled_source(model, samples=30, batch_size=4, seed=3, pairs=False):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((samples, 3, 10, 10)).astype(np.float32)
+    labels = rng.random(samples // 2) if pairs else rng.integers(0, 5, samples)
+    return data.as_source({"x": x, "labels": labels}, model, batch_size=batch_size, pair_labels=pairs)
+
+
+def _user_metric(outputs, labels, inputs):
+    """A user metric over the whole set: the mean of the top class's score, weighted by the first input pixel."""
+    y = next(iter(outputs.values()))
+    return float(np.mean(y.max(axis=1) * (1 + 0.1 * inputs["x"][:, 0, 0, 0])))
+
+
+def _assert_reports_equal(got, want, rtol=1e-6):
+    """Two validation reports agree: verdicts, failures and counts exactly, every figure within ``rtol``."""
+    g, w = got.to_json(), want.to_json()
+    assert (g["ok"], g["samples"], g["failures"]) == (w["ok"], w["samples"], w["failures"])
+    assert g["outputs"].keys() == w["outputs"].keys()
+
+    def close(a, b, where):
+        if isinstance(b, dict):
+            assert a.keys() == b.keys(), where
+            for key in b:
+                close(a[key], b[key], f"{where}.{key}")
+        elif isinstance(b, list | tuple):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                close(x, y, f"{where}[{i}]")
+        elif isinstance(b, float):
+            assert a == pytest.approx(b, rel=rtol, abs=1e-12), where
+        else:
+            assert a == b, where
+
+    close(g, w, "report")
+
+
+METRICS = [None, "top1", "top5", "spearman", "psnr", _user_metric]
+
+
+@pytest.mark.parametrize("metric", METRICS, ids=lambda m: getattr(m, "__name__", str(m)))
+def test_sharded_validation_report_equals_one_pass(metric):
+    model = ir.from_proto(builders.conv_net(seed=2, with_bn=False))
+    candidate = _perturbed(model, 0.05)
+    pairs = metric == "spearman"
+    source = _labelled_source(model, pairs=pairs)  # 8 batches, the last of 2 samples
+    budget = validate.Budget(max_accuracy_drop=1.0, min_cosine=0.9) if metric in (None, "top1") else (
+        validate.Budget(metric_limit=10.0) if metric == "psnr" else validate.Budget(min_cosine=0.99))  # fmt: skip
+    want = validate.validate(model, candidate, source, budget, metric=metric)
+    executor = _InProcessShards(size=3)
+    got = validate.validate(model, candidate, source, budget, metric=metric, executor=executor)
+    _assert_reports_equal(got, want, rtol=0)  # the same per-batch numbers, merged in batch order: identical
+    assert executor.jobs_run == 1 and got.samples == 30
+    if metric is None:  # an accuracy budget on labelled class scores is top1's, with its bootstrap interval
+        assert got.metric.name == "top1" and got.metric.interval is not None and got.accuracy is not None
+    assert got.outputs["y"].cosine < 1.0  # the noise shows: a real comparison, not a model against itself
+
+
+def test_sharded_validation_keeps_the_originals_outputs_once_and_scores_candidates_together():
+    model = ir.from_proto(builders.conv_net(seed=2, with_bn=False))
+    source = _labelled_source(model)
+    candidates = [_perturbed(model, s) for s in (0.003, 0.01, 0.2)]  # the same noise, scaled
+    budget = validate.Budget(min_cosine=0.995)
+    reference = validate.Reference(model)
+    executor = _InProcessShards(size=3)
+    got = validate.validate_many(reference, candidates, source, budget, executor=executor)
+    assert len(reference.shards.values) == 3  # the original's outputs of each shard, kept
+    kept = dict(reference.shards.values)
+    again = validate.validate(reference, candidates[1], source, budget, executor=executor)
+    assert reference.shards.values == kept  # read, not computed again
+    for candidate, report in zip(candidates, got, strict=True):
+        _assert_reports_equal(report, validate.validate(model, candidate, source, budget), rtol=0)
+    _assert_reports_equal(again, got[1], rtol=0)
+    assert [r.ok for r in got] == [True, True, False]
+
+
+def test_sharded_validation_of_a_model_onnxruntime_cannot_load_is_a_failure_as_locally(tmp_path):
+    model = ir.from_proto(builders.conv_net(seed=2, with_bn=False))
+    broken = model.clone()
+    next(n for n in broken.graph if n.name == "conv1").domain = "no.such.domain"
+    source = _labelled_source(model)
+    budget = validate.Budget(min_cosine=0.99)
+    want = validate.validate(model, broken, source, budget, check=False)
+    got = validate.validate(model, broken, source, budget, check=False, executor=_InProcessShards(size=3))
+    assert not got.ok and got.failures == want.failures
+    assert got.failures[0].startswith("onnxruntime cannot load the optimized model")
+
+
+# --- streaming: a folder of .npz feeds is read a batch at a time, by whoever folds it ------------------------------
+
+
+def _npz_folder(tmp_path, model, files=24, seed=5, labels=True):
+    rng = np.random.default_rng(seed)
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    for index in range(files):
+        arrays = {"x": rng.standard_normal((1, 3, 10, 10)).astype(np.float32)}
+        if labels:
+            arrays["labels"] = np.array([index % 5])
+        np.savez(folder / f"{index:04d}.npz", **arrays)
+    return folder
+
+
+class _CountingLoader:
+    """``data.load_npz`` that counts the files read and the arrays read and still alive (freed: not held)."""
+
+    def __init__(self, monkeypatch) -> None:
+        import weakref
+
+        self.reads, self.alive, self.peak = 0, 0, 0
+        real = data.load_npz
+
+        def load(path, what):
+            arrays = real(path, what)
+            self.reads += 1
+            self.alive += 1
+            self.peak = max(self.peak, self.alive)
+            weakref.finalize(arrays["x"], self._freed)
+            return arrays
+
+        monkeypatch.setattr(data, "load_npz", load)
+
+    def _freed(self) -> None:
+        self.alive -= 1
+
+
+def test_npz_folder_source_holds_a_bounded_number_of_batches(tmp_path, monkeypatch):
+    model = ir.from_proto(builders.conv_net(seed=2, with_bn=False))
+    folder = _npz_folder(tmp_path, model)
+    loader = _CountingLoader(monkeypatch)
+    source = data.as_source(folder, model)
+    assert loader.reads == 0 and source.samples == 24  # only the files' zip directories were read up front
+    table = stats.collect_stats(model, source, REQUEST)
+    assert table.samples == 24 and loader.reads == 24 and loader.peak <= 2
+    candidate = _perturbed(model, 0.01)
+    report = validate.validate(model, candidate, source, validate.Budget(max_accuracy_drop=5.0))
+    assert report.samples == 24 and report.accuracy is not None  # labels read from the files, batch by batch
+    assert loader.reads == 48 and loader.peak <= 2 and loader.alive == 0
+
+
+def test_npz_folder_shards_are_read_by_their_tasks(tmp_path, monkeypatch):
+    """A sharded run hands each shard the files' paths: the driver reads none of them."""
+    import pickle
+
+    from onnxopt.executor import _shards
+
+    model = ir.from_proto(builders.conv_net(seed=2, with_bn=False))
+    source = data.as_source(_npz_folder(tmp_path, model), model)
+    whole = np.concatenate([b.feeds["x"] for b in source])
+    loader = _CountingLoader(monkeypatch)
+    shards = list(_shards(source, 5, 0))
+    assert [key for key, _, _ in shards] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 24)]
+    assert [samples for _, samples, _ in shards] == [5, 5, 5, 5, 4]
+    shipped = [pickle.loads(pickle.dumps(shard)) for _, _, shard in shards]  # what a task receives: paths
+    assert loader.reads == 0 and all(len(pickle.dumps(shard)) < 4000 for _, _, shard in shards)
+    got = [batch.feeds["x"] for shard in shipped for batch in shard]
+    assert loader.reads == 24  # by the shards, where they are iterated
+    np.testing.assert_array_equal(np.concatenate(got), whole)
+
+
+# --- validation, searches and streamed folders on Ray ---------------------------------------------------------------
+
+
+@pytest.mark.slow  # a Ray head takes ~15 s to start on a loaded 2-core machine
+@pytest.mark.parametrize("metric", [None, "spearman", _user_metric], ids=["accuracy", "spearman", "user"])
+def test_ray_validation_report_equals_local(ray_head, metric):
+    model = ir.from_proto(builders.conv_net(seed=2, with_bn=False))
+    candidates = [_perturbed(model, 0.003), _perturbed(model, 0.2)]
+    source = _labelled_source(model, pairs=metric == "spearman")
+    budget = validate.Budget(min_cosine=0.999, max_accuracy_drop=1.0 if metric is None else None)
+    want = [validate.validate(model, c, source, budget, metric=metric) for c in candidates]
+    reference = validate.Reference(model)
+    executor = RayExecutor(batches_per_task=3)  # 8 batches in shards of 3, 3, 2
+    got = validate.validate_many(reference, candidates, source, budget, metric=metric, executor=executor)
+    assert len(reference.shards.values) == 3  # the original's outputs, kept in the object store
+    again = validate.validate(reference, candidates[1], source, budget, metric=metric, executor=executor)
+    for g, w in zip([*got, again], [*want, want[1]], strict=True):
+        _assert_reports_equal(g, w)
+    assert [r.ok for r in got] == [True, False]
+
+
+@pytest.mark.slow  # a Ray head takes ~15 s to start on a loaded 2-core machine
+def test_ray_validation_task_of_a_dead_worker_is_retried_without_losing_or_double_counting(ray_head, tmp_path):
+    model = ir.from_proto(builders.conv_net(seed=2, with_bn=False))
+    candidate = _perturbed(model, 0.01)
+    source = _labelled_source(model)
+    budget = validate.Budget(max_accuracy_drop=1.0, min_cosine=0.99)
+    want = validate.validate(model, candidate, source, budget)
+    marker = tmp_path / "died"
+    seen = []
+    executor = _DyingOnce(str(marker), batches_per_task=2, max_retries=2)
+    got = validate.validate(model, candidate, source, budget, executor=executor, progress=lambda d, t: seen.append(d))
+    assert marker.exists()  # a worker did die
+    _assert_reports_equal(got, want)
+    assert got.samples == 30 and seen[-1] == 30  # every sample once
+
+
+def _prune_search(executor):
+    from onnxopt import registry
+    from onnxopt.manager import PassManager
+
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    manager = PassManager([registry.make_pass("prune")], data={"x": x}, budget=validate.Budget(min_cosine=0.95),
+                          holdout=0.5, executor=executor)  # fmt: skip
+    return manager.run(ir.from_proto(builders.mlp(sizes=(16, 64, 48, 4), seed=1)))
+
+
+@pytest.mark.slow  # a Ray head takes ~15 s to start on a loaded 2-core machine
+def test_ray_prune_search_chooses_the_same_ratios_as_local(ray_head):
+    local = _prune_search(None)
+    on_ray = _prune_search(RayExecutor(batches_per_task=1, max_candidates=3))  # bisection trees of 3 at once
+    want = {r.name: r for r in local.passes}["prune"]
+    got = {r.name: r for r in on_ray.passes}["prune"]
+    # both layer groups pruned, at per-group ratios found by the search (phase 2): e.g. 64 -> 32 and 48 -> 32
+    assert len(want.changes) == 2 and all("ratio" in c.what for c in want.changes)
+    assert [c.what for c in got.changes] == [c.what for c in want.changes]
+    shapes = {n: v.shape for n, v in local.model.graph.initializers.items()}
+    assert shapes == {n: v.shape for n, v in on_ray.model.graph.initializers.items()}
+    _assert_reports_equal(on_ray.validation, local.validation)
+
+
+@pytest.mark.slow  # a Ray head takes ~15 s to start on a loaded 2-core machine
+def test_ray_quant_search_chooses_the_same_recipe_as_local(ray_head, workdir):
+    from onnxopt.manager import PassManager
+    from onnxopt.passes.quant import Int8QuantPass, QuantConfig
+
+    d, _ = workdir
+    config = QuantConfig(recipes="qdq-u8-pc,qdq-s8-pt,dyn-pc", rounds=3, force=True)
+
+    def run(executor):
+        manager = PassManager([Int8QuantPass(config)], data=d / "calib.npz", budget=validate.Budget(min_cosine=0.99),
+                              holdout=0.5, executor=executor)  # fmt: skip
+        return manager.run(ir.from_proto(builders.conv_net(seed=0)))
+
+    local = run(None)  # the recipes' latencies are recorded: the Ray run reads the same figures
+    on_ray = run(RayExecutor(batches_per_task=1, max_candidates=3))
+    want = {r.name: r for r in local.passes}["quant"]
+    got = {r.name: r for r in on_ray.passes}["quant"]
+    assert [c.what for c in got.changes] == [c.what for c in want.changes]
+    assert [s.reason for s in got.skipped] == [s.reason for s in want.skipped]
+    timeless = lambda details: {k: v for k, v in details.items() if k != "search"}  # noqa: E731 (the checks' seconds)
+    assert timeless(got.details) == timeless(want.details)
+    _assert_reports_equal(on_ray.validation, local.validation)
+
+
+@pytest.mark.slow  # a Ray head takes ~15 s to start on a loaded 2-core machine
+def test_ray_reads_a_folder_of_npz_feeds_in_its_tasks(ray_head, tmp_path, monkeypatch):
+    model = ir.from_proto(builders.conv_net(seed=2, with_bn=False))
+    source = data.as_source(_npz_folder(tmp_path, model), model)
+    candidate = _perturbed(model, 0.01)
+    budget = validate.Budget(max_accuracy_drop=5.0, min_cosine=0.99)
+    want_stats = stats.collect_stats(model, source, REQUEST)
+    want = validate.validate(model, candidate, source, budget)
+    loader = _CountingLoader(monkeypatch)  # in this process only: the workers read with the real loader
+    executor = RayExecutor(batches_per_task=5)
+    _assert_tables_equal(stats.collect_stats(model, source, REQUEST, executor=executor), want_stats)
+    _assert_reports_equal(validate.validate(model, candidate, source, budget, executor=executor), want)
+    assert loader.reads == 0  # the driver read no feed: each task read its own files
