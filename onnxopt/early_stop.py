@@ -205,8 +205,7 @@ class Stopper:
         labels = self.baseline.labels
         if self.kind == "hits":
             batch_labels = None if labels is None else labels[start:stop]
-            score = self.metric.score(after_rows, batch_labels, after_rows)
-            self.hits += round(score * (stop - start) / 100.0)
+            self.hits += int(np.count_nonzero(self.metric.per_sample(after_rows, batch_labels)))
         elif "sse" in after_rows:
             self.sse += float(np.sum(after_rows["sse"]))
         else:  # mse rows kept as outputs (labels checked against the whole set later)
