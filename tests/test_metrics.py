@@ -472,3 +472,26 @@ def test_held_out_split_keeps_pairs_and_their_labels_together():
     first, last, held, _ = data.holdout({"x": x, "labels": np.arange(10)}, 0.3)
     assert held == 3 and last["labels"].tolist() == [7, 8, 9] and len(first["x"]) == 7
     assert data.holdout({"x": x, "labels": np.arange(4)}, 0.3) is None  # a count that fits nothing: as_source says so
+
+
+@pytest.mark.parametrize("k, samples", [(1, 750), (5, 751), (1, 1)])
+def test_topk_bootstrap_fast_path_equals_scoring_each_resample(k, samples):
+    class Rescored(metrics._TopK):  # the generic path: every resample's rows scored anew
+        def per_sample(self, rows, labels):
+            return None
+
+        def score(self, rows, labels, reference):
+            indices = np.asarray(labels).reshape(-1).astype(np.int64)
+            hit = (rows["top"] == indices[:, None]).any(axis=1)
+            return 100.0 * float(hit.mean()) if len(hit) else float("nan")
+
+    rng = np.random.default_rng(k)
+    labels = rng.integers(0, 10, samples)
+    before_scores = rng.standard_normal((samples, 10))
+    after_scores = before_scores + 0.8 * rng.standard_normal((samples, 10))
+    results = []
+    for metric in (metrics.resolve(f"top{k}", "y"), Rescored(k, "y")):
+        before, after = metric.rows({"y": before_scores}, {}), metric.rows({"y": after_scores}, {})
+        results.append(metric.evaluate(before, after, labels, confidence=0.9))
+    assert results[0].interval == results[1].interval and results[0].drop == results[1].drop
+    assert samples == 1 or results[0].interval[0] < results[0].drop < results[0].interval[1]
