@@ -364,12 +364,17 @@ def _goal(goal: GoalResult | None, validation: ValidationReport | None) -> dict[
     def sy(y: float) -> float:
         return round(top + (y1 - y) / (y1 - y0) * plot_h, 1)
 
-    markers = []
+    markers, labelled = [], {}
     for p, x, y in plotted:
         state = "reached" if p.reached else ("ok" if p.ok else "over")
         title = f"{p.pipeline}: {_goal_metric_text(p)}; {target.kind} {x:.3f}x; {state}"
-        markers.append({"cx": sx(x), "cy": sy(y), "front": p.on_front, "state": state, "label": p.pipeline,
-                        "title": title})  # fmt: skip
+        marker = {"cx": sx(x), "cy": sy(y), "front": p.on_front, "state": state, "label": p.pipeline, "title": title}
+        first = labelled.setdefault((marker["cx"], marker["cy"]), marker)
+        if first is not marker:  # the same spot (a pass that changed nothing): one label for all of them
+            first["label"] += f" = {p.pipeline}"
+            marker["label"] = ""
+        markers.append(marker)
+    markers.sort(key=lambda m: m["front"])  # front markers drawn last, on top of any they share a spot with
     front = sorted(((x, y) for p, x, y in plotted if p.on_front), key=lambda xy: xy[0])
     y_label = (f"{metric.metric} after" if metric is not None else "metric") if with_metric else "worst cosine"
     return {
