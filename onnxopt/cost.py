@@ -8,7 +8,8 @@ given). MACs, one multiply plus one add each, as the ResNet paper counts "multip
 - ``Gemm``/``MatMul``: ``numel(Y) · K``, K the reduced dimension; ``MatMulNBits`` from its ``K`` attribute;
   the quantized forms (``ConvInteger``, ``QLinearConv``, ``MatMulInteger``, ``QLinearMatMul``) and
   onnxruntime's fused ones (``FusedConv``, ``FusedGemm``, ``FusedMatMul``, ...) likewise;
-- ``LSTM``/``GRU``/``RNN``: ``seq · batch · directions · gates·hidden · (input + hidden)``.
+- ``LSTM``/``GRU``/``RNN``: ``seq · batch · directions · gates·hidden · (input + hidden)``;
+- onnxruntime's ``Attention``/``QAttention`` (``fuse``): the Q/K/V projections plus ``QKᵀ`` and ``softmax·V``.
 
 Every other computing node counts ``numel`` of its first output as ``ops`` (elementwise work: BatchNorm,
 activations, Add, pools per output), and data-movement nodes (Reshape, Transpose, Concat, ...) count
@@ -61,10 +62,11 @@ _MATMUL_LIKE = frozenset(
 _RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 # ops that multiply-accumulate but whose MACs this model does not compute: a count with them is partial
 _UNMODELLED = frozenset(
-    {"Einsum", "Attention", "MultiHeadAttention", "GroupQueryAttention", "QAttention", "PackedAttention",
+    {"Einsum", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
      "PackedMultiHeadAttention", "DecoderAttention", "DecoderMaskedMultiHeadAttention", "LongformerAttention",
-     "SparseAttention", "QOrderedAttention", "DynamicQuantizeLSTM", "EmbedLayerNormalization"}
+     "SparseAttention", "QOrderedAttention", "DynamicQuantizeLSTM"}
 )  # fmt: skip
+_ATTENTION = frozenset({"Attention", "QAttention"})  # onnxruntime's fused self-attention (``fuse``), float or int8
 _MAC_OPS = frozenset(_CONV_LIKE) | _MATMUL_LIKE | {"ConvTranspose", "MatMulNBits"} | frozenset(_RECURRENT_GATES)
 
 Shapes = Mapping[int, tuple[int, ...] | None]
@@ -358,6 +360,8 @@ def _node_work(node: ir.Node, shapes: Shapes) -> tuple[int, int, str | None]:
         layout = node.attributes.get("layout")
         seq, batch = (x[1], x[0]) if layout is not None and layout.value == 1 else (x[0], x[1])
         return seq * batch * w[0] * w[1] * (w[2] + r[2]), 0, None
+    if op in _ATTENTION:
+        return _attention_macs(node, shape_of(0), shape_of(1))
     if op in _UNMODELLED:
         return 0, _numel(out), f"MACs of {op} are not modelled"
     if op in _MOVEMENT_OPS or out is None:
@@ -369,6 +373,20 @@ def _node_work(node: ir.Node, shapes: Shapes) -> tuple[int, int, str | None]:
         x = shape_of(0)
         return 0, _numel(x) if x is not None else _numel(out), None
     return 0, _numel(out), None
+
+
+def _attention_macs(
+    node: ir.Node, x: tuple[int, ...] | None, weight: tuple[int, ...] | None
+) -> tuple[int, int, str | None]:
+    """onnxruntime's ``Attention``/``QAttention`` on x ``[batch, seq, hidden]`` with weight ``[hidden, Q+K+V]``: the
+    Q/K/V projections ``batch·seq·hidden·(Q+K+V)``, then per head ``QKᵀ`` and ``softmax·V``, ``batch·seq²·(Q+V)``
+    (Q, K, V widths from ``qkv_hidden_sizes``, else a third of the weight each). Past state is not modelled."""
+    if x is None or weight is None or len(x) != 3 or len(weight) != 2:
+        return 0, 0, "unknown shapes"
+    sizes = node.attributes.get("qkv_hidden_sizes")
+    q, _, v = (int(s) for s in sizes.value) if sizes is not None else (weight[1] // 3,) * 3
+    batch, seq, hidden = x
+    return batch * seq * hidden * weight[1] + batch * seq * seq * (q + v), 0, None
 
 
 def _weight_values(model: ir.Model) -> set[int]:

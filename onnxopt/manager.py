@@ -33,7 +33,7 @@ from onnxopt import graph as graph_io
 from onnxopt import metrics as metrics_mod
 from onnxopt.errors import CalibrationError, UsageError
 from onnxopt.executor import Executor, make_executor
-from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip
+from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip, budget_figures
 from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
 from onnxopt.validate import Budget, Reference, ValidationReport, metric_baseline, validate, validate_many
 
@@ -226,6 +226,7 @@ class PassManager:
         self.min_eval_samples = min_eval_samples
         self.executor = make_executor(executor)
         self.passes = [registry.make_pass(p) if isinstance(p, str) else p for p in passes]
+        _check_order(self.passes)
         if simplify and self.passes and not any(p.name == "simplify" for p in self.passes):
             last_allows = self.passes[-1].simplify_after
             self.passes = [registry.make_pass("simplify"), *self.passes]
@@ -262,7 +263,9 @@ class PassManager:
             else:
                 original_path = Path(model)
                 model = graph_io.load(original_path)
-            judge = reference if reference is not None else original_path  # what the checks compare with
+            # what the checks compare with: one Reference for the metric's baseline, every budget check and the
+            # validation, so the original runs once per evaluation batch in the whole run (its outputs cached)
+            judge = reference if reference is not None else Reference(original_path)
             runtime.check_runs(original_path)  # an op onnxruntime lacks is bad input (exit 2), not a pass failure
             if hasattr(self.executor, "connect"):
                 self.executor.connect()  # an unreachable cluster fails now, not after the first passes
@@ -587,6 +590,17 @@ class PassManager:
         return own
 
 
+def _check_order(passes: Sequence[OptPass]) -> None:
+    """Refuse a pass listed after one that hides from it what it rewrites (a pass's ``hides_from`` names: ``fuse``
+    turns MatMul+Add chains into fused ops that ``prune``/``svd``/``split`` cannot read)."""
+    for index, pass_ in enumerate(passes):
+        later = [p.name for p in passes[index + 1 :] if p.name in getattr(pass_, "hides_from", ())]
+        if later:
+            names = ", ".join(f"'{n}'" for n in dict.fromkeys(later))
+            raise UsageError(f"pass {names} cannot run after '{pass_.name}' (its fused ops hide what it rewrites): "
+                             f"put '{pass_.name}' after it")  # fmt: skip
+
+
 def _stage(
     record: PassRecord, pass_: OptPass, model: ir.Model, passed: list[ValidationReport], previous_bytes: int
 ) -> StageRecord:
@@ -704,7 +718,7 @@ class _BudgetGuard:
         if report.ok:
             return None
         graph_io.adopt(model, backup)
-        reason = f"result outside the budget: {_figures(report)}"
+        reason = f"result outside the budget: {budget_figures(report)}"
         logger.info("budget guard: input restored: %s", reason)
         return reason
 
@@ -718,12 +732,3 @@ def _fingerprint(model: ir.Model) -> str | None:
     except Exception as e:  # an exotic tensor type: costs one more budget check, never a wrong answer
         logger.debug("no fingerprint: %s", e)
         return None
-
-
-def _figures(report: ValidationReport) -> str:
-    """The failed check's figures: the first failures, and the worst cosine when they do not name it."""
-    text = "; ".join(report.failures[:2]) or "fails"
-    cosines = [d.cosine for d in report.outputs.values()]
-    if cosines and "cosine" not in text:
-        text += f"; worst cosine {min(cosines):.5f}"
-    return text

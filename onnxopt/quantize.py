@@ -205,6 +205,9 @@ def quantize_dynamic(
         ort_quantize_dynamic(
             str(src), str(dst), per_channel=per_channel, weight_type=weight, nodes_to_exclude=list(exclude) or None,
             use_external_data_format=_external(src),
+            # onnx's shape inference leaves the outputs of com.microsoft ops (`fuse`'s Attention, SkipLayerNorm...)
+            # untyped; the quantizer refuses a MatMul reading one without a default type ("Unable to find data type")
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )  # fmt: skip
     return Path(dst)
 

@@ -30,6 +30,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "share": "onnxopt.passes.share:WeightSharePass",
     "compact": "onnxopt.passes.compact:CompactPass",
     "distill": "onnxopt.passes.distill:DistillPass",
+    "fuse": "onnxopt.passes.fuse:FusePass",
 }
 
 
