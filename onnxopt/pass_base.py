@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from onnxopt.data import DataSource
     from onnxopt.validate import Budget, ValidationReport
 
-__all__ = ["Change", "Skip", "OptResult", "PassConfig", "PassContext", "OptPass"]
+__all__ = ["Change", "Skip", "OptResult", "PassConfig", "PassContext", "OptPass", "budget_figures"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,3 +139,13 @@ class OptPass(ir.passes.InPlacePass):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+def budget_figures(report: ValidationReport) -> str:
+    """A failed budget check in one line: its first failures, and the worst cosine when they do not name it (the
+    reason a pass backs off, or the pass manager reverts one)."""
+    text = "; ".join(report.failures[:2]) or "fails"
+    cosines = [d.cosine for d in report.outputs.values()]
+    if cosines and "cosine" not in text:
+        text += f"; worst cosine {min(cosines):.5f}"
+    return text
