@@ -281,104 +281,38 @@ def seek(
     """
     from onnxopt import graph as graph_io
     from onnxopt.executor import make_executor
-    from onnxopt.manager import PassManager
     from onnxopt.validate import Reference
 
     if data is None:
         raise UsageError("--target needs calibration data: give --data (every pipeline it tries is lossy)")
     start = time.perf_counter()
-    original_path = Path(model)
-    original = graph_io.load(original_path)
     if pipelines is None:
-        candidates, skipped = ladder(original, target)
+        candidates, skipped = ladder(graph_io.load(model), target)
     else:
         candidates = [
             tuple(s if isinstance(s, Step) else Step(s.strip()) for s in (p.split(",") if isinstance(p, str) else p))
             for p in pipelines
         ]
         skipped = []
-    user = {name: dict(values) for name, values in (options or {}).items()}
-    reference = Reference(original_path)  # the original's outputs, computed once for every run
-    executor = make_executor(executor)
-    feeds = None
-    stages: dict[tuple[Step, ...], _Stage] = {}
-    points: list[Point] = []
-    base = None  # the original's cost, at the data's shapes (the first run's "before")
-    chosen: Point | None = None
+    manager_args = {
+        "data": data, "eval_data": eval_data, "budget": budget, "batch_size": batch_size, "input_shapes": input_shapes,
+        "seed": seed, "progress": progress, "metric": metric, "metric_output": metric_output, "holdout": holdout,
+        "min_eval_samples": min_eval_samples, "executor": make_executor(executor),
+    }  # fmt: skip
+    search = _Search(Path(model), target, manager_args, options or {}, simplify, rounds, remeasure, on_point)
+    search.reference = Reference(Path(model))  # the original's outputs, computed once for every run
     with tempfile.TemporaryDirectory(prefix="onnxopt-goal-") as tmp:
-        for candidate in candidates:
-            for length in range(1, len(candidate) + 1):
-                prefix = candidate[:length]
-                if prefix in stages:
-                    continue
-                parent = stages.get(prefix[:-1]) if length > 1 else None
-                if length > 1 and (parent is None or parent.model is None):
-                    what = "failed" if parent is None or parent.point.note.startswith("failed") else "misses the budget"
-                    skipped.append(f"{_pipeline(candidate)}: {_pipeline(prefix[:-1])} {what}")
-                    break
-                step = prefix[-1]
-                passes = _passes(step, user, simplify)
-                manager = PassManager(
-                    passes, data=data, eval_data=eval_data, budget=budget, batch_size=batch_size,
-                    input_shapes=input_shapes, seed=seed, progress=progress, simplify=False, metric=metric,
-                    metric_output=metric_output, holdout=holdout, min_eval_samples=min_eval_samples, executor=executor,
-                )  # fmt: skip
-                t0 = time.perf_counter()
-                point = Point(_pipeline(prefix))
-                start_model = graph_io.clone(parent.model) if parent is not None else graph_io.load(original_path)
-                try:
-                    report = manager.run(start_model, original=reference)
-                except Exception as e:
-                    if not stages and not points:
-                        raise  # the first run: bad data, a metric that cannot be computed... (exit 2 / 3)
-                    point.note = f"failed: {first_line(e)}"
-                    point.seconds = time.perf_counter() - t0
-                    logger.info("goal %s: %s", point.pipeline, point.note)
-                    stages[prefix] = _Stage(None, [], [], point)
-                    points.append(point)
-                    if on_point is not None:
-                        on_point(point)
-                    break
-                if base is None and parent is None:
-                    base = report.before
-                chain = [*(parent.chain if parent is not None else []), report]
-                used = [*(parent.passes if parent is not None else []), *passes]
-                if feeds is None:
-                    feeds = _timing_feeds(original, eval_data, data, batch_size, input_shapes, seed)
-                if any(r.modified for r in report.passes):
-                    path = graph_io.save(report.model, Path(tmp) / f"point{len(points)}.onnx")
-                    point.latency_us, point.original_latency_us = _time(
-                        original_path, path, feeds.feeds, rounds, remeasure
-                    )
-                else:  # nothing changed: the model of its prefix (or the original), whose figures it takes
-                    point.same_as = (parent.point.same_as or parent.point.pipeline) if parent else "original"
-                    point.note = f"the same model as {point.same_as} ({step.name} changed nothing)"
-                    if parent is not None:
-                        point.latency_us = parent.point.latency_us
-                        point.original_latency_us = parent.point.original_latency_us
-                _fill(point, report, base, target)
-                point.seconds = time.perf_counter() - t0
-                stages[prefix] = _Stage(report.model if point.ok else None, chain, used, point)
-                if not point.ok:
-                    point.note = point.note or _failure(report)
-                points.append(point)
-                logger.info("goal %s: %s", point.pipeline, point.to_json())
-                if on_point is not None:
-                    on_point(point)
-                if point.reached:
-                    chosen = point
-                    break
-                if not point.ok:
-                    break
-            if chosen is not None:
-                break
+        search.tmp = Path(tmp)
+        chosen = search.run(candidates, skipped)
+    points = search.points
     reached = chosen is not None
     if chosen is None:
         chosen = _best(points, target)
     pareto_front(points, target)
-    stage = next((s for s in stages.values() if s.point is chosen), None) if chosen is not None else None
-    report = _combined(stage.chain, base) if stage is not None and stage.chain else None
-    reason = _reason(target, points, chosen, reached, stages, skipped)
+    stage = next((s for s in search.stages.values() if s.point is chosen), None) if chosen is not None else None
+    report = _combined(stage.chain, search.base) if stage is not None and stage.chain else None
+    reason = _reason(target, points, chosen, reached, search.stages, skipped)
+    feeds = search.feeds
     return GoalResult(
         target, points, chosen, reached, reason, report, list(stage.passes) if stage is not None else [],
         feeds.shapes if feeds else {}, feeds.source if feeds else "", skipped, time.perf_counter() - start,
@@ -400,6 +334,96 @@ def pareto_front(points: Sequence[Point], target: Target) -> list[Point]:
 
 
 # --- internals ------------------------------------------------------------------------------------------------
+
+
+class _Search:
+    """The walk over the candidates: one PassManager run per new prefix, each point measured as it comes."""
+
+    def __init__(self, original: Path, target: Target, manager_args: dict, options, simplify, rounds, remeasure,
+                 on_point) -> None:  # fmt: skip
+        self.original = original
+        self.target = target
+        self.manager_args = manager_args
+        self.options = {name: dict(values) for name, values in options.items()}
+        self.simplify = simplify
+        self.rounds, self.remeasure = rounds, remeasure
+        self.on_point = on_point
+        self.reference = None  # a Reference of the original, shared by every run
+        self.tmp: Path | None = None
+        self.feeds = None  # the timing feeds (runtime.TimingFeeds), from the first run's data
+        self.base = None  # the original's cost at the data's shapes: the first run's "before"
+        self.stages: dict[tuple[Step, ...], _Stage] = {}
+        self.points: list[Point] = []
+
+    def run(self, candidates: Sequence[tuple[Step, ...]], skipped: list[str]) -> Point | None:
+        """Walk ``candidates`` in order; returns the first point that reaches the target (``None``: none did).
+        A candidate whose prefix failed or missed the budget is not continued (``skipped`` says so)."""
+        for candidate in candidates:
+            for length in range(1, len(candidate) + 1):
+                prefix = candidate[:length]
+                if prefix in self.stages:
+                    continue
+                parent = self.stages.get(prefix[:-1]) if length > 1 else None
+                if length > 1 and (parent is None or parent.model is None):
+                    failed = parent is None or parent.point.note.startswith("failed")
+                    skipped.append(f"{_pipeline(candidate)}: {_pipeline(prefix[:-1])} "
+                                   f"{'failed' if failed else 'misses the budget'}")  # fmt: skip
+                    break
+                point = self._step(prefix, parent)
+                self.points.append(point)
+                logger.info("goal %s: %s", point.pipeline, point.to_json())
+                if self.on_point is not None:
+                    self.on_point(point)
+                if point.reached:
+                    return point
+                if not point.ok:
+                    break
+        return None
+
+    def _step(self, prefix: tuple[Step, ...], parent: _Stage | None) -> Point:
+        """Run the last step of ``prefix`` on its parent's model (the original's for the first), judged against the
+        original, then time and measure the result; records the stage."""
+        from onnxopt import graph as graph_io
+        from onnxopt.manager import PassManager
+
+        step, point = prefix[-1], Point(_pipeline(prefix))
+        passes = _passes(step, self.options, self.simplify)
+        manager = PassManager(passes, simplify=False, **self.manager_args)
+        t0 = time.perf_counter()
+        start = graph_io.clone(parent.model) if parent is not None else graph_io.load(self.original)
+        try:
+            report = manager.run(start, original=self.reference)
+        except Exception as e:
+            if not self.points:
+                raise  # the first run: bad data, a metric that cannot be computed... (exit 2 / 3)
+            point.note = f"failed: {first_line(e)}"
+            point.seconds = time.perf_counter() - t0
+            self.stages[prefix] = _Stage(None, [], [], point)
+            return point
+        if self.base is None and parent is None:
+            self.base = report.before
+        if self.feeds is None:
+            args = self.manager_args
+            self.feeds = _timing_feeds(graph_io.load(self.original), args["eval_data"], args["data"],
+                                       args["batch_size"], args["input_shapes"], args["seed"])  # fmt: skip
+        if any(r.modified for r in report.passes):
+            path = graph_io.save(report.model, self.tmp / f"point{len(self.points)}.onnx")
+            point.latency_us, point.original_latency_us = _time(
+                self.original, path, self.feeds.feeds, self.rounds, self.remeasure
+            )
+        else:  # nothing changed: the model of its prefix (or the original), whose figures it takes
+            point.same_as = (parent.point.same_as or parent.point.pipeline) if parent else "original"
+            point.note = f"the same model as {point.same_as} ({step.name} changed nothing)"
+            if parent is not None:
+                point.latency_us, point.original_latency_us = parent.point.latency_us, parent.point.original_latency_us
+        _fill(point, report, self.base, self.target)
+        if not point.ok:
+            point.note = point.note or _failure(report)
+        point.seconds = time.perf_counter() - t0
+        chain = [*(parent.chain if parent is not None else []), report]
+        used = [*(parent.passes if parent is not None else []), *passes]
+        self.stages[prefix] = _Stage(report.model if point.ok else None, chain, used, point)
+        return point
 
 
 @dataclasses.dataclass
