@@ -113,7 +113,8 @@ def test_reachable_target_is_reached_within_the_budget(reached, workdir):
     assert report["validation"]["ok"] and report["validation"]["budget"] == {"min_cosine": 0.999}
     # the report's before is the original (not the start of the chosen pipeline's last run), its passes the chain
     assert report["model"]["before"]["macs"] == (32 * HIDDEN + HIDDEN * 8)
-    assert report["model"]["after"]["macs"] / report["model"]["before"]["macs"] == pytest.approx(last["macs_ratio"], abs=1e-4)
+    macs = report["model"]["after"]["macs"] / report["model"]["before"]["macs"]
+    assert macs == pytest.approx(last["macs_ratio"], abs=1e-4)
     steps = [s.split("(")[0] for s in found["chosen"].split(",")]
     assert [p["name"] for p in report["passes"] if p["name"] != "simplify"] == steps
     assert [n for n in report["recipe"]["passes"] if n != "simplify"] == steps  # --config on it repeats the choice
@@ -280,3 +281,31 @@ def test_manager_judges_against_the_given_original(workdir):
                              budget=Budget(min_cosine=-1.0)).run(graph.load(start), original=original)  # fmt: skip
         assert report.validation.ok
         assert report.validation.outputs["y"].cosine == pytest.approx(expected, abs=1e-5)
+
+
+def test_size_target_is_judged_by_the_file_size(workdir, tmp_path, capsys):
+    """size=0.5: the first rung (quant for size: int8 or 4-bit weights) already holds a quarter of the bytes or less,
+    so the search stops there; the choice depends on sizes only, never on timing."""
+    d, model = workdir
+    code, out, err = _run(capsys, "run", model, "--target", "size=0.5", "--data", d / "calib.npz", "--eval",
+                          d / "eval.npz", "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json",
+                          "--quant-rounds", "3")  # fmt: skip
+    assert code == 0, out + err
+    found = json.loads((tmp_path / "r.json").read_text())["goal"]
+    assert [p["pipeline"] for p in found["points"]] == ["quant(objective=size)"] and found["reached"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    ratio = report["model"]["after"]["bytes"] / report["model"]["before"]["bytes"]
+    assert ratio <= 0.5 and found["points"][0]["size_ratio"] == pytest.approx(ratio, abs=1e-4)
+    assert (tmp_path / "o.onnx").stat().st_size <= 0.5 * (d / "mlp.onnx").stat().st_size
+    assert _worst_cosine(model, tmp_path / "o.onnx", np.load(d / "eval.npz")["x"]) >= 0.999
+
+
+def test_no_pipeline_within_the_budget_writes_nothing(workdir):
+    """A fixed prune ratio that breaks the budget (no search): no point holds it, so there is no model to write."""
+    d, model = workdir
+    result = goal.seek(model, Target("latency", 0.5), data=str(d / "calib.npz"), eval_data=str(d / "eval.npz"),
+                       pipelines=["prune"], options={"prune": {"ratio": 0.999, "align": 1}}, rounds=3)  # fmt: skip
+    [point] = result.points
+    assert not point.ok and not point.reached and point.cosine < 0.999 and "misses the budget" in point.note
+    assert result.chosen is None and result.report is None and result.model is None and not result.reached
+    assert "no pipeline holds the budget" in result.reason and result.to_json()["chosen"] is None
