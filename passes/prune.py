@@ -34,6 +34,12 @@ on the pruned model's own calibration activations against the original's outputs
 ``min_channels`` channels and, with ``ratio`` and at least 2·``align`` channels, a multiple of ``align`` (8 by
 default): onnxruntime's fast convolution kernels want multiples of 8; odd counts made a pruned MobileNet-style
 model 1.9x slower here despite 20% fewer MACs).
+
+Before handing the result on (:mod:`onnxopt.passes._prune_guard`): a result the search did not check itself (the
+weakest setting it falls back to when nothing stronger passes: dead or constant channels only) is checked against
+the budget, and when it misses, the pass backs off to no change; and with ``latency_guard``, the pruned model is
+timed against its input (as ``quant`` times its recipes) and the input kept when the pruned model is slower by more
+than ``latency_margin``. Either reason is the first skipped site; the timing is in ``details["prune_latency"]``.
 """
 
 from __future__ import annotations
@@ -46,9 +52,11 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
+from onnxopt import graph as graph_io
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
 from onnxopt.passes._channel_groups import Analysis, analyze
 from onnxopt.passes._prune_apply import apply_removal
+from onnxopt.passes._prune_guard import budget_miss, slower
 from onnxopt.passes._prune_scores import Scored, score_units
 from onnxopt.passes._reconstruct import downstream, reconstruct
 from onnxopt.passes._transformer_groups import HANDLERS
@@ -61,6 +69,12 @@ logger = logging.getLogger(__name__)
 CRITERIA = ("dead", "apoz", "outlier", "constant", "ratio")
 SCORES = ("contribution", "apoz", "mean")
 _DEFAULT_THRESHOLD = {"apoz": 0.9, "constant": 1e-3}
+# the lower ends of the searches, which the search itself never checks
+_WEAKEST = {
+    ("ratio", 0.0): "ratio 0: dead channels only",
+    ("apoz", 1.0): "apoz 1: channels zero on every sample",
+    ("constant", 0.0): "constant 0: channels constant on every sample",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +95,12 @@ class PruneConfig(PassConfig):
         metadata={"help": "re-fit every linear layer downstream to the original's outputs (least squares)"},
     )
     steps: int = dataclasses.field(default=7, metadata={"help": "validations in the search"})
+    latency_guard: bool = dataclasses.field(
+        default=True, metadata={"help": "time the pruned model against its input; keep the input if it is slower"}
+    )
+    latency_margin: float = dataclasses.field(
+        default=0.05, metadata={"help": "relative slow-down of the pruned model that counts as slower"}
+    )
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -89,6 +109,8 @@ class PruneConfig(PassConfig):
             raise ValueError(f"prune score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.ratio > 1 or self.max_ratio > 1 or self.min_channels < 1 or self.align < 1 or self.steps < 1:
             raise ValueError("prune: ratio and max_ratio must be <= 1; min_channels, align and steps >= 1")
+        if not 0 <= self.latency_margin < 1:
+            raise ValueError(f"prune latency_margin must be in [0, 1), got {self.latency_margin}")
 
 
 class ChannelPrunePass(OptPass):
@@ -120,18 +142,39 @@ class ChannelPrunePass(OptPass):
         if stats is None:
             raise ir.passes.PreconditionError("pass 'prune' needs activation statistics: give calibration data")
         scored = score_units(analysis, stats)
+        self._held = None  # the settings whose candidates held the budget, once a search runs (_bisect)
         setting, per_group = self._choose_setting(model, scored)
         self._speculated = {}
         chosen = _select(analysis, scored, config, setting, per_group)
         if not chosen:
             return OptResult(model, modified=False, skipped=skipped)
-        original = model.clone() if config.refit else model
+        original = model.clone()  # the input (sharing its weights): refit's target, and what a guard restores
         refitted = self._apply(original, model, analysis, chosen, stats)
         changes = _describe(analysis, chosen, setting, per_group, config)
         if refitted:
             layers = f"{len(refitted)} layer{'s' * (len(refitted) != 1)}"
             changes.append(Change(layers, "re-fitted to the original outputs (least squares)"))
-        return OptResult(model, modified=True, changes=changes, skipped=skipped)
+        why, details = self._guard(original, model, setting, per_group)
+        if why is not None:
+            logger.info("prune: %s", why)
+            graph_io.adopt(model, original)
+            return OptResult(model, modified=False, skipped=[Skip("model", why), *skipped], details=details)
+        return OptResult(model, modified=True, changes=changes, skipped=skipped, details=details)
+
+    def _guard(self, original: ir.Model, model: ir.Model, setting: float, per_group: dict[int, float]):
+        """Why to keep the input ``original`` rather than the pruned ``model`` (or ``None``), and the report's
+        details: a result the search did not check is checked, a pruned model slower than its input is dropped."""
+        config: PruneConfig = self.config
+        check = self.context.check if self.context is not None else None
+        if check is not None and self._held is not None and _key(setting, per_group) not in self._held:
+            miss = budget_miss(model, check)
+            if miss is not None:
+                what = _WEAKEST.get((config.criterion, setting), f"{config.criterion} {setting:.4g}")
+                return f"backed off: its weakest setting ({what}) misses the budget: {miss}", {}
+        if not config.latency_guard or self.context is None:
+            return None, {}
+        why, figures = slower(self.context, original, model, margin=config.latency_margin, rounds=15)
+        return (None if why is None else f"reverted: {why}"), {"prune_latency": figures}
 
     # --- search --------------------------------------------------------------------------------------
     def _choose_setting(self, model: ir.Model, scored: dict) -> tuple[float, dict[int, float]]:
@@ -176,6 +219,7 @@ class ChannelPrunePass(OptPass):
 
     def _bisect(self, model, lo: float, hi: float, stronger_is_higher: bool, make, check, steps: int = 0) -> float:
         best = lo if stronger_is_higher else hi
+        self._held = set() if self._held is None else self._held
         steps = steps or self.config.steps
         for step in range(steps):
             mid = (lo + hi) / 2
@@ -188,6 +232,7 @@ class ChannelPrunePass(OptPass):
                 hi = mid
             if ok:
                 best = mid
+                self._held.add(_key(*make(mid)))
         return best
 
     def _speculate(self, model: ir.Model, lo: float, hi: float, make, steps_left: int) -> None:
@@ -254,6 +299,11 @@ class ChannelPrunePass(OptPass):
     def _analyze(model: ir.Model) -> Analysis:
         ShapeInferencePass(strict_mode=False)(model)
         return analyze(model, HANDLERS)
+
+
+def _key(setting: float, per_group: dict[int, float]) -> tuple:
+    """A search setting as a set member (the setting and the per-group ratios)."""
+    return setting, tuple(sorted(per_group.items()))
 
 
 # --- scoring and selection ---------------------------------------------------------------------------
