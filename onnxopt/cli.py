@@ -52,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="optimize a model with a list of passes and validate the result",
-        usage="onnxopt run MODEL (--passes P1,P2,... | --target KIND=RATIO) -o OUT [--data DATA] [--eval DATA] "
-        "[options]",
+        usage="onnxopt run MODEL --passes P1,P2,... -o OUT [--data DATA] [--eval DATA] [options]",
         description=_RUN_DESCRIPTION,
         formatter_class=_HelpFormatter,
     )
@@ -273,6 +272,7 @@ _RUN_DESCRIPTION = """\
 Optimize MODEL with the passes named, validate the result against MODEL and write it to OUT.
 
   onnxopt run model.onnx --passes prune,quant --data calib.npz --eval eval.npz -o out.onnx
+  onnxopt run model.onnx --target latency=0.5 --data calib.npz --eval eval.npz -o out.onnx  (passes chosen)
 
 Lossy passes (prune, split, svd, quant, share) search the strongest setting within the error budget: by
 default 0.5 pp of accuracy when the data has labels, else a per-sample cosine of 0.999; runs of exact passes
