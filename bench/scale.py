@@ -1,97 +1,310 @@
-"""Calibration throughput on one process vs Ray with 1 and 2 workers, and an Amdahl projection to more workers.
+"""Calibration, validation and a budget search: one process vs Ray with 1 and 2 workers, and an Amdahl projection.
 
-    python bench/scale.py [--model ../shared/models/cifar10/cifar10_resnet20_akamaster_bn.onnx]
-                          [--samples 1024] [--batch 32] [--repeat 2]
+    python bench/scale.py [--shared ../shared] [--samples 512] [--batch 32] [--repeat 1]
+                          [--search-samples 128] [--mobilenet-samples 64] [--skip-mobilenet]
 
-The statistics are those the ``prune`` pass requests (collected by :func:`onnxopt.stats.collect_stats`), over
-seeded random inputs shaped like the model's (throughput does not depend on the values). A local Ray head is
-started on loopback with 2 CPUs; each configuration runs once to warm up (worker processes, sessions) and then
-``--repeat`` times; the best time counts. ``local`` is today's single-process loop (``--executor local``).
+Workloads (ResNet-20 on CIFAR-10 JPEGs from ``../shared/data/cifar10/test2000``, a subset spread over the classes,
+read lazily from the folder: on Ray each task reads its own images by path):
 
-The projection fits Amdahl's law ``S(n) = 1 / (s + (1 - s) / n)`` to the measured Ray speed-up ``S(2) = T1 / T2``
-(``s``: the serial fraction: reading and sharding batches, pickling reducer states, merging them in the driver)
-and scales the 1-worker throughput by ``S(n)``. Two points fit one parameter only; on a shared, loaded machine
-the figure is a rough guide, not a measurement of a cluster.
+- calibration: the statistics ``prune`` requests (:func:`onnxopt.stats.collect_stats`), samples/s;
+- validation: :func:`onnxopt.validate.validate` of a lightly perturbed copy against the original with labels
+  (accuracy, top1 with its bootstrap interval, cosine), both models run on every sample, samples/s;
+- search: ``PassManager(["prune"])`` with a ratio search within ``--max-accuracy-drop`` 1 pp (bisection, then per
+  layer group), calibration and evaluation folders, wall time of ``run()``; the chosen model must be the same on
+  every executor (the script asserts it). With 2 workers it also runs with 3 candidates scored at once
+  (speculative bisection: ``RayExecutor(max_candidates=3)``).
+
+A local Ray head is started on loopback with 2 CPUs; each configuration runs once to warm up (worker processes,
+sessions) and then ``--repeat`` times; the best time counts. ``local`` is the single-process loop (``--executor
+local``). The projection fits Amdahl's law ``S(n) = 1 / (s + (1 - s) / n)`` to the measured Ray speed-up
+``S(2) = T1 / T2`` (``s``: the serial fraction) and scales the 1-worker figure by ``S(n)``. Two points fit one
+parameter only; on a shared, loaded 2-core machine the figure is a rough guide, not a measurement of a cluster.
+
+Last, the serial fraction of a MobileNetV2 ``prune`` run (ImageNet val1300 images, ``--mobilenet-samples`` for
+evaluation, 32 calib200 images for calibration, local executor): the time inside the sharded work (budget
+checks' and the final validation's batch loops, the metric baseline, calibration statistics) against the rest
+of the run, which stays in the driver on any executor (graph surgery and shape inference of every candidate,
+channel scoring, serialising candidates, the metric's bootstrap, the budget guard). It is projected to 600
+evaluation images (the issue's 621 s run): the sharded part grows with the samples, the serial part does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT.parent / "shared/models/cifar10/cifar10_resnet20_akamaster_bn.onnx"
+sys.path.insert(0, str(ROOT))
+
+CIFAR = "none,mean=0.485/0.456/0.406,std=0.229/0.224/0.225"
+WORKERS = (1, 2)
+PROJECT = (1, 2, 8, 32, 128)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--samples", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=2)
-    args = parser.parse_args(argv)
+def subset(folder: Path, count: int, dst: Path, offset: int = 0) -> Path:
+    """``count`` images of ``folder`` spread evenly over it (every class), as symlinks with a ``labels.txt``."""
+    from onnxopt import images
 
+    files, labels = images.list_images(folder)
+    picks = np.linspace(offset, len(files) - 1, count).astype(int)
+    dst.mkdir(parents=True)
+    lines = []
+    for number, index in enumerate(picks):
+        name = f"{number:05d}{files[index].suffix}"
+        (dst / name).symlink_to(files[index].resolve())
+        lines.append(f"{name}, {labels[index]}" if labels is not None else "")
+    if labels is not None:  # a folder without labels (calibration images) stays without
+        (dst / "labels.txt").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+def perturbed(model, scale: float = 1e-3, seed: int = 0):
+    """A copy of ``model`` with relative noise on its weight matrices and kernels (not on BatchNorm's statistics, whose
+    variance must stay positive): a slightly lossy candidate."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(seed)
+    candidate = model.clone()
+    for value in candidate.graph.initializers.values():
+        array = value.const_value.numpy()
+        if array.dtype.kind == "f" and array.ndim >= 2:
+            noise = rng.standard_normal(array.shape).astype(array.dtype) * scale * float(np.abs(array).max() or 1)
+            value.const_value = ir.tensor(array + noise, name=value.name)
+    return candidate
+
+
+def best_of(fn, repeat: int) -> tuple[float, object]:
+    fn()  # warm-up: worker processes, sessions, the page cache
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), result
+
+
+def amdahl(t1: float, t2: float) -> float:
+    """The serial fraction ``s`` that Amdahl's law fits to a 1 -> 2 worker speed-up ``t1 / t2``."""
+    return min(1.0, max(0.0, 2 * t2 / t1 - 1))
+
+
+def table(name: str, unit: str, rows: dict[str, float], work: float | None) -> list[str]:
+    """Markdown lines: the measured rows, the fit and the projection (``work``: samples, for a rate)."""
+    out = [f"### {name}", "", f"| executor | seconds | {unit} |", "|---|---:|---:|"]
+    for label, seconds in rows.items():
+        rate = f"{work / seconds:.1f}" if work else "-"
+        out.append(f"| {label} | {seconds:.2f} | {rate} |")
+    t1, t2 = rows["ray, 1 worker"], rows["ray, 2 workers"]
+    s = amdahl(t1, t2)
+    out += ["", f"Ray at 1 worker: {t1 / rows['local']:.2f}x the local time; 1 -> 2 workers: {t1 / t2:.2f}x; "
+            f"Amdahl fit s = {s:.2f}", "", f"| workers | projected speed-up | projected seconds | projected {unit} |",
+            "|---:|---:|---:|---:|"]  # fmt: skip
+    for n in PROJECT:
+        speedup = 1 / (s + (1 - s) / n)
+        rate = f"{work / t1 * speedup:.1f}" if work else "-"
+        out.append(f"| {n} | {speedup:.2f} | {t1 / speedup:.2f} | {rate} |")
+    return out + [""]
+
+
+def scaling(args, shared: Path, tmp: Path) -> list[str]:
     import ray
 
-    from onnxopt import data, graph, registry, stats
+    from onnxopt import data, graph, images, registry, stats, validate
     from onnxopt.executor import RayExecutor
+    from onnxopt.manager import PassManager
 
-    model = graph.load(args.model)
-    spec = data.input_specs(model)[0]
-    shape = (args.samples, *[d or 1 for d in spec.shape[1:]])
-    x = np.random.default_rng(0).standard_normal(shape).astype(spec.dtype)
-    source = data.as_source({spec.name: x}, model, batch_size=args.batch)
+    model_path = shared / "models/cifar10/cifar10_resnet20_akamaster_bn.onnx"
+    folder = shared / "data/cifar10/test2000"
+    pre = images.parse_preprocess(CIFAR)
+    model = graph.load(model_path)
+    work = subset(folder, args.samples, tmp / "work")
+    calib = subset(folder, 64, tmp / "calib", offset=1)
+    held = subset(folder, args.search_samples, tmp / "eval", offset=2)
+    source = data.as_source(images.ImageFolder(work, pre, args.batch), model)
     request = registry.make_pass("prune").stats_request(model)
-    print(f"model {Path(args.model).name}, {args.samples} samples in batches of {args.batch}, "
-          f"{len(request.values)} values, {len(request.grams)} Gram matrices; os.cpu_count()={os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    candidate = perturbed(model)
+    budget = validate.Budget(max_accuracy_drop=1.0, min_cosine=0.99)
+    lines = [f"ResNet-20, {args.samples} CIFAR-10 JPEGs read lazily from a folder in batches of {args.batch}; "
+             f"{len(request.values)} statistics values; os.cpu_count()={os.cpu_count()}, load average at the start "
+             f"{os.getloadavg()[0]:.1f}", ""]  # fmt: skip
 
-    def best(executor) -> tuple[float, stats.StatsTable]:
-        stats.collect_stats(model, source, request, executor=executor)  # warm-up
-        times, table = [], None
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            table = stats.collect_stats(model, source, request, executor=executor)
-            times.append(time.perf_counter() - t0)
-        return min(times), table
+    def search(executor):
+        manager = PassManager(
+            [registry.make_pass("prune", steps=args.search_steps)],
+            data=images.ImageFolder(calib, pre, args.batch), eval_data=images.ImageFolder(held, pre, args.batch),
+            budget=validate.Budget(max_accuracy_drop=1.0), executor=executor, simplify=False,
+        )  # fmt: skip
+        checks = []
+        manager.progress = lambda e: checks.append(e) if e.kind == "trial" else None
+        report = manager.run(model_path)
+        shapes = {n: v.shape for n, v in report.model.graph.initializers.items()}
+        return shapes, [c.what for r in report.passes for c in r.changes], len(checks)
 
-    rows = {}
-    rows["local"], reference = best(None)
+    results: dict[str, dict[str, float]] = {"calibration": {}, "validation": {}, "search": {}}
+    outcome: dict[str, object] = {}
+
+    def measure(label: str, executor) -> None:
+        results["calibration"][label], table_ = best_of(
+            lambda: stats.collect_stats(model, source, request, executor=executor), args.repeat
+        )
+        results["validation"][label], report = best_of(
+            lambda: validate.validate(model_path, candidate, source, budget, executor=executor), args.repeat
+        )
+        t0 = time.perf_counter()
+        chosen = search(executor)
+        results["search"][label] = time.perf_counter() - t0
+        outcome[label] = (table_, report, chosen)
+        print(f"{label}: calibration {results['calibration'][label]:.1f} s, validation "
+              f"{results['validation'][label]:.1f} s, search {results['search'][label]:.1f} s "
+              f"({chosen[2]} checks)", flush=True)  # fmt: skip
+
+    measure("local", None)
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     start_s = time.perf_counter() - t0
     try:
-        for workers in (1, 2):
-            rows[f"ray, {workers} worker{'s' * (workers > 1)}"], table = best(RayExecutor(num_workers=workers))
-            worst = max(
-                float(np.max(np.abs(table.channels[n].mean - reference.channels[n].mean)))
-                / max(float(np.max(np.abs(reference.channels[n].mean))), 1e-30)
-                for n in reference.channels
-            )
-            assert worst < 1e-6, f"Ray statistics differ from local: {worst:.2g} relative"
+        for workers in WORKERS:
+            measure(f"ray, {workers} worker{'s' * (workers > 1)}", RayExecutor(num_workers=workers))
+        t0 = time.perf_counter()
+        chosen = search(RayExecutor(num_workers=2, max_candidates=3))
+        speculative = time.perf_counter() - t0
     finally:
         ray.shutdown()
+    want_table, want_report, want_chosen = outcome["local"]
+    for label, (got_table, got_report, got_chosen) in outcome.items():
+        worst = max(
+            float(np.max(np.abs(got_table.channels[n].mean - want_table.channels[n].mean)))
+            / max(float(np.max(np.abs(want_table.channels[n].mean))), 1e-30)
+            for n in want_table.channels
+        )
+        assert worst < 1e-6, f"{label}: statistics differ from local by {worst:.2g} relative"
+        assert got_report.to_json() == want_report.to_json(), f"{label}: the validation report differs from local"
+        assert got_chosen[:2] == want_chosen[:2], f"{label}: the search chose differently"
+    assert chosen[:2] == want_chosen[:2], "3 candidates at once: the search chose differently"
+    worst_cosine = min(d.cosine for d in want_report.outputs.values())
+    lines += [f"Ray head start-up: {start_s:.1f} s (not counted). Every Ray result equals the local one (statistics "
+              "within 1e-6 relative, the validation report's JSON identical, the same pruned model).", "",
+              f"Validation: {want_report.samples} samples, accuracy {want_report.accuracy['before']:.2f} -> "
+              f"{want_report.accuracy['after']:.2f} %, worst cosine {worst_cosine:.6f}.",
+              f"Search: prune ratio search (steps {args.search_steps}) on 64 calibration and {args.search_samples} "
+              f"evaluation images, {want_chosen[2]} budget checks; chose: {'; '.join(want_chosen[1]) or 'nothing'}.",
+              ""]  # fmt: skip
+    lines += table("Calibration statistics", "samples/s", results["calibration"], args.samples)
+    lines += table("Validation (original + candidate on every sample)", "samples/s", results["validation"],
+                   args.samples)  # fmt: skip
+    lines += table("Budget search (prune, wall time of the run)", "runs/h", results["search"], None)
+    lines += [
+        f"Search on 2 workers with 3 candidates scored at once (speculative bisection): {speculative:.2f} s "
+        f"({results['search']['ray, 2 workers'] / speculative:.2f}x the 2-worker run with one at a time).",
+        "",
+    ]
+    return lines
 
-    print(f"Ray head start-up: {start_s:.1f} s (not counted below)")
-    print("| executor | seconds | samples/s |")
-    print("|---|---|---|")
-    for name, seconds in rows.items():
-        print(f"| {name} | {seconds:.2f} | {args.samples / seconds:.0f} |")
-    t1, t2 = rows["ray, 1 worker"], rows["ray, 2 workers"]
-    speedup = t1 / t2
-    serial = min(1.0, max(0.0, 2 / speedup - 1))
-    print(f"Ray overhead at 1 worker: {t1 / rows['local']:.2f}x the local time; speed-up 1->2 workers {speedup:.2f}x")
-    print(f"Amdahl fit: serial fraction s = {serial:.2f}")
-    print("| workers | projected speed-up | projected samples/s |")
-    print("|---|---|---|")
-    for n in (1, 2, 8, 32, 128):
-        s_n = 1 / (serial + (1 - serial) / n)
-        print(f"| {n} | {s_n:.2f} | {args.samples / t1 * s_n:.0f} |")
+
+class Timer:
+    """Seconds spent inside wrapped functions (outermost calls only)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.depth = 0
+
+    def wrap(self, owner, name: str, label: str, patches: contextlib.ExitStack) -> None:
+        real = getattr(owner, name)
+
+        def timed(*a, **k):
+            outer = self.depth == 0
+            self.depth += 1
+            t0 = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                self.depth -= 1
+                if outer:
+                    self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+        patches.callback(setattr, owner, name, real)
+
+
+def mobilenet(args, shared: Path, tmp: Path) -> list[str]:
+    from onnxopt import images, manager, registry, validate
+    from onnxopt.passes import prune as prune_mod
+
+    model_path = shared / "models/imagenet/mobilenet_v2_torchvision.onnx"
+    pre = images.parse_preprocess("imagenet")
+    calib = subset(shared / "data/imagenet/calib200", 32, tmp / "mcalib")
+    held = subset(shared / "data/imagenet/val1300", args.mobilenet_samples, tmp / "meval")
+    timer = Timer()
+    driver = Timer()  # the driver's share inside validation: the metric and its bootstrap, judging
+    with contextlib.ExitStack() as patches:
+        timer.wrap(manager, "validate", "validation", patches)
+        timer.wrap(manager, "metric_baseline", "validation", patches)
+        timer.wrap(manager, "collect_stats", "statistics", patches)
+        driver.wrap(validate, "_measure", "driver", patches)
+        surgery = Timer()
+        surgery.wrap(prune_mod.ChannelPrunePass, "_candidate", "surgery", patches)
+        run = manager.PassManager(
+            [registry.make_pass("prune")], data=images.ImageFolder(calib, pre),
+            eval_data=images.ImageFolder(held, pre), budget=validate.Budget(max_accuracy_drop=1.0), simplify=False,
+        )  # fmt: skip
+        checks = []
+        run.progress = lambda e: checks.append(e) if e.kind == "trial" else None
+        t0 = time.perf_counter()
+        report = run.run(model_path)
+        total = time.perf_counter() - t0
+    validation = timer.seconds.get("validation", 0.0) - driver.seconds.get("driver", 0.0)
+    statistics = timer.seconds.get("statistics", 0.0)
+    sharded = validation + statistics
+    serial = total - sharded
+    per_sample = validation / args.mobilenet_samples
+    projected = serial / (serial + statistics + per_sample * 600)
+    return [
+        "### Serial fraction of a MobileNetV2 `prune` run (local executor, instrumented)", "",
+        f"`prune` (ratio search, default steps) on MobileNetV2 with 32 calib200 images for calibration and "
+        f"{args.mobilenet_samples} val1300 images for evaluation, `--max-accuracy-drop 1`: {total:.1f} s, "
+        f"{len(checks)} budget checks; chose {'; '.join(c.what for r in report.passes for c in r.changes)[:300]}.", "",
+        "| part | seconds | share |", "|---|---:|---:|",
+        f"| sharded: the budget checks' and the final validation's batch loops | {validation:.1f} | "
+        f"{validation / total:.2f} |",
+        f"| sharded: calibration statistics | {statistics:.1f} | {statistics / total:.2f} |",
+        f"| serial: graph surgery of the candidates (clone, select, remove, shape inference) | "
+        f"{surgery.seconds.get('surgery', 0.0):.1f} | {surgery.seconds.get('surgery', 0.0) / total:.2f} |",
+        f"| serial: the metric and its bootstrap in the driver | {driver.seconds.get('driver', 0.0):.1f} | "
+        f"{driver.seconds.get('driver', 0.0) / total:.2f} |",
+        f"| serial in all | {serial:.1f} | {serial / total:.2f} |", "",
+        f"Serial fraction of this run {serial / total:.2f}. Projected to 600 evaluation images (the checks grow "
+        f"with the samples, {per_sample:.3f} s per image here over all checks; statistics and the serial part do "
+        f"not): serial fraction {projected:.3f}, so at most {1 / projected:.0f}x from any number of workers.", "",
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--search-samples", type=int, default=128)
+    parser.add_argument("--search-steps", type=int, default=4)
+    parser.add_argument("--mobilenet-samples", type=int, default=64)
+    parser.add_argument("--skip-mobilenet", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true")
+    args = parser.parse_args(argv)
+    shared = Path(args.shared)
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="onnxopt-scale-") as tmp:
+        if not args.skip_scaling:
+            lines += scaling(args, shared, Path(tmp))
+        if not args.skip_mobilenet:
+            lines += mobilenet(args, shared, Path(tmp))
+    print("\n".join(lines))
     return 0
 
 
