@@ -20,12 +20,22 @@ come from the run's ``--report``.
 
 A run that exceeds ``--timeout`` seconds is killed and reported as such; ``--profile DIR`` runs every child
 under cProfile and prints its ten most expensive functions (cumulative) to see where the time goes.
+
+Search cost (``--search resnet20,mobilenet_v2``, no ``--mnist`` needed): one ``onnxopt run --passes prune`` on a
+real pair of bench/_real_tasks.py (its calibration split, its budget split as ``--eval``, cut to ``--search-eval``
+samples, its metric and budget), once with early-stopped budget checks off (``ONNXOPT_EARLY_STOP=off``) and once
+as shipped (on); optionally also with the onnxopt of another source tree (``--before-tree DIR``: a checkout whose
+``onnxopt/`` package holds ``passes/`` too). Per run: wall time, peak RSS, the prune pass's seconds, its budget
+checks (candidates, stopped early, samples scored of those a full check scores, check seconds, the estimated
+time saved) and a digest of the written model (the same digest: the same model). Written to
+``bench/results/own_cost_search.md`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import pstats
@@ -48,12 +58,15 @@ TIME = Path("/usr/bin/time")
 
 
 def measure(model: Path, data: Path, evaluation: Path | None, budget: list[str], work: Path, timeout: float,
-            profile: Path | None = None) -> dict:  # fmt: skip
-    """Run ``onnxopt run`` in a child process; wall seconds, the child's peak RSS and its JSON report."""
+            profile: Path | None = None, passes: str = PASSES, env: dict | None = None) -> dict:  # fmt: skip
+    """Run ``onnxopt run`` in a child process; wall seconds, the child's peak RSS and its JSON report.
+
+    ``env``: variables set for the child (``ONNXOPT_EARLY_STOP``, ``PYTHONPATH``)."""
     out, report = work / f"{model.stem}.opt.onnx", work / f"{model.stem}.report.json"
     report.unlink(missing_ok=True)
+    out.unlink(missing_ok=True)
     prefix = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
-    command = [*prefix, "-m", "onnxopt", "run", str(model), "--passes", PASSES, "--data", str(data),
+    command = [*prefix, "-m", "onnxopt", "run", str(model), "--passes", passes, "--data", str(data),
                "-o", str(out), "--report", str(report), *budget]  # fmt: skip
     if evaluation is not None:
         command += ["--eval", str(evaluation)]
@@ -63,8 +76,9 @@ def measure(model: Path, data: Path, evaluation: Path | None, budget: list[str],
         command = [str(TIME), "-f", "%M", "-o", str(rss_file), *command]
     start = time.perf_counter()
     child = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
     status, usage = None, None
     while status is None:
         pid, status_code, usage = os.wait4(child.pid, os.WNOHANG)
@@ -85,8 +99,70 @@ def measure(model: Path, data: Path, evaluation: Path | None, budget: list[str],
         "error": stderr.strip().splitlines()[-1][:100] if status not in (0,) and stderr.strip() else "",
         "report": json.loads(report.read_text()) if report.exists() else None,
         "command": shlex.join(["onnxopt", *command[command.index("onnxopt") + 1 :]]),
+        "model_sha256": hashlib.sha256(out.read_bytes()).hexdigest()[:12] if out.exists() else None,
     }
     return result
+
+
+SEARCH_HEADER = [
+    "| pair | onnxopt | eval samples | wall s | peak RSS MB | prune s (stats s) | budget checks | stopped early "
+    "(exact / statistical) | samples scored / full | check s | est. saved s | MACs after | output sha256 |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def search_cost(names: list[str], args, work: Path) -> list[str]:
+    """The prune search of each real pair, early stop off / on (/ another tree): one table row per run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _real_tasks import LOADERS, Skip  # the pairs' data and budgets, as bench/real.py reads them
+
+    rows, commands = [], []
+    for name in names:
+        try:
+            task = LOADERS[name](Path(args.shared), Path(args.cache), False)
+        except Skip as e:
+            rows.append(f"| {name} | skipped: {e} |" + " |" * 11)
+            continue
+        if task.metric != "top1":
+            raise SystemExit(f"--search {name}: only top1 pairs are wired here (got {task.metric})")
+        count = min(args.search_eval or len(task.budget_data["labels"]), len(task.budget_data["labels"]))
+        calib, evaluation = work / f"{name}.calib.npz", work / f"{name}.eval.npz"
+        np.savez(calib, **task.calib)
+        np.savez(evaluation, **{k: v[:count] for k, v in task.budget_data.items()})
+        budget = ["--metric", "top1", "--max-metric-drop", f"{task.budget:g}"]
+        variants = [("early stop off", {"ONNXOPT_EARLY_STOP": "off"}), ("early stop on (default)", {})]
+        if args.before_tree:
+            variants.append((f"before ({args.before_tree})", {"PYTHONPATH": args.before_tree}))
+        for label, env in variants:
+            print(f"{name}: {label} ...", file=sys.stderr, flush=True)
+            result = measure(task.model, calib, evaluation, budget, work, args.timeout, passes="prune", env=env)
+            print(f"  {result['seconds']:.1f} s, status {result['status']} {result['error']}", file=sys.stderr)
+            prefix = " ".join(f"{k}={v}" for k, v in env.items())
+            commands.append(f"- {name}, {label}: `{prefix + ' ' if prefix else ''}{result['command']}`")
+            rows.append(_search_row(name, label, count, result))
+    return rows + ["", "Commands (the .npz files: the pair's calibration split and its budget split):", "", *commands]
+
+
+def _search_row(name: str, label: str, count: int, result: dict) -> str:
+    report = result["report"]
+    if report is None:
+        status = "timeout" if result["status"] == "timeout" else f"failed: {result['error']}"
+        return (
+            f"| {name} | {label} | {count} | {result['seconds']:.1f} | {result['peak_mb']:.0f} | {status} |" + " |" * 7
+        )
+    prune = next(p for p in report["passes"] if p["name"] == "prune")
+    search = prune.get("details", {}).get("search")
+    macs = report["model"]["after"]["macs"] / max(report["model"]["before"]["macs"], 1)
+    cells = [name, label, str(count), f"{result['seconds']:.1f}", f"{result['peak_mb']:.0f}",
+             f"{prune['seconds']:.1f} ({prune.get('stats_seconds', 0):.1f})"]  # fmt: skip
+    if search:
+        cells += [str(search["candidates"]), f"{search['stopped_early']} ({search['stopped_exact']} / "
+                  f"{search['stopped_statistical']})", f"{search['samples_scored']} / {search['samples_if_full']}",
+                  f"{search['check_seconds']:.1f}", f"{search['seconds_saved_estimate']:.1f}"]  # fmt: skip
+    else:
+        cells += ["(not reported)"] * 5
+    cells += [f"{macs:.3f}", result["model_sha256"] or ""]
+    return "| " + " | ".join(cells) + " |"
 
 
 def _row(label: str, samples: int, result: dict) -> str:
@@ -117,9 +193,13 @@ def _print_profile(path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mnist", required=True, help="directory with the four MNIST IDX .gz files")
+    parser.add_argument("--mnist", help="directory with the four MNIST IDX .gz files")
     parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "own_cost.md"))
+    parser.add_argument("--out", help="default bench/results/own_cost.md (own_cost_search.md with --search)")
+    parser.add_argument("--search", help="comma-separated real pairs (resnet20, mobilenet_v2...): the search cost")
+    parser.add_argument("--search-eval", type=int, default=0, help="--search: evaluation samples (0: all)")
+    parser.add_argument("--before-tree", help="--search: also run the onnxopt of this source tree (PYTHONPATH)")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "onnxopt-bench"), help="bench/real.py's cache")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is killed")
     parser.add_argument("--min-cosine", type=float, default=0.99, help="budget of the random-weight models")
     parser.add_argument("--skip", default="", help="comma-separated: tiny_mlp,mnist_cnn,resnet20,resnet50,calib")
@@ -129,6 +209,27 @@ def main(argv=None) -> int:
     load_average = os.getloadavg()[0]
     skip = set(args.skip.split(","))
     work = Path(tempfile.mkdtemp(prefix="onnxopt-own-cost-"))
+    invocation = shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.search:
+        rows = search_cost([n for n in args.search.split(",") if n], args, work)
+        lines = [
+            f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores "
+            f"(1-minute load average {load_average:.1f} before the runs): `python bench/own_cost.py {invocation}`",
+            "",
+            "`onnxopt run --passes prune` on real pairs (bench/_real_tasks.py: calibration split, budget split as "
+            "--eval, top-1 budget), budget checks with early stop off (`ONNXOPT_EARLY_STOP=off`) and on (the "
+            "default). 'samples scored / full': evaluation samples the search's candidates were scored on, and what "
+            "full checks would score; 'est. saved s': each stopped check's scoring time extrapolated to the samples it "
+            "skipped (onnxopt's own estimate, in the report's details.search). The same sha256: the same model.",
+            "",
+            *SEARCH_HEADER,
+            *rows,
+        ]
+        emit("\n".join(lines), args.out or str(ROOT / "bench" / "results" / "own_cost_search.md"))
+        return 0
+    if not args.mnist:
+        parser.error("--mnist is required (unless --search)")
+    args.out = args.out or str(ROOT / "bench" / "results" / "own_cost.md")
     profile_dir = Path(args.profile) if args.profile else None
     train_x, train_y, test_x, test_y = load(args.mnist)
     accuracy_budget = ["--max-accuracy-drop", "0.5"]
@@ -191,7 +292,6 @@ def main(argv=None) -> int:
         "| MACs / size after | result |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    invocation = shlex.join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"Measured {datetime.date.today()} on {os.cpu_count()} CPU cores (1-minute load average "
         f"{load_average:.1f} before the runs; other jobs on the machine make wall times upper bounds): "
