@@ -224,7 +224,7 @@ class RayExecutor:
         self.max_retries = max_retries
         self.max_candidates = max_candidates
         self._started = False
-        self._models: collections.OrderedDict[str, Any] = collections.OrderedDict()  # payload key -> object ref
+        self._models: collections.OrderedDict[str, tuple[str, Any]] = collections.OrderedDict()  # -> (key, ref)
 
     @property
     def parallel(self) -> int:
@@ -330,15 +330,21 @@ class RayExecutor:
         return [[job_results[i] for i in range(shards)] for job_results in results]
 
     def _put(self, ray, model: ModelLike) -> tuple[str, Any]:
-        """The model's payload in the object store, once: a model put before (same bytes) is not put again."""
+        """The model's payload in the object store, once: a model put before (the same bytes, or the same file
+        unchanged: the original of every budget check) is neither read nor put again."""
+        stamp = _file_stamp(model)
+        if stamp is not None and stamp in self._models:
+            key, ref = self._models.pop(stamp)
+            self._models[stamp] = (key, ref)
+            return key, ref
         payload = _model_payload(model)
         key = hashlib.sha256(b"".join(name.encode() + payload[name] for name in sorted(payload))).hexdigest()
-        ref = self._models.pop(key, None)
+        _, ref = self._models.pop(key, (key, None))
         if ref is None:
             ref = ray.put(payload)
             while len(self._models) >= _MODELS_KEPT:
                 self._models.popitem(last=False)  # the least recently used
-        self._models[key] = ref
+        self._models[stamp or key] = (key, ref)
         return key, ref
 
     def _collect(self, ray, pending, results, done, source, progress) -> None:
@@ -397,6 +403,15 @@ def _probe(address: str) -> None:
         raise ExecutorError(
             f"--executor ray:{address}: unreachable ({e.strerror or type(e).__name__}); is a Ray head running there?"
         ) from e
+
+
+def _file_stamp(model: ModelLike) -> str | None:
+    """A model file's identity while unchanged (path, size, modification time); ``None`` for an in-memory model."""
+    if isinstance(model, ir.Model):
+        return None
+    path = Path(model).resolve()
+    stat = path.stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _model_payload(model: ir.Model | str | os.PathLike) -> dict[str, bytes]:
@@ -470,7 +485,7 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-_MODELS_KEPT = 8  # model payloads a driver keeps in the object store (the original and recent candidates)
+_MODELS_KEPT = 4  # model payloads a driver keeps in the object store (the original and recent candidates)
 # per worker process: the sessions opened from payloads already seen, newest last
 _SESSIONS: dict[tuple[str, bool], tuple[Session, Path]] = {}
 _SESSION_CACHE = 4

@@ -573,3 +573,30 @@ def test_ray_reads_a_folder_of_npz_feeds_in_its_tasks(ray_head, tmp_path, monkey
     _assert_tables_equal(stats.collect_stats(model, source, REQUEST, executor=executor), want_stats)
     _assert_reports_equal(validate.validate(model, candidate, source, budget, executor=executor), want)
     assert loader.reads == 0  # the driver read no feed: each task read its own files
+
+
+@pytest.mark.slow  # a Ray head takes ~15 s to start on a loaded 2-core machine
+def test_ray_reads_a_folder_of_images_in_its_tasks(ray_head, tmp_path, monkeypatch):
+    pil = pytest.importorskip("PIL.Image")
+    from onnxopt import images
+
+    rng = np.random.default_rng(4)
+    for label in ("cat", "dog"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for index in range(7):
+            pixels = rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)
+            pil.fromarray(pixels).save(tmp_path / "imgs" / label / f"{index}.png")
+    model = ir.from_proto(builders.conv_net(seed=2, with_bn=False))
+    source = data.as_source(images.ImageFolder(tmp_path / "imgs", images.parse_preprocess("none"), 3), model)
+    assert source.batch_sizes == [3, 3, 3, 3, 2] and source.reader is not None
+    candidate = _perturbed(model, 0.01)
+    budget = validate.Budget(max_accuracy_drop=50.0, min_cosine=0.9)
+    want_stats = stats.collect_stats(model, source, REQUEST)
+    want = validate.validate(model, candidate, source, budget)
+    reads = []
+    real = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda *a, **k: reads.append(1) or real(*a, **k))
+    executor = RayExecutor(batches_per_task=2)
+    _assert_tables_equal(stats.collect_stats(model, source, REQUEST, executor=executor), want_stats)
+    _assert_reports_equal(validate.validate(model, candidate, source, budget, executor=executor), want)
+    assert not reads and want.samples == 14 and want.accuracy is not None  # the workers decoded every image
