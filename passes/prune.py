@@ -36,10 +36,13 @@ default): onnxruntime's fast convolution kernels want multiples of 8; odd counts
 model 1.9x slower here despite 20% fewer MACs).
 
 Before handing the result on (:mod:`onnxopt.passes._prune_guard`): a result the search did not check itself (the
-weakest setting it falls back to when nothing stronger passes: dead or constant channels only) is checked against
-the budget, and when it misses, the pass backs off to no change; and with ``latency_guard``, the pruned model is
-timed against its input (as ``quant`` times its recipes) and the input kept when the pruned model is slower by more
-than ``latency_margin``. Either reason is the first skipped site; the timing is in ``details["prune_latency"]``.
+weakest setting it falls back to when nothing stronger passes: dead or constant channels only, the lower end the
+bisection never tries) is checked against the budget — for ``ratio`` before the per-group phase, which would
+otherwise spend its checks raising groups from a setting that misses — and when it misses, the pass backs off to no
+change; and with ``latency_guard``, the pruned model is timed against its input (as ``quant`` times its recipes) and
+the input kept when the pruned model is clearly slower (by more than ``latency_margin`` in the median, and in its
+fastest round than the input's median). Either reason is the first skipped site; the timing is in
+``details["prune_latency"]``.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt import graph as graph_io
-from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
+from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip, budget_figures
 from onnxopt.passes._channel_groups import Analysis, analyze
 from onnxopt.passes._prune_apply import apply_removal
 from onnxopt.passes._prune_guard import budget_miss, slower
@@ -143,6 +146,7 @@ class ChannelPrunePass(OptPass):
             raise ir.passes.PreconditionError("pass 'prune' needs activation statistics: give calibration data")
         scored = score_units(analysis, stats)
         self._held = None  # the settings whose candidates held the budget, once a search runs (_bisect)
+        self._missed: dict[tuple, str] = {}  # settings checked and missed (_weakest_holds): the figures
         setting, per_group = self._choose_setting(model, scored)
         self._speculated = {}
         chosen = _select(analysis, scored, config, setting, per_group)
@@ -167,7 +171,7 @@ class ChannelPrunePass(OptPass):
         config: PruneConfig = self.config
         check = self.context.check if self.context is not None else None
         if check is not None and self._held is not None and _key(setting, per_group) not in self._held:
-            miss = budget_miss(model, check)
+            miss = self._missed.get(_key(setting, per_group)) or budget_miss(model, check)
             if miss is not None:
                 what = _WEAKEST.get((config.criterion, setting), f"{config.criterion} {setting:.4g}")
                 return f"backed off: its weakest setting ({what}) misses the budget: {miss}", {}
@@ -201,8 +205,8 @@ class ChannelPrunePass(OptPass):
         per_group_steps = max(3, config.steps // 2) if config.criterion == "ratio" else 0
         self.expect_trials(config.steps + per_group_steps * len(groups))  # at most; a progress estimate
         best = self._bisect(model, lo, hi, stronger_is_higher, lambda v: (v, {}), check)
-        if config.criterion != "ratio":
-            return best, {}
+        if config.criterion != "ratio" or (best == lo and not self._weakest_holds(model, lo, check)):
+            return best, {}  # phase 2 raises groups from a setting that holds: none does, even dead channels only
         # Phase 2 (greedy by layer): layers differ in redundancy; raise each group's ratio alone, largest first.
         per_group: dict[int, float] = {}
         sizes: dict[int, int] = {}
@@ -262,6 +266,18 @@ class ChannelPrunePass(OptPass):
         key = (setting, tuple(sorted(per_group.items())))
         candidate = self._speculated.pop(key) if key in self._speculated else self._candidate(model, setting, per_group)
         return True if candidate is None else check(candidate).ok
+
+    def _weakest_holds(self, model: ir.Model, setting: float, check) -> bool:
+        """Check the lower end of the search, which the bisection never tries (remembered for :meth:`_guard`)."""
+        candidate = self._candidate(model, setting, {})
+        if candidate is None:
+            return True  # it removes nothing
+        report = check(candidate)
+        if report.ok:
+            self._held.add(_key(setting, {}))
+        else:
+            self._missed[_key(setting, {})] = budget_figures(report)
+        return report.ok
 
     def _candidate(self, model: ir.Model, setting: float, per_group: dict[int, float]) -> ir.Model | None:
         """``model`` pruned at ``setting`` (and ``per_group`` ratios); ``None`` when that removes nothing."""

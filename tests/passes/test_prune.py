@@ -353,3 +353,124 @@ def test_bad_config_values():
         PruneConfig(criterion="random")
     with pytest.raises(ValueError, match="score"):
         PruneConfig(score="magic")
+
+
+def _dead_on_calibration_only(tmp_path):
+    """builders.mlp with hidden neuron 3 = Relu(3·x0) and a heavy weight into y: dead on calibration data whose x0
+    is never positive, alive (and important) on evaluation data. Returns the model path, calibration and eval."""
+    proto = builders.mlp(sizes=(8, 16, 4), seed=3)
+    inits = {i.name: i for i in proto.graph.initializer}
+    w1, b1, w2 = (numpy_helper.to_array(inits[n]).copy() for n in ("w1", "b1", "w2"))
+    w1[3], b1[3], w2[:, 3] = 0.0, 0.0, 2.0
+    w1[3, 0] = 3.0
+    for name, array in (("w1", w1), ("b1", b1), ("w2", w2)):
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+    rng = np.random.default_rng(11)
+    calib = rng.standard_normal((64, 8)).astype(np.float32)
+    calib[:, 0] = -np.abs(calib[:, 0])  # neuron 3 never fires here
+    evaluation = rng.standard_normal((64, 8)).astype(np.float32)
+    return builders.save(proto, tmp_path / "m.onnx"), {"x": calib}, {"x": evaluation}
+
+
+def test_search_backs_off_when_even_dead_channels_break_the_budget(tmp_path):
+    path, calib, evaluation = _dead_on_calibration_only(tmp_path)
+    proto = onnx.load(path)
+    h1 = builders.run(builders.expose(proto, ["h1"]), calib)["h1"]
+    assert (h1[:, 3] == 0).all() and (h1 != 0).any(axis=0).sum() == 15  # only neuron 3 is dead on calibration
+    report = PassManager(
+        [ChannelPrunePass(PruneConfig(align=1))], data=calib, eval_data=evaluation, budget=Budget(min_cosine=0.999),
+        simplify=False,
+    ).run(path)  # fmt: skip
+    record = report.passes[0]
+    assert not record.modified and record.changes == [] and record.reverted is None  # prune itself backed off
+    reason = record.skipped[0].reason
+    assert record.skipped[0].site == "model"
+    assert reason.startswith("backed off: its weakest setting (ratio 0: dead channels only) misses the budget: ")
+    assert "cosine" in reason
+    assert report.ok and report.validation.outputs["y"].max_abs == 0  # the input, unchanged
+    # judged on data where the neuron is dead too, the same weakest setting holds and is kept (exactly)
+    held = PassManager(
+        [ChannelPrunePass(PruneConfig(align=1, max_ratio=0.0, latency_guard=False))], data=calib, eval_data=calib,
+        budget=Budget(min_cosine=0.999), simplify=False,
+    ).run(path)  # fmt: skip
+    assert held.ok and held.passes[0].modified and held.validation.outputs["y"].max_abs < 1e-5
+    assert [c.what.split(" (")[0] for c in held.passes[0].changes] == ["16 -> 15 channels"]
+
+
+def _stub_timing(monkeypatch, input_us, pruned_us, spread=0.02):
+    from onnxopt import latency
+
+    calls = []
+
+    def compare(paths, feeds, **kwargs):
+        calls.append((paths, {k: v.shape for k, v in feeds.items()}, kwargs))
+        return [(us, us * (1 - spread), us * (1 + spread)) for us in (input_us, pruned_us)], False
+
+    monkeypatch.setattr(latency, "compare", compare)
+    return calls
+
+
+@pytest.mark.parametrize("pruned_us", [130.0, 103.0, 70.0])
+def test_latency_guard_keeps_the_input_only_when_the_pruned_model_is_clearly_slower(pruned_us, tmp_path, monkeypatch):
+    proto = builders.mlp(sizes=(8, 64, 4), seed=5)
+    path = builders.save(proto, tmp_path / "m.onnx")
+    calls = _stub_timing(monkeypatch, 100.0, pruned_us)
+    feeds = _feeds(proto, n=48)
+    report = PassManager(
+        [ChannelPrunePass(PruneConfig(ratio=0.25, align=1))], data=feeds, budget=Budget(min_cosine=0.9),
+        simplify=False, batch_size=16,
+    ).run(path)  # fmt: skip
+    record = report.passes[0]
+    assert len(calls) == 1 and calls[0][1] == {"x": (16, 8)} and calls[0][2]["purpose"] == "prune latency guard"
+    assert not any(Path(p).exists() for p in calls[0][0])  # timed from a temporary folder, removed since
+    assert record.details["prune_latency"]["input_us"] == 100.0
+    assert record.details["prune_latency"]["pruned_us"] == pruned_us
+    if pruned_us == 130.0:  # 30% slower, every round: the input stands
+        assert not record.modified and record.changes == []
+        assert record.skipped[0].reason.startswith("reverted: the pruned model is slower than its input: median 130 us")
+        assert report.validation.outputs["y"].max_abs == 0
+    else:  # within the margin (3%) or faster: the smaller model stands
+        assert record.modified and record.changes[0].what.startswith("64 -> 48 channels")
+        assert report.after.params < report.before.params
+
+
+def test_latency_guard_can_be_turned_off_and_needs_a_run_context(tmp_path, monkeypatch):
+    calls = _stub_timing(monkeypatch, 100.0, 500.0)
+    proto = builders.mlp(sizes=(8, 64, 4), seed=5)
+    path = builders.save(proto, tmp_path / "m.onnx")
+    report = PassManager(
+        [ChannelPrunePass(PruneConfig(ratio=0.25, align=1, latency_guard=False))], data=_feeds(proto, n=48),
+        budget=Budget(min_cosine=0.9), simplify=False,
+    ).run(path)  # fmt: skip
+    assert report.passes[0].modified and "prune_latency" not in report.passes[0].details
+    result, _ = _prune(proto, PruneConfig(ratio=0.25, align=1))  # called on its own: nothing to time it on
+    assert result.modified and calls == []
+    with pytest.raises(ValueError, match="latency_margin"):
+        PruneConfig(latency_margin=1.5)
+
+
+@pytest.mark.shared
+def test_ocr_direction_classifier_prune_backs_off_instead_of_failing_the_run(shared_dir, tmp_path, capsys):
+    """The PP-OCR classifier calibrated on its one reference image: 9 channels never fire on it, yet matter on 12
+    photographs; before, prune removed them unchecked at ratio 0 and the run failed (cosine 0.59, exit 1)."""
+    pytest.importorskip("PIL")
+    import json
+
+    from onnxopt import cli
+
+    model = shared_dir / "models" / "ocr" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = cli.main([
+        "run", str(model), "--passes", "prune", "--data", str(model).replace(".onnx", ".ref.npz"),
+        "--eval", str(shared_dir / "data" / "images"),
+        "--preprocess", "none,size=48x192,mean=0.5/0.5/0.5,std=0.5/0.5/0.5",
+        "--allow-small-eval", "-q", "-o", str(out), "--report", str(report_path),
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0 and out.exists(), captured.out + captured.err
+    report = json.loads(report_path.read_text())
+    prune = next(p for p in report["passes"] if p["name"] == "prune")
+    assert prune["modified"] is False and "reverted" not in prune
+    assert prune["skipped"][0]["reason"].startswith("backed off: its weakest setting (ratio 0: dead channels only)")
+    assert report["validation"]["ok"] and report["validation"]["samples"] == 12
+    assert all(o["cosine"] >= 0.999 for o in report["validation"]["outputs"].values())
