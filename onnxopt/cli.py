@@ -678,7 +678,7 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
-_GOAL_PASSES = ("simplify", "prune", "quant", "svd", "distill", "share")  # what onnxopt.goal's ladder runs
+_GOAL_PASSES = ("simplify", "prune", "quant", "svd", "distill", "share", "fuse")  # what onnxopt.goal's ladder runs
 
 
 def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, held_out: Any) -> int:

@@ -9,8 +9,10 @@
 The search walks a ladder of pipelines from cheap to strong (:func:`ladder`), built from what the model has and
 what is installed:
 
-- latency: ``quant``; for MatMul/Gemm-heavy models (at least half of the MACs) ``svd`` and ``svd,quant``; then
-  ``prune`` (with ``--prune-refit``), ``prune,quant``, and with torch ``prune,distill`` and ``prune,distill,quant``;
+- latency: ``quant``; for transformer encoders ``fuse`` and ``fuse,quant`` (onnxruntime's fused attention); for
+  MatMul/Gemm-heavy models (at least half of the MACs) ``svd`` and ``svd,quant``; then ``prune`` (with
+  ``--prune-refit``), ``prune,quant``, ``prune,fuse,quant`` (encoders), and with torch ``prune,distill`` and
+  ``prune,distill,quant``;
 - size: ``quant`` with ``objective=size`` (int8 kept even where it is not faster), ``share``; for MatMul/Gemm-heavy
   models ``svd,quant``; ``prune``, ``prune,quant``, ``prune,share``.
 
@@ -207,22 +209,34 @@ class GoalResult:
         }
 
 
-def ladder(model: ir.Model, target: Target, *, torch: bool | None = None) -> tuple[list[tuple[Step, ...]], list[str]]:
+def ladder(
+    model: ir.Model,
+    target: Target,
+    *,
+    torch: bool | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> tuple[list[tuple[Step, ...]], list[str]]:
     """The candidate pipelines for ``model``, cheap to strong, and the ones left out with why.
 
-    ``torch``: whether the ``distill`` pass can run (default: torch is importable).
+    ``torch``: whether the ``distill`` pass can run (default: torch is importable); ``input_shapes``: the shapes
+    the MACs are counted at (the data's: a symbolic sequence length leaves MatMul MACs uncounted).
     """
     if torch is None:
         torch = importlib.util.find_spec("torch") is not None
-    heavy = _matmul_share(model) >= MATMUL_HEAVY
-    prune = Step("prune", (("refit", True),))
+    heavy = _matmul_share(model, input_shapes) >= MATMUL_HEAVY
+    encoder = _has_attention(model)
+    prune, fuse = Step("prune", (("refit", True),)), Step("fuse")
     skipped = []
     if target.kind == "latency":
         quant = Step("quant")
         pipelines: list[tuple[Step, ...]] = [(quant,)]
+        if encoder:  # onnxruntime's fused attention, then int8 (QAttention); fuse goes after prune, never before
+            pipelines += [(fuse,), (fuse, quant)]
         if heavy:
             pipelines += [(Step("svd"),), (Step("svd"), quant)]
         pipelines += [(prune,), (prune, quant)]
+        if encoder:
+            pipelines.append((prune, fuse, quant))
         if torch:
             pipelines += [(prune, Step("distill")), (prune, Step("distill"), quant)]
         else:
@@ -286,8 +300,11 @@ def seek(
     if data is None:
         raise UsageError("--target needs calibration data: give --data (every pipeline it tries is lossy)")
     start = time.perf_counter()
+    original = graph_io.load(model)
+    # the first batch of the evaluation data (else the calibration data), as quant times its recipes
+    feeds = _timing_feeds(original, eval_data, data, batch_size, input_shapes, seed)
     if pipelines is None:
-        candidates, skipped = ladder(graph_io.load(model), target)
+        candidates, skipped = ladder(original, target, input_shapes=feeds.shapes)
     else:
         candidates = [
             tuple(s if isinstance(s, Step) else Step(s.strip()) for s in (p.split(",") if isinstance(p, str) else p))
@@ -301,6 +318,7 @@ def seek(
     }  # fmt: skip
     search = _Search(Path(model), target, manager_args, options or {}, simplify, rounds, remeasure, on_point)
     search.reference = Reference(Path(model))  # the original's outputs, computed once for every run
+    search.feeds = feeds
     with tempfile.TemporaryDirectory(prefix="onnxopt-goal-") as tmp:
         search.tmp = Path(tmp)
         chosen = search.run(candidates, skipped)
@@ -312,10 +330,9 @@ def seek(
     stage = next((s for s in search.stages.values() if s.point is chosen), None) if chosen is not None else None
     report = _combined(stage.chain, search.base) if stage is not None and stage.chain else None
     reason = _reason(target, points, chosen, reached, search.stages, skipped)
-    feeds = search.feeds
     return GoalResult(
         target, points, chosen, reached, reason, report, list(stage.passes) if stage is not None else [],
-        feeds.shapes if feeds else {}, feeds.source if feeds else "", skipped, time.perf_counter() - start,
+        feeds.shapes, feeds.source, skipped, time.perf_counter() - start,
     )  # fmt: skip
 
 
@@ -350,7 +367,7 @@ class _Search:
         self.on_point = on_point
         self.reference = None  # a Reference of the original, shared by every run
         self.tmp: Path | None = None
-        self.feeds = None  # the timing feeds (runtime.TimingFeeds), from the first run's data
+        self.feeds = None  # the timing feeds (runtime.TimingFeeds)
         self.base = None  # the original's cost at the data's shapes: the first run's "before"
         self.stages: dict[tuple[Step, ...], _Stage] = {}
         self.points: list[Point] = []
@@ -402,10 +419,6 @@ class _Search:
             return point
         if self.base is None and parent is None:
             self.base = report.before
-        if self.feeds is None:
-            args = self.manager_args
-            self.feeds = _timing_feeds(graph_io.load(self.original), args["eval_data"], args["data"],
-                                       args["batch_size"], args["input_shapes"], args["seed"])  # fmt: skip
         if any(r.modified for r in report.passes):
             path = graph_io.save(report.model, self.tmp / f"point{len(self.points)}.onnx")
             point.latency_us, point.original_latency_us = _time(
@@ -441,11 +454,22 @@ def _quality(point: Point) -> float | None:
     return point.cosine
 
 
-def _matmul_share(model: ir.Model) -> float:
+def _has_attention(model: ir.Model) -> bool:
+    """Whether the model has self-attention blocks ``fuse`` can fuse (a transformer encoder)."""
+    try:
+        from onnxopt.passes._fuse_graph import attention_blocks
+
+        return bool(attention_blocks(model))
+    except Exception:  # a graph the matcher cannot read: no fuse candidates
+        return False
+
+
+def _matmul_share(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> float:
+    """The share of the model's MACs in Gemm and MatMul nodes."""
     from onnxopt import cost
 
     try:
-        counted = cost.estimate(model)
+        counted = cost.estimate(model, input_shapes=dict(input_shapes or {}))
     except Exception:  # an uncountable model simply gets no svd candidates
         return 0.0
     total = sum(n.macs for n in counted.nodes)

@@ -230,6 +230,13 @@ def test_ladder_follows_the_model_and_what_is_installed():
         "quant(objective=size)", "share", "prune", "prune,quant(objective=size)", "prune,share"
     ]  # fmt: skip
     assert all(dict(s.options).get("refit") for p in with_torch for s in p if s.name == "prune")
+    encoder, _ = goal.ladder(_load_proto(builders.tiny_bert()), latency, torch=False)
+    names = [",".join(s.label for s in p) for p in encoder]
+    assert names[:3] == ["quant", "fuse", "fuse,quant"] and "prune,fuse,quant" in names
+    for pipeline in encoder:  # fuse hides MatMul chains from prune/svd/distill: never before them
+        steps = [s.name for s in pipeline]
+        if "fuse" in steps:
+            assert not {"prune", "svd", "distill"} & set(steps[steps.index("fuse") :])
 
 
 def _load_proto(proto):
