@@ -106,7 +106,9 @@ def _bounded(metric: metrics_mod.Metric | None) -> str | None:
 _BASELINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Reference -> {DataSource: (key, Baseline)}
 
 
-def baseline(reference, data, metric: metrics_mod.Metric | None, budget, stop_mode: str, auto_metric) -> Baseline | None:
+def baseline(
+    reference, data, metric: metrics_mod.Metric | None, budget, stop_mode: str, auto_metric
+) -> Baseline | None:
     """The original (``reference``, an :class:`onnxopt.validate.Reference`) on the whole of ``data``, computed once
     per reference and data source; its outputs come from the reference's cache where they fit.
 
@@ -314,7 +316,8 @@ class Stopper:
 
 
 class SearchCost:
-    """What the budget checks of one pass cost: candidates checked, how many stopped early, the time saved.
+    """What the budget checks of one pass cost: candidates checked, how many stopped early or were repeats of a
+    candidate checked before (not scored again), the time saved.
 
     ``seconds_saved`` is an estimate: each early-stopped check's scoring time, extrapolated at its own rate to
     the samples it did not score (session creation excluded, which stopping does not save).
@@ -323,11 +326,16 @@ class SearchCost:
     def __init__(self) -> None:
         self.take()
 
-    def record(self, report, seconds: float) -> None:
-        """Count one check (its report, and its wall time including the session's creation)."""
+    def record(self, report, seconds: float, repeated: bool = False) -> None:
+        """Count one check (its report, and its wall time including the session's creation); ``repeated``: the
+        report of an identical candidate checked before, not scored again."""
         self.candidates += 1
         self.seconds += seconds
         stop = report.early_stop
+        if repeated:
+            self.repeated += 1
+            self.full += report.samples if stop is None else stop.total
+            return
         if stop is None:
             self.samples += report.samples
             self.full += report.samples
@@ -347,11 +355,12 @@ class SearchCost:
                 "stopped_early": self.stopped["exact"] + self.stopped["statistical"],
                 "stopped_exact": self.stopped["exact"],
                 "stopped_statistical": self.stopped["statistical"],
+                "repeated": self.repeated,
                 "samples_scored": self.samples,
                 "samples_if_full": self.full,
                 "check_seconds": round(self.seconds, 3),
                 "seconds_saved_estimate": round(self.saved, 3),
             }
-        self.candidates, self.samples, self.full, self.seconds, self.saved = 0, 0, 0, 0.0, 0.0
+        self.candidates, self.repeated, self.samples, self.full, self.seconds, self.saved = 0, 0, 0, 0, 0.0, 0.0
         self.stopped = {"exact": 0, "statistical": 0}
         return tally

@@ -333,6 +333,8 @@ class PassManager:
         A check stops as soon as its failure is certain (``$ONNXOPT_EARLY_STOP``, :mod:`onnxopt.early_stop`:
         ``on`` by default, ``exact``, ``off``); a passing candidate is always scored on every sample. The checks'
         cost is tallied on ``check.cost`` (:class:`onnxopt.early_stop.SearchCost`), which the run takes per pass.
+        A candidate that computes what one checked before in the run (the same :mod:`onnxopt.fingerprint`) gets that
+        check's report without running again.
 
         With an ``executor`` (Ray) each check is sharded over its workers (no early stop there), and
         ``check.prefetch(candidates)`` scores several candidates at once: a later ``check`` of one of those very
@@ -343,12 +345,17 @@ class PassManager:
         stop_mode = early_stopping.mode()
         cost = early_stopping.SearchCost()
 
+        verdicts: dict[str, ValidationReport] = {}  # fingerprint of a candidate checked in this run -> its report
+
         def check(candidate: ir.Model) -> ValidationReport:
             start = time.perf_counter()
             if not reference:
                 reference.append(Reference(original_path))
+            key = _fingerprint(candidate)  # the same computation checked again (a search revisiting a setting)
             ready = prefetched.pop(id(candidate), None)
-            if ready is not None and ready[0] is candidate:
+            if key is not None and key in verdicts:
+                result = verdicts[key]
+            elif ready is not None and ready[0] is candidate:
                 result = ready[1]
             else:
                 result = validate(
@@ -357,7 +364,9 @@ class PassManager:
                 )  # fmt: skip
             if result.ok:
                 passed.append(result)
-            cost.record(result, time.perf_counter() - start)
+            cost.record(result, time.perf_counter() - start, repeated=key is not None and key in verdicts)
+            if key is not None:
+                verdicts[key] = result
             return result
 
         prefetched: dict[int, tuple[ir.Model, ValidationReport]] = {}  # id -> (the candidate, its report)
@@ -623,13 +632,14 @@ def _search_cost(record: PassRecord, check) -> None:
         return
     record.details["search"] = tally
     logger.info(
-        "pass %s: %d budget checks, %d stopped early (%d exact, %d statistical), %d of %d samples scored, "
-        "%.1f s checking, about %.1f s saved",
+        "pass %s: %d budget checks, %d stopped early (%d exact, %d statistical), %d repeats not run again, "
+        "%d of %d samples scored, %.1f s checking, about %.1f s saved",
         record.name,
         tally["candidates"],
         tally["stopped_early"],
         tally["stopped_exact"],
         tally["stopped_statistical"],
+        tally["repeated"],
         tally["samples_scored"],
         tally["samples_if_full"],
         tally["check_seconds"],

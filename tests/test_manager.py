@@ -183,7 +183,8 @@ def test_search_chooses_the_same_with_and_without_early_stop(tmp_path, monkeypat
     assert on.validation.to_json() == off.validation.to_json()  # the final validation never stops early
     search_off, search_on = prune_off.details["search"], prune_on.details["search"]
     assert search_off["candidates"] == search_on["candidates"] > 5
-    assert search_off["stopped_early"] == 0 and search_off["samples_scored"] == search_off["samples_if_full"]
+    assert search_off["stopped_early"] == 0 and search_off["repeated"] == search_on["repeated"]
+    assert search_off["samples_scored"] + 160 * search_off["repeated"] == search_off["samples_if_full"]
     assert search_on["stopped_early"] == search_on["stopped_exact"] > 0 and search_on["stopped_statistical"] == 0
     assert search_on["samples_scored"] < search_on["samples_if_full"] == 160 * search_on["candidates"]
     assert on.to_json()["passes"][1]["details"]["search"] == search_on  # in the --report JSON
@@ -319,3 +320,26 @@ def _scaled_first_weight(model, factor):
     value = next(iter(model.graph.initializers.values()))
     value.const_value = ir.tensor(value.const_value.numpy() * np.float32(factor), name=value.name)
     return model
+
+
+def test_checker_does_not_score_the_same_candidate_twice(tmp_path, monkeypatch):
+    from onnxopt import data as data_mod
+    from onnxopt import graph as graph_io
+
+    monkeypatch.setenv("ONNXOPT_EARLY_STOP", "off")
+    model_file = builders.save(builders.mlp(sizes=(8, 16, 4)), tmp_path / "m.onnx")
+    model = graph_io.load(model_file)
+    source = data_mod.as_source(_data(48), model, batch_size=16)
+    passed = []
+    check = PassManager._checker(model_file, source, Budget(min_cosine=0.99), passed)
+    first = check(model.clone())
+    again = check(model.clone())  # another object, the same computation
+    changed = model.clone()
+    w = changed.graph.initializers["w2"]
+    w.const_value = ir.tensor(w.const_value.numpy() * 0.5, name="w2")
+    other = check(changed)
+    assert first.ok and again is first and not other.ok and other.samples == 48
+    assert passed == [first, first]  # a repeat that passes still counts as a passing check of its pass
+    tally = check.cost.take()
+    assert tally["candidates"] == 3 and tally["repeated"] == 1
+    assert tally["samples_scored"] == 96 and tally["samples_if_full"] == 144
