@@ -107,8 +107,8 @@ class DataSource:
 
     A source that reads its batches from files (a folder of ``.npz`` feeds or of images) also has a ``reader``:
     ``reader(start, stop)`` yields batches ``start .. stop-1``, read from the files when iterated, and is
-    picklable, so a Ray task reads its own shard by path (:mod:`onnxopt.executor`); ``batch_sizes`` then lists
-    the samples of every batch.
+    picklable, so a Ray task reads its own shard by path (:mod:`onnxopt.executor`). ``batch_sizes`` lists the
+    samples of every batch when the source knows them up front (arrays and folders).
     """
 
     def __init__(
@@ -341,7 +341,8 @@ def _array_source(
             batch_labels = None if labels is None or pair_labels else np.asarray(labels[start:stop])
             yield Batch(feeds, batch_labels)
 
-    source = DataSource(batches, description, usable)
+    sizes = [min(step, usable - start) for start in range(0, usable, step)]
+    source = DataSource(batches, description, usable, batch_sizes=sizes)
     if labels is not None:
         source.labels = labels[: usable // 2] if pair_labels else labels[:usable]
     return source

@@ -123,9 +123,8 @@ class Executor(Protocol):
 
     name: str
 
-    @property
-    def parallel(self) -> int:
-        """How many independent candidates a search should score at once (1: one after the other)."""
+    def candidates_at_once(self, source: DataSource | None) -> int:
+        """How many independent candidates a search should score at once on ``source`` (1: one after the other)."""
         ...
 
     def map_batches(
@@ -150,7 +149,9 @@ class LocalExecutor:
     """Every batch in this process, through one session per model: a single shard, jobs one after the other."""
 
     name = "local"
-    parallel = 1
+
+    def candidates_at_once(self, source: DataSource | None) -> int:
+        return 1
 
     def map_batches(
         self,
@@ -199,8 +200,8 @@ class RayExecutor:
         batches_per_task: consecutive batches folded by one task (``None``: about two tasks per task in flight
             when the source knows its sample count, else 4).
         max_retries: how often a task whose worker died is run again before the run fails.
-        max_candidates: independent candidates a search scores at once (``None``: the tasks in flight, at most
-            :data:`MAX_CANDIDATES`); their shards' tasks share the in-flight bound.
+        max_candidates: independent candidates a search scores at once (``None``: as many as the task slots
+            leave room for, see :meth:`candidates_at_once`); their shards' tasks share the in-flight bound.
     """
 
     name = "ray"
@@ -226,18 +227,22 @@ class RayExecutor:
         self._started = False
         self._models: collections.OrderedDict[str, tuple[str, Any]] = collections.OrderedDict()  # -> (key, ref)
 
-    @property
-    def parallel(self) -> int:
+    def candidates_at_once(self, source: DataSource | None) -> int:
+        """How many independent candidates a search should score at once on ``source``: ``max_candidates`` when
+        given, else as many as keep every task slot busy with one batch each (``slots // batches``, at most
+        :data:`MAX_CANDIDATES`): one candidate's shards already fill the slots of a set of many batches, and
+        candidates scored ahead that the search then does not ask for are wasted work."""
         if self.max_candidates is not None:
             return max(1, self.max_candidates)
-        if self.max_in_flight or self.num_workers:
-            return max(1, min(MAX_CANDIDATES, self.max_in_flight or self.num_workers))
-        try:
-            import ray
-        except ImportError:
+        batches = None if source is None or source.batch_sizes is None else len(source.batch_sizes)
+        if not batches:
             return 1
-        cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
-        return max(1, min(MAX_CANDIDATES, cpus))
+        slots = self.max_in_flight or self.num_workers
+        if slots is None:
+            import ray
+
+            slots = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+        return max(1, min(MAX_CANDIDATES, slots // batches))
 
     def connect(self) -> Any:
         """Import Ray and join (or start) the cluster; returns the ``ray`` module.

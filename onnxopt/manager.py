@@ -288,8 +288,9 @@ class PassManager:
                 seed=self.seed,
                 original=original_path,
             )
-            if self.executor is not None and self.executor.parallel > 1:  # a search may score candidates at once
-                context.prefetch, context.parallel = getattr(context.check, "prefetch", None), self.executor.parallel
+            width = 1 if self.executor is None else self.executor.candidates_at_once(check_data)
+            if width > 1:  # a search may score candidates at once
+                context.prefetch, context.parallel = getattr(context.check, "prefetch", None), width
             cost_shapes, cost_shapes_from = self._cost_shapes(model, held_out or calib)
             before = cost.estimate(model, input_shapes=cost_shapes)
             records, stages, first_check = [], [StageRecord("original", before.bytes)], None

@@ -100,6 +100,16 @@ def test_local_executor_statistics_equal_the_default_loop():
     assert seen[-1] == 30
 
 
+def test_candidates_at_once_fill_the_task_slots_a_set_of_batches_leaves_free():
+    model, source = _model_and_source(samples=30, batch_size=4)  # 8 batches
+    assert source.batch_sizes == [4] * 7 + [2]
+    assert LocalExecutor().candidates_at_once(source) == 1
+    assert RayExecutor(num_workers=2).candidates_at_once(source) == 1  # one candidate's shards fill 2 slots
+    assert RayExecutor(num_workers=32).candidates_at_once(source) == 4
+    assert RayExecutor(num_workers=128).candidates_at_once(source) == 7  # at most a bisection tree of depth 3
+    assert RayExecutor(num_workers=2, max_candidates=3).candidates_at_once(source) == 3  # as asked
+
+
 def test_make_executor_parses_names_and_refuses_unknown_ones():
     assert make_executor(None) is None and make_executor("local") is None
     ray_default = make_executor("ray")
@@ -259,7 +269,6 @@ class _InProcessShards:
     fresh sessions and copied arguments, as Ray tasks would (the merging logic without a Ray head)."""
 
     name = "shards"
-    parallel = 3
 
     def __init__(self, size: int) -> None:
         self.size, self.jobs_run = size, 0
