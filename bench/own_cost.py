@@ -78,6 +78,7 @@ def measure(model: Path, data: Path, evaluation: Path | None, budget: list[str],
     child = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, **(env or {})},
+        cwd=work,  # not the checkout: `python -m` puts the working directory first on sys.path (--before-tree)
     )  # fmt: skip
     status, usage = None, None
     while status is None:
@@ -206,6 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", default="500,1000,2000,5000", help="mnist_cnn calibration sizes")
     parser.add_argument("--profile", help="directory: run each child under cProfile and print the top functions")
     args = parser.parse_args(argv)
+    args.shared = str(Path(args.shared).resolve())  # the children run in a scratch directory
     load_average = os.getloadavg()[0]
     skip = set(args.skip.split(","))
     work = Path(tempfile.mkdtemp(prefix="onnxopt-own-cost-"))
