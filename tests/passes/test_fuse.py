@@ -126,6 +126,16 @@ def test_the_fastest_fusion_that_beats_the_input_is_kept(monkeypatch):
     assert [s.site for s in record.skipped] == ["fusion all"]
 
 
+def test_a_fusion_outside_the_tolerance_is_dropped_with_its_error():
+    """Validation against the input: the fused kernels round differently (about 3e-7 here), over a 1e-9 tolerance."""
+    record, out = _fuse(_bert(), FuseConfig(force=True, tolerance=1e-9))
+    assert not record.modified
+    assert [s.site for s in record.skipped] == ["model", "fusion all", "fusion no-attention"]
+    assert record.skipped[0].reason == "no fusion validated"
+    assert "max abs error" in record.skipped[1].reason and "> 1e-09" in record.skipped[1].reason
+    assert _ops(out)["Attention"] == 0
+
+
 def test_a_cnn_is_refused_with_a_reason():
     proto = builders.conv_net(seed=0)
     x = np.random.default_rng(0).standard_normal((4, 3, 10, 10)).astype(np.float32)
