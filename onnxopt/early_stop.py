@@ -14,7 +14,8 @@ output magnitude, its element counts (:class:`Baseline`, computed once per data 
 Modes (``validate(..., early_stop=MODE)``, the environment variable ``ONNXOPT_EARLY_STOP`` for the searches of
 :class:`onnxopt.manager.PassManager`): ``"off"``; ``"exact"`` (bounds that cannot be wrong); ``"on"`` (the
 default: the exact bounds, and for a metric without one, ``spearman``, a statistical stop on a stratified
-quarter of the batches).
+quarter of the batches); ``"fast"`` (opt-in: the statistical stop for every bootstrapped metric, ``top1`` too, on
+top of the exact bounds; a search may then choose differently from full checks, rarely).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from onnxopt.errors import UsageError
 
 __all__ = ["MODES", "ENV", "mode", "Baseline", "baseline", "Stopped", "Stopper", "SearchCost"]
 
-MODES = ("off", "exact", "on")
+MODES = ("off", "exact", "on", "fast")
 ENV = "ONNXOPT_EARLY_STOP"
 STRIDE = 4  # the statistical subset: every 4th batch (a quarter, spread over the set as it is ordered)
 CONFIDENCE = 0.99  # the statistical stop: the subset's 99% interval of the drop must lie wholly beyond the budget
@@ -163,7 +164,8 @@ def needs_rows(metric: metrics_mod.Metric | None, stop_mode: str) -> bool:
     """Whether :class:`Baseline` must keep the metric's rows of the original (a bound or the statistical stop)."""
     if metric is None:
         return False
-    return _bounded(metric) is not None or (stop_mode == "on" and metric.bootstrap and not metric.reference_based)
+    statistical = stop_mode in ("on", "fast") and metric.bootstrap and not metric.reference_based
+    return _bounded(metric) is not None or statistical
 
 
 class Stopper:
@@ -172,7 +174,7 @@ class Stopper:
     Args:
         budget: the check's :class:`onnxopt.validate.Budget`.
         baseline: the original on the whole set.
-        stop_mode: ``"exact"`` or ``"on"``.
+        stop_mode: ``"exact"``, ``"on"`` or ``"fast"``.
     """
 
     def __init__(self, budget, baseline: Baseline, stop_mode: str) -> None:
@@ -181,8 +183,7 @@ class Stopper:
         self.metric = baseline.metric
         self.kind = _bounded(self.metric) if baseline.before is not None else None
         self.statistical = (
-            stop_mode == "on"
-            and self.kind is None
+            (stop_mode == "fast" or (stop_mode == "on" and self.kind is None))
             and self.metric is not None
             and self.metric.bootstrap
             and not self.metric.reference_based

@@ -384,3 +384,28 @@ def test_early_stop_spearman_is_statistical_on_a_spread_quarter(tmp_path):
     early = validate(_reference(original), near, source, loose, check=False, metric=spearman, early_stop="on")
     assert full.ok and early.ok and full.metric.drop > 0.1  # scored in two sweeps, judged in data order:
     assert early.metric == full.metric and early.outputs == full.outputs  # the same numbers as one pass
+
+
+def test_early_stop_fast_mode_stops_top1_on_the_quarter(tmp_path):
+    # the original is right on half the samples (the other half's labels are off by 3): the exact bound must
+    # allow for the candidate fixing those, so it waits past half the set; "fast" decides on every 4th batch
+    original = _scores_model(tmp_path / "o.onnx")
+    p = np.roll(np.eye(6, dtype=np.float32), 1, axis=1)  # every sample's argmax moves to the next class
+    candidate = graph.load(builders.save(builders.make_model(
+        [helper.make_node("MatMul", ["x", "p"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [onnx.numpy_helper.from_array(p, "p")],
+    ), tmp_path / "c.onnx"))  # fmt: skip
+    source = _class_data(original, [i % 6 for i in range(256)])
+    labels = np.array([i % 6 if i % 2 else (i + 3) % 6 for i in range(256)])
+    x = np.concatenate([b.feeds["x"] for b in source])
+    source = data.as_source({"x": x, "labels": labels}, graph.load(original), batch_size=16)
+    budget = Budget(max_accuracy_drop=1.0)
+    full = validate(original, candidate, source, budget, check=False)
+    exact = validate(_reference(original), candidate, source, budget, check=False, early_stop="exact")
+    fast = validate(_reference(original), candidate, source, budget, check=False, early_stop="fast")
+    assert not full.ok and full.metric.before == 50.0 and full.metric.after == 0.0
+    assert not exact.ok and exact.early_stop.kind == "exact" and exact.samples > 128
+    assert not fast.ok and fast.early_stop.kind == "statistical" and fast.samples == 64
+    assert "64 samples of every 4th batch" in fast.failures[0]
