@@ -24,8 +24,9 @@ under cProfile and prints its ten most expensive functions (cumulative) to see w
 Search cost (``--search resnet20,mobilenet_v2``, no ``--mnist`` needed): one ``onnxopt run --passes prune`` on a
 real pair of bench/_real_tasks.py (its calibration split, its budget split as ``--eval``, cut to ``--search-eval``
 samples, its metric and budget), once with early-stopped budget checks off (``ONNXOPT_EARLY_STOP=off``) and once
-as shipped (on); optionally also with the onnxopt of another source tree (``--before-tree DIR``: a checkout whose
-``onnxopt/`` package holds ``passes/`` too). Per run: wall time, peak RSS, the prune pass's seconds, its budget
+as shipped (on); with ``--search-fast`` also with the opt-in statistical stop for top-1 (``fast``); optionally
+also with the onnxopt of another source tree (``--before-tree DIR``: a checkout whose ``onnxopt/`` package holds
+``passes/`` too). Per run: wall time, peak RSS, the prune pass's seconds, its budget
 checks (candidates, stopped early, samples scored of those a full check scores, check seconds, the estimated
 time saved) and a digest of the written model (the same digest: the same model). Written to
 ``bench/results/own_cost_search.md`` unless ``--out`` says otherwise.
@@ -132,6 +133,8 @@ def search_cost(names: list[str], args, work: Path) -> list[str]:
         np.savez(evaluation, **{k: v[:count] for k, v in task.budget_data.items()})
         budget = ["--metric", "top1", "--max-metric-drop", f"{task.budget:g}"]
         variants = [("early stop off", {"ONNXOPT_EARLY_STOP": "off"}), ("early stop on (default)", {})]
+        if args.search_fast:
+            variants.append(("early stop fast (opt-in)", {"ONNXOPT_EARLY_STOP": "fast"}))
         if args.before_tree:
             variants.append((f"before ({args.before_tree})", {"PYTHONPATH": args.before_tree}))
         for label, env in variants:
@@ -199,6 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="default bench/results/own_cost.md (own_cost_search.md with --search)")
     parser.add_argument("--search", help="comma-separated real pairs (resnet20, mobilenet_v2...): the search cost")
     parser.add_argument("--search-eval", type=int, default=0, help="--search: evaluation samples (0: all)")
+    parser.add_argument("--search-fast", action="store_true", help="--search: also ONNXOPT_EARLY_STOP=fast")
     parser.add_argument("--before-tree", help="--search: also run the onnxopt of this source tree (PYTHONPATH)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "onnxopt-bench"), help="bench/real.py's cache")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is killed")
