@@ -132,12 +132,16 @@ def search_cost(names: list[str], args, work: Path) -> list[str]:
         np.savez(calib, **task.calib)
         np.savez(evaluation, **{k: v[:count] for k, v in task.budget_data.items()})
         budget = ["--metric", "top1", "--max-metric-drop", f"{task.budget:g}"]
-        variants = [("early stop off", {"ONNXOPT_EARLY_STOP": "off"}), ("early stop on (default)", {})]
-        if args.search_fast:
-            variants.append(("early stop fast (opt-in)", {"ONNXOPT_EARLY_STOP": "fast"}))
-        if args.before_tree:
-            variants.append((f"before ({args.before_tree})", {"PYTHONPATH": args.before_tree}))
-        for label, env in variants:
+        variants = {
+            "off": ("early stop off", {"ONNXOPT_EARLY_STOP": "off"}),
+            "on": ("early stop on (default)", {}),
+            "fast": ("early stop fast (opt-in)", {"ONNXOPT_EARLY_STOP": "fast"}),
+            "before": (f"before ({args.before_tree})", {"PYTHONPATH": args.before_tree or ""}),
+        }
+        chosen = args.search_variants.split(",") if args.search_variants else ["off", "on"]
+        chosen += ["fast"] * (args.search_fast and "fast" not in chosen)
+        chosen += ["before"] * (bool(args.before_tree) and "before" not in chosen)
+        for label, env in [variants[v] for v in chosen]:
             print(f"{name}: {label} ...", file=sys.stderr, flush=True)
             result = measure(task.model, calib, evaluation, budget, work, args.timeout, passes="prune", env=env)
             print(f"  {result['seconds']:.1f} s, status {result['status']} {result['error']}", file=sys.stderr)
@@ -202,6 +206,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="default bench/results/own_cost.md (own_cost_search.md with --search)")
     parser.add_argument("--search", help="comma-separated real pairs (resnet20, mobilenet_v2...): the search cost")
     parser.add_argument("--search-eval", type=int, default=0, help="--search: evaluation samples (0: all)")
+    parser.add_argument("--search-variants", help="--search: which runs, in order (off,on,fast,before)")
     parser.add_argument("--search-fast", action="store_true", help="--search: also ONNXOPT_EARLY_STOP=fast")
     parser.add_argument("--before-tree", help="--search: also run the onnxopt of this source tree (PYTHONPATH)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "onnxopt-bench"), help="bench/real.py's cache")
