@@ -189,6 +189,7 @@ TOOLS: dict[str, tuple[Tool, tuple[str, ...]]] = {
     "onnxopt quant": (_onnxopt("quant"), IMAGE),
     "onnxopt quant dynamic": (_onnxopt("quant", "--quant-mode", "dynamic"), TEXT),
     "onnxopt prune": (_onnxopt("prune"), IMAGE),
+    "onnxopt fuse,quant dynamic": (_onnxopt("fuse,quant", "--quant-mode", "dynamic"), TEXT),
     "onnxopt svd": (_onnxopt("svd"), TEXT),
     "onnxopt prune,quant": (_onnxopt("prune,quant"), IMAGE),
     "onnxopt svd,quant dynamic": (_onnxopt("svd,quant", "--quant-mode", "dynamic"), TEXT),
