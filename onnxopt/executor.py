@@ -310,7 +310,7 @@ class RayExecutor:
         pending: dict[Any, tuple] = {}
         results: list[dict[int, Any]] = [{} for _ in jobs]
         done = [0]
-        wanted: set[tuple[int, Any]] = set()  # (job, shard key) whose value a task is computing for the cache
+        wanted: set[tuple[int, Any]] = set()  # (cache, shard key) whose value a task is computing to keep
         shards = 0
         for index, (key, samples, shard) in enumerate(_shards(source, self.batches_per_task, 2 * limit)):
             shard_ref = ray.put(shard) if len(jobs) > 1 else shard  # the shard's data once for all jobs
@@ -321,12 +321,14 @@ class RayExecutor:
                 refs = [h[1] for h in handles[number]]
                 args = (job.fn, job.init_args, shard_ref, job.optimize, job.single, keys)
                 if job.cache is None:
-                    pending[task.remote(*args, False, None, *refs)] = (number, index, samples, None, None, None, None)
+                    ref = task.remote(*args, _NO_CACHE, None, *refs)
+                    pending[ref] = (number, index, samples, None, None, None, None)
                     continue
                 cached = job.cache.values.get(key)
-                want = cached is None and (number, key) not in wanted and job.cache.room > 0
-                wanted.add((number, key))
-                state_ref, kept_ref, size_ref = cached_task.remote(*args, True, cached, *refs)
+                want = cached is None and (id(job.cache), key) not in wanted and job.cache.room > 0
+                wanted.add((id(job.cache), key))  # the first job to compute a shard's value keeps it; not the others
+                mode = _KEEP if want else _CACHE
+                state_ref, kept_ref, size_ref = cached_task.remote(*args, mode, cached, *refs)
                 pending[state_ref] = (number, index, samples, job.cache, key if want else None, kept_ref, size_ref)
             shards = index + 1
         while pending:
@@ -515,11 +517,14 @@ def _session(payload: dict[str, bytes], key: str, optimize: bool) -> Session:
     return entry[0]
 
 
+_NO_CACHE, _CACHE, _KEEP = 0, 1, 2  # a task's cache mode: none; read ``cached``; also return the value to keep
+
+
 def _run_shard(
-    fn: ShardFn, init_args: Any, batches, optimize: bool, single: bool, keys: list[str], cache: bool, cached, *payloads
+    fn: ShardFn, init_args: Any, batches, optimize: bool, single: bool, keys: list[str], mode: int, cached, *payloads
 ):
     """The body of a Ray task: cached sessions of the payloads' models, then ``fn`` over the shard (with a cache:
-    ``(state, kept value, its bytes)``)."""
+    ``(state, the value to keep or None, its bytes)``)."""
     sessions = []
     for index, (payload, key) in enumerate(zip(payloads, keys, strict=True)):
         try:
@@ -527,7 +532,9 @@ def _run_shard(
         except Exception as e:
             raise SessionOpenError(index, first_line(e)) from e
     opened = sessions[0] if single else tuple(sessions)
-    if not cache:
+    if mode == _NO_CACHE:
         return fn(opened, batches, init_args)
     state, keep = fn(opened, batches, init_args, cached)
+    if mode != _KEEP:
+        keep = None  # another task keeps this shard's value: nothing to send back
     return state, keep, _nbytes(keep)

@@ -27,8 +27,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, ShapeInferencePass
 
 from onnxopt import cost, registry, runtime
-from onnxopt import early_stop as early_stopping
 from onnxopt import data as data_mod
+from onnxopt import early_stop as early_stopping
 from onnxopt import graph as graph_io
 from onnxopt import metrics as metrics_mod
 from onnxopt.errors import CalibrationError, UsageError
@@ -377,7 +377,7 @@ class PassManager:
             wanted = {id(c) for c in candidates}
             for key in [key for key in prefetched if key not in wanted]:
                 del prefetched[key]
-            todo = [c for c in candidates if id(c) not in prefetched]
+            todo = [c for c in candidates if id(c) not in prefetched and _fingerprint(c) not in verdicts]
             if not todo:
                 return
             if not reference:
