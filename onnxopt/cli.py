@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "pipelines from cheap to strong until one reaches it within the budget, else writes the best within the "
         "budget, exits 1 and says why (README, 'A goal instead of a recipe')",
     )
+    run.add_argument(
+        "--target-time",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="with --target: a time budget for the search; no pipeline starts after it and a running search stops "
+        "at its next budget check; the best within the budget so far is written",
+    )
     run.add_argument("-o", "--output", required=True, metavar="OUT", help="output .onnx path")
     run.add_argument(
         "--data",
@@ -607,6 +614,8 @@ def _run(args: argparse.Namespace) -> int:
     calib, held_out = _image_data(args, "data", "eval")
     if args.target is not None:
         return _run_goal(args, source, output, calib, held_out)
+    if args.target_time is not None:
+        raise UsageError("--target-time is the time budget of a --target search: give --target")
     names = [n.strip() for n in args.passes.split(",") if n.strip()]
     if names and not args.no_simplify and "simplify" not in names:
         names = ["simplify", *names]
@@ -717,7 +726,7 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
             input_shapes=data.parse_shape_overrides(args.input_shape), seed=args.seed,
             simplify=not args.no_simplify, holdout=HOLDOUT,
             min_eval_samples=0 if args.allow_small_eval else MIN_EVAL_SAMPLES, executor=args.executor,
-            progress=view, on_point=on_point,
+            progress=view, on_point=on_point, max_seconds=args.target_time,
         )  # fmt: skip
     finally:
         if view is not None:
@@ -1086,6 +1095,13 @@ def _target(text: str):
         return Target.parse(text)
     except UsageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:

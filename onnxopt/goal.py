@@ -274,6 +274,7 @@ def seek(
     on_point: Callable[[Point], None] | None = None,
     rounds: int = 15,
     remeasure: bool = False,
+    max_seconds: float | None = None,
 ) -> GoalResult:
     """Search the :func:`ladder` for a pipeline that reaches ``target`` within the budget; see the module docstring.
 
@@ -288,6 +289,8 @@ def seek(
             :class:`Step` objects), tried in the order given.
         on_point: called with each point as soon as it is measured (the CLI prints it).
         rounds: interleaved timing rounds per point; ``remeasure``: time again instead of reusing the record.
+        max_seconds: a time budget for the whole search: no pipeline starts after it, and a running search stops
+            at its next budget check (that point is recorded as stopped); the best within the budget so far wins.
 
     Raises:
         UsageError: no calibration data (every goal pipeline is lossy); errors of the first run (bad data, a metric
@@ -317,6 +320,7 @@ def seek(
         "min_eval_samples": min_eval_samples, "executor": make_executor(executor),
     }  # fmt: skip
     search = _Search(Path(model), target, manager_args, options or {}, simplify, rounds, remeasure, on_point)
+    search.start_timer(start, max_seconds)
     search.reference = Reference(Path(model))  # the original's outputs, computed once for every run
     search.feeds = feeds
     with tempfile.TemporaryDirectory(prefix="onnxopt-goal-") as tmp:
@@ -329,7 +333,7 @@ def seek(
     pareto_front(points, target)
     stage = next((s for s in search.stages.values() if s.point is chosen), None) if chosen is not None else None
     report = _combined(stage.chain, search.base) if stage is not None and stage.chain else None
-    reason = _reason(target, points, chosen, reached, search.stages, skipped)
+    reason = _reason(target, points, chosen, reached, search.stages, skipped, search.time_note)
     return GoalResult(
         target, points, chosen, reached, reason, report, list(stage.passes) if stage is not None else [],
         feeds.shapes, feeds.source, skipped, time.perf_counter() - start,
@@ -371,6 +375,29 @@ class _Search:
         self.base = None  # the original's cost at the data's shapes: the first run's "before"
         self.stages: dict[tuple[Step, ...], _Stage] = {}
         self.points: list[Point] = []
+        self.deadline: float | None = None
+        self.time_note = ""  # set when the time budget ran out
+
+    def start_timer(self, start: float, max_seconds: float | None) -> None:
+        """Start the time budget (``None``: none): every run's budget checks go through :meth:`_watch`."""
+        self.max_seconds = max_seconds
+        if max_seconds is not None:
+            self.deadline = start + max_seconds
+        forward = self.manager_args.get("progress")
+        self.manager_args["progress"] = lambda event: self._watch(event, forward)
+
+    def _watch(self, event, forward) -> None:
+        """Forward a progress event; past the deadline, stop the running search at its budget check."""
+        if forward is not None:
+            forward(event)
+        if event.kind == "trial" and self._late():
+            raise _OutOfTime(self.time_note)
+
+    def _late(self) -> bool:
+        if self.deadline is None or time.perf_counter() <= self.deadline:
+            return False
+        self.time_note = self.time_note or f"the time budget of {self.max_seconds:g} s ran out"
+        return True
 
     def run(self, candidates: Sequence[tuple[Step, ...]], skipped: list[str]) -> Point | None:
         """Walk ``candidates`` in order; returns the first point that reaches the target (``None``: none did).
@@ -386,6 +413,10 @@ class _Search:
                     skipped.append(f"{_pipeline(candidate)}: {_pipeline(prefix[:-1])} "
                                    f"{'failed' if failed else 'misses the budget'}")  # fmt: skip
                     break
+                if self._late():
+                    left = [_pipeline(c) for c in candidates if c not in self.stages]
+                    skipped.append(f"{', '.join(dict.fromkeys(left))}: {self.time_note}")
+                    return None
                 point = self._step(prefix, parent)
                 self.points.append(point)
                 logger.info("goal %s: %s", point.pipeline, point.to_json())
@@ -393,6 +424,11 @@ class _Search:
                     self.on_point(point)
                 if point.reached:
                     return point
+                if self.time_note:
+                    left = [_pipeline(c) for c in candidates if c not in self.stages]
+                    if left:
+                        skipped.append(f"{', '.join(left)}: {self.time_note}")
+                    return None
                 if not point.ok:
                     break
         return None
@@ -410,10 +446,13 @@ class _Search:
         start = graph_io.clone(parent.model) if parent is not None else graph_io.load(self.original)
         try:
             report = manager.run(start, original=self.reference)
-        except Exception as e:
-            if not self.points:
+        except (Exception, _OutOfTime) as e:
+            if isinstance(e, _OutOfTime):  # raised from a budget check of this run
+                point.note = f"stopped: {self.time_note} during its search"
+            elif not self.points:
                 raise  # the first run: bad data, a metric that cannot be computed... (exit 2 / 3)
-            point.note = f"failed: {first_line(e)}"
+            else:
+                point.note = f"failed: {first_line(e)}"
             point.seconds = time.perf_counter() - t0
             self.stages[prefix] = _Stage(None, [], [], point)
             return point
@@ -437,6 +476,11 @@ class _Search:
         used = [*(parent.passes if parent is not None else []), *passes]
         self.stages[prefix] = _Stage(report.model if point.ok else None, chain, used, point)
         return point
+
+
+class _OutOfTime(BaseException):
+    """Raised from a budget check once the search's time budget is spent: ends the running pass. A BaseException,
+    as KeyboardInterrupt is, so that a pass's ``except Exception`` (a recipe that fails) does not swallow it."""
 
 
 @dataclasses.dataclass
@@ -570,7 +614,9 @@ def _combined(chain: list, base) -> RunReport:
     return RunReport(last.model, before, last.after, passes, last.validation, seconds, stages, last.cost_shapes_from)
 
 
-def _reason(target: Target, points: Sequence[Point], chosen: Point | None, reached: bool, stages, skipped) -> str:
+def _reason(
+    target: Target, points: Sequence[Point], chosen: Point | None, reached: bool, stages, skipped, time_note: str = ""
+) -> str:
     """Why the search ended where it did, from what was measured."""
     if reached and chosen is not None:
         return f"{chosen.pipeline} reaches {target.kind} {target.value(chosen):.2f}x within the budget"
@@ -592,6 +638,8 @@ def _reason(target: Target, points: Sequence[Point], chosen: Point | None, reach
     if prune is not None and prune.macs_ratio is not None:
         facts.append(f"prune keeps {prune.macs_ratio:.2f} of the MACs within the budget")
     facts += [f"not tried: {s}" for s in skipped]
+    if time_note:
+        facts.insert(1, time_note)
     return f"target {target.describe()} not reached: " + "; ".join(facts)
 
 

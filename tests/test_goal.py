@@ -174,6 +174,8 @@ BAD = {
     "no data": (["--target", "latency=0.5", "--eval", "{eval}"], "needs calibration data"),
     "no validation": (["--target", "latency=0.5", "--no-validate"], "drop --no-validate"),
     "option of a pass it does not use": (["--target", "size=0.5", "--split-mode", "depthwise"], "'split'"),
+    "time without a target": (["--passes", "quant", "--target-time", "60"], "give --target"),
+    "time not positive": (["--target", "latency=0.5", "--target-time", "0"], "must be > 0"),
 }
 
 
@@ -316,3 +318,37 @@ def test_no_pipeline_within_the_budget_writes_nothing(workdir):
     assert not point.ok and not point.reached and point.cosine < 0.999 and "misses the budget" in point.note
     assert result.chosen is None and result.report is None and result.model is None and not result.reached
     assert "no pipeline holds the budget" in result.reason and result.to_json()["chosen"] is None
+
+
+def test_time_budget_stops_the_running_search_and_what_follows(workdir, monkeypatch):
+    """Past the deadline, the running search stops at its next budget check (recorded as stopped), no pipeline starts,
+    and the reason says so. The clock is stood in for: the deadline passes at prune's second budget check."""
+    d, model = workdir
+    trials = []
+
+    def late(self) -> bool:
+        if len(trials) < 2:
+            return False
+        self.time_note = self.time_note or "the time budget of 1 s ran out"
+        return True
+
+    monkeypatch.setattr(goal._Search, "_late", late)
+    result = goal.seek(
+        model, Target("latency", 0.01), data=str(d / "calib.npz"), eval_data=str(d / "eval.npz"),
+        pipelines=["prune", "prune,quant"], progress=lambda e: trials.append(e) if e.kind == "trial" else None,
+        max_seconds=1.0, rounds=3,
+    )  # fmt: skip
+    [point] = result.points
+    assert point.pipeline == "prune" and point.note == "stopped: the time budget of 1 s ran out during its search"
+    assert not point.ok and len(trials) == 2  # no budget check after the one that found the deadline passed
+    assert result.report is None and not result.reached
+    assert result.skipped == ["prune,quant: the time budget of 1 s ran out"]
+    assert "the time budget of 1 s ran out" in result.reason
+
+
+def test_time_budget_spent_before_the_first_pipeline(workdir):
+    d, model = workdir
+    result = goal.seek(model, Target("latency", 0.5), data=str(d / "calib.npz"), eval_data=str(d / "eval.npz"),
+                       pipelines=["quant", "prune"], max_seconds=1e-9)  # fmt: skip
+    assert result.points == [] and result.report is None
+    assert result.skipped == ["quant, prune: the time budget of 1e-09 s ran out"]
