@@ -451,7 +451,7 @@ def test_latency_guard_can_be_turned_off_and_needs_a_run_context(tmp_path, monke
 
 @pytest.mark.shared
 def test_ocr_direction_classifier_prune_backs_off_instead_of_failing_the_run(shared_dir, tmp_path, capsys):
-    """The PP-OCR classifier calibrated on its one reference image: 9 channels never fire on it, yet matter on 12
+    """The PP-OCR classifier calibrated on its one reference image: 83 channels never fire on it, yet matter on 12
     photographs; before, prune removed them unchecked at ratio 0 and the run failed (cosine 0.59, exit 1)."""
     pytest.importorskip("PIL")
     import json
