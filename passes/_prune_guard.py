@@ -43,7 +43,8 @@ def budget_miss(model: ir.Model, check) -> str | None:
 
 def slower(context, model: ir.Model, pruned: ir.Model, *, margin: float, rounds: int) -> tuple[str | None, dict]:
     """Time ``pruned`` against its input ``model``: why to keep the input (or ``None``), and the figures for the
-    report (``prune_latency``: both medians in microseconds, the ratio, the feeds' shapes, whether recorded)."""
+    report (``prune_latency``: both medians and round ranges in microseconds, the ratio, the feeds' shapes, whether
+    the figures come from the latency record)."""
     with tempfile.TemporaryDirectory(prefix="onnxopt-prune-") as tmp:
         paths = [graph_io.save(m.clone(), Path(tmp) / f"{n}.onnx") for m, n in ((model, "input"), (pruned, "pruned"))]
         feeds = latency.run_feeds(context, paths[0])
@@ -52,6 +53,8 @@ def slower(context, model: ir.Model, pruned: ir.Model, *, margin: float, rounds:
     figures = {
         "input_us": round(before[0], 1),
         "pruned_us": round(after[0], 1),
+        "input_rounds_us": [round(before[1], 1), round(before[2], 1)],  # the fastest and the slowest round
+        "pruned_rounds_us": [round(after[1], 1), round(after[2], 1)],
         "ratio": round(ratio, 4),
         "feeds": {name: list(array.shape) for name, array in feeds.items()},
         "recorded": reused,
