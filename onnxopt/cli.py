@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--executor",
         default="local",
         metavar="local|ray[:ADDRESS]",
-        help="where calibration statistics are collected: 'local' (default, this process), 'ray' (a local Ray "
-        "instance over this machine's CPUs) or 'ray:HOST:PORT' (a running Ray cluster); Ray needs onnxopt[ray]",
+        help="where calibration statistics, budget checks and the validation run: 'local' (default, this process), "
+        "'ray' (a local Ray instance over this machine's CPUs) or 'ray:HOST:PORT' (a running Ray cluster), sharded "
+        "by batches with the same results; Ray needs onnxopt[ray]",
     )
     checks.add_argument("--latency", action="store_true", help="measure onnxruntime latency before and after")
     checks.add_argument(
@@ -139,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--data", help="evaluation data .npz or image folder (default: seeded random inputs)")
     _add_preprocess_option(val)
     val.add_argument("--json", action="store_true", help="print the validation report as JSON")
+    val.add_argument(
+        "--executor",
+        default="local",
+        metavar="local|ray[:ADDRESS]",
+        help="where the batches run: 'local' (default), 'ray' or 'ray:HOST:PORT' (sharded over Ray workers; the "
+        "same report); needs onnxopt[ray]",
+    )
     _add_budget_options(val)
     _add_data_options(val)
 
@@ -497,7 +505,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     else:
         source = data.random_source(original, seed=args.seed, shapes=shapes)
     budget = budget or Budget.default(exact=False, has_labels=source.has_labels)
-    report = validate(args.original, args.optimized, source, budget, metric=metric)
+    from onnxopt.executor import make_executor
+
+    executor = make_executor(args.executor)
+    report = validate(args.original, args.optimized, source, budget, metric=metric, executor=executor)
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:

@@ -609,3 +609,26 @@ def test_ray_reads_a_folder_of_images_in_its_tasks(ray_head, tmp_path, monkeypat
     _assert_tables_equal(stats.collect_stats(model, source, REQUEST, executor=executor), want_stats)
     _assert_reports_equal(validate.validate(model, candidate, source, budget, executor=executor), want)
     assert not reads and want.samples == 14 and want.accuracy is not None  # the workers decoded every image
+
+
+def test_cli_validate_unknown_executor_is_exit_2(workdir, capsys):
+    d, model = workdir
+    code, _, err = _cli(capsys, "validate", model, model, "--data", d / "calib.npz", "--executor", "spark")
+    assert code == 2 and err.count("\n") == 1 and "'spark' is not 'local', 'ray' or 'ray:ADDRESS'" in err
+
+
+@pytest.mark.slow  # a Ray head takes ~15 s to start on a loaded 2-core machine
+def test_cli_validate_on_ray_prints_the_local_report(ray_head, workdir, capsys):
+    import json
+
+    d, model = workdir
+    other = builders.save(builders.conv_net(seed=0, with_bn=False), d / "other.onnx")  # another model: failures
+    common = ["validate", model, other, "--data", d / "calib.npz", "--min-cosine", "0.99", "--json"]
+    local = _cli(capsys, *common)
+    on_ray = _cli(capsys, *common, "--executor", "ray")
+    assert local[0] == on_ray[0] == 1  # the same verdict: fails the budget
+    got, want = json.loads(on_ray[1]), json.loads(local[1])
+    assert got["samples"] == want["samples"] == 40 and got["failures"] == want["failures"]
+    for name, diff in want["outputs"].items():
+        for key, value in diff.items():
+            assert got["outputs"][name][key] == pytest.approx(value, rel=1e-6), (name, key)
