@@ -124,7 +124,8 @@ class FusePass(OptPass):
         config: FuseConfig = self.config
         blocks = _fuse_graph.attention_blocks(model)
         if not blocks:
-            why = "not a transformer encoder: no self-attention block (MatMul(Q, K) -> Softmax -> MatMul(., V))"
+            why = ("not a transformer encoder: no self-attention block (MatMul(Q, K) -> [scale] -> [mask Add] -> "
+                   "Softmax -> MatMul(., V), Q split into heads by Reshape + Transpose)")  # fmt: skip
             return OptResult(model, modified=False, skipped=[Skip("model", why)])
         # onnxruntime's hidden_size is the attention width (heads x head size; a pruned block's is below the model's)
         shapes = {(b.heads, b.heads * b.head_size) for b in blocks}
