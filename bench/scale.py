@@ -1,7 +1,7 @@
 """Calibration, validation and a budget search: one process vs Ray with 1 and 2 workers, and an Amdahl projection.
 
-    python bench/scale.py [--shared ../shared] [--samples 512] [--batch 32] [--repeat 1]
-                          [--search-samples 128] [--mobilenet-samples 64] [--skip-mobilenet]
+    python bench/scale.py [--shared ../shared] [--samples 384] [--batch 32] [--repeat 1]
+                          [--search-samples 96] [--search-steps 4] [--mobilenet-samples 16] [--skip-mobilenet]
 
 Workloads (ResNet-20 on CIFAR-10 JPEGs from ``../shared/data/cifar10/test2000``, a subset spread over the classes,
 read lazily from the folder: on Ray each task reads its own images by path):
@@ -21,11 +21,13 @@ local``). The projection fits Amdahl's law ``S(n) = 1 / (s + (1 - s) / n)`` to t
 parameter only; on a shared, loaded 2-core machine the figure is a rough guide, not a measurement of a cluster.
 
 Last, the serial fraction of a MobileNetV2 ``prune`` run (ImageNet val1300 images, ``--mobilenet-samples`` for
-evaluation, 32 calib200 images for calibration, local executor): the time inside the sharded work (budget
-checks' and the final validation's batch loops, the metric baseline, calibration statistics) against the rest
-of the run, which stays in the driver on any executor (graph surgery and shape inference of every candidate,
-channel scoring, serialising candidates, the metric's bootstrap, the budget guard). It is projected to 600
-evaluation images (the issue's 621 s run): the sharded part grows with the samples, the serial part does not.
+evaluation, 32 calib200 images for calibration, local executor, no early stop: every check scores every sample, as
+on Ray), instrumented: onnxruntime inference and image decoding in the budget checks and the final validation (what
+Ray shards, growing with the samples) and the calibration statistics, against everything else, which no number of
+workers shrinks: the graph surgery and shape inference of every candidate (in the driver, one after the other),
+opening a session of every candidate (on every worker again), the metric's bootstrap, scoring and cleanup. It is
+projected to 600 evaluation images (the issue's 621 s run): inference and decoding grow with the samples, the rest
+does not.
 """
 
 from __future__ import annotations
@@ -257,11 +259,12 @@ class Timer:
         self.seconds: dict[str, float] = {}
         self.depth = 0
 
-    def wrap(self, owner, name: str, label: str, patches: contextlib.ExitStack) -> None:
+    def wrap(self, owner, name: str, label: str, patches: contextlib.ExitStack, unless: Timer | None = None) -> None:
+        """Time ``owner.name`` (not while ``unless`` is inside one of its own calls)."""
         real = getattr(owner, name)
 
         def timed(*a, **k):
-            outer = self.depth == 0
+            outer = self.depth == 0 and (unless is None or unless.depth == 0)
             self.depth += 1
             t0 = time.perf_counter()
             try:
@@ -276,23 +279,25 @@ class Timer:
 
 
 def mobilenet(args, shared: Path, tmp: Path) -> list[str]:
-    from onnxopt import images, manager, registry, validate
+    from onnxopt import images, manager, registry, runtime, validate
     from onnxopt.passes import prune as prune_mod
 
     model_path = shared / "models/imagenet/mobilenet_v2_torchvision.onnx"
     pre = images.parse_preprocess("imagenet")
     calib = subset(shared / "data/imagenet/calib200", 32, tmp / "mcalib")
     held = subset(shared / "data/imagenet/val1300", args.mobilenet_samples, tmp / "meval")
-    timer = Timer()
-    driver = Timer()  # the driver's share inside validation: the metric and its bootstrap, judging
+    stats_timer, checks_timer, per_sample, opening, surgery, driver = (Timer() for _ in range(6))
     with contextlib.ExitStack() as patches:
         # every check scores every sample, as on Ray (the early stop is local only)
         patches.enter_context(_environ("ONNXOPT_EARLY_STOP", "off"))
-        timer.wrap(manager, "validate", "validation", patches)
-        timer.wrap(manager, "metric_baseline", "validation", patches)
-        timer.wrap(manager, "collect_stats", "statistics", patches)
+        stats_timer.wrap(manager, "collect_stats", "statistics", patches)
+        checks_timer.wrap(manager, "validate", "checks", patches)
+        checks_timer.wrap(manager, "metric_baseline", "checks", patches)
+        # outside the statistics: inference and image decoding grow with the evaluation samples
+        per_sample.wrap(runtime.Session, "run", "samples", patches, unless=stats_timer)
+        per_sample.wrap(images, "load_image", "samples", patches, unless=stats_timer)
+        opening.wrap(runtime.Session, "__init__", "open", patches, unless=stats_timer)
         driver.wrap(validate, "_measure", "driver", patches)
-        surgery = Timer()
         surgery.wrap(prune_mod.ChannelPrunePass, "_candidate", "surgery", patches)
         run = manager.PassManager(
             [registry.make_pass("prune")], data=images.ImageFolder(calib, pre),
@@ -303,42 +308,51 @@ def mobilenet(args, shared: Path, tmp: Path) -> list[str]:
         t0 = time.perf_counter()
         report = run.run(model_path)
         total = time.perf_counter() - t0
-    validation = timer.seconds.get("validation", 0.0) - driver.seconds.get("driver", 0.0)
-    statistics = timer.seconds.get("statistics", 0.0)
-    sharded = validation + statistics
-    serial = total - sharded
-    per_sample = validation / args.mobilenet_samples
-    projected = serial / (serial + statistics + per_sample * 600)
+    statistics = stats_timer.seconds.get("statistics", 0.0)
+    samples = per_sample.seconds.get("samples", 0.0)  # sharded, and proportional to the evaluation samples
+    in_checks = checks_timer.seconds.get("checks", 0.0)
+    serial = total - statistics - samples
+    opened = opening.seconds.get("open", 0.0)
+    cut = surgery.seconds.get("surgery", 0.0)
+    metric = driver.seconds.get("driver", 0.0)
+    rest = serial - opened - cut - metric
+    scaled = samples / args.mobilenet_samples * 600
+    projected = serial / (serial + statistics + scaled)
+    chose = "; ".join(c.what for r in report.passes for c in r.changes)
     return [
         "### Serial fraction of a MobileNetV2 `prune` run (local executor, instrumented)", "",
         f"`prune` (ratio search, default steps) on MobileNetV2 with 32 calib200 images for calibration and "
         f"{args.mobilenet_samples} val1300 images for evaluation, `--max-accuracy-drop 1`, no early stop (as on Ray): "
-        f"{total:.1f} s, "
-        f"{len(checks)} budget checks; chose {'; '.join(c.what for r in report.passes for c in r.changes)[:300]}.", "",
-        "| part | seconds | share |", "|---|---:|---:|",
-        f"| sharded: the budget checks' and the final validation's batch loops | {validation:.1f} | "
-        f"{validation / total:.2f} |",
-        f"| sharded: calibration statistics | {statistics:.1f} | {statistics / total:.2f} |",
-        f"| serial: graph surgery of the candidates (clone, select, remove, shape inference) | "
-        f"{surgery.seconds.get('surgery', 0.0):.1f} | {surgery.seconds.get('surgery', 0.0) / total:.2f} |",
-        f"| serial: the metric and its bootstrap in the driver | {driver.seconds.get('driver', 0.0):.1f} | "
-        f"{driver.seconds.get('driver', 0.0) / total:.2f} |",
-        f"| serial in all | {serial:.1f} | {serial / total:.2f} |", "",
-        f"Serial fraction of this run {serial / total:.2f}. Projected to 600 evaluation images (the checks grow "
-        f"with the samples, {per_sample:.3f} s per image here over all checks; statistics and the serial part do "
-        f"not): serial fraction {projected:.3f}, so at most {1 / projected:.0f}x from any number of workers.", "",
+        f"{total:.1f} s, {len(checks)} budget checks ({in_checks:.1f} s inside them and the final validation); chose "
+        f"{chose[:400]}{'...' if len(chose) > 400 else ''}.", "",
+        "| part | seconds | share | on Ray |", "|---|---:|---:|---|",
+        f"| inference and image decoding in the checks and validation | {samples:.1f} | {samples / total:.2f} | "
+        "sharded over the workers, grows with the samples |",
+        f"| calibration statistics | {statistics:.1f} | {statistics / total:.2f} | sharded |",
+        f"| opening a session of every candidate | {opened:.1f} | {opened / total:.2f} | on every worker again: "
+        "does not shrink |",
+        f"| graph surgery of the candidates (clone, select, remove, shape inference) | {cut:.1f} | {cut / total:.2f} | "
+        "driver, one candidate after the other |",
+        f"| the metric and its bootstrap | {metric:.1f} | {metric / total:.2f} | driver |",
+        f"| the rest (fold and compare batches, scoring, cleanup, serialising) | {rest:.1f} | {rest / total:.2f} | "
+        "mostly driver |",
+        f"| serial in all (all but the first two rows) | {serial:.1f} | {serial / total:.2f} | |", "",
+        f"Serial fraction of this run {serial / total:.2f}. Projected to 600 evaluation images (inference and "
+        f"decoding grow to {scaled:.0f} s, {samples / args.mobilenet_samples:.2f} s per image over all checks; the "
+        f"rest does not): serial fraction {projected:.3f}, so at most {1 / projected:.0f}x from any number of "
+        "workers.", "",
     ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
-    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--samples", type=int, default=384)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--search-samples", type=int, default=128)
+    parser.add_argument("--search-samples", type=int, default=96)
     parser.add_argument("--search-steps", type=int, default=4)
-    parser.add_argument("--mobilenet-samples", type=int, default=64)
+    parser.add_argument("--mobilenet-samples", type=int, default=16)
     parser.add_argument("--skip-mobilenet", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
     args = parser.parse_args(argv)
