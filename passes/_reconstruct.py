@@ -15,10 +15,15 @@ its zero-upsampled input. Rows of large feature maps are subsampled (about ``max
 the cost stays bounded. The fit is shrunk towards the layer's current weights (ridge ``λ``), which keeps it
 from chasing noise in what a small calibration set cannot determine. The pruned model runs once per layer,
 in one onnxruntime session where the re-fitted weights are fed as inputs.
+
+A layer is fitted only when it is a dense layer in the original model too and its output channels are known:
+a depthwise Conv pruned to one channel has ``group=1`` and a (1, 1, k, k) weight, but its original (grouped)
+output has a channel per group, so it is declined with the reason (:attr:`Refit.declined`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -31,7 +36,7 @@ from onnxopt.passes._transformer_groups import bias_add
 from onnxopt.runtime import Session
 from onnxopt.stats import expose, unfold_conv_input
 
-__all__ = ["downstream", "reconstruct", "refittable"]
+__all__ = ["Refit", "downstream", "reconstruct", "refittable"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +67,14 @@ def refittable(node: ir.Node) -> bool:
     return weight is not None and bias_ok and node.inputs[1].is_initializer() and len(node.inputs[1].uses()) == 1
 
 
+@dataclasses.dataclass
+class Refit:
+    """What :func:`reconstruct` did: the layers re-fitted (in order) and those declined, with the reason."""
+
+    done: list[str] = dataclasses.field(default_factory=list)
+    declined: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
 def downstream(model: ir.Model, changed: Iterable[ir.Node]) -> list[ir.Node]:
     """Refittable nodes fed, directly or not, by an output of a ``changed`` node, in graph order."""
     seen: set[int] = set()
@@ -84,16 +97,26 @@ def reconstruct(
     *,
     max_rows: int = 60_000,
     seed: int = 0,
-) -> list[str]:
-    """Re-fit ``nodes`` of ``pruned`` in order (in place); returns the names actually re-fitted.
+) -> Refit:
+    """Re-fit ``nodes`` of ``pruned`` in order (in place); returns the names re-fitted and those declined.
 
     ``kept_outputs[name]`` are the original output channels a node keeps (absent: all of them).
     """
     by_name = {node.name: node for node in pruned.graph}
     originals = {node.name: node for node in original.graph}
-    targets = [name for name in nodes if name in by_name and name in originals]
+    result = Refit()
+    targets = []
+    for name in nodes:
+        if name not in by_name or name not in originals:
+            continue
+        why = _why_not(originals[name], by_name[name], kept_outputs.get(name))
+        if why is None:
+            targets.append(name)
+        else:
+            logger.debug("reconstruction: %s declined: %s", name, why)
+            result.declined[name] = why
     if not targets:
-        return []
+        return result
     for name in targets:
         _ensure_bias(pruned, by_name[name])
     feeds_model, weight_names = _with_weights_as_inputs(pruned, [by_name[n] for n in targets])
@@ -106,7 +129,7 @@ def reconstruct(
     samples = data.samples or 1
     per_sample = max(1, max_rows // samples)
     cached = _original_outputs(original_session, data, out_names)
-    done = []
+    done = result.done
     for group in _groups(targets, by_name):
         reads = by_name[group[0]].inputs[0].name
         layers = {name: _Layer(by_name[name], weights[name].shape) for name in group}
@@ -142,8 +165,36 @@ def reconstruct(
         weight, bias = _params(by_name[name])
         weight.const_value = ir.tensor(np.ascontiguousarray(weights[name]), name=weight.name)
         bias.const_value = ir.tensor(np.ascontiguousarray(biases[name]), name=bias.name)
-    logger.debug("reconstruction: %d layers re-fitted", len(done))
-    return done
+    logger.debug("reconstruction: %d layers re-fitted, %d declined", len(done), len(result.declined))
+    return result
+
+
+def _why_not(original: ir.Node, pruned: ir.Node, keep: np.ndarray | None) -> str | None:
+    """Why the pruned layer cannot be fitted to the ``original`` one's outputs (``None``: it can)."""
+    group = original.attributes.get("group")
+    if group is not None and group.value != 1:  # e.g. depthwise, pruned to one channel: group 1 now
+        return (
+            f"not re-fitted: {original.op_type} is grouped in the original (group={group.value}); "
+            "a dense fit would mix its channels"
+        )
+    if not refittable(original):
+        return f"not re-fitted: {original.op_type} is not a re-fittable layer in the original"
+    wanted = len(keep) if keep is not None else _out_channels(original)
+    have = _out_channels(pruned)
+    if wanted != have:
+        return f"not re-fitted: {have} output channels, but {wanted} of the original's are known to be kept"
+    return None
+
+
+def _out_channels(node: ir.Node) -> int:
+    """Output channels (features) of a refittable layer, from its weight's shape."""
+    shape = graph_io.const_array(node.inputs[1]).shape
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return shape[0] if trans_b is not None and trans_b.value else shape[1]
+    if node.op_type == "MatMul":
+        return shape[1]
+    return shape[1] if node.op_type == "ConvTranspose" else shape[0]
 
 
 def _groups(targets: list[str], by_name: Mapping[str, ir.Node]) -> list[list[str]]:

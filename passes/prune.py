@@ -61,7 +61,7 @@ from onnxopt.passes._channel_groups import Analysis, analyze
 from onnxopt.passes._prune_apply import apply_removal
 from onnxopt.passes._prune_guard import budget_miss, slower
 from onnxopt.passes._prune_scores import Scored, score_units
-from onnxopt.passes._reconstruct import downstream, reconstruct
+from onnxopt.passes._reconstruct import Refit, downstream, reconstruct
 from onnxopt.passes._transformer_groups import HANDLERS
 from onnxopt.stats import StatsRequest, StatsTable, get_stats
 
@@ -153,11 +153,12 @@ class ChannelPrunePass(OptPass):
         if not chosen:
             return OptResult(model, modified=False, skipped=skipped)
         original = model.clone()  # the input (sharing its weights): refit's target, and what a guard restores
-        refitted = self._apply(original, model, analysis, chosen, stats)
+        refit = self._apply(original, model, analysis, chosen, stats)
         changes = _describe(analysis, chosen, setting, per_group, config)
-        if refitted:
-            layers = f"{len(refitted)} layer{'s' * (len(refitted) != 1)}"
+        if refit.done:
+            layers = f"{len(refit.done)} layer{'s' * (len(refit.done) != 1)}"
             changes.append(Change(layers, "re-fitted to the original outputs (least squares)"))
+        skipped += [Skip(name, why) for name, why in refit.declined.items()]
         why, details = self._guard(original, model, setting, per_group)
         if why is not None:
             logger.info("prune: %s", why)
@@ -292,13 +293,13 @@ class ChannelPrunePass(OptPass):
         ShapeInferencePass(strict_mode=False)(candidate)
         return candidate
 
-    def _apply(self, original: ir.Model, model: ir.Model, analysis: Analysis, chosen, stats: StatsTable) -> list[str]:
+    def _apply(self, original: ir.Model, model: ir.Model, analysis: Analysis, chosen, stats: StatsTable) -> Refit:
         """Remove the ``chosen`` channels from ``model`` (an ``analysis`` of it); with ``refit``, re-fit the layers
-        downstream to ``original``'s outputs on the calibration data. Returns the re-fitted layers' names."""
+        downstream to ``original``'s outputs on the calibration data. Returns the layers re-fitted and declined."""
         removed, means = _removed_and_means(analysis, chosen, stats)
         apply_removal(model, analysis, removed, means)
         if not self.config.refit:
-            return []
+            return Refit()
         data = self.context.data if self.context is not None else None
         if data is None:
             raise ir.passes.PreconditionError("prune: --prune-refit needs the calibration data")

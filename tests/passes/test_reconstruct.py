@@ -110,7 +110,7 @@ def test_reconstruct_without_pruning_keeps_the_weights():
     x = RNG.random((64, 1, 12, 12)).astype(np.float32)
     source = data.as_source({"x": x}, model, batch_size=16)
     pruned = model.clone()
-    done = reconstruct(model, pruned, ["l1", "l2", "l3"], {}, source)
+    done = reconstruct(model, pruned, ["l1", "l2", "l3"], {}, source).done
     assert done == ["l1", "l2", "l3"]
     before = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
     for value in pruned.graph.initializers.values():
@@ -131,3 +131,61 @@ def test_refit_repairs_pruning_in_front_of_a_conv_transpose():
         assert nodes["l2"].inputs[1].const_value.numpy().shape[0] == 4  # ConvTranspose lost half its input channels
         errors[refit] = report.validation.outputs[report.model.graph.outputs[0].name].rel_l2
     assert errors[True] < 0.85 * errors[False]
+
+
+def _depthwise_net(channels=8, seed=2):
+    """Conv 3→C → Relu → depthwise Conv (group C, 3×3) → Relu → Conv 1×1 C→4: the PP-OCR classifier's block."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((channels, 3, 3, 3)) * 0.3).astype(np.float32), "w0"),
+        numpy_helper.from_array((rng.standard_normal(channels) * 0.1).astype(np.float32), "b0"),
+        numpy_helper.from_array((rng.standard_normal((channels, 1, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal(channels) * 0.1).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((4, channels, 1, 1)) * 0.3).astype(np.float32), "w2"),
+        numpy_helper.from_array((rng.standard_normal(4) * 0.1).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="c0", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Relu", ["c0"], ["r0"], name="r0"),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="dw", kernel_shape=[3, 3], pads=[1] * 4,
+                         group=channels),
+        helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="pw", kernel_shape=[1, 1]),
+    ]  # fmt: skip
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])
+    return builders.make_model(nodes, [x_info], [y_info], inits)
+
+
+def test_a_depthwise_conv_pruned_to_one_channel_is_declined_not_refitted():
+    """Pruned to one channel a depthwise Conv has group 1 and a (1, 1, 3, 3) weight, yet its original is grouped
+    (8 outputs from 8 groups; the PP-OCR classifier crashed here reshaping 72 values to (1, 1, 3, 3)): it is
+    declined with its reason and keeps its weights (its output is the original's kept channel), the 1×1 Conv
+    after it is re-fitted, and on the calibration data the re-fit model is no further from the original."""
+    proto = _depthwise_net()
+    x = RNG.standard_normal((96, 3, 6, 6)).astype(np.float32)
+    calib = x[:64]
+    original = builders.run(builders.expose(proto, ["c1"]), {"x": calib})
+    errors = {}
+    for refit in (False, True):
+        config = PruneConfig(ratio=0.9, align=1, refit=refit, score="mean", latency_guard=False)
+        report = PassManager(
+            [ChannelPrunePass(config)], data={"x": calib}, eval_data={"x": x[64:]}, budget=Budget(), simplify=False
+        ).run(ir.from_proto(proto))
+        nodes = {node.name: node for node in report.model.graph}
+        result = next(p for p in report.passes if p.name == "prune")
+        weight = nodes["dw"].inputs[1].const_value.numpy()
+        assert weight.shape == (1, 1, 3, 3), result.skipped
+        assert nodes["dw"].attributes["group"].value == 1
+        pruned = builders.run(builders.expose(ir.to_proto(report.model), ["c1"]), {"x": calib})
+        if refit:
+            assert [s.site for s in result.skipped if "grouped" in s.reason] == ["dw"], result.skipped
+            assert ("1 layer", "re-fitted to the original outputs (least squares)") in [
+                (c.site, c.what) for c in result.changes
+            ], result.changes
+            w1 = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "w1"))
+            kept = [k for k in range(8) if np.array_equal(weight[0], w1[k])]
+            assert len(kept) == 1  # the declined layer's weights are the original's, and so is its output
+            np.testing.assert_allclose(pruned["c1"][:, 0], original["c1"][:, kept[0]], rtol=1e-5, atol=1e-5)
+        errors[refit] = float(np.linalg.norm(pruned["y"] - original["y"]) / np.linalg.norm(original["y"]))
+    assert errors[True] <= errors[False] * (1 + 1e-4), errors
