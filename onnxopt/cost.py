@@ -471,36 +471,50 @@ def _run_for_missing_shapes(model: ir.Model) -> None:
     """Fill shapes that static inference could not derive by running the model once.
 
     ONNX shape inference gives up on shapes computed at run time (the Slice+Pad shortcuts of the CIFAR
-    ResNets build their pads from ConstantOfShape/Reshape/Transpose); one onnxruntime run on zeros of the
-    concrete input shapes measures them instead.
+    ResNets build their pads from ConstantOfShape/Reshape/Transpose) and on onnxruntime's com.microsoft
+    ops, whose outputs it leaves without shape *and* type (``QLinearAdd`` of a QOperator-quantized ResNet:
+    every ``QLinearConv`` after it had unknown shapes and counted no MACs). One onnxruntime run on zeros of the
+    concrete input shapes measures them instead; untyped values are measured too (onnxruntime types them),
+    and when that run fails, it is repeated with the typed values only.
     """
-    from onnxopt.runtime import Session
-
     inputs = graph_io.data_inputs(model)
     if any(_static(v) is None or v.dtype is None for v in inputs):
         return
-    graph = model.graph
-    outputs = {v.name for v in graph.outputs}
     missing = [
         out
-        for node in graph
+        for node in model.graph
         for out in node.outputs
-        if out.name and _static(out) is None and out.dtype is not None and out.dtype != ir.DataType.STRING
+        if out.name and _static(out) is None and out.dtype != ir.DataType.STRING
     ]
-    if not missing:
-        return
-    for value in missing:
-        if value.name not in outputs:
-            graph.outputs.append(value)
     feeds = {v.name: np.zeros(_static(v), dtype=v.dtype.numpy()) for v in inputs}
+    measured = _measure(model, feeds, missing)
+    typed = [v for v in missing if v.dtype is not None]
+    if measured is None and len(typed) < len(missing):
+        measured = _measure(model, feeds, typed)
+    for value, result in (measured or {}).items():
+        if isinstance(result, np.ndarray):  # a sequence value comes back as a list: no shape
+            value.shape = ir.Shape(list(result.shape))
+
+
+def _measure(model: ir.Model, feeds: dict[str, np.ndarray], values: list[ir.Value]) -> dict[ir.Value, Any] | None:
+    """``values`` computed by one onnxruntime run of ``model`` on ``feeds`` (``None``: the run failed)."""
+    from onnxopt.runtime import Session
+
+    if not values:
+        return None
+    graph = model.graph
+    declared = list(graph.outputs)
+    names = {v.name for v in declared}
+    graph.outputs.extend(v for v in values if v.name not in names)
     try:
-        results = Session(model).run(feeds, [v.name for v in missing])
+        results = Session(model).run(feeds, [v.name for v in values])
     except Exception as e:  # a model that cannot run on zeros keeps its unknown shapes
         logger.debug("shape measurement run failed: %s", e)
-        return
-    for value in missing:
-        if isinstance(results[value.name], np.ndarray):  # a sequence value comes back as a list: no shape
-            value.shape = ir.Shape(list(results[value.name].shape))
+        return None
+    finally:
+        graph.outputs.clear()
+        graph.outputs.extend(declared)
+    return {value: results[value.name] for value in values}
 
 
 def _graph_values(graph: ir.Graph) -> list[ir.Value]:
