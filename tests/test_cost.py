@@ -470,3 +470,20 @@ def test_a_pruned_then_quantized_model_counts_the_pruned_float_models_macs(tmp_p
     quantized = cost.estimate(_quantized(pruned, x[:8], "qoperator", tmp_path))
     assert not quantized.macs_partial, quantized.uncounted
     assert quantized.macs == pruned_macs
+
+
+def test_onnxruntimes_fused_com_microsoft_ops_count_the_float_models_macs(tmp_path):
+    """Saved by onnxruntime after its extended fusions (Conv+Relu → com.microsoft FusedConv, untyped for ONNX's
+    shape inference): the same MACs as the model it was optimized from."""
+    import onnxruntime as ort
+
+    proto = _residual_net()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = graph.load(tmp_path / "fused.onnx")
+    assert "FusedConv" in {n.op_type for n in fused.graph}
+    result = cost.estimate(fused, batch=2)
+    assert not result.macs_partial, result.uncounted
+    assert result.macs == cost.estimate(ir.from_proto(proto), batch=2).macs
