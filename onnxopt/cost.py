@@ -1,13 +1,16 @@
 """Cost model: parameters, multiply-accumulates (MACs) and other ops per node, and file bytes.
 
 Shapes come from ONNX shape inference on a clone whose dynamic input dims are fixed (batch 1 unless
-given). MACs, one multiply plus one add each, as the ResNet paper counts "multiply-adds":
+given); those it leaves unknown (computed at run time, or after onnxruntime's com.microsoft ops such as
+``QLinearAdd`` or ``FusedConv``, which it does not type) are measured by one onnxruntime run.
+MACs, one multiply plus one add each, as the ResNet paper counts "multiply-adds":
 
 - ``Conv``: ``numel(Y) · (C_in / group) · prod(kernel)``  (from the weight, shape (M, C/group, *k));
 - ``ConvTranspose``: ``numel(X) · (M / group) · prod(kernel)`` (weight (C, M/group, *k));
 - ``Gemm``/``MatMul``: ``numel(Y) · K``, K the reduced dimension; ``MatMulNBits`` from its ``K`` attribute;
   the quantized forms (``ConvInteger``, ``QLinearConv``, ``MatMulInteger``, ``QLinearMatMul``) and
-  onnxruntime's fused ones (``FusedConv``, ``FusedGemm``, ``FusedMatMul``, ...) likewise;
+  onnxruntime's fused ones (``FusedConv``, ``FusedGemm``, ``FusedMatMul``, ...) likewise, so an int8 layer
+  counts the float layer's MACs (QDQ: the float ``Conv`` between its Dequantize/QuantizeLinear);
 - ``LSTM``/``GRU``/``RNN``: ``seq · batch · directions · gates·hidden · (input + hidden)``;
 - onnxruntime's ``Attention``/``QAttention`` (``fuse``): the Q/K/V projections plus ``QKᵀ`` and ``softmax·V``.
 
