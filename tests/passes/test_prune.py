@@ -410,6 +410,7 @@ def _stub_timing(monkeypatch, input_us, pruned_us, spread=0.02):
     return calls
 
 
+@pytest.mark.prune_latency_guard
 @pytest.mark.parametrize("pruned_us", [130.0, 103.0, 70.0])
 def test_latency_guard_keeps_the_input_only_when_the_pruned_model_is_clearly_slower(pruned_us, tmp_path, monkeypatch):
     proto = builders.mlp(sizes=(8, 64, 4), seed=5)
@@ -434,6 +435,7 @@ def test_latency_guard_keeps_the_input_only_when_the_pruned_model_is_clearly_slo
         assert report.after.params < report.before.params
 
 
+@pytest.mark.prune_latency_guard
 def test_latency_guard_can_be_turned_off_and_needs_a_run_context(tmp_path, monkeypatch):
     calls = _stub_timing(monkeypatch, 100.0, 500.0)
     proto = builders.mlp(sizes=(8, 64, 4), seed=5)
