@@ -341,8 +341,9 @@ class _Fold:
     """Validation's per-batch quantities over consecutive batches (see :func:`validate`).
 
     Extremes and counts are folded; what depends on every sample (the metric's rows, the labels, per-batch
-    squared errors) is kept per batch, so the folds of consecutive shards, merged in batch order, give the
-    report of one pass over all batches exactly.
+    squared errors) is kept per batch, keyed by the batch's index, and taken in index order at the end: the folds
+    of consecutive shards, merged in batch order, and a local pass that visits the batches out of order (the
+    early stop's sweeps) give the report of one pass over all batches in order exactly.
     """
 
     def __init__(self, output_names: list[str], metric: metrics_mod.Metric | None, auto_top1: bool) -> None:
@@ -352,18 +353,22 @@ class _Fold:
         self.accumulators = {name: _OutputAccumulator() for name in output_names}
         self.correct = {"before": 0, "after": 0}
         self.labelled = 0
-        self.squared: list[tuple[float, float]] = []  # per batch with regression targets, summed in batch order
+        self.squared: dict[int, tuple[float, float]] = {}  # per batch with regression targets, summed in batch order
         self.targets = 0
         self.score_output: str | None = None
-        self.kept: dict[str, list[dict[str, np.ndarray]]] = {"before": [], "after": []}
-        self.batch_labels: list[np.ndarray] = []
+        self.kept: dict[str, dict[int, dict[str, np.ndarray]]] = {"before": {}, "after": {}}
+        self.batch_labels: dict[int, np.ndarray] = {}
         self.samples = 0
         self.batches = 0
         self.failure: str | None = None
 
-    def add(self, ref_out: dict[str, np.ndarray], got_out: dict[str, np.ndarray], batch) -> bool:
-        """Fold one batch in; ``False`` (and ``failure``) when an output's shape differs: validation stops there."""
+    def add(
+        self, ref_out: dict[str, np.ndarray], got_out: dict[str, np.ndarray], batch, index: int | None = None
+    ) -> bool:
+        """Fold batch ``index`` (default: the next in order) in; ``False`` (and ``failure``) when an output's shape
+        differs: validation stops there."""
         first = self.batches == 0
+        index = self.batches if index is None else index
         self.batches += 1
         if first and self.metric is None and self.auto_top1 and batch.labels is not None:
             if _score_output(ref_out, batch.labels) is not None:
@@ -371,10 +376,10 @@ class _Fold:
         if self.metric is not None:
             if first:
                 self.metric.bind(ref_out, batch.labels)
-            self.kept["before"].append(self.metric.rows(ref_out, batch.feeds, labels=batch.labels))
-            self.kept["after"].append(self.metric.rows(got_out, batch.feeds, reference=ref_out, labels=batch.labels))
+            self.kept["before"][index] = self.metric.rows(ref_out, batch.feeds, labels=batch.labels)
+            self.kept["after"][index] = self.metric.rows(got_out, batch.feeds, reference=ref_out, labels=batch.labels)
             if batch.labels is not None:
-                self.batch_labels.append(np.asarray(batch.labels))
+                self.batch_labels[index] = np.asarray(batch.labels)
         for name, acc in self.accumulators.items():
             if ref_out[name].shape != got_out[name].shape:
                 self.failure = f"output '{name}' has shape {got_out[name].shape}, the original {ref_out[name].shape}"
@@ -384,11 +389,9 @@ class _Fold:
             target_output = _target_output(ref_out, batch.labels)
             if target_output is not None:
                 target = batch.labels.reshape(ref_out[target_output].shape).astype(np.float64)
-                self.squared.append(
-                    (
-                        float(np.sum((ref_out[target_output] - target) ** 2)),
-                        float(np.sum((got_out[target_output] - target) ** 2)),
-                    )
+                self.squared[index] = (
+                    float(np.sum((ref_out[target_output] - target) ** 2)),
+                    float(np.sum((got_out[target_output] - target) ** 2)),
                 )
                 self.targets += target.size
         elif batch.labels is not None:
@@ -418,14 +421,15 @@ class _Fold:
             raise DataError(f"the evaluation batches differ in layout: metric {mine} on the first, {theirs} later")
         for name, acc in self.accumulators.items():
             acc.merge(other.accumulators[name])
+        offset = self.batches  # the other fold's batches follow these: its indices start at 0
         for side in ("before", "after"):
             self.correct[side] += other.correct[side]
-            self.kept[side] += other.kept[side]
+            self.kept[side].update({offset + i: rows for i, rows in other.kept[side].items()})
         self.labelled += other.labelled
-        self.squared += other.squared
+        self.squared.update({offset + i: parts for i, parts in other.squared.items()})
         self.targets += other.targets
         self.score_output = self.score_output or other.score_output
-        self.batch_labels += other.batch_labels
+        self.batch_labels.update({offset + i: labels for i, labels in other.batch_labels.items()})
         self.samples += other.samples
         self.batches += other.batches
         self.failure = other.failure
@@ -443,9 +447,9 @@ class _Fold:
             report.accuracy = {k: 100.0 * v / self.labelled for k, v in self.correct.items()}
         if self.targets:
             squared = {"before": 0.0, "after": 0.0}
-            for before, after in self.squared:  # in batch order: the sums of one pass
-                squared["before"] += before
-                squared["after"] += after
+            for index in sorted(self.squared):  # in batch order: the sums of one pass
+                squared["before"] += self.squared[index][0]
+                squared["after"] += self.squared[index][1]
             report.task_mse = {k: v / self.targets for k, v in squared.items()}
         if metric is not None and self.metric is not None:
             metric.output = self.metric.output
@@ -453,8 +457,9 @@ class _Fold:
         if metric is not None and report.samples:
             labels = getattr(data, "labels", None)
             if labels is None and self.batch_labels:
-                labels = np.concatenate(self.batch_labels, axis=0)
-            report.metric = _measure(metric, self.kept, labels, report, budget)
+                labels = np.concatenate([self.batch_labels[i] for i in sorted(self.batch_labels)], axis=0)
+            kept = {side: [rows[i] for i in sorted(rows)] for side, rows in self.kept.items()}
+            report.metric = _measure(metric, kept, labels, report, budget)
         report.failures.extend(_judge(report, budget))
 
 
@@ -628,14 +633,6 @@ def validate(
     if missing:
         report.failures.append(f"outputs missing from the optimized model: {missing}")
         return report
-    accumulators = {name: _OutputAccumulator() for name in reference.output_names}
-    correct = {"before": 0, "after": 0}
-    labelled = 0
-    squared_parts: dict[int, tuple[float, float]] = {}  # per batch, summed in batch order (as one stream would)
-    targets = 0
-    score_output = None
-    kept: dict[str, dict[int, dict[str, np.ndarray]]] = {"before": {}, "after": {}}
-    batch_labels: dict[int, np.ndarray] = {}
     stopper = None
     if stop_mode != "off" and not report.failures:
         baseline = early_stopping.baseline(reference, data, metric, budget, stop_mode, _auto_metric(budget))
@@ -645,75 +642,30 @@ def validate(
     elif stop_mode != "off":  # the checker already failed it: nothing the samples say can pass it
         report.early_stop = early_stopping.Stopped(report.failures[0], "exact", 0, data.samples or 0)
         return report
+    fold = _Fold(reference.output_names, metric, budget.max_accuracy_drop is not None)
     started = time.perf_counter()
     first_sweep: list[int] = []  # the statistical subset: the batches of the first sweep
     for sweep, index, batch in _sweeps(data, early_stopping.STRIDE if stopper and stopper.statistical else 1):
         if stopper is not None and sweep == 1 and first_sweep:
-            reason = stopper.subset(first_sweep, [kept["after"][i] for i in first_sweep])
+            reason = stopper.subset(first_sweep, [fold.kept["after"][i] for i in first_sweep])
             first_sweep = []
             if reason is not None:
-                return _stopped(report, accumulators, stopper, reason, "statistical", started)
+                return _stopped(report, fold.accumulators, stopper, reason, "statistical", started)
         if sweep == 0:
             first_sweep.append(index)
         ref_out = reference.run(index, batch.feeds)
-        got_out = candidate.run(batch.feeds, reference.output_names)
-        if index == 0 and metric is None and budget.max_accuracy_drop is not None and batch.labels is not None:
-            if _score_output(ref_out, batch.labels) is not None:  # the accuracy budget is top1's
-                metric = metrics_mod.resolve("top1")
-        if metric is not None:
-            if index == 0:
-                metric.bind(ref_out, batch.labels)
-            kept["before"][index] = metric.rows(ref_out, batch.feeds, labels=batch.labels)
-            kept["after"][index] = metric.rows(got_out, batch.feeds, reference=ref_out, labels=batch.labels)
-            if batch.labels is not None:
-                batch_labels[index] = np.asarray(batch.labels)
-        for name, acc in accumulators.items():
-            if ref_out[name].shape != got_out[name].shape:
-                report.failures.append(
-                    f"output '{name}' has shape {got_out[name].shape}, the original {ref_out[name].shape}"
-                )
-                return report
-            acc.update(ref_out[name], got_out[name])
-        if batch.labels is not None and batch.labels.dtype.kind == "f" and batch.labels.ndim > 1:
-            target_output = _target_output(ref_out, batch.labels)
-            if target_output is not None:
-                target = batch.labels.reshape(ref_out[target_output].shape).astype(np.float64)
-                squared_parts[index] = (
-                    float(np.sum((ref_out[target_output] - target) ** 2)),
-                    float(np.sum((got_out[target_output] - target) ** 2)),
-                )
-                targets += target.size
-        elif batch.labels is not None:
-            score_output = score_output or _score_output(ref_out, batch.labels)
-            if score_output is not None:
-                labels = _label_indices(batch.labels)
-                correct["before"] += int((ref_out[score_output].argmax(axis=1) == labels).sum())
-                correct["after"] += int((got_out[score_output].argmax(axis=1) == labels).sum())
-                labelled += len(labels)
-        report.samples += batch.size
+        if not fold.add(ref_out, candidate.run(batch.feeds, reference.output_names), batch, index):
+            fold.finish(report, data, budget, None)  # the samples so far and the shape failure
+            return report
+        report.samples = fold.samples
         if progress is not None:
             progress(report.samples, data.samples)
         if stopper is not None:
-            stopper.add(index, kept["after"].get(index))
-            reason = stopper.exact(accumulators)
+            stopper.add(index, fold.kept["after"].get(index))
+            reason = stopper.exact(fold.accumulators)
             if reason is not None:
-                return _stopped(report, accumulators, stopper, reason, "exact", started)
-    squared = {"before": 0.0, "after": 0.0}
-    for index in sorted(squared_parts):
-        squared["before"] += squared_parts[index][0]
-        squared["after"] += squared_parts[index][1]
-    kept_lists = {side: [rows[i] for i in sorted(rows)] for side, rows in kept.items()}
-    report.outputs = {name: acc.result() for name, acc in accumulators.items()}
-    if labelled:
-        report.accuracy = {k: 100.0 * v / labelled for k, v in correct.items()}
-    if targets:
-        report.task_mse = {k: v / targets for k, v in squared.items()}
-    if metric is not None and report.samples:
-        labels = getattr(data, "labels", None)
-        if labels is None and batch_labels:
-            labels = np.concatenate([batch_labels[i] for i in sorted(batch_labels)], axis=0)
-        report.metric = _measure(metric, kept_lists, labels, report, budget)
-    report.failures.extend(_judge(report, budget))
+                return _stopped(report, fold.accumulators, stopper, reason, "exact", started)
+    fold.finish(report, data, budget, None)  # its metric: the caller's, or top1 for an accuracy budget
     report.ok = not report.failures and report.samples > 0
     if report.samples == 0:
         report.failures.append(f"no validation batch arrived from {data.description}")
