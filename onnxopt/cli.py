@@ -603,7 +603,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from onnxopt import data, graph, registry
+    from onnxopt import data, registry
     from onnxopt.manager import PassManager
     from onnxopt.progress import ProgressView
 
@@ -675,26 +675,17 @@ def _run(args: argparse.Namespace) -> int:
     judged_by = report.validation.budget if report.validation is not None else _budget(args)
     payload["recipe"] = recipe.effective(args, passes, judged_by)  # `--config` on it repeats this run
     if not report.ok and not args.force:
-        if args.report:
-            _write_json_atomic(Path(args.report), payload)
-            print(f"wrote {args.report}")
+        _write_report(args, payload)
         where = sys.stderr if args.quiet else sys.stdout
         print(f"validation failed: nothing written to {output} (use --force to write it anyway)", file=where)
         return EXIT_INVALID
     page = None
     if args.html:
         page = html_report.render(report, latency=latency, model_name=str(source), output_name=str(output))
-    if _unchanged_copy(source, report):  # byte for byte: a re-serialized copy gains value_info and grows
-        _copy_atomic(source, output)
-    else:
-        graph.save(report.model, output)  # before the report: an interrupted save leaves neither
-    print(f"wrote {output}")
-    if args.report:
-        _write_json_atomic(Path(args.report), payload)
-        print(f"wrote {args.report}")
-    if page is not None:
-        html_report.write(args.html, page)
-        print(f"wrote {args.html}")
+    # byte for byte when nothing changed: a re-serialized copy gains value_info and grows
+    _write_outputs(
+        args, report.model, output, payload, page, copy_from=source if _unchanged_copy(source, report) else None
+    )
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
@@ -707,7 +698,7 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
     Exit 0 when a pipeline reaches the target within the budget (written to ``-o``); 1 when none does: the best
     within the budget is written (nothing when no pipeline holds the budget) and the reason printed.
     """
-    from onnxopt import data, goal, graph, recipe, registry
+    from onnxopt import data, goal, recipe, registry
     from onnxopt.progress import ProgressView
 
     if args.passes.strip():
@@ -763,9 +754,7 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
     if report is not None:
         payload["recipe"] = recipe.effective(args, result.passes, report.validation.budget)  # the chosen pipeline
     if report is None:
-        if args.report:
-            _write_json_atomic(Path(args.report), payload)
-            print(f"wrote {args.report}")
+        _write_report(args, payload)
         where = sys.stderr if args.quiet else sys.stdout
         print(f"no pipeline holds the budget: nothing written to {output}", file=where)
         return EXIT_INVALID
@@ -776,14 +765,7 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
         page = html_report.render(
             report, latency=latency, model_name=str(source), output_name=str(output), goal=result
         )  # fmt: skip
-    graph.save(report.model, output)  # before the report: an interrupted save leaves neither
-    print(f"wrote {output}")
-    if args.report:
-        _write_json_atomic(Path(args.report), payload)
-        print(f"wrote {args.report}")
-    if page is not None:
-        html_report.write(args.html, page)
-        print(f"wrote {args.html}")
+    _write_outputs(args, report.model, output, payload, page)
     return EXIT_OK if result.reached else EXIT_INVALID
 
 
@@ -919,6 +901,33 @@ def _same_path(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
     except (OSError, RuntimeError):  # a symlink loop: not a file anything can be written to or read from
         return False
+
+
+def _write_report(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    """``--report``, when asked for (also where validation failed and no model is written)."""
+    if args.report:
+        _write_json_atomic(Path(args.report), payload)
+        print(f"wrote {args.report}")
+
+
+def _write_outputs(
+    args: argparse.Namespace, model: Any, output: Path, payload: dict[str, Any], page: Any, *, copy_from=None
+) -> None:
+    """What ``run`` writes: the model first (an interrupted save leaves no report of it), a byte-for-byte copy of
+    ``copy_from`` instead when given, then ``--report`` and the rendered ``--html`` page."""
+    from onnxopt import graph
+
+    if copy_from is not None:
+        _copy_atomic(copy_from, output)
+    else:
+        graph.save(model, output)
+    print(f"wrote {output}")
+    _write_report(args, payload)
+    if page is not None:
+        from onnxopt import html_report
+
+        html_report.write(args.html, page)
+        print(f"wrote {args.html}")
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
