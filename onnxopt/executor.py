@@ -117,6 +117,25 @@ class Job:
     def model_list(self) -> list[ModelLike]:
         return [self.models] if self.single else list(self.models)
 
+    def open(self) -> Session | tuple[Session, ...]:
+        """Sessions of the job's models in this process: what its shard function receives."""
+        return open_sessions((lambda m=m: Session(m, optimize=self.optimize) for m in self.model_list), self.single)
+
+
+def open_sessions(openers, single: bool) -> Session | tuple[Session, ...]:
+    """Open a job's sessions in order with ``openers`` (callables): the session of a single-model job, else the tuple.
+
+    Raises:
+        SessionOpenError: the index of the model onnxruntime could not load, and why.
+    """
+    sessions = []
+    for index, open_ in enumerate(openers):
+        try:
+            sessions.append(open_())
+        except Exception as e:
+            raise SessionOpenError(index, first_line(e)) from e
+    return sessions[0] if single else tuple(sessions)
+
 
 class Executor(Protocol):
     """Runs shard functions over the batches of a data source."""
@@ -168,13 +187,7 @@ class LocalExecutor:
     def map_many(self, jobs: Sequence[Job], source: DataSource, *, progress: Progress | None = None) -> list[list[Any]]:
         results = []
         for number, job in enumerate(jobs):
-            sessions = []
-            for index, model in enumerate(job.model_list):
-                try:
-                    sessions.append(Session(model, optimize=job.optimize))
-                except Exception as e:
-                    raise SessionOpenError(index, first_line(e)) from e
-            opened = sessions[0] if job.single else tuple(sessions)
+            opened = job.open()
             batches = _counted(source, progress if number == 0 else None)
             # a copy, as a Ray task gets one: the caller merges the returned state into its own
             if job.cache is None:
@@ -525,13 +538,8 @@ def _run_shard(
 ):
     """The body of a Ray task: cached sessions of the payloads' models, then ``fn`` over the shard (with a cache:
     ``(state, the value to keep or None, its bytes)``)."""
-    sessions = []
-    for index, (payload, key) in enumerate(zip(payloads, keys, strict=True)):
-        try:
-            sessions.append(_session(payload, key, optimize))
-        except Exception as e:
-            raise SessionOpenError(index, first_line(e)) from e
-    opened = sessions[0] if single else tuple(sessions)
+    openers = (lambda p=p, k=k: _session(p, k, optimize) for p, k in zip(payloads, keys, strict=True))
+    opened = open_sessions(openers, single)
     if mode == _NO_CACHE:
         return fn(opened, batches, init_args)
     state, keep = fn(opened, batches, init_args, cached)

@@ -13,8 +13,8 @@ import onnx_ir as ir
 import pytest
 
 from onnxopt import data, stats, validate
-from onnxopt.errors import CalibrationError, first_line
-from onnxopt.executor import ExecutorError, Job, LocalExecutor, RayExecutor, SessionOpenError, make_executor
+from onnxopt.errors import CalibrationError
+from onnxopt.executor import ExecutorError, Job, LocalExecutor, RayExecutor, make_executor
 from tests import builders
 
 REQUEST = stats.StatsRequest(values=frozenset({"c1", "r1", "c2", "gap", "y"}), grams=frozenset({"conv2", "fc"}))
@@ -279,19 +279,11 @@ class _InProcessShards:
     def map_many(self, jobs, source, *, progress=None):
         import copy
 
-        from onnxopt.runtime import Session
-
         batches = list(source)
         results = []
         for job in jobs:
             self.jobs_run += 1
-            sessions = []
-            for index, m in enumerate(job.model_list):
-                try:
-                    sessions.append(Session(m, optimize=job.optimize))
-                except Exception as e:
-                    raise SessionOpenError(index, first_line(e)) from e
-            opened = sessions[0] if job.single else tuple(sessions)
+            opened = job.open()
             states = []
             for start in range(0, len(batches), self.size):
                 shard = batches[start : start + self.size]
