@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -54,6 +54,7 @@ class FinetuneResult:
     model: ir.Model
     losses: list[float]
     parameters: int
+    hidden: list[str] = field(default_factory=list)  # intermediate tensors matched (distill with ``hidden``)
 
 
 def finetune(
@@ -134,6 +135,8 @@ def distill(
     epochs: int = 2,
     lr: float = 1e-4,
     temperature: float = 2.0,
+    hidden: Sequence[str] = (),
+    hidden_weight: float = 1.0,
     seed: int = 0,
     threads: int = 1,
     log: Callable[[str], None] | None = None,
@@ -146,14 +149,20 @@ def distill(
     teacher gives): for class-score outputs (2-D, at least two columns) the KL divergence between the softened
     distributions at ``temperature`` times its square (Hinton et al. 2015; a Softmax output is compared through its log,
     which is a logit up to a constant); for any other output the squared error relative to the teacher's mean square,
-    so outputs of different scales weigh alike. ``threads``: torch's intra-op threads while training (one by default:
-    small per-node kernels run up to 20x slower when two threads contend on a busy 2-core machine).
+    so outputs of different scales weigh alike. ``hidden``: intermediate tensors of the student matched too (FitNets,
+    Romero et al. 2015; TinyBERT's hidden-state loss, Jiao et al. 2020), each by the same relative squared error
+    times ``hidden_weight``, where a batch's teacher outputs hold a tensor of that name *and the same shape* (a
+    pruned layer's narrower tensor is skipped); ``FinetuneResult.hidden`` names the ones matched. ``threads``:
+    torch's intra-op threads while training (one by default: small per-node kernels run up to 20x slower when two
+    threads contend on a busy 2-core machine).
     """
     torch = _torch()
     if not batches:
         raise OnnxoptError("distillation needs at least one batch")
     if not temperature > 0:
         raise OnnxoptError(f"distillation temperature must be > 0, got {temperature}")
+    if not hidden_weight >= 0:
+        raise OnnxoptError(f"distillation hidden_weight must be >= 0, got {hidden_weight}")
     proto = graph.to_proto(model)
     program = _Program(proto, None)
     names = list(outputs) if outputs is not None else [n for n in program.outputs if n in batches[0][1]]
@@ -164,6 +173,8 @@ def distill(
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     rng = np.random.default_rng(seed)
     softmax = {n for n in names if program.producer.get(n) is not None and program.producer[n].op_type == "Softmax"}
+    inner = [n for n in dict.fromkeys(hidden) if n not in names and n in program.producer] if hidden_weight else []
+    matched: set[str] = set()
     losses = []
     with torch.enable_grad(), _threads(torch, threads):
         for epoch in range(epochs):
@@ -175,6 +186,11 @@ def distill(
                     _distill_loss(values[n], torch.from_numpy(np.asarray(teacher[n])), temperature, n in softmax)
                     for n in names
                 )
+                for n in inner:
+                    if n in teacher and n in values and tuple(values[n].shape) == np.shape(teacher[n]):
+                        target = torch.from_numpy(np.asarray(teacher[n]))
+                        value = value + hidden_weight * _relative_mse(values[n], target)
+                        matched.add(n)
                 optimizer.zero_grad()
                 value.backward()
                 optimizer.step()
@@ -182,7 +198,9 @@ def distill(
             losses.append(total / len(batches))
             if log:
                 log(f"distill epoch {epoch + 1}/{epochs}: loss {losses[-1]:.6g}")
-    return _write_back(proto, params, losses)
+    result = _write_back(proto, params, losses)
+    result.hidden = [n for n in inner if n in matched]
+    return result
 
 
 @contextlib.contextmanager
@@ -205,6 +223,14 @@ def _distill_loss(student, teacher, temperature: float, probabilities: bool):
         s = torch.log_softmax(student / temperature, dim=1)
         t = torch.log_softmax(teacher / temperature, dim=1)
         return torch.nn.functional.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
+    return _relative_mse(student, teacher)
+
+
+def _relative_mse(student, teacher):
+    """Mean squared error relative to the teacher's mean square: scale-free, so tensors of any scale weigh alike."""
+    import torch
+
+    teacher = teacher.to(student.dtype).reshape(student.shape)
     scale = teacher.pow(2).mean().clamp_min(1e-12)
     return torch.nn.functional.mse_loss(student, teacher) / scale
 

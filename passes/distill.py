@@ -10,6 +10,14 @@ initializers of weight-carrying ops get new values, so a later ``prune`` sees th
 thesis's retraining between pruning rounds, without a training set: ``--passes prune,distill,prune,distill,quant``
 prunes, recovers, and prunes again, each search judged against the original on the evaluation data.
 
+With ``hidden``, the student also matches the teacher inside (FitNets / TinyBERT's hidden-state loss): the block
+outputs — every LayerNormalization's output, and the end of every residual block (a residual ``Add`` of two computed
+tensors, followed through single-consumer activations such as the Relu after a ResNet block) — that the original
+holds under the same name with the same shape, by the same relative squared error, times ``hidden_weight``. A
+pruned transformer keeps its residual stream (heads and FFN neurons go, the hidden size stays), so every layer's
+output gets a target; in a pruned CNN a block whose channels were removed has no match and is left out. The
+teacher's intermediates come from a copy of the original with those tensors added as graph outputs.
+
 The trained weights are kept only when they bring the model closer to the original on data the training did not
 see (the evaluation data, else a held-out quarter of the calibration data): the pass never makes a model worse by
 its own measure. The report gives the distance before and after.
@@ -36,10 +44,17 @@ class DistillConfig(PassConfig):
     lr: float = dataclasses.field(default=1e-4, metadata={"help": "Adam learning rate"})
     temperature: float = dataclasses.field(default=2.0, metadata={"help": "softening of class scores (KL loss)"})
     max_samples: int = dataclasses.field(default=4096, metadata={"help": "calibration samples used at most"})
+    hidden: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "also match the original's block outputs (LayerNorm, residual blocks) of the same shape"},
+    )
+    hidden_weight: float = dataclasses.field(default=1.0, metadata={"help": "weight of each matched block output"})
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or not self.lr > 0 or not self.temperature > 0 or self.max_samples < 1:
             raise ValueError("distill: epochs >= 1, lr > 0, temperature > 0, max_samples >= 1")
+        if not self.hidden_weight >= 0:
+            raise ValueError(f"distill: hidden_weight >= 0, got {self.hidden_weight}")
 
 
 class DistillPass(OptPass):
@@ -56,11 +71,12 @@ class DistillPass(OptPass):
         if context is None or context.data is None or context.original is None:
             why = "needs calibration data (--data)" if context is None or context.data is None else "no original model"
             return OptResult(model, modified=False, skipped=[Skip("model", why)])
-        teacher = _Teacher(context.original)
+        hidden = _matching_blocks(model, context.original) if self.config.hidden else []
+        teacher = _Teacher(context.original, hidden)
         outputs = [v.name for v in model.graph.outputs if v.dtype in _FLOATS and v.name in teacher.outputs]
         if not outputs:
             return OptResult(model, modified=False, skipped=[Skip("model", "no float output to distill")])
-        batches = teacher.batches(context.data, outputs, self.config.max_samples)
+        batches = teacher.batches(context.data, outputs + hidden, self.config.max_samples)
         if context.eval_data is not None:
             train, held = batches, teacher.batches(context.eval_data, outputs, self.config.max_samples)
         else:
@@ -76,11 +92,15 @@ class DistillPass(OptPass):
             epochs=self.config.epochs,
             lr=self.config.lr,
             temperature=self.config.temperature,
+            hidden=hidden,
+            hidden_weight=self.config.hidden_weight,
             seed=context.seed,
             log=logger.debug,
         )
         after = _distance(result.model, held, outputs)
         what = f"relative output error {before:.4g} -> {after:.4g} on {_count(held)} held-out samples"
+        if self.config.hidden:
+            what += f"; {len(result.hidden)} block output{'s' * (len(result.hidden) != 1)} matched inside"
         if not after < before:
             return OptResult(model, modified=False, skipped=[Skip("model", f"training did not help: {what}")])
         _copy_weights(result.model, model)
@@ -92,13 +112,84 @@ class DistillPass(OptPass):
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 
 
-class _Teacher:
-    """The original model in onnxruntime, giving its outputs for batches of feeds."""
+# ops whose output ends a block (the residual stream after normalization); shape-keeping ops a residual block's end
+# is followed through (ResNet's Add -> Relu)
+_BLOCK_ENDS = frozenset({"LayerNormalization", "RMSNormalization"})
+_ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Gelu"})
 
-    def __init__(self, path) -> None:
+
+def _block_outputs(model: ir.Model) -> list[ir.Value]:
+    """The student's block outputs, in graph order: normalization outputs and the ends of residual blocks."""
+    found: dict[int, ir.Value] = {}
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or not node.outputs:
+            continue
+        if node.op_type in _BLOCK_ENDS:
+            found[id(node.outputs[0])] = node.outputs[0]
+        elif node.op_type == "Add" and _residual(node):
+            end = node.outputs[0]
+            while len(end.uses()) == 1 and end.uses()[0].node.op_type in _ELEMENTWISE | _BLOCK_ENDS:
+                consumer = end.uses()[0].node
+                if consumer.op_type in _BLOCK_ENDS:
+                    break  # the normalization's output is the block output
+                end = consumer.outputs[0]
+            else:
+                found[id(end)] = end
+    return [v for v in found.values() if v.dtype in _FLOATS and not v.is_graph_output() and v.name]
+
+
+def _residual(node: ir.Node) -> bool:
+    """A residual Add: two computed activations (not weights or constants) of one known shape (no broadcasting,
+    which leaves out attention-mask and position-embedding Adds)."""
+    if len(node.inputs) != 2 or any(v is None or v.shape is None for v in node.inputs):
+        return False
+    producers = [v.producer() for v in node.inputs]
+    if any(p is None or p.op_type in ("Constant", "ConstantOfShape") for p in producers):
+        return False
+    return node.inputs[0].shape == node.inputs[1].shape
+
+
+def _matching_blocks(model: ir.Model, original) -> list[str]:
+    """Names of the student's block outputs that the original has under the same name with a compatible shape
+    (dimensions known on both sides equal; the exact shapes are compared again on each batch)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    from onnxopt import graph as graph_io
+
+    teacher, student = graph_io.load(original), model.clone()  # the clone shares the weights; shapes inferred on it
+    for each in (teacher, student):
+        ShapeInferencePass(strict_mode=False)(each)
+    theirs = {v.name: v for node in teacher.graph for v in node.outputs if v.name}
+    names = []
+    for value in _block_outputs(student):
+        other = theirs.get(value.name)
+        if other is not None and other.dtype == value.dtype and _compatible(value.shape, other.shape):
+            names.append(value.name)
+    logger.debug("distill: %d block outputs to match inside: %s", len(names), ", ".join(names))
+    return names
+
+
+def _compatible(a: ir.Shape | None, b: ir.Shape | None) -> bool:
+    if a is None or b is None:
+        return True
+    if len(a) != len(b):
+        return False
+    return all(not isinstance(x, int) or not isinstance(y, int) or x == y for x, y in zip(a, b, strict=True))
+
+
+class _Teacher:
+    """The original model in onnxruntime, giving its outputs (and the ``hidden`` intermediates) for batches."""
+
+    def __init__(self, path, hidden: list[str] = ()) -> None:
+        from onnxopt import graph as graph_io
         from onnxopt.runtime import Session
 
-        self.session = Session(path, optimize=True)
+        source = path
+        if hidden:
+            source = graph_io.load(path)
+            values = {v.name: v for node in source.graph for v in node.outputs}
+            source.graph.outputs.extend(values[name] for name in hidden if not values[name].is_graph_output())
+        self.session = Session(source, optimize=True)
         self.outputs = set(self.session.output_names)
 
     def batches(self, source, outputs: list[str], limit: int) -> list[tuple[dict, dict]]:

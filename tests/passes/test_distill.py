@@ -187,3 +187,134 @@ def test_distill_options_are_checked():
 
     with pytest.raises(UsageError, match="distill"):
         registry.make_pass("distill", epochs=0)
+
+
+# --- intermediate (block output) matching: hidden -----------------------------------------------------------------
+_H1 = "h1"  # the encoder block's first LayerNormalization output (the residual stream after attention)
+
+
+def test_hidden_loss_is_zero_when_the_student_equals_the_teacher():
+    teacher = _encoder_block()
+    feeds = _tokens(8, 6)  # one batch: its loss is taken before the one Adam step
+    batches = [(feeds, builders.run(builders.expose(teacher, [_H1]), feeds))]
+    result = distill(graph.from_proto(teacher), batches, outputs=["pooled"], hidden=[_H1], epochs=1, lr=1e-3)
+    assert result.hidden == [_H1]
+    assert result.losses[0] < 1e-6, result.losses  # float32 torch vs onnxruntime rounding (a perturbed one: ~0.1)
+
+
+def test_hidden_matching_pulls_a_perturbed_layer_back():
+    """Only the attention output projection is perturbed; trained on the pooled output plus the first block output,
+    the block output gets much closer to the teacher's, and closer than with the pooled output alone."""
+    teacher = _encoder_block()
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    rng = np.random.default_rng(5)
+    for init in student.graph.initializer:
+        if init.name == "wo":
+            array = numpy_helper.to_array(init)
+            init.CopyFrom(
+                numpy_helper.from_array(array + 0.3 * rng.standard_normal(array.shape).astype(np.float32), "wo")
+            )
+    exposed = builders.expose(teacher, [_H1])
+    batches = [(f, builders.run(exposed, f)) for f in (_tokens(16, 8, seed=s) for s in range(6))]
+    held = _tokens(32, 8, seed=99)
+    ref = builders.run(exposed, held)[_H1]
+
+    def inner_error(proto):
+        got = builders.run(builders.expose(proto, [_H1]), held)[_H1]
+        return float(np.sum((got - ref) ** 2) / np.sum(ref**2))
+
+    with_hidden = distill(graph.from_proto(student), batches, outputs=["pooled"], hidden=[_H1], epochs=8, lr=3e-3)
+    without = distill(graph.from_proto(student), batches, outputs=["pooled"], epochs=8, lr=3e-3)
+    before = inner_error(student)
+    after = inner_error(graph.to_proto(with_hidden.model))
+    assert with_hidden.hidden == [_H1] and without.hidden == []
+    assert after < 0.5 * before, (before, after)
+    assert after < inner_error(graph.to_proto(without.model)), (after, inner_error(graph.to_proto(without.model)))
+
+
+def _residual_cnn(width: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """Two residual blocks (Conv → Relu → Conv → Add(skip) → Relu), the second on a 1×1 Conv's ``width`` channels,
+    then GlobalAveragePool → Flatten → Gemm. Block outputs: ``b1`` (8 channels) and ``b2`` (``width`` channels)."""
+    rng = np.random.default_rng(seed)
+    full = 8
+
+    def w(name, *shape):
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+    arrays = {
+        "w0": w("w0", full, 3, 3, 3), "wa": w("wa", full, full, 3, 3), "wb": w("wb", full, full, 3, 3),
+        "wt": w("wt", full, full, 1, 1), "wc": w("wc", full, full, 3, 3), "wd": w("wd", full, full, 3, 3),
+        "wf": w("wf", 5, full), "bf": np.zeros(5, np.float32),
+    }  # fmt: skip
+    # a narrower second block: the first `width` channels of the transition and of both its convolutions
+    arrays["wt"], arrays["wc"] = arrays["wt"][:width], arrays["wc"][:width, :width]
+    arrays["wd"], arrays["wf"] = arrays["wd"][:width, :width], arrays["wf"][:, :width]
+    conv = dict(kernel_shape=[3, 3], pads=[1] * 4)
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["s0"], **conv),
+        helper.make_node("Relu", ["s0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "wa"], ["ca"], **conv),
+        helper.make_node("Relu", ["ca"], ["ra"]),
+        helper.make_node("Conv", ["ra", "wb"], ["cb"], **conv),
+        helper.make_node("Add", ["cb", "r0"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["b1"]),
+        helper.make_node("Conv", ["b1", "wt"], ["t"], kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["t"], ["rt"]),
+        helper.make_node("Conv", ["rt", "wc"], ["cc"], **conv),
+        helper.make_node("Relu", ["cc"], ["rc"]),
+        helper.make_node("Conv", ["rc", "wd"], ["cd"], **conv),
+        helper.make_node("Add", ["cd", "rt"], ["a2"]),
+        helper.make_node("Relu", ["a2"], ["b2"]),
+        helper.make_node("GlobalAveragePool", ["b2"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["y"], transB=1),
+    ]
+    inits = [numpy_helper.from_array(a, n) for n, a in arrays.items()]
+    return builders.make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        inits,
+    )
+
+
+def test_hidden_tensors_whose_shapes_differ_are_skipped():
+    """A CNN whose second residual block was narrowed: its block output has the teacher's name but not its shape,
+    so only the first block's output is matched (in finetune.distill on each batch, and in the pass's choice)."""
+    from onnxopt.passes.distill import _block_outputs
+
+    teacher, student = _residual_cnn(8), _residual_cnn(4)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((4, 3, 6, 6)).astype(np.float32)} for _ in range(2)]
+    batches = [(f, builders.run(builders.expose(teacher, ["b1", "b2"]), f)) for f in feeds]
+    result = distill(graph.from_proto(student), batches, hidden=["b1", "b2"], epochs=1, lr=1e-3)
+    assert result.hidden == ["b1"]
+    inferred = graph.from_proto(onnx.shape_inference.infer_shapes(student))
+    assert [v.name for v in _block_outputs(inferred)] == ["b1", "b2"]
+
+
+def test_distill_pass_with_hidden_on_a_narrowed_cnn(tmp_path):
+    """The pass matches the kept block (named in its report), skips the narrowed one, and ends closer."""
+    from onnxopt.passes.distill import _matching_blocks
+
+    teacher = builders.save(_residual_cnn(8), tmp_path / "teacher.onnx")
+    student = builders.save(_residual_cnn(4, seed=0), tmp_path / "student.onnx")
+    assert _matching_blocks(graph.load(student), teacher) == ["b1"]
+    rng = np.random.default_rng(1)
+    calib = {"x": rng.standard_normal((128, 3, 6, 6)).astype(np.float32)}
+    held = {"x": rng.standard_normal((64, 3, 6, 6)).astype(np.float32)}
+    distill_pass = registry.make_pass("distill", epochs=10, lr=3e-3, hidden=True)
+    report = PassManager([distill_pass], data=calib, eval_data=held, budget=Budget(min_cosine=0.0)).run(
+        student, original=teacher
+    )
+    record = next(r for r in report.passes if r.name == "distill")
+    assert record.modified, record.skipped
+    assert "1 block output matched inside" in record.changes[0].what
+
+
+def test_distill_hidden_weight_is_checked():
+    from onnxopt.errors import UsageError
+
+    with pytest.raises(UsageError, match="hidden_weight"):
+        registry.make_pass("distill", hidden_weight=-1.0)
