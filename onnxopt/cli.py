@@ -1,4 +1,5 @@
-"""Command line: ``onnxopt run | inspect | validate | passes``. The only module that prints.
+"""Command line: ``onnxopt run | inspect | validate | passes``. With its helpers (:mod:`onnxopt._cli_print`, what
+it prints; :mod:`onnxopt._cli_files`, what it writes) the only module that prints.
 
 Exit codes: 0 success; 1 validation failed (no model written unless ``--force``), or ``--target`` not reached (the
 best model within the budget written); 2 bad usage or bad
@@ -18,12 +19,13 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from onnxopt import _cli_files as _files
+from onnxopt import _cli_print as _out
 from onnxopt.errors import OnnxoptError, UsageError
 from onnxopt.progress import plural
 
@@ -469,7 +471,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         if node.macs or node.params:
             shape = "x".join(map(str, node.output_shape)) if node.output_shape else "?"
             rows.append((node.name[-40:], node.op_type, shape, f"{node.params:,}", f"{node.macs:,}"))
-    _print_table(rows)
+    _out.print_table(rows)
     print(
         f"total: {result.params:,} params, {result.macs:,} MACs ({result.macs / 1e9:.3f} G), "
         f"{result.ops:,} other ops, {result.bytes:,} bytes, {len(result.nodes)} nodes"
@@ -477,8 +479,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for node in result.nodes:
         if node.note:  # If/Loop/Scan: how their subgraphs were counted
             print(f"{node.name or '(unnamed)'} ({node.op_type}): {node.note}")
-    _print_cost_shapes(result, "--input-shape" if shapes else "declared shapes, a dynamic batch axis 1")
-    _print_partial(result)
+    _out.print_cost_shapes(result, "--input-shape" if shapes else "declared shapes, a dynamic batch axis 1")
+    _out.print_partial(result)
     unknown = sum(1 for n in result.nodes if n.output_shape is None)
     if unknown:
         print(f"note: {unknown} nodes have unknown shapes (their MACs count 0); fix dynamic inputs with --input-shape")
@@ -512,7 +514,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
-        _print_validation(report)
+        _out.print_validation(report)
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
@@ -520,7 +522,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from onnxopt import convert
 
     source, output = Path(args.source), Path(args.output)
-    _check_output_path(source, output)
+    _files.check_output_path(source, output)
     data = None
     if args.data:
         from onnxopt.data import load_npz
@@ -584,10 +586,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cells.append("-" if r.accuracy is None else f"{r.accuracy:.2f}")
         cells.append("-" if r.agreement is None else f"{r.agreement:.4f}")
         rows.append(tuple(cells))
-    _print_table(rows)
+    _out.print_table(rows)
     for r in results:
-        print(f"{Path(r.path).name}: MACs per sample at {_shapes_text(r.input_shapes)}, "
-              f"latency on {_shapes_text(r.latency_inputs)}")  # fmt: skip
+        print(f"{Path(r.path).name}: MACs per sample at {_out.shapes_text(r.input_shapes)}, "
+              f"latency on {_out.shapes_text(r.latency_inputs)}")  # fmt: skip
         if r.macs_partial:
             shown = "; ".join(f"{u['node']} ({u['op_type']}: {u['reason']})" for u in r.uncounted[:3])
             more = f"; {len(r.uncounted) - 3} more with --json" if len(r.uncounted) > 3 else ""
@@ -613,15 +615,15 @@ def _run(args: argparse.Namespace) -> int:
         defaults = vars(build_parser().parse_args(["run", args.model, "-o", args.output]))
         recipe.apply(args, recipe.load(args.config), defaults, Path(args.config))
     source, output = Path(args.model), Path(args.output)
-    _check_output_path(source, output)
+    _files.check_output_path(source, output)
     if args.report:
-        _check_output_path(source, Path(args.report))
+        _files.check_output_path(source, Path(args.report))
     if args.html:
         from onnxopt import html_report
 
-        _check_output_path(source, Path(args.html))
+        _files.check_output_path(source, Path(args.html))
         html_report.require_matplotlib()
-    _check_collisions(args)
+    _files.check_collisions(args)
     calib, held_out = _image_data(args, "data", "eval")
     if args.target is not None:
         return _run_goal(args, source, output, calib, held_out)
@@ -666,7 +668,7 @@ def _run(args: argparse.Namespace) -> int:
         if view is not None:
             view.close()
     latency = _measure_latency(source, report.model, manager, args) if args.latency else None
-    _print_run(report, latency)
+    _out.print_run(report, latency)
     payload = report.to_json()
     if latency is not None:
         payload["latency_us"] = latency
@@ -675,7 +677,7 @@ def _run(args: argparse.Namespace) -> int:
     judged_by = report.validation.budget if report.validation is not None else _budget(args)
     payload["recipe"] = recipe.effective(args, passes, judged_by)  # `--config` on it repeats this run
     if not report.ok and not args.force:
-        _write_report(args, payload)
+        _files.write_report(args, payload)
         where = sys.stderr if args.quiet else sys.stdout
         print(f"validation failed: nothing written to {output} (use --force to write it anyway)", file=where)
         return EXIT_INVALID
@@ -683,8 +685,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.html:
         page = html_report.render(report, latency=latency, model_name=str(source), output_name=str(output))
     # byte for byte when nothing changed: a re-serialized copy gains value_info and grows
-    _write_outputs(
-        args, report.model, output, payload, page, copy_from=source if _unchanged_copy(source, report) else None
+    _files.write_outputs(
+        args, report.model, output, payload, page, copy_from=source if _files.unchanged_copy(source, report) else None
     )
     return EXIT_OK if report.ok else EXIT_INVALID
 
@@ -719,7 +721,7 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
     def on_point(point) -> None:
         if view is not None:
             view.close()
-        print(f"goal point {_goal_point_line(point)}")
+        print(f"goal point {_out.goal_point_line(point)}")
 
     try:
         result = goal.seek(
@@ -742,10 +744,10 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
             "inputs": result.latency_inputs,
             "inputs_from": result.latency_from,
         }
-    _print_goal(result)
+    _out.print_goal(result)
     if report is not None:
         print(f"chosen: {chosen.pipeline}")
-        _print_run(report, latency)
+        _out.print_run(report, latency)
     print(("target reached: " if result.reached else "") + result.reason)
     payload = report.to_json() if report is not None else {}
     payload["goal"] = result.to_json()
@@ -754,7 +756,7 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
     if report is not None:
         payload["recipe"] = recipe.effective(args, result.passes, report.validation.budget)  # the chosen pipeline
     if report is None:
-        _write_report(args, payload)
+        _files.write_report(args, payload)
         where = sys.stderr if args.quiet else sys.stdout
         print(f"no pipeline holds the budget: nothing written to {output}", file=where)
         return EXIT_INVALID
@@ -765,59 +767,8 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
         page = html_report.render(
             report, latency=latency, model_name=str(source), output_name=str(output), goal=result
         )  # fmt: skip
-    _write_outputs(args, report.model, output, payload, page)
+    _files.write_outputs(args, report.model, output, payload, page)
     return EXIT_OK if result.reached else EXIT_INVALID
-
-
-def _goal_point_line(point) -> str:
-    """One point of the goal search: its pipeline, metric, ratios, verdict and time."""
-    parts = []
-    if point.metric is not None and point.metric_after is not None:
-        drop = f" (drop {point.metric_drop:+.4g})" if point.metric_drop is not None else ""
-        before = f"{point.metric_before:.4g} -> " if point.metric_before is not None else ""
-        parts.append(f"{point.metric} {before}{point.metric_after:.4g}{drop}")
-    if point.cosine is not None:
-        parts.append(f"cosine {point.cosine:.5f}")
-    for label, value in (("latency", point.latency_ratio), ("size", point.size_ratio), ("MACs", point.macs_ratio)):
-        if value is not None:
-            parts.append(f"{label} {value:.3f}x")
-    verdict = "within the budget" if point.ok else "over the budget"
-    if point.reached:
-        verdict += ", reaches the target"
-    parts.append(verdict)
-    if point.note:
-        parts.append(point.note)
-    return f"{point.pipeline}: {', '.join(parts)}, {point.seconds:.1f} s"
-
-
-def _print_goal(result) -> None:
-    """Every point the goal search tried, as a table (``*``: on the Pareto front of the target's ratio and the
-    metric, among the points within the budget)."""
-    metric = next((p.metric for p in result.points if p.metric is not None), None)
-    rows = [("pipeline", f"{metric} drop" if metric else "metric", "cosine", "latency", "size", "MACs", "budget", "s")]
-
-    def cell(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    for p in result.points:
-        verdict = ("ok" if p.ok else "over") + (", target" if p.reached else "")
-        rows.append(
-            (
-                p.pipeline + (" *" if p.on_front else ""),
-                cell(p.metric_drop, "+.4g"),
-                cell(p.cosine, ".5f"),
-                cell(p.latency_ratio, ".3f"),
-                cell(p.size_ratio, ".3f"),
-                cell(p.macs_ratio, ".3f"),
-                verdict,
-                f"{p.seconds:.1f}",
-            )
-        )
-    shapes = _shapes_text(result.latency_inputs)
-    print(f"goal points ({result.target.describe()}; * on the Pareto front; latency timed on {shapes}):")
-    _print_table(rows)
-    for skipped in result.skipped:
-        print(f"  not tried: {skipped}")
 
 
 def _pass_options(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -858,122 +809,6 @@ def _budget(args: argparse.Namespace):
     return None if budget.is_empty() else budget
 
 
-def _check_output_path(source: Path, output: Path) -> None:
-    if output.exists() and source.exists() and os.path.samefile(source, output):
-        raise UsageError(f"{output}: refusing to overwrite the input model; choose another output path")
-    if output.is_dir():
-        raise UsageError(f"{output}: is a directory; give a file name")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise UsageError(f"{output}: {parent} {what}")
-    try:  # before the run, not after it: root passes os.access everywhere, yet /proc or a full disk refuse files
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        raise UsageError(f"{output}: directory {parent} is not writable ({e.strerror or e})") from None
-
-
-def _check_collisions(args: argparse.Namespace) -> None:
-    """Exit 2 before anything runs when an output of ``run`` is one of its inputs or another output.
-
-    Inputs: the model, its external-data files, ``--data`` and ``--eval``; outputs: ``-o``, the
-    ``<output>.data`` file a large model is written with, ``--report`` and ``--html``. Paths are compared
-    after resolving ``..`` and symlinks, and by inode when both exist (hard links).
-    """
-    from onnxopt import graph
-
-    source = Path(args.model)
-    inputs = [("the input model", source)]
-    inputs += [("the input model's external data", p) for p in graph.external_data_files(source)]
-    inputs += [(f"--{flag}", Path(getattr(args, flag))) for flag in ("data", "eval") if getattr(args, flag)]
-    outputs = [("-o", Path(args.output)), ("the output's external data", Path(f"{args.output}.data"))]
-    outputs += [(f"--{flag}", Path(getattr(args, flag))) for flag in ("report", "html") if getattr(args, flag)]
-    for index, (flag, path) in enumerate(outputs):
-        for what, other in inputs + outputs[:index]:
-            if _same_path(path, other):
-                raise UsageError(f"{path}: {flag} would overwrite {what} ({other}); nothing was written")
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-        return a.resolve() == b.resolve()
-    except (OSError, RuntimeError):  # a symlink loop: not a file anything can be written to or read from
-        return False
-
-
-def _write_report(args: argparse.Namespace, payload: dict[str, Any]) -> None:
-    """``--report``, when asked for (also where validation failed and no model is written)."""
-    if args.report:
-        _write_json_atomic(Path(args.report), payload)
-        print(f"wrote {args.report}")
-
-
-def _write_outputs(
-    args: argparse.Namespace, model: Any, output: Path, payload: dict[str, Any], page: Any, *, copy_from=None
-) -> None:
-    """What ``run`` writes: the model first (an interrupted save leaves no report of it), a byte-for-byte copy of
-    ``copy_from`` instead when given, then ``--report`` and the rendered ``--html`` page."""
-    from onnxopt import graph
-
-    if copy_from is not None:
-        _copy_atomic(copy_from, output)
-    else:
-        graph.save(model, output)
-    print(f"wrote {output}")
-    _write_report(args, payload)
-    if page is not None:
-        from onnxopt import html_report
-
-        html_report.write(args.html, page)
-        print(f"wrote {args.html}")
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1)
-        os.chmod(tmp, _file_mode())  # mkstemp's 0600 would hide the report from the user's group, unlike the model
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _file_mode() -> int:
-    """The mode ``open()`` gives a new file: 0666 less the umask (0644 under the usual 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _unchanged_copy(source: Path, report) -> bool:
-    """No pass changed the model, which is one self-contained file at its own opset: the output is a copy."""
-    from onnxopt import graph
-
-    if any(record.modified for record in report.passes) or graph.external_data_files(source):
-        return False
-    import onnx
-
-    proto = onnx.load(str(source), load_external_data=False)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    return opset == graph.default_opset(report.model)  # not upgraded on load (opset < 7)
-
-
-def _copy_atomic(source: Path, output: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent if str(output.parent) else ".")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _measure_latency(source: Path, optimized, manager, args) -> dict[str, Any]:
     """Latency before and after on the data's own first batch (``--eval``, else ``--data``), else random inputs."""
     from onnxopt import graph
@@ -994,104 +829,6 @@ def _measure_latency(source: Path, optimized, manager, args) -> dict[str, Any]:
         "inputs": timing.shapes,
         "inputs_from": timing.source,
     }
-
-
-def _print_run(report, latency: dict[str, float] | None) -> None:
-    """The before/after table and the validation (each pass's line was printed as it ended: ProgressView)."""
-    before, after = report.before, report.after
-    rows = [("", "before", "after", "ratio")]
-    for label, b, a in (
-        ("params", before.params, after.params),
-        ("MACs", before.macs, after.macs),
-        ("bytes", before.bytes, after.bytes),
-    ):
-        rows.append((label, f"{b:,}", f"{a:,}", f"{a / b:.3f}" if b else "-"))
-    if latency is not None:
-        rows.append(
-            (
-                "latency us",
-                f"{latency['before']:.1f}",
-                f"{latency['after']:.1f}",
-                f"{latency['after'] / latency['before']:.3f}",
-            )
-        )
-    if report.validation is not None and report.validation.accuracy is not None:
-        acc = report.validation.accuracy
-        rows.append(("accuracy %", f"{acc['before']:.2f}", f"{acc['after']:.2f}", ""))
-    if report.validation is not None and report.validation.task_mse is not None:
-        mse = report.validation.task_mse
-        rows.append(("task MSE", f"{mse['before']:.4g}", f"{mse['after']:.4g}", f"{mse['after'] / mse['before']:.3f}"))
-    _print_table(rows)
-    _print_cost_shapes(before, getattr(report, "cost_shapes_from", None))
-    for label, counted in (("before", before), ("after", after)):
-        _print_partial(counted, f"MACs {label}")
-    if latency is not None and "inputs" in latency:
-        print(f"latency timed on {_shapes_text(latency['inputs'])} ({latency['inputs_from']})")
-    if report.validation is not None:
-        _print_validation(report.validation)
-
-
-def _shapes_text(shapes) -> str:
-    from onnxopt.cost import describe_shapes
-
-    return describe_shapes(shapes)
-
-
-def _print_cost_shapes(counted, shapes_from: str | None) -> None:
-    """One line: the input shapes MACs were counted at, and where they come from."""
-    source = f" ({shapes_from})" if shapes_from else ""
-    print(f"MACs counted at {_shapes_text(counted.input_shapes)}{source}")
-
-
-def _print_partial(counted, label: str = "MACs") -> None:
-    """A note when a MAC count is partial: how many nodes it leaves out, the first few by name and why."""
-    if not counted.macs_partial:
-        return
-    missing = counted.uncounted
-    shown = "; ".join(f"{u.node} ({u.op_type}: {u.reason})" for u in missing[:3])
-    more = f"; {len(missing) - 3} more in the report" if len(missing) > 3 else ""
-    print(f"note: {label} are partial, {len(missing)} nodes not counted: {shown}{more}")
-
-
-def _print_validation(report) -> None:
-    print(
-        f"validation on {plural(report.samples, 'sample')} of {report.data} ({report.budget.describe()}): "
-        f"{'ok' if report.ok else 'FAILED'}"
-    )
-    for name, diff in report.outputs.items():
-        top1 = f", top-1 agreement {diff.top1_agreement:.4f}" if diff.top1_agreement is not None else ""
-        exact = f", {100 * diff.mismatch:.3g}% of values differ" if diff.mismatch is not None else ""
-        if diff.nonfinite or diff.nonfinite_mismatch:
-            exact += f", {diff.nonfinite} NaN/Inf ({diff.nonfinite_mismatch} unmatched)"
-        print(f"  {name}: max abs {diff.max_abs:.3g}, cosine {diff.cosine:.6f}, rel L2 {diff.rel_l2:.3g}{top1}{exact}")
-    if report.metric is not None:
-        print(f"  {_metric_line(report.metric)}")
-    for failure in report.failures:
-        print(f"  failed: {failure}")
-
-
-def _metric_line(m) -> str:
-    """One line for a task metric: its values, the drop and its bootstrap interval."""
-    direction = "higher" if m.higher_is_better else "lower"
-    output = f" on '{m.output}'" if m.output else ""
-    text = f"metric {m.name}{output} ({direction} is better): "
-    if m.drop is None:
-        text += f"{m.after:.4f}"
-        of = "value"
-    else:
-        text += f"{m.before:.4f} -> {m.after:.4f}, drop {m.drop:.4f}"
-        of = "drop"
-    if m.interval is not None:
-        text += f", {100 * m.confidence:g}% interval of the {of} [{m.interval[0]:.4f}, {m.interval[1]:.4f}]"
-    return text
-
-
-def _print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        pairs = enumerate(zip(row, widths, strict=True))
-        cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in pairs]
-        print("  ".join(cells))
 
 
 def _non_negative(text: str) -> float:
