@@ -382,8 +382,10 @@ def fresh_name(graph: ir.Graph, base: str) -> str:
 
 
 def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer under a fresh name derived from ``base``."""
-    value = ir.Value(name=fresh_name(graph, base), const_value=ir.tensor(np.ascontiguousarray(array)))
+    """Register ``array`` as a new initializer under a fresh name derived from ``base`` (a 0-d array stays a scalar)."""
+    array = np.asarray(array)
+    contiguous = np.ascontiguousarray(array).reshape(array.shape)  # ascontiguousarray alone makes a 0-d array 1-d
+    value = ir.Value(name=fresh_name(graph, base), const_value=ir.tensor(contiguous))
     value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
     graph.register_initializer(value)
     return value

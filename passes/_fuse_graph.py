@@ -201,7 +201,6 @@ def _rebuild(graph: ir.Graph, mask: ir.Value, source: ir.Value, nodes: list[ir.N
     base = graph_io.fresh_name(graph, "attention_mask_canonical")
     axis1 = graph_io.add_initializer(graph, f"{base}_axis1", np.array([1], np.int64))
     axis2 = graph_io.add_initializer(graph, f"{base}_axis2", np.array([2], np.int64))
-    # one-element vectors, not scalars: add_initializer's np.ascontiguousarray makes a 0-d array 1-d
     one = graph_io.add_initializer(graph, f"{base}_one", np.array([1.0], np.float32))
     scale = graph_io.add_initializer(graph, f"{base}_scale", np.array([float_scale], np.float32))
     new = [ir.node("Unsqueeze", [source, axis1], name=f"{base}/unsqueeze1")]

@@ -113,3 +113,25 @@ def test_large_weights_go_to_external_data(tmp_path, monkeypatch):
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_array_equal(Session(reloaded).run({"x": x})["y"], builders.run(proto, {"x": x})["y"])
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+
+
+def test_add_initializer_keeps_the_array_shape_scalars_included():
+    """A 0-d array is registered as a scalar (np.ascontiguousarray alone would make it 1-d), with a fresh name."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    proto = helper.make_model(
+        helper.make_graph([helper.make_node("Mul", ["x", "s"], ["y"])], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    model = ir.from_proto(proto)
+    scale = graph.add_initializer(model.graph, "s", np.array(3.0, np.float32))
+    column = graph.add_initializer(model.graph, "s", np.arange(6, dtype=np.int64).reshape(2, 3).T)
+    assert scale.name == "s" and column.name == "s_1"
+    assert scale.shape == ir.Shape([]) and scale.const_value.numpy().shape == ()
+    np.testing.assert_array_equal(column.const_value.numpy(), np.arange(6).reshape(2, 3).T)
+    model.graph.node(0).replace_input_with(1, scale)
+    out = ir.to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    got = builders.run(out, {"x": np.ones((2, 3), np.float32)})["y"]
+    np.testing.assert_array_equal(got, np.full((2, 3), 3.0, np.float32))
