@@ -185,3 +185,29 @@ def test_minilm_fuses_after_simplify():
     assert report.ok, report.validation.failures
     ops = _ops(graph_io.to_proto(report.model))
     assert ops["Attention"] == 3 and ops["EmbedLayerNormalization"] == 1 and ops["SkipLayerNormalization"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_torch_exports_of_an_encoder_fuse_their_attention(tmp_path, dynamo):
+    """The TorchScript and the dynamo export of the same module both fuse to one Attention per layer and still compute
+    the module (fuse is exact: the fused model equals the export within float tolerance)."""
+    from tests.passes.test_prune_transformer import _export_encoder
+
+    torch, module, path = _export_encoder(tmp_path, dynamo)
+    rng = np.random.default_rng(0)
+    calib = {
+        "x": rng.standard_normal((32, 9, HIDDEN)).astype(np.float32),
+        "attention_mask": np.ones((32, 9), np.float32),
+    }
+    record, fused = _fuse(graph_io.to_proto(graph_io.load(path)), feeds=calib)
+    assert record.modified
+    ops = _ops(fused)
+    assert ops["Attention"] == LAYERS and ops["SkipLayerNormalization"] == 2 * LAYERS and ops["Softmax"] == 0
+    for batch, tokens in ((1, 5), (8, 16)):
+        x = rng.standard_normal((batch, tokens, HIDDEN)).astype(np.float32)
+        mask = np.ones((batch, tokens), np.float32)
+        mask[0, tokens - 2 :] = 0  # padded tokens: the mask survives the fusion
+        got = builders.run(fused, {"x": x, "attention_mask": mask})["y"]
+        want = module(torch.from_numpy(x), torch.from_numpy(mask)).detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -274,9 +274,9 @@ def _torch_encoder():
     return torch, Encoder().eval()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dynamo", [False, True])
-def test_torch_exports_of_an_encoder_lose_heads_and_neurons(tmp_path, dynamo):
+def _export_encoder(tmp_path, dynamo: bool):
+    """:func:`_torch_encoder` exported with ``torch.onnx.export(dynamo=...)``, batch and tokens dynamic: (torch, module,
+    path)."""
     torch, module = _torch_encoder()
     x, mask = torch.randn(2, 7, HIDDEN), torch.ones(2, 7)
     path = tmp_path / "encoder.onnx"
@@ -289,6 +289,13 @@ def test_torch_exports_of_an_encoder_lose_heads_and_neurons(tmp_path, dynamo):
     torch.onnx.export(
         module, (x, mask), str(path), input_names=["x", "attention_mask"], output_names=["y"], dynamo=dynamo, **extra
     )
+    return torch, module, path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_torch_exports_of_an_encoder_lose_heads_and_neurons(tmp_path, dynamo):
+    torch, module, path = _export_encoder(tmp_path, dynamo)
     rng = np.random.default_rng(0)
     calib = {
         "x": rng.standard_normal((32, 9, HIDDEN)).astype(np.float32),
