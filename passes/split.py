@@ -107,6 +107,8 @@ class ConvSplitPass(OptPass):
         check = self.context.check if self.context is not None else None
         if not config.rank and config.energy < 0 and check is None:
             raise ir.passes.PreconditionError("split: give --split-rank or --split-energy, or data and a budget")
+        if not sites and not skipped:
+            return OptResult(model, modified=False, skipped=[Skip("model", "no Conv with a kernel larger than 1x1")])
         if not config.rank and config.energy < 0:  # at most one check, then a bisection, per layer (progress)
             self.expect_trials(sum(1 + int(site.max_rank).bit_length() for site in sites))
         order = sorted(sites, key=lambda s: _tail(s.spectrum, max(1, s.max_rank // 4)))

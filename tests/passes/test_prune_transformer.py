@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxopt import data, stats
+from onnxopt import data, registry, stats
 from onnxopt.manager import PassManager
 from onnxopt.passes.prune import ChannelPrunePass, PruneConfig
 from onnxopt.validate import Budget
@@ -318,6 +318,37 @@ def test_torch_exports_of_an_encoder_lose_heads_and_neurons(tmp_path, dynamo):
         assert got.shape == want.shape
         cosine = float(got.ravel() @ want.ravel() / np.linalg.norm(got) / np.linalg.norm(want))
         assert 0.5 < cosine < 1 - 1e-6  # pruned: close to the module, not identical
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("spec", ["simplify", "prune", "split", "svd", "share", "quant", "fuse", "prune,distill"])
+def test_torch_exports_of_an_encoder_go_through_every_pass(tmp_path, dynamo, spec):
+    """Both exports of the same module through each pass: no error, a model onnx's full check accepts, within a
+    cosine budget against the export, and every pass either changed something or says why not."""
+    torch, _, path = _export_encoder(tmp_path, dynamo)
+    rng = np.random.default_rng(1)
+    calib = {
+        "x": rng.standard_normal((64, 9, HIDDEN)).astype(np.float32),
+        "attention_mask": np.ones((64, 9), np.float32),
+    }
+    names = spec.split(",")
+    options = {"prune": {"ratio": 0.25}, "distill": {"epochs": 1}}
+    passes = [registry.make_pass(name, **options.get(name, {})) for name in names]
+    budget = None if names == ["simplify"] else Budget(min_cosine=0.0 if "prune" in names else 0.99)
+    report = PassManager(passes, data=calib, budget=budget).run(path)
+    out = ir.to_proto(report.model)
+    onnx.checker.check_model(out, full_check=True)
+    assert report.ok, report.validation.failures
+    for record in report.passes:
+        if record.name != "simplify":
+            assert record.changes or record.skipped, record
+            assert all(s.reason for s in record.skipped), record
+    feeds = {
+        "x": rng.standard_normal((8, 16, HIDDEN)).astype(np.float32),
+        "attention_mask": np.ones((8, 16), np.float32),
+    }
+    assert builders.run(out, feeds)["y"].shape == (8, 16, HIDDEN)
 
 
 def test_statistics_of_token_activations_are_per_feature():
