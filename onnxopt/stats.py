@@ -47,6 +47,7 @@ __all__ = [
     "attach_stats",
     "get_stats",
     "unfold_conv_input",
+    "conv_patches",
     "conv_pads",
 ]
 
@@ -163,8 +164,13 @@ class ChannelReducer:
         elif array.ndim == 1:
             array = array.reshape(1, -1)
         axis = self.channel_axis if self.channel_axis < array.ndim else array.ndim - 1
-        flat = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1).astype(np.float64, copy=False)
-        channels = flat.shape[0]
+        # (before, C, after): a view of a contiguous array, reduced over axes 0 and 2 without a float64 copy of it
+        # (sums accumulate in float64; squares are taken in the array's own precision)
+        channels = array.shape[axis]
+        flat = np.ascontiguousarray(array).reshape(int(np.prod(array.shape[:axis])), channels, -1)
+        if flat.dtype not in (np.float32, np.float64):  # integers, and float16 whose squares overflow
+            flat = flat.astype(np.float64)
+        over = (0, 2)
         if self._state is None:
             self._state = {
                 "zeros": np.zeros(channels),
@@ -180,16 +186,16 @@ class ChannelReducer:
                 f"value '{self.name}': {channels} channels in one batch, {self._state['sum'].shape[0]} before"
             )
         state = self._state
-        state["zeros"] += (flat == 0).sum(axis=1)
-        state["pos"] += (flat > 0).sum(axis=1)
-        state["sum"] += flat.sum(axis=1)
-        state["abs"] += np.abs(flat).sum(axis=1)
-        state["sq"] += np.square(flat).sum(axis=1)
-        if flat.shape[1]:
-            np.minimum(state["min"], flat.min(axis=1), out=state["min"])
-            np.maximum(state["max"], flat.max(axis=1), out=state["max"])
+        state["zeros"] += np.count_nonzero(flat == 0, axis=over)
+        state["pos"] += np.count_nonzero(flat > 0, axis=over)
+        state["sum"] += flat.sum(axis=over, dtype=np.float64)
+        state["abs"] += np.abs(flat).sum(axis=over, dtype=np.float64)
+        state["sq"] += np.square(flat).sum(axis=over, dtype=np.float64)
+        if flat.shape[0] * flat.shape[2]:
+            np.minimum(state["min"], flat.min(axis=over), out=state["min"])
+            np.maximum(state["max"], flat.max(axis=over), out=state["max"])
         self.samples += array.shape[0] if axis != 0 else 1
-        self.count += flat.shape[1]
+        self.count += flat.shape[0] * flat.shape[2]
 
     def merge(self, other: ChannelReducer) -> None:
         """Fold ``other``'s state (the same value over other batches) into this one: sums add, extremes combine."""
@@ -296,6 +302,20 @@ def unfold_conv_input(
     Each row has length ``C·prod(kernel_shape)`` ordered like ``W.reshape(M, -1)``, so ``rows @ W.T``
     reproduces the convolution (without bias) for group 1.
     """
+    patches = conv_patches(x, kernel_shape, attrs)
+    n, c = x.shape[:2]
+    out = patches.shape[1 : len(x.shape) - 1]
+    row_len = c * int(np.prod(kernel_shape))
+    per_out_row = row_len * int(np.prod(out[1:]))
+    step = max(1, _UNFOLD_CHUNK_ELEMENTS // max(per_out_row, 1))
+    for i in range(n):
+        for start in range(0, out[0], step):
+            yield np.ascontiguousarray(patches[i, start : start + step]).reshape(-1, row_len)
+
+
+def conv_patches(x: np.ndarray, kernel_shape: tuple[int, ...], attrs: Mapping[str, object]) -> np.ndarray:
+    """The im2col patches of ``x`` (N, C, *spatial) for a Conv as a strided view (N, *out, C, *kernel), nothing copied:
+    ``view[n, *position].reshape(-1)`` is the row of :func:`unfold_conv_input` for that output position."""
     spatial = x.shape[2:]
     rank = len(spatial)
     strides = list(attrs.get("strides") or [1] * rank)
@@ -307,16 +327,8 @@ def unfold_conv_input(
     index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
     index += tuple(slice(None, None, d) for d in dilations)
     windows = windows[index]  # (N, C, *out, *kernel)
-    n, c = windows.shape[:2]
-    out = windows.shape[2 : 2 + rank]
     order = (0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank))
-    patches = windows.transpose(order)  # (N, *out, C, *kernel): a strided view, nothing copied yet
-    row_len = c * int(np.prod(kernel_shape))
-    per_out_row = row_len * int(np.prod(out[1:]))
-    step = max(1, _UNFOLD_CHUNK_ELEMENTS // max(per_out_row, 1))
-    for i in range(n):
-        for start in range(0, out[0], step):
-            yield np.ascontiguousarray(patches[i, start : start + step]).reshape(-1, row_len)
+    return windows.transpose(order)
 
 
 def conv_pads(spatial, kernel_shape, strides, dilations, attrs) -> list[int]:
