@@ -14,7 +14,9 @@ A Conv's rows are its im2col patches; a ConvTranspose is fitted as the equivalen
 its zero-upsampled input. Rows of large feature maps are subsampled (about ``max_rows`` in all, seeded) so
 the cost stays bounded. The fit is shrunk towards the layer's current weights (ridge ``λ``), which keeps it
 from chasing noise in what a small calibration set cannot determine. The pruned model runs once per layer,
-in one onnxruntime session where the re-fitted weights are fed as inputs.
+in one onnxruntime session (graph optimizations on) where the re-fitted weights are fed as inputs, over the
+samples the layer reads: all of them for a Gemm/MatMul (a row per sample or token), the first ``conv_samples``
+(128) for a Conv, which has many rows (patches) per sample; that run is most of a re-fit's cost.
 
 A layer is fitted only when it is a dense layer in the original model too and its output channels are known:
 a depthwise Conv pruned to one channel has ``group=1`` and a (1, 1, k, k) weight, but its original (grouped)
@@ -29,12 +31,13 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt import graph as graph_io
 from onnxopt.data import DataSource
 from onnxopt.passes._transformer_groups import bias_add
 from onnxopt.runtime import Session
-from onnxopt.stats import expose, unfold_conv_input
+from onnxopt.stats import conv_patches, expose
 
 __all__ = ["Refit", "downstream", "reconstruct", "refittable"]
 
@@ -42,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 _RIDGE = 1e-3  # λ relative to the mean diagonal of the Gram matrix; the fit is shrunk towards the current W
 _CACHE_BYTES = 512 << 20  # the original's layer outputs are computed once when they fit in this
+_SEGMENT_BYTES = 512 << 20  # the pruned model runs a segment at a time when the values kept between fit in this
 
 
 def refittable(node: ir.Node) -> bool:
@@ -96,11 +100,14 @@ def reconstruct(
     data: DataSource,
     *,
     max_rows: int = 60_000,
+    conv_samples: int = 128,
     seed: int = 0,
 ) -> Refit:
     """Re-fit ``nodes`` of ``pruned`` in order (in place); returns the names re-fitted and those declined.
 
-    ``kept_outputs[name]`` are the original output channels a node keeps (absent: all of them).
+    ``kept_outputs[name]`` are the original output channels a node keeps (absent: all of them). About ``max_rows``
+    rows fit each layer: a Gemm/MatMul reads every sample, a Conv (many patches per sample) the first
+    ``conv_samples`` samples, which is what a re-fit costs (one run of the pruned model per layer and sample).
     """
     by_name = {node.name: node for node in pruned.graph}
     originals = {node.name: node for node in original.graph}
@@ -120,26 +127,42 @@ def reconstruct(
     for name in targets:
         _ensure_bias(pruned, by_name[name])
     feeds_model, weight_names = _with_weights_as_inputs(pruned, [by_name[n] for n in targets])
-    in_names = sorted({by_name[n].inputs[0].name for n in targets})
     out_names = sorted({_output(originals[n]).name for n in targets})
-    pruned_session = Session(expose(feeds_model, in_names))
-    original_session = Session(expose(original, out_names))
+    # onnxruntime's graph optimizations on: the re-fitted weights are inputs, so only the rest is folded and fused
+    original_session = Session(expose(original, out_names), optimize=True)
     weights = {name: graph_io.const_array(_params(by_name[name])[0]).copy() for name in targets}
     biases = {name: graph_io.const_array(_params(by_name[name])[1]).copy() for name in targets}
     samples = data.samples or 1
-    per_sample = max(1, max_rows // samples)
-    cached = _original_outputs(original_session, data, out_names)
+    groups = _groups(targets, by_name)
+    # a Conv gives many rows (patches) per sample: the first `conv_samples` samples give about as many rows in all
+    uses = [samples if any(by_name[n].op_type in ("Gemm", "MatMul") for n in g) else min(samples, conv_samples)
+            for g in groups]  # fmt: skip
+    reads_in_order = [by_name[group[0]].inputs[0].name for group in groups]
+    try:
+        runner = _Segments(feeds_model, reads_in_order, data, max(uses), _SEGMENT_BYTES)
+        runs = max(uses)  # every segment runs on every sample a later one reads
+    except ValueError as e:
+        logger.debug("reconstruction: the whole model runs per layer: %s", e)
+        runner, runs = _Unsegmented(feeds_model, reads_in_order), 0
+    cached = _original_outputs(original_session, data, out_names, max(uses))
     done = result.done
-    for group in _groups(targets, by_name):
-        reads = by_name[group[0]].inputs[0].name
+    for step, group in enumerate(groups):
+        used = uses[step]
+        per_sample = max(1, max_rows // used)
         layers = {name: _Layer(by_name[name], weights[name].shape) for name in group}
         rngs = {name: np.random.default_rng(seed) for name in group}
         sums: dict[str, list] = {name: [None, None] for name in group}
         extra = {weight_names[n][0]: weights[n] for n in targets}  # the layers re-fitted so far, and the rest
         extra.update({weight_names[n][1]: biases[n] for n in targets})
         wanted = [_output(originals[name]).name for name in group]
+        seen = 0
         for index, batch in enumerate(data):
-            x = pruned_session.run({**batch.feeds, **extra}, [reads])[reads]
+            if seen >= max(used, runs):
+                break
+            seen += batch.size
+            x = runner.run(step, index, {**batch.feeds, **extra})
+            if seen - batch.size >= used:
+                continue  # run for the segments after this one only
             outputs = cached[index] if cached is not None else original_session.run(batch.feeds, wanted)
             for name in group:
                 t = outputs[_output(originals[name]).name]
@@ -208,10 +231,14 @@ def _groups(targets: list[str], by_name: Mapping[str, ir.Node]) -> list[list[str
     return groups
 
 
-def _original_outputs(session: Session, data: DataSource, names: list[str]) -> list[dict] | None:
-    """The original model's outputs ``names`` for every batch, run once; None when they exceed the cache limit."""
-    cached, size = [], 0
+def _original_outputs(session: Session, data: DataSource, names: list[str], limit: int | None) -> list[dict] | None:
+    """The original model's outputs ``names`` for every batch (up to ``limit`` samples), run once; None when they
+    exceed the cache limit."""
+    cached, size, seen = [], 0, 0
     for batch in data:
+        if limit is not None and seen >= limit:
+            break
+        seen += batch.size
         outputs = session.run(batch.feeds, names)
         size += sum(np.asarray(v).nbytes for v in outputs.values())
         if size > _CACHE_BYTES:
@@ -253,13 +280,17 @@ class _Layer:
             attrs = self.attrs
         feats, targs = [], []
         for i in range(len(x)):
-            patches = np.concatenate(list(unfold_conv_input(x[i : i + 1], self.kernel, attrs)))
+            view = conv_patches(x[i : i + 1], self.kernel, attrs)[0]  # (*out, C, *kernel), nothing copied
+            out = view.shape[: len(self.kernel)]
             target = np.moveaxis(t[i], 0, -1).reshape(-1, t.shape[1])
-            if len(patches) != len(target):
-                raise ValueError(f"{self.op}: {len(patches)} patches for {len(target)} output positions")
-            if len(patches) > per_sample:
-                pick = rng.choice(len(patches), per_sample, replace=False)
-                patches, target = patches[pick], target[pick]
+            positions = int(np.prod(out))
+            if positions != len(target):
+                raise ValueError(f"{self.op}: {positions} patches for {len(target)} output positions")
+            if positions > per_sample:  # only the rows kept are copied out of the view
+                pick = rng.choice(positions, per_sample, replace=False)
+                patches, target = view[np.unravel_index(pick, out)].reshape(len(pick), -1), target[pick]
+            else:
+                patches = view.reshape(positions, -1)
             feats.append(patches)
             targs.append(target)
         return np.concatenate(feats), np.concatenate(targs)
@@ -369,3 +400,109 @@ def _with_weights_as_inputs(model: ir.Model, nodes: list[ir.Node]) -> tuple[ir.M
                 clone.graph.inputs.append(value)
         names[node.name] = (params[0].name, params[1].name)
     return clone, names
+
+
+class _Segments:
+    """The pruned model (weights as inputs) cut before each group's input into segments, run one after the other:
+    the values a later segment reads are kept per batch, so over a whole re-fit every node runs once per batch,
+    where a run of the whole model per layer costs as many runs of each node as there are layers downstream.
+
+    Needs the groups' inputs to be computed in graph order (their producers strictly increasing: a chain, as in
+    ResNets and MobileNets) and the values kept between segments to fit in ``limit_bytes``; else
+    :class:`_Unsegmented` (``ValueError`` from the constructor)."""
+
+    def __init__(self, model: ir.Model, reads: list[str], data: DataSource, samples: int, limit_bytes: int) -> None:
+        ShapeInferencePass(strict_mode=False)(model)
+        order = list(model.graph)
+        position = {id(node): i for i, node in enumerate(order)}
+        values = {v.name: v for node in order for v in node.outputs}
+        values.update({v.name: v for v in model.graph.inputs})
+        cuts = [position[id(values[r].producer())] if values[r].producer() is not None else -1 for r in reads]
+        if any(b <= a for a, b in zip(cuts, cuts[1:], strict=False)):
+            raise ValueError("the layers' inputs are not computed in graph order")
+        self.reads, self.sessions, self.inputs, self.outputs, self.drop = reads, [], [], [], []
+        last_use = {}
+        for node in order:
+            for v in node.inputs:
+                if v is not None and v.name:
+                    last_use[v.name] = position[id(node)]
+        graph_inputs = {v.name for v in model.graph.inputs}
+        live, per_sample_bytes = set(), 0
+        start = 0
+        for read, cut in zip(reads, cuts, strict=True):
+            keep = order[start : cut + 1]
+            produced = {v.name for node in keep for v in node.outputs}
+            needed = {v.name for node in keep for v in node.inputs if v is not None and v.name}
+            fed = sorted((needed - produced) & (live | graph_inputs))
+            out = sorted({name for name in produced if last_use.get(name, -1) > cut} | ({read} & produced))
+            self.inputs.append(fed)
+            self.outputs.append(out)
+            live = (live | set(out)) - {name for name in live | set(out) if last_use.get(name, -1) <= cut}
+            self.drop.append(sorted(n for n in set(fed) | set(out) if n not in live and n != read))
+            per_sample_bytes = max(per_sample_bytes, sum(_bytes_per_sample(values[n]) for n in live))
+            self.sessions.append(Session(_segment(model, start, cut + 1, out), optimize=True) if keep else None)
+            start = cut + 1
+        if per_sample_bytes * samples > limit_bytes:
+            raise ValueError(f"the values kept between segments take {per_sample_bytes * samples >> 20} MiB")
+        self.state: dict[int, dict[str, np.ndarray]] = {}
+
+    def run(self, step: int, index: int, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Group ``step``'s input for batch ``index`` (``feeds``: the batch and the current weights)."""
+        state = self.state.setdefault(index, {})
+        if self.sessions[step] is not None:
+            given = {name: state[name] if name in state else feeds[name] for name in self.inputs[step]}
+            state.update(self.sessions[step].run(given, self.outputs[step]))
+        x = state[self.reads[step]] if self.reads[step] in state else feeds[self.reads[step]]
+        for name in self.drop[step]:
+            state.pop(name, None)
+        return x
+
+
+class _Unsegmented:
+    """The whole pruned model run for each group's input (any graph)."""
+
+    def __init__(self, model: ir.Model, reads: list[str]) -> None:
+        self.reads = reads
+        self.session = Session(expose(model, sorted(set(reads))), optimize=True)
+
+    def run(self, step: int, index: int, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        read = self.reads[step]
+        return self.session.run(feeds, [read])[read]
+
+
+def _bytes_per_sample(value: ir.Value) -> int:
+    """Bytes of one sample of ``value`` (its shape's dimensions after the first; unknown ones count as 4096)."""
+    dims = list(value.shape)[1:] if value.shape is not None else [4096]
+    return 4 * int(np.prod([d if isinstance(d, int) else 4096 for d in dims]))
+
+
+def _segment(model: ir.Model, start: int, stop: int, outputs: list[str]) -> ir.Model:
+    """Nodes ``start .. stop-1`` of ``model`` as a model of their own: what they read from earlier nodes becomes an
+    input, ``outputs`` its outputs."""
+    clone = model.clone()
+    order = list(clone.graph)
+    keep = order[start:stop]
+    kept = {id(node) for node in keep}
+    graph = clone.graph
+    fed: dict[str, ir.Value] = {}
+    for node in keep:
+        for i, value in enumerate(node.inputs):
+            if value is None or value.is_graph_input() or value.is_initializer():
+                continue
+            producer = value.producer()
+            if producer is not None and id(producer) not in kept:
+                if value.name not in fed:
+                    fed[value.name] = ir.Value(name=value.name, shape=value.shape, type=value.type)
+                node.replace_input_with(i, fed[value.name])
+    by_name = {v.name: v for node in keep for v in node.outputs}
+    used = {id(v) for node in keep for v in node.inputs if v is not None}
+    inputs = [v for v in graph.inputs if id(v) in used and not v.is_initializer()]
+    graph.remove([node for node in order if id(node) not in kept], safe=False)
+    graph.inputs.clear()
+    graph.inputs.extend(inputs + list(fed.values()))
+    graph.outputs.clear()
+    graph.outputs.extend(by_name[name] for name in outputs)
+    for name, init in list(graph.initializers.items()):
+        if id(init) not in used:
+            graph.initializers.pop(name)
+    return clone

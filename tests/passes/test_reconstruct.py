@@ -189,3 +189,47 @@ def test_a_depthwise_conv_pruned_to_one_channel_is_declined_not_refitted():
             np.testing.assert_allclose(pruned["c1"][:, 0], original["c1"][:, kept[0]], rtol=1e-5, atol=1e-5)
         errors[refit] = float(np.linalg.norm(pruned["y"] - original["y"]) / np.linalg.norm(original["y"]))
     assert errors[True] <= errors[False] * (1 + 1e-4), errors
+
+
+def _refit_chain(monkeypatch, segment_bytes):
+    from onnxopt.passes import _reconstruct
+
+    monkeypatch.setattr(_reconstruct, "_SEGMENT_BYTES", segment_bytes)
+    from tests.passes.test_prune import _Net
+
+    net = _Net([("x", ["N", 3, 8, 8])], rng=np.random.default_rng(5))
+    h = "x"
+    for cin, cout in ((3, 16), (16, 16), (16, 16)):
+        h = net.node("Relu", [net.conv(h, cin, cout)])
+    h = net.node("Flatten", [net.node("GlobalAveragePool", [h])])
+    proto = net.model(net.gemm(h, 16, 4), ["N", 4])
+    feeds = {"x": np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)}
+    model = ir.from_proto(proto)
+    pass_ = ChannelPrunePass(PruneConfig(ratio=0.5, refit=True, latency_guard=False))
+    source = data.as_source(feeds, model, batch_size=8)
+    from onnxopt import stats
+
+    stats.attach_stats(model, stats.collect_stats(model, source, pass_.stats_request(model)))
+    pass_.context = type("Context", (), {"data": source, "seed": 0, "check": None})()
+    result = pass_(model)
+    return result, {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
+
+
+def test_refit_run_a_segment_at_a_time_fits_what_whole_model_runs_fit(monkeypatch):
+    """The pruned model cut into segments (each node run once per batch) gives the layers the inputs the whole model
+    gives them: the same re-fitted weights."""
+    from onnxopt.passes import _reconstruct
+
+    whole_runs = []
+    original_init = _reconstruct._Unsegmented.__init__
+    monkeypatch.setattr(
+        _reconstruct._Unsegmented, "__init__", lambda self, *a: whole_runs.append(1) or original_init(self, *a)
+    )
+    segmented, weights = _refit_chain(monkeypatch, 512 << 20)
+    assert not whole_runs  # a chain: the segments ran
+    whole, expected = _refit_chain(monkeypatch, 0)  # nothing may be kept between segments: the whole model runs
+    assert whole_runs
+    assert segmented.changes[-1].site == whole.changes[-1].site and "layers" in segmented.changes[-1].site
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(weights[name], expected[name], rtol=1e-5, atol=1e-6)
