@@ -1,0 +1,196 @@
+"""A cheap stand-in for prune's candidates: one session of the input model whose pruned layers' inputs are masked.
+
+Removing channel ``c`` of a value ``x`` that a layer reads (with the mean folded into the layer's bias) gives that
+layer the input ``x_c = μ_c``. The masked model computes exactly that without any graph surgery: every value a
+consumer layer (Conv, Gemm, MatMul, ConvTranspose) reads is replaced, for the consumers only, by::
+
+    x' = x · m + f        (m_c = 0 and f_c = μ_c for a removed channel; m_c = 1 and f_c = 0 otherwise)
+
+with ``m`` and ``f`` fed at run time, so every candidate of a search runs in the one onnxruntime session opened
+up front. It equals the pruned model for Gemm, MatMul and unpadded Conv consumers (the channels coupled to
+``c`` — BatchNorm, depthwise Conv, residual Add — reach the rest of the network only through such consumers) and
+for dead channels (``μ_c = 0``) everywhere; a padded Conv sees ``μ_c`` at its borders, where the pruned model
+folds it in everywhere, and a ConvTranspose consumer gets ``f_c = 0`` as the pruned model does. It is a proxy:
+the search ranks with it, and every model handed on is the real pruned model, checked against the budget.
+
+:meth:`MaskedProxy.loss` is the relative squared error of the candidate's outputs against the input model's on a
+few calibration samples (label-free; the evaluation data decides only in the budget checks):
+``mean over float outputs of Σ‖y' − y‖² / Σ‖y‖²``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.data import DataSource
+from onnxopt.passes._channel_groups import Analysis
+from onnxopt.runtime import Session
+from onnxopt.stats import StatsTable
+
+__all__ = ["MaskedProxy", "masked_model"]
+
+logger = logging.getLogger(__name__)
+
+_PREFIX = "onnxopt_prune_mask"
+
+
+def masked_model(model: ir.Model, analysis: Analysis) -> tuple[ir.Model, dict[str, tuple[str, str, tuple]]] | None:
+    """A clone of ``model`` (analysed as ``analysis``) whose consumers read ``x·m + f``; per masked value name, the
+    names of its ``m`` and ``f`` inputs and their (broadcast) shape. ``None`` when a consumed value's rank or type
+    is unknown or not float32 (the proxy is then not available)."""
+    consumers: dict[str, list[tuple[str, int]]] = {}  # value name -> (node name, input index) of its consumers
+    spaces = {}
+    for action in analysis.actions:
+        if action.kind != "consumer":
+            continue
+        value = action.space.value
+        shape = value.shape
+        if shape is None or value.dtype != ir.DataType.FLOAT or not value.name or not action.node.name:
+            return None
+        index = next((i for i, v in enumerate(action.node.inputs) if v is value), None)
+        if index is None:
+            return None
+        consumers.setdefault(value.name, []).append((action.node.name, index))
+        spaces[value.name] = action.space
+    clone = model.clone()
+    values = {v.name: v for v in clone.graph.inputs}
+    values.update({out.name: out for node in clone.graph for out in node.outputs if out.name})
+    nodes = {node.name: node for node in clone.graph}
+    inputs = {}
+    for k, (name, uses) in enumerate(sorted(consumers.items())):
+        space = spaces[name]
+        rank = len(space.value.shape)
+        broadcast = [1] * rank
+        broadcast[space.axis % rank] = space.size
+        mask, fill = (
+            ir.Value(name=f"{_PREFIX}_{k}_{kind}", shape=ir.Shape(broadcast), type=ir.TensorType(ir.DataType.FLOAT))
+            for kind in ("m", "f")
+        )
+        clone.graph.inputs.extend([mask, fill])
+        source = values[name]
+        mul = ir.node("Mul", [source, mask], name=f"{_PREFIX}_{k}_mul")
+        add = ir.node("Add", [mul.outputs[0], fill], name=f"{_PREFIX}_{k}_add")
+        mul.outputs[0].name, add.outputs[0].name = f"{_PREFIX}_{k}_scaled", f"{_PREFIX}_{k}_out"
+        for out in (mul.outputs[0], add.outputs[0]):
+            out.dtype = ir.DataType.FLOAT
+        clone.graph.insert_before(_first_use(clone, uses, nodes), [mul, add])
+        for node_name, index in uses:
+            nodes[node_name].replace_input_with(index, add.outputs[0])
+        inputs[name] = (mask.name, fill.name, tuple(broadcast))
+    return clone, inputs
+
+
+def _first_use(model: ir.Model, uses: list[tuple[str, int]], nodes: Mapping[str, ir.Node]) -> ir.Node:
+    """The consumer of ``uses`` that comes first in the graph (the masking nodes go right before it)."""
+    wanted = {id(nodes[name]) for name, _ in uses}
+    return next(node for node in model.graph if id(node) in wanted)
+
+
+class MaskedProxy:
+    """Scores removals (``{value name: channel indices}``) by the masked model's output error on a few samples."""
+
+    def __init__(self, model: ir.Model, analysis: Analysis, stats: StatsTable, data: DataSource, samples: int = 16):
+        built = masked_model(model, analysis)
+        if built is None:
+            raise ValueError("no masked proxy: a pruned layer's input has an unknown shape or is not float32")
+        masked, self.inputs = built
+        self.means = {}
+        consumed_by_transpose = {
+            a.space.value.name for a in analysis.actions if a.kind == "consumer" and a.node.op_type == "ConvTranspose"
+        }
+        for name, (_, _, shape) in self.inputs.items():
+            channel = stats.channels.get(name)
+            size = int(np.prod(shape))
+            mean = channel.mean if channel is not None and name not in consumed_by_transpose else np.zeros(size)
+            self.means[name] = np.asarray(mean, dtype=np.float32).reshape(size)
+        self.session = Session(masked, optimize=True)
+        self.batches = []
+        count = 0
+        for batch in data:  # whole batches (a fixed-batch model takes no other size), at least `samples` samples
+            self.batches.append(batch.feeds)
+            count += batch.size
+            if count >= samples:
+                break
+        self.samples = count
+        self.outputs = [
+            v.name for v in model.graph.outputs if v.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE, None)
+        ]  # fmt: skip
+        self.reference = [self._run(b, {}) for b in self.batches]
+        self.energy = {
+            name: max(sum(float(np.sum(np.square(r[name], dtype=np.float64))) for r in self.reference), 1e-30)
+            for name in self.outputs
+        }
+        self.evaluations = 0
+
+    def _run(self, feeds: Mapping[str, np.ndarray], removed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        extra = {}
+        for name, (mask_name, fill_name, shape) in self.inputs.items():
+            mask = np.ones(int(np.prod(shape)), np.float32)
+            fill = np.zeros_like(mask)
+            drop = removed.get(name)
+            if drop is not None and len(drop):
+                mask[drop] = 0.0
+                fill[drop] = self.means[name][drop]
+            extra[mask_name], extra[fill_name] = mask.reshape(shape), fill.reshape(shape)
+        return self.session.run({**feeds, **extra}, self.outputs)
+
+    def loss(self, removed: Mapping[str, np.ndarray]) -> float:
+        """Mean over float outputs of ``Σ‖y' − y‖² / Σ‖y‖²`` for the removal ``{value name: channels}``."""
+        self.evaluations += 1
+        errors = dict.fromkeys(self.outputs, 0.0)
+        for feeds, reference in zip(self.batches, self.reference, strict=True):
+            got = self._run(feeds, removed)
+            for name in self.outputs:
+                diff = got[name].astype(np.float64) - reference[name]
+                errors[name] += float(np.sum(np.square(np.nan_to_num(diff, nan=1e30, posinf=1e30, neginf=1e30))))
+        return float(np.mean([errors[name] / self.energy[name] for name in self.outputs])) if self.outputs else 0.0
+
+
+class Curves:
+    """Each layer group's proxy error as its ratio rises alone along ``grid`` (from the base removal), computed
+    lazily: a group's next step is scored only while its last error is within the largest threshold asked for.
+
+    ``removal(per_group)`` gives the removal of a setting (``{value name: channels}``) and how many units it
+    removes; a step that removes no more than the one before (alignment, ``min_channels``) is skipped. A group's
+    errors are made non-decreasing, so the steps within a threshold are a prefix of its curve.
+    """
+
+    def __init__(self, proxy: MaskedProxy, groups: list[int], grid: tuple[float, ...], removal) -> None:
+        self.proxy, self.groups, self.grid, self.removal = proxy, groups, grid, removal
+        self.count, removed = removal({})
+        self.base = proxy.loss(removed)
+        self.steps: dict[int, list[tuple[float, float]]] = {g: [] for g in groups}  # (ratio, error over base)
+        self._next = dict.fromkeys(groups, 0)  # index into grid of each group's next step
+        self._last = dict.fromkeys(groups, self.count)
+
+    def _extend(self, group: int, tau: float) -> None:
+        steps = self.steps[group]
+        while self._next[group] < len(self.grid) and (not steps or steps[-1][1] <= tau):
+            ratio = self.grid[self._next[group]]
+            self._next[group] += 1
+            count, removed = self.removal({group: ratio})
+            if count == self._last[group]:
+                continue
+            self._last[group] = count
+            error = max(self.proxy.loss(removed) - self.base, steps[-1][1] if steps else 0.0)
+            steps.append((ratio, error))
+
+    def first_errors(self) -> list[float]:
+        """Every group's first step's error (scoring it)."""
+        for group in self.groups:
+            self._extend(group, -np.inf)
+        return [self.steps[g][0][1] for g in self.groups if self.steps[g]]
+
+    def at(self, tau: float) -> dict[int, float]:
+        """Per group, its largest ratio whose error is at most ``tau`` (groups with none are left out)."""
+        per_group = {}
+        for group in self.groups:
+            self._extend(group, tau)
+            within = [ratio for ratio, error in self.steps[group] if error <= tau]
+            if within:
+                per_group[group] = within[-1]
+        return per_group

@@ -1,0 +1,139 @@
+"""prune's masked proxy (one session scores every candidate) and the per-group allocation search built on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxopt import data, stats
+from onnxopt.manager import PassManager
+from onnxopt.passes import prune as prune_mod
+from onnxopt.passes._channel_groups import analyze
+from onnxopt.passes._prune_proxy import MaskedProxy, masked_model
+from onnxopt.passes._prune_scores import score_units
+from onnxopt.passes._transformer_groups import HANDLERS
+from onnxopt.passes.prune import ChannelPrunePass, PruneConfig
+from onnxopt.validate import Budget
+from tests import builders
+from tests.passes.test_prune import _Net
+
+DEEP = (8, 32, 32, 32, 32, 32, 32, 4)  # six hidden layers: six layer groups, more than the greedy phase takes
+
+
+def _feeds(n=64, seed=1, width=8):
+    return {"x": np.random.default_rng(seed).standard_normal((n, width)).astype(np.float32)}
+
+
+def _analysed(proto, feeds):
+    model = ir.from_proto(proto)
+    ShapeInferencePass(strict_mode=False)(model)
+    analysis = analyze(model, HANDLERS)
+    pass_ = ChannelPrunePass(PruneConfig(ratio=0.5))
+    source = data.as_source(feeds, model, batch_size=16)
+    table = stats.collect_stats(model, source, pass_.stats_request(model))
+    stats.attach_stats(model, table)
+    return model, analysis, table, source
+
+
+def _conv_chain():
+    """Conv(3x3, pad 1) → Relu → Conv(1x1) → Relu → Conv(3x3, pad 1), channel 2 of the second layer dead."""
+    net = _Net([("x", ["N", 3, 6, 6])], rng=np.random.default_rng(3))
+    h = net.node("Relu", [net.conv("x", 3, 8)])
+    h = net.node("Relu", [net.conv(h, 8, 8, k=1, pad=0, dead=(2,))])
+    return net.model(net.conv(h, 8, 4), ["N", 4, 6, 6])
+
+
+def test_masked_model_without_removal_computes_the_original_exactly():
+    proto = _conv_chain()
+    feeds = {"x": np.random.default_rng(0).standard_normal((5, 3, 6, 6)).astype(np.float32)}
+    model, analysis, _, _ = _analysed(proto, feeds)
+    masked, inputs = masked_model(model, analysis)
+    assert len(inputs) == 2  # the two values a consumer reads
+    extra = {}
+    for mask, fill, shape in inputs.values():
+        assert shape == (1, 8, 1, 1)
+        extra[mask], extra[fill] = np.ones(shape, np.float32), np.zeros(shape, np.float32)
+    got = builders.run(ir.to_proto(masked), {**feeds, **extra})
+    want = builders.run(proto, feeds)
+    np.testing.assert_array_equal(got[proto.graph.output[0].name], want[proto.graph.output[0].name])
+    assert [v.name for v in model.graph.inputs] == ["x"]  # the input model is left alone
+
+
+def test_proxy_equals_the_pruned_model_for_gemm_consumers():
+    """For Gemm consumers the masked model is the pruned model (means folded into the bias): the proxy's error is
+    the real candidate's error against the original, to rounding."""
+    proto = builders.mlp(sizes=DEEP, seed=2)
+    feeds = _feeds()
+    model, analysis, table, source = _analysed(proto, feeds)
+    proxy = MaskedProxy(model, analysis, table, source, samples=64)
+    assert proxy.samples == 64 and proxy.loss({}) == 0.0
+    config = PruneConfig(ratio=0.25, align=1)
+    chosen = prune_mod._select(analysis, score_units(analysis, table), config, 0.25)
+    removed = analysis.removed_by_space([item.unit for item in chosen])
+    names = {id(s.value): s.value.name for s in analysis.spaces.values()}
+    proxy_error = proxy.loss({names[k]: v for k, v in removed.items()})
+    result_model = ir.from_proto(proto)
+    pass_ = ChannelPrunePass(config)
+    stats.attach_stats(result_model, stats.collect_stats(result_model, source, pass_.stats_request(result_model)))
+    pass_(result_model)
+    ref, got = builders.run(proto, feeds)["y"], builders.run(ir.to_proto(result_model), feeds)["y"]
+    real_error = float(np.sum((got.astype(np.float64) - ref) ** 2) / np.sum(ref.astype(np.float64) ** 2))
+    assert proxy_error > 1e-4
+    np.testing.assert_allclose(proxy_error, real_error, rtol=1e-4)
+
+
+def test_proxy_of_a_dead_channel_behind_a_padded_conv_is_exact():
+    proto = _conv_chain()
+    feeds = {"x": np.random.default_rng(0).standard_normal((8, 3, 6, 6)).astype(np.float32)}
+    model, analysis, table, source = _analysed(proto, feeds)
+    proxy = MaskedProxy(model, analysis, table, source)
+    padded = [a for a in analysis.actions if a.kind == "consumer" and a.node.inputs[1].shape == ir.Shape([4, 8, 3, 3])]
+    dead_value = padded[0].space.value.name  # what the padded 3x3 Conv reads
+    assert proxy.loss({dead_value: np.array([2])}) < 1e-12  # dead on every input: removing it changes nothing
+    assert proxy.loss({dead_value: np.array([0, 1])}) > 1e-4
+
+
+def _search(path, feeds, evaluation, **config):
+    return PassManager(
+        [ChannelPrunePass(PruneConfig(align=1, latency_guard=False, **config))], data=feeds, eval_data=evaluation,
+        budget=Budget(min_cosine=0.99), simplify=False,
+    ).run(path)  # fmt: skip
+
+
+def test_many_groups_are_allocated_by_the_proxy_and_the_result_holds(tmp_path, monkeypatch):
+    proto = builders.mlp(sizes=DEEP, seed=2)
+    path = builders.save(proto, tmp_path / "m.onnx")
+    losses = []
+    original_loss = MaskedProxy.loss
+    monkeypatch.setattr(MaskedProxy, "loss", lambda self, removed: losses.append(1) or original_loss(self, removed))
+    report = _search(path, _feeds(), _feeds(seed=2))
+    record = report.passes[0]
+    assert report.ok and record.modified
+    assert losses  # the proxy scored the groups' steps
+    search = record.details["search"]
+    assert search["candidates"] <= 7  # at most `steps` budget checks, not a bisection per group
+    ratios = {c.what.split("; ratio ")[1].rstrip(")") for c in record.changes}
+    assert len(ratios) > 1  # groups got different ratios
+    assert report.validation.outputs["y"].cosine >= 0.99
+    again = _search(path, _feeds(), _feeds(seed=2))  # deterministic: the same command, the same model
+    assert [c.what for c in again.passes[0].changes] == [c.what for c in record.changes]
+
+
+def test_allocation_backs_off_when_nothing_holds(tmp_path):
+    proto = builders.mlp(sizes=DEEP, seed=2)
+    path = builders.save(proto, tmp_path / "m.onnx")
+    report = PassManager(
+        [ChannelPrunePass(PruneConfig(align=1, latency_guard=False))], data=_feeds(), eval_data=_feeds(seed=2),
+        budget=Budget(min_cosine=0.999999), simplify=False,
+    ).run(path)  # fmt: skip
+    assert report.ok and report.validation.outputs["y"].max_abs == 0  # no live neuron can go: the input, unchanged
+
+
+def test_few_groups_keep_the_greedy_per_group_search(tmp_path, monkeypatch):
+    proto = builders.mlp(sizes=(8, 64, 48, 4), seed=1)
+    path = builders.save(proto, tmp_path / "m.onnx")
+    called = []
+    monkeypatch.setattr(ChannelPrunePass, "_allocate", lambda self, *a: called.append(1))
+    report = _search(path, _feeds(), _feeds(seed=2))
+    assert report.ok and not called
