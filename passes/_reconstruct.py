@@ -138,13 +138,20 @@ def reconstruct(
     uses = [samples if any(by_name[n].op_type in ("Gemm", "MatMul") for n in g) else min(samples, conv_samples)
             for g in groups]  # fmt: skip
     reads_in_order = [by_name[group[0]].inputs[0].name for group in groups]
-    try:
-        runner = _Segments(feeds_model, reads_in_order, data, max(uses), _SEGMENT_BYTES)
+    try:  # the segments bake the current weights in as constants: the model with weights, not feeds_model
+        runner = _Segments(pruned.clone(), reads_in_order, data, max(uses), _SEGMENT_BYTES)
         runs = max(uses)  # every segment runs on every sample a later one reads
     except ValueError as e:
         logger.debug("reconstruction: the whole model runs per layer: %s", e)
         runner, runs = _Unsegmented(feeds_model, reads_in_order), 0
     cached = _original_outputs(original_session, data, out_names, max(uses))
+    original_runner = None
+    if cached is None and runs and all(len(group) == 1 for group in groups):  # too big to keep: run it by segments
+        try:
+            outs = [_output(originals[group[0]]).name for group in groups]
+            original_runner = _Segments(original.clone(), outs, data, max(uses), _SEGMENT_BYTES)
+        except ValueError as e:
+            logger.debug("reconstruction: the whole original runs per layer: %s", e)
     done = result.done
     for step, group in enumerate(groups):
         used = uses[step]
@@ -161,9 +168,12 @@ def reconstruct(
                 break
             seen += batch.size
             x = runner.run(step, index, {**batch.feeds, **extra})
+            if original_runner is not None:
+                outputs = {wanted[0]: original_runner.run(step, index, batch.feeds)}
             if seen - batch.size >= used:
                 continue  # run for the segments after this one only
-            outputs = cached[index] if cached is not None else original_session.run(batch.feeds, wanted)
+            if original_runner is None:
+                outputs = cached[index] if cached is not None else original_session.run(batch.feeds, wanted)
             for name in group:
                 t = outputs[_output(originals[name]).name]
                 features, target = layers[name].rows(x, t, kept_outputs.get(name), per_sample, rngs[name])
@@ -403,9 +413,11 @@ def _with_weights_as_inputs(model: ir.Model, nodes: list[ir.Node]) -> tuple[ir.M
 
 
 class _Segments:
-    """The pruned model (weights as inputs) cut before each group's input into segments, run one after the other:
-    the values a later segment reads are kept per batch, so over a whole re-fit every node runs once per batch,
-    where a run of the whole model per layer costs as many runs of each node as there are layers downstream.
+    """The pruned model cut before each group's input into segments, run one after the other: the values a later
+    segment reads are kept per batch, so over a whole re-fit every node runs once per batch, where a run of the whole
+    model per layer costs as many runs of each node as there are layers downstream. A segment's session is opened
+    when it first runs, with the weights fitted so far as constants (onnxruntime prepacks constant Conv weights;
+    fed as inputs, MobileNetV2's segments ran about 10x slower).
 
     Needs the groups' inputs to be computed in graph order (their producers strictly increasing: a chain, as in
     ResNets and MobileNets) and the values kept between segments to fit in ``limit_bytes``; else
@@ -420,7 +432,8 @@ class _Segments:
         cuts = [position[id(values[r].producer())] if values[r].producer() is not None else -1 for r in reads]
         if any(b <= a for a, b in zip(cuts, cuts[1:], strict=False)):
             raise ValueError("the layers' inputs are not computed in graph order")
-        self.reads, self.sessions, self.inputs, self.outputs, self.drop = reads, [], [], [], []
+        self.model, self.reads, self.ranges, self.inputs, self.outputs, self.drop = model, reads, [], [], [], []
+        self.session: tuple[int, Session | None] = (-1, None)
         last_use = {}
         for node in order:
             for v in node.inputs:
@@ -440,7 +453,7 @@ class _Segments:
             live = (live | set(out)) - {name for name in live | set(out) if last_use.get(name, -1) <= cut}
             self.drop.append(sorted(n for n in set(fed) | set(out) if n not in live and n != read))
             per_sample_bytes = max(per_sample_bytes, sum(_bytes_per_sample(values[n]) for n in live))
-            self.sessions.append(Session(_segment(model, start, cut + 1, out), optimize=True) if keep else None)
+            self.ranges.append((start, cut + 1) if keep else None)
             start = cut + 1
         if per_sample_bytes * samples > limit_bytes:
             raise ValueError(f"the values kept between segments take {per_sample_bytes * samples >> 20} MiB")
@@ -449,9 +462,14 @@ class _Segments:
     def run(self, step: int, index: int, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """Group ``step``'s input for batch ``index`` (``feeds``: the batch and the current weights)."""
         state = self.state.setdefault(index, {})
-        if self.sessions[step] is not None:
+        if self.ranges[step] is not None:
+            if self.session[0] != step:  # built when first run: the layers fitted so far have their weights now
+                self.session = (
+                    step,
+                    Session(_segment(self.model, *self.ranges[step], self.outputs[step], feeds), optimize=True),
+                )
             given = {name: state[name] if name in state else feeds[name] for name in self.inputs[step]}
-            state.update(self.sessions[step].run(given, self.outputs[step]))
+            state.update(self.session[1].run(given, self.outputs[step]))
         x = state[self.reads[step]] if self.reads[step] in state else feeds[self.reads[step]]
         for name in self.drop[step]:
             state.pop(name, None)
@@ -476,10 +494,14 @@ def _bytes_per_sample(value: ir.Value) -> int:
     return 4 * int(np.prod([d if isinstance(d, int) else 4096 for d in dims]))
 
 
-def _segment(model: ir.Model, start: int, stop: int, outputs: list[str]) -> ir.Model:
+def _segment(model: ir.Model, start: int, stop: int, outputs: list[str], weights: Mapping[str, np.ndarray]) -> ir.Model:
     """Nodes ``start .. stop-1`` of ``model`` as a model of their own: what they read from earlier nodes becomes an
-    input, ``outputs`` its outputs."""
+    input, ``outputs`` its outputs; initializers named in ``weights`` hold those arrays (constants, so onnxruntime
+    prepacks them as it does for the deployed model)."""
     clone = model.clone()
+    for name, init in clone.graph.initializers.items():
+        if name in weights:
+            init.const_value = ir.tensor(np.ascontiguousarray(weights[name]), name=name)
     order = list(clone.graph)
     keep = order[start:stop]
     kept = {id(node) for node in keep}

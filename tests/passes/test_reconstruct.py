@@ -233,3 +233,19 @@ def test_refit_run_a_segment_at_a_time_fits_what_whole_model_runs_fit(monkeypatc
     assert weights.keys() == expected.keys()
     for name in expected:
         np.testing.assert_allclose(weights[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_refit_runs_the_original_by_segments_when_its_outputs_are_too_big_to_keep(monkeypatch):
+    from onnxopt.passes import _reconstruct
+
+    _, expected = _refit_chain(monkeypatch, 512 << 20)
+    segment_runs = []
+    original_init = _reconstruct._Segments.__init__
+    monkeypatch.setattr(
+        _reconstruct._Segments, "__init__", lambda self, *a: segment_runs.append(1) or original_init(self, *a)
+    )
+    monkeypatch.setattr(_reconstruct, "_CACHE_BYTES", 0)  # the original's layer outputs cannot be kept
+    _, weights = _refit_chain(monkeypatch, 512 << 20)
+    assert len(segment_runs) == 2  # the pruned model and the original, both a segment at a time
+    for name in expected:
+        np.testing.assert_allclose(weights[name], expected[name], rtol=1e-5, atol=1e-6)
