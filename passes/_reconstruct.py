@@ -416,8 +416,8 @@ class _Segments:
     """The pruned model cut before each group's input into segments, run one after the other: the values a later
     segment reads are kept per batch, so over a whole re-fit every node runs once per batch, where a run of the whole
     model per layer costs as many runs of each node as there are layers downstream. A segment's session is opened
-    when it first runs, with the weights fitted so far as constants (onnxruntime prepacks constant Conv weights;
-    fed as inputs, MobileNetV2's segments ran about 10x slower).
+    when it first runs, with the weights fitted so far as constants (as deployed: onnxruntime folds and prepacks
+    constant weights, not inputs).
 
     Needs the groups' inputs to be computed in graph order (their producers strictly increasing: a chain, as in
     ResNets and MobileNets) and the values kept between segments to fit in ``limit_bytes``; else
