@@ -30,6 +30,16 @@ also with the onnxopt of another source tree (``--before-tree DIR``: a checkout 
 checks (candidates, stopped early, samples scored of those a full check scores, check seconds, the estimated
 time saved) and a digest of the written model (the same digest: the same model). Written to
 ``bench/results/own_cost_search.md`` unless ``--out`` says otherwise.
+
+Prune speed (``--speed mobilenet_v2,resnet20,resnet56,ultraface,superres``): ``onnxopt run --passes prune`` and
+``--passes prune --prune-refit`` (``--speed-variants prune,refit``) on real pairs of bench/_real_tasks.py with the
+budget flags bench/real.py gives onnxopt (top-1 drop, PSNR floor, worst cosine), the pair's calibration split as
+``--data`` and its budget split as ``--eval``, written once as .npz files to ``--data-dir`` (default
+``--cache``/prune_speed) and reused. Per run: wall seconds, peak RSS, the prune pass's seconds and budget checks,
+the MACs after, the metric on the budget split, and the 1-minute load average before and after the run (other jobs
+on the machine make wall times upper bounds). Written to ``bench/results/prune_speed.md`` unless ``--out`` says
+otherwise. One command for the lead: ``python bench/own_cost.py --speed mobilenet_v2,resnet20,resnet56,ultraface,
+superres``.
 """
 
 from __future__ import annotations
@@ -151,6 +161,87 @@ def search_cost(names: list[str], args, work: Path) -> list[str]:
     return rows + ["", "Commands (the .npz files: the pair's calibration split and its budget split):", "", *commands]
 
 
+SPEED_HEADER = [
+    "| pair | run | wall s | peak RSS MB | prune s (stats s) | budget checks (stopped early) | MACs after "
+    "| metric on the budget split | load before / after | status |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def _budget_flags(task) -> list[str]:
+    """onnxopt's budget flags for a pair, as bench/real.py gives them (the photographs: 13, below onnxopt's 32)."""
+    if task.metric == "cosine":
+        return ["--min-cosine", f"{task.budget:g}", "--allow-small-eval"]
+    if task.metric == "psnr":
+        return ["--metric", "psnr", "--metric-limit", f"{task.budget:g}", "--allow-small-eval"]
+    return ["--metric", task.metric, "--max-metric-drop", f"{task.budget:g}"]
+
+
+def speed(names: list[str], args, work: Path) -> list[str]:
+    """`prune` and `prune --prune-refit` on each real pair: one table row per run, then the commands."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _real_tasks import LOADERS, Skip
+
+    data_dir = Path(args.data_dir or Path(args.cache) / "prune_speed")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rows, commands = [], []
+    variants = {"prune": ("prune", []), "refit": ("prune --prune-refit", ["--prune-refit"])}
+    for name in names:
+        calib, evaluation = data_dir / f"{name}.calib.npz", data_dir / f"{name}.eval.npz"
+        try:
+            task = LOADERS[name](Path(args.shared), Path(args.cache), False)
+        except Skip as e:
+            rows.append(f"| {name} | skipped: {e} |" + " |" * 8)
+            continue
+        if not (calib.exists() and evaluation.exists()):  # written once, reused by later runs
+            np.savez(calib, **task.calib)
+            np.savez(evaluation, **task.budget_data)
+        for variant in args.speed_variants.split(","):
+            label, extra = variants[variant]
+            print(f"{name}: {label} ...", file=sys.stderr, flush=True)
+            load_before = os.getloadavg()[0]
+            result = measure(task.model, calib, evaluation, _budget_flags(task) + extra, work, args.timeout,
+                             passes="prune")  # fmt: skip
+            load_after = os.getloadavg()[0]
+            print(f"  {result['seconds']:.1f} s, status {result['status']} {result['error']}", file=sys.stderr)
+            commands.append(f"- {name}, {label}: `{result['command']}`")
+            rows.append(_speed_row(name, label, result, load_before, load_after))
+    return rows + ["", "Commands (the .npz files: the pair's calibration split and its budget split):", "", *commands]
+
+
+def _speed_row(name: str, label: str, result: dict, load_before: float, load_after: float) -> str:
+    report = result["report"]
+    load = f"{load_before:.1f} / {load_after:.1f}"
+    if report is None:
+        status = "timeout" if result["status"] == "timeout" else f"failed: {result['error']}"
+        cells = [name, label, f"{result['seconds']:.1f}", f"{result['peak_mb']:.0f}", "", "", "", "", load, status]
+        return "| " + " | ".join(cells) + " |"
+    prune = next(p for p in report["passes"] if p["name"] == "prune")
+    search = prune.get("details", {}).get("search") or {}
+    macs = report["model"]["after"]["macs"] / max(report["model"]["before"]["macs"], 1)
+    validation = report.get("validation") or {}
+    metric = validation.get("metric")
+    if metric:
+        before, after = (
+            f"{v:.2f}" if isinstance(v, int | float) else str(v) for v in (metric["before"], metric["after"])
+        )
+        shown = f"{metric['name']} {before} -> {after}" if metric["before"] is not None else f"{metric['name']} {after}"
+        shown += f" (drop {metric['drop']:.2f})" if metric.get("drop") is not None else ""
+    elif validation.get("outputs"):
+        shown = (
+            "worst cosine "
+            + f"{min(o['cosine'] for o in validation['outputs'].values() if o['cosine'] is not None):.5f}"
+        )
+    else:
+        shown = ""
+    status = {0: "ok", 1: "budget failed"}.get(result["status"], str(result["status"]))
+    checks = f"{search.get('candidates', 0)} ({search.get('stopped_early', 0)})" if search else "0"
+    cells = [name, label, f"{result['seconds']:.1f}", f"{result['peak_mb']:.0f}",
+             f"{prune['seconds']:.1f} ({prune.get('stats_seconds', 0):.1f})", checks, f"{macs:.3f}", shown, load,
+             status]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
 def _search_row(name: str, label: str, count: int, result: dict) -> str:
     report = result["report"]
     if report is None:
@@ -209,6 +300,11 @@ def main(argv=None) -> int:
     parser.add_argument("--search-variants", help="--search: which runs, in order (off,on,fast,before)")
     parser.add_argument("--search-fast", action="store_true", help="--search: also ONNXOPT_EARLY_STOP=fast")
     parser.add_argument("--before-tree", help="--search: also run the onnxopt of this source tree (PYTHONPATH)")
+    parser.add_argument("--speed", help="comma-separated real pairs: prune's own wall time (prune_speed.md)")
+    parser.add_argument("--speed-variants", default="prune,refit", help="--speed: prune, refit (--prune-refit)")
+    parser.add_argument(
+        "--data-dir", help="--speed: where the pairs' .npz files are written once (default: CACHE/prune_speed)"
+    )
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "onnxopt-bench"), help="bench/real.py's cache")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is killed")
     parser.add_argument("--min-cosine", type=float, default=0.99, help="budget of the random-weight models")
@@ -221,6 +317,23 @@ def main(argv=None) -> int:
     skip = set(args.skip.split(","))
     work = Path(tempfile.mkdtemp(prefix="onnxopt-own-cost-"))
     invocation = shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.speed:
+        rows = speed([n for n in args.speed.split(",") if n], args, work)
+        lines = [
+            f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores "
+            f"(1-minute load average {load_average:.1f} before the runs): `python bench/own_cost.py {invocation}`",
+            "",
+            "`onnxopt run --passes prune` (and `--prune-refit`) on real pairs (bench/_real_tasks.py: calibration split "
+            "as --data, budget split as --eval, the budget bench/real.py gives onnxopt), one child process per run; "
+            "peak RSS is the child's (/usr/bin/time %M). The metric is the final validation on the budget split. "
+            "Load: the 1-minute load average before and after each run; above 2 (the cores) other jobs shared the "
+            "machine and the wall times are upper bounds.",
+            "",
+            *SPEED_HEADER,
+            *rows,
+        ]
+        emit("\n".join(lines), args.out or str(ROOT / "bench" / "results" / "prune_speed.md"))
+        return 0
     if args.search:
         rows = search_cost([n for n in args.search.split(",") if n], args, work)
         lines = [
@@ -239,7 +352,7 @@ def main(argv=None) -> int:
         emit("\n".join(lines), args.out or str(ROOT / "bench" / "results" / "own_cost_search.md"))
         return 0
     if not args.mnist:
-        parser.error("--mnist is required (unless --search)")
+        parser.error("--mnist is required (unless --search or --speed)")
     args.out = args.out or str(ROOT / "bench" / "results" / "own_cost.md")
     profile_dir = Path(args.profile) if args.profile else None
     train_x, train_y, test_x, test_y = load(args.mnist)
