@@ -36,10 +36,11 @@ Prune speed (``--speed mobilenet_v2,resnet20,resnet56,ultraface,superres``): ``o
 budget flags bench/real.py gives onnxopt (top-1 drop, PSNR floor, worst cosine), the pair's calibration split as
 ``--data`` and its budget split as ``--eval``, written once as .npz files to ``--data-dir`` (default
 ``--cache``/prune_speed) and reused. Per run: wall seconds, peak RSS, the prune pass's seconds and budget checks,
-the MACs after, the metric on the budget split, and the 1-minute load average before and after the run (other jobs
-on the machine make wall times upper bounds). Written to ``bench/results/prune_speed.md`` unless ``--out`` says
-otherwise. One command for the lead: ``python bench/own_cost.py --speed mobilenet_v2,resnet20,resnet56,ultraface,
-superres``.
+the MACs after, the metric on the budget split, and the 1-minute load average before and after the run (other
+jobs on the machine make wall times upper bounds). Each run starts with an empty latency record
+(``ONNXOPT_CACHE_DIR``), so prune's latency guard times its models as on a first run. Written to
+``bench/results/prune_speed.md`` unless ``--out`` says otherwise. One command for the lead:
+``python bench/own_cost.py --speed mobilenet_v2,resnet20,resnet56,ultraface,superres``.
 """
 
 from __future__ import annotations
@@ -200,8 +201,9 @@ def speed(names: list[str], args, work: Path) -> list[str]:
             label, extra = variants[variant]
             print(f"{name}: {label} ...", file=sys.stderr, flush=True)
             load_before = os.getloadavg()[0]
+            fresh = {"ONNXOPT_CACHE_DIR": tempfile.mkdtemp(prefix="latency-", dir=work)}  # no recorded latencies
             result = measure(task.model, calib, evaluation, _budget_flags(task) + extra, work, args.timeout,
-                             passes="prune")  # fmt: skip
+                             passes="prune", env=fresh)  # fmt: skip
             load_after = os.getloadavg()[0]
             print(f"  {result['seconds']:.1f} s, status {result['status']} {result['error']}", file=sys.stderr)
             commands.append(f"- {name}, {label}: `{result['command']}`")
