@@ -1,7 +1,7 @@
 """Issue 17's combined acceptance on paraphrase-MiniLM-L3-v2: prune + distill + fuse + dynamic int8 against onnxruntime.
 
     python bench/minilm_combined.py --data-dir /work/lead [--work /work/cache/minilm_combined] [--rounds 30]
-        [--out bench/results/minilm_combined.md]
+        [--out bench/results/minilm_combined.md] [--pruned PRUNED.onnx --pruned-note "how it was made"]
 
 Rows (every model scored and timed in this one run):
 
@@ -11,7 +11,8 @@ Rows (every model scored and timed in this one run):
   (bench/_real_tools.py), called here, not copied;
 - ``onnxopt prune,distill``: ``onnxopt run --passes prune,distill --prune-ratio 0.4 --prune-refit --distill-epochs 10``
   on ``calib_spread.npz`` (512 sts-train sentences), judged on ``dev.npz`` (400 sts-dev pairs), as
-  bench/results/prune_minilm.md; reused from ``--work`` when present (14 min here);
+  bench/results/prune_minilm.md; reused from ``--work`` when present (14 min here); ``--pruned`` gives a pruned
+  (and distilled) model made otherwise instead, e.g. with a larger distillation set (``--pruned-note`` says how);
 - ``onnxopt prune,distill,fuse,quant``: that model continued through ``fuse`` then ``quant --quant-mode dynamic`` with
   the Python API, the budget checks and validation against the *original* model (``PassManager.run(...,
   original=...)``, what one ``onnxopt run --passes prune,distill,fuse,quant`` does), ``--max-metric-drop 1.0``
@@ -226,6 +227,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here (also printed)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 200 sts-test pairs, 3 rounds")
+    parser.add_argument("--pruned", type=Path, default=None, help="a pruned model to use instead of building one")
+    parser.add_argument("--pruned-note", default="", help="how --pruned was made (for the notes)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     test = dict(np.load(args.data_dir / "test.npz"))
@@ -233,7 +236,10 @@ def main(argv=None) -> int:
         test = {"labels": test["labels"][:200], **{k: test[k][:400] for k in ("input_ids", "attention_mask")}}
         args.rounds = 3
     load = os.getloadavg()
-    pruned = onnxopt_prune_distill(args.model, args.data_dir, args.work)
+    if args.pruned is not None:
+        pruned = Row("onnxopt prune,distill", args.pruned, args.pruned_note or f"given: {args.pruned}")
+    else:
+        pruned = onnxopt_prune_distill(args.model, args.data_dir, args.work)
     rows = [
         Row("fp32", args.model),
         peer("ort dynamic", "ort dynamic", args.model, args.work),
