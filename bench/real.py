@@ -57,10 +57,6 @@ CUT: dict[tuple[str, str], str] = {
     ("minilm", "onnxopt svd"): "timed out (180 s) on 100 dev pairs in the --quick run",
     ("minilm", "onnxopt svd,quant dynamic"): "the same search as svd alone, then quant",
     **{
-        (pair, "onnxopt prune,quant"): "prune alone did not finish in 900 s on MobileNetV2 (the 2026-11-29 21:11 run)"
-        for pair in ("mobilenet_v2", "efficientnet_lite0")
-    },
-    **{
         (pair, "ort dynamic"): "ConvInteger: 12.6x / 10.8x the fp32 latency at batch 1 / 16 and -1.15 pp on "
         "MobileNetV2 (the 2026-11-29 21:11 run); scoring it on val1300 alone took about 7 minutes"
         for pair in ("mobilenet_v2", "efficientnet_lite0")
