@@ -140,12 +140,19 @@ class DataSource:
 
 
 def as_source(
-    data: DataLike | DataSource, model: ir.Model, *, batch_size: int = 16, what: str = "data", pair_labels: bool = False
+    data: DataLike | DataSource,
+    model: ir.Model,
+    *,
+    batch_size: int = 16,
+    what: str = "data",
+    pair_labels: bool = False,
+    labels: bool = True,
 ) -> DataSource:
     """Turn user data into a :class:`DataSource` checked against ``model``'s inputs.
 
     With ``pair_labels`` (``--metric spearman``), array data holds one label per *pair* of samples (rows 2k,
-    2k+1): the labels are then on ``source.labels`` only, not on the batches.
+    2k+1): the labels are then on ``source.labels`` only, not on the batches. ``labels=False`` reads the inputs
+    only and leaves any ``labels`` array out, unchecked (timing needs no labels, and does not know their layout).
 
     Raises:
         DataError: unreadable file, missing or unknown input names, wrong shapes or dtypes, NaN/Inf.
@@ -169,9 +176,12 @@ def as_source(
                 "(--preprocess imagenet, tf, none or key=value items; images.ImageFolder(path, preprocess) in Python)"
             )
         arrays = load_npz(Path(data), what)
+        if not labels:
+            arrays.pop(LABELS, None)
         return _array_source(arrays, specs, batch_size, f"{what} {Path(data).name}", pair_labels)
     if isinstance(data, Mapping):
-        return _array_source(dict(data), specs, batch_size, f"{what} arrays", pair_labels)
+        arrays = {k: v for k, v in data.items() if labels or k != LABELS}
+        return _array_source(arrays, specs, batch_size, f"{what} arrays", pair_labels)
     if callable(data):
         return DataSource(lambda: (_check_feed_dict(f, specs, what) for f in data()), f"{what} callable")
     if isinstance(data, Iterator):

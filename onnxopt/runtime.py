@@ -178,7 +178,7 @@ def latency_feeds(
         source = data_mod.random_source(model, seed=seed, shapes=input_shapes)
         what = "random inputs" + (" of --input-shape" if input_shapes else "")
     else:
-        source = data_mod.as_source(data, model, batch_size=batch_size, what=what)
+        source = data_mod.as_source(data, model, batch_size=batch_size, what=what, labels=False)  # inputs only
         what = f"first batch of {source.description}"
     batch = next(iter(source), None)
     if batch is None:

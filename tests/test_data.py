@@ -102,3 +102,22 @@ def test_random_inputs_follow_the_model(dynamic):
     shaped = list(data.random_source(dynamic, samples=8, shapes={"x": [4, 8]}))
     assert len(shaped) == 2 and shaped[0].feeds["x"].shape == (4, 8)
     assert data.parse_shape_overrides(["x=1,3,224,224", "y=2x5"]) == {"x": [1, 3, 224, 224], "y": [2, 5]}
+
+
+def test_latency_feeds_read_the_inputs_of_pair_labelled_data(tmp_path):
+    """Timing needs no labels: data with one label per pair of samples (--metric spearman), which the sample-count
+    check of ordinary labels refuses, gives its first batch for timing (`run --latency`, `run --target`)."""
+    from onnxopt.runtime import latency_feeds
+
+    model = builders.mlp()
+    x = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
+    pairs = {"x": x, "labels": np.linspace(0, 5, 5).astype(np.float32)}
+    path = tmp_path / "pairs.npz"
+    np.savez(path, **pairs)
+    with pytest.raises(DataError, match="'labels' has 5 entries, expected 10"):
+        data.as_source(str(path), ir.from_proto(model), what="evaluation data")
+    for given in (str(path), pairs):
+        timing = latency_feeds(ir.from_proto(model), given, batch_size=4, what="evaluation data")
+        assert list(timing.feeds) == ["x"]
+        np.testing.assert_array_equal(timing.feeds["x"], x[:4])
+    assert set(np.load(path).files) == {"x", "labels"}  # the user's file is untouched
