@@ -169,19 +169,11 @@ SPEED_HEADER = [
 ]
 
 
-def _budget_flags(task) -> list[str]:
-    """onnxopt's budget flags for a pair, as bench/real.py gives them (the photographs: 13, below onnxopt's 32)."""
-    if task.metric == "cosine":
-        return ["--min-cosine", f"{task.budget:g}", "--allow-small-eval"]
-    if task.metric == "psnr":
-        return ["--metric", "psnr", "--metric-limit", f"{task.budget:g}", "--allow-small-eval"]
-    return ["--metric", task.metric, "--max-metric-drop", f"{task.budget:g}"]
-
-
 def speed(names: list[str], args, work: Path) -> list[str]:
     """`prune` and `prune --prune-refit` on each real pair: one table row per run, then the commands."""
     sys.path.insert(0, str(ROOT / "bench"))
     from _real_tasks import LOADERS, Skip
+    from real import onnxopt_flags  # the budget flags bench/real.py gives onnxopt
 
     data_dir = Path(args.data_dir or Path(args.cache) / "prune_speed")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +194,8 @@ def speed(names: list[str], args, work: Path) -> list[str]:
             print(f"{name}: {label} ...", file=sys.stderr, flush=True)
             load_before = os.getloadavg()[0]
             fresh = {"ONNXOPT_CACHE_DIR": tempfile.mkdtemp(prefix="latency-", dir=work)}  # no recorded latencies
-            result = measure(task.model, calib, evaluation, _budget_flags(task) + extra, work, args.timeout,
+            budget = onnxopt_flags(task, {"--max-metric-drop", "--allow-small-eval"})[0]
+            result = measure(task.model, calib, evaluation, budget + extra, work, args.timeout,
                              passes="prune", env=fresh)  # fmt: skip
             load_after = os.getloadavg()[0]
             print(f"  {result['seconds']:.1f} s, status {result['status']} {result['error']}", file=sys.stderr)
@@ -319,40 +312,42 @@ def main(argv=None) -> int:
     skip = set(args.skip.split(","))
     work = Path(tempfile.mkdtemp(prefix="onnxopt-own-cost-"))
     invocation = shlex.join(sys.argv[1:] if argv is None else argv)
-    if args.speed:
-        rows = speed([n for n in args.speed.split(",") if n], args, work)
+
+    def report(rows: list[str], protocol: str, header: list[str], default: str) -> int:
         lines = [
             f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores "
             f"(1-minute load average {load_average:.1f} before the runs): `python bench/own_cost.py {invocation}`",
             "",
+            protocol,
+            "",
+            *header,
+            *rows,
+        ]
+        emit("\n".join(lines), args.out or str(ROOT / "bench" / "results" / default))
+        return 0
+
+    if args.speed:
+        return report(
+            speed([n for n in args.speed.split(",") if n], args, work),
             "`onnxopt run --passes prune` (and `--prune-refit`) on real pairs (bench/_real_tasks.py: calibration split "
             "as --data, budget split as --eval, the budget bench/real.py gives onnxopt), one child process per run; "
             "peak RSS is the child's (/usr/bin/time %M). The metric is the final validation on the budget split. "
             "Load: the 1-minute load average before and after each run; above 2 (the cores) other jobs shared the "
             "machine and the wall times are upper bounds.",
-            "",
-            *SPEED_HEADER,
-            *rows,
-        ]
-        emit("\n".join(lines), args.out or str(ROOT / "bench" / "results" / "prune_speed.md"))
-        return 0
+            SPEED_HEADER,
+            "prune_speed.md",
+        )
     if args.search:
-        rows = search_cost([n for n in args.search.split(",") if n], args, work)
-        lines = [
-            f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores "
-            f"(1-minute load average {load_average:.1f} before the runs): `python bench/own_cost.py {invocation}`",
-            "",
+        return report(
+            search_cost([n for n in args.search.split(",") if n], args, work),
             "`onnxopt run --passes prune` on real pairs (bench/_real_tasks.py: calibration split, budget split as "
             "--eval, top-1 budget), budget checks with early stop off (`ONNXOPT_EARLY_STOP=off`) and on (the "
             "default). 'samples scored / full': evaluation samples the search's candidates were scored on, and what "
             "full checks would score; 'est. saved s': each stopped check's scoring time extrapolated to the samples it "
             "skipped (onnxopt's own estimate, in the report's details.search). The same sha256: the same model.",
-            "",
-            *SEARCH_HEADER,
-            *rows,
-        ]
-        emit("\n".join(lines), args.out or str(ROOT / "bench" / "results" / "own_cost_search.md"))
-        return 0
+            SEARCH_HEADER,
+            "own_cost_search.md",
+        )
     if not args.mnist:
         parser.error("--mnist is required (unless --search or --speed)")
     args.out = args.out or str(ROOT / "bench" / "results" / "own_cost.md")
