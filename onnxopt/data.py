@@ -176,12 +176,9 @@ def as_source(
                 "(--preprocess imagenet, tf, none or key=value items; images.ImageFolder(path, preprocess) in Python)"
             )
         arrays = load_npz(Path(data), what)
-        if not labels:
-            arrays.pop(LABELS, None)
-        return _array_source(arrays, specs, batch_size, f"{what} {Path(data).name}", pair_labels)
+        return _array_source(arrays, specs, batch_size, f"{what} {Path(data).name}", pair_labels, labels)
     if isinstance(data, Mapping):
-        arrays = {k: v for k, v in data.items() if labels or k != LABELS}
-        return _array_source(arrays, specs, batch_size, f"{what} arrays", pair_labels)
+        return _array_source(dict(data), specs, batch_size, f"{what} arrays", pair_labels, labels)
     if callable(data):
         return DataSource(lambda: (_check_feed_dict(f, specs, what) for f in data()), f"{what} callable")
     if isinstance(data, Iterator):
@@ -306,8 +303,11 @@ def _array_source(
     batch_size: int,
     description: str,
     pair_labels: bool = False,
+    keep_labels: bool = True,
 ):
-    labels = arrays.pop(LABELS, None)
+    labels = arrays.pop(LABELS, None)  # arrays: the caller's own copy
+    if not keep_labels:
+        labels = None
     if labels is not None and np.ndim(labels) == 0 and np.asarray(labels).dtype.kind == "U":
         target = str(labels)
         if target not in arrays:
