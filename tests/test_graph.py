@@ -119,11 +119,8 @@ def test_add_initializer_keeps_the_array_shape_scalars_included():
     """A 0-d array is registered as a scalar (np.ascontiguousarray alone would make it 1-d), with a fresh name."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
-    proto = helper.make_model(
-        helper.make_graph([helper.make_node("Mul", ["x", "s"], ["y"])], "g", [x], [y]),
-        opset_imports=[helper.make_opsetid("", 17)],
-        ir_version=8,
-    )
+    placeholder = numpy_helper.from_array(np.array(1.0, np.float32), "s0")
+    proto = builders.make_model([helper.make_node("Mul", ["x", "s0"], ["y"])], [x], [y], [placeholder])
     model = ir.from_proto(proto)
     scale = graph.add_initializer(model.graph, "s", np.array(3.0, np.float32))
     column = graph.add_initializer(model.graph, "s", np.arange(6, dtype=np.int64).reshape(2, 3).T)
