@@ -67,7 +67,8 @@ from onnxopt.passes._channel_groups import Analysis, analyze
 from onnxopt.passes._prune_apply import apply_removal
 from onnxopt.passes._prune_guard import budget_miss, slower
 from onnxopt.passes._prune_proxy import Curves, MaskedProxy
-from onnxopt.passes._prune_scores import Scored, score_units
+from onnxopt.passes._prune_scores import score_units
+from onnxopt.passes._prune_select import blocked, describe, removed_and_means, select
 from onnxopt.passes._reconstruct import Refit, downstream, reconstruct
 from onnxopt.passes._transformer_groups import HANDLERS
 from onnxopt.stats import StatsRequest, StatsTable, get_stats
@@ -149,7 +150,7 @@ class ChannelPrunePass(OptPass):
     def call(self, model: ir.Model) -> OptResult:
         config: PruneConfig = self.config
         analysis = self._analyze(model)
-        skipped = _blocked(analysis)
+        skipped = blocked(analysis)
         if not any(unit.blocked is None for unit in analysis.units):
             return OptResult(model, modified=False, skipped=skipped or [Skip("model", "no prunable channel group")])
         stats = get_stats(model)
@@ -160,12 +161,12 @@ class ChannelPrunePass(OptPass):
         self._missed: dict[tuple, str] = {}  # settings checked and missed (_weakest_holds): the figures
         setting, per_group = self._choose_setting(model, analysis, scored)
         self._speculated = {}
-        chosen = _select(analysis, scored, config, setting, per_group)
+        chosen = select(analysis, scored, config, setting, per_group)
         if not chosen:
             return OptResult(model, modified=False, skipped=skipped)
         original = model.clone()  # the input (sharing its weights): refit's target, and what a guard restores
         refit = self._apply(original, model, analysis, chosen, stats)
-        changes = _describe(analysis, chosen, setting, per_group, config)
+        changes = describe(analysis, chosen, setting, per_group, config)
         if refit.done:
             layers = f"{len(refit.done)} layer{'s' * (len(refit.done) != 1)}"
             changes.append(Change(layers, "re-fitted to the original outputs (least squares)"))
@@ -276,7 +277,7 @@ class ChannelPrunePass(OptPass):
         names = {id(space.value): space.value.name for space in analysis.spaces.values()}
 
         def removal(per_group: dict[int, float]) -> tuple[int, dict[str, np.ndarray]]:
-            chosen = _select(analysis, scored, config, 0.0, per_group)
+            chosen = select(analysis, scored, config, 0.0, per_group)
             removed = analysis.removed_by_space([item.unit for item in chosen])
             return len(chosen), {names[key]: channels for key, channels in removed.items()}
 
@@ -358,7 +359,7 @@ class ChannelPrunePass(OptPass):
         analysis = self._analyze(candidate)
         stats = get_stats(model)
         scored = score_units(analysis, stats)
-        chosen = _select(analysis, scored, self.config, setting, per_group)
+        chosen = select(analysis, scored, self.config, setting, per_group)
         if not chosen:
             return None
         self._apply(model, candidate, analysis, chosen, stats)
@@ -368,7 +369,7 @@ class ChannelPrunePass(OptPass):
     def _apply(self, original: ir.Model, model: ir.Model, analysis: Analysis, chosen, stats: StatsTable) -> Refit:
         """Remove the ``chosen`` channels from ``model`` (an ``analysis`` of it); with ``refit``, re-fit the layers
         downstream to ``original``'s outputs on the calibration data. Returns the layers re-fitted and declined."""
-        removed, means = _removed_and_means(analysis, chosen, stats)
+        removed, means = removed_and_means(analysis, chosen, stats)
         apply_removal(model, analysis, removed, means)
         if not self.config.refit:
             return Refit()
@@ -393,108 +394,3 @@ class ChannelPrunePass(OptPass):
 def _key(setting: float, per_group: dict[int, float]) -> tuple:
     """A search setting as a set member (the setting and the per-group ratios)."""
     return setting, tuple(sorted(per_group.items()))
-
-
-# --- scoring and selection ---------------------------------------------------------------------------
-def _select(
-    analysis: Analysis,
-    scored: dict[int, Scored],
-    config: PruneConfig,
-    setting: float,
-    per_group: dict[int, float] | None = None,
-) -> list[Scored]:
-    by_group: dict[int, list[Scored]] = {}
-    for item in scored.values():
-        by_group.setdefault(item.unit.group, []).append(item)
-    owner = analysis._slot_owner()
-    chosen: list[Scored] = []
-    for group, items in by_group.items():
-        candidates = _candidates(items, config, (per_group or {}).get(group, setting))
-        if not candidates:
-            continue
-        # every value of the group keeps min_channels (and an aligned count, when asked)
-        remaining: dict[int, int] = {}
-        for item in items:
-            for slot in item.unit.slots:
-                remaining[id(owner[slot].value)] = owner[slot].size
-        taken = []
-        for item in candidates:
-            counts = {}
-            for slot in item.unit.slots:
-                counts[id(owner[slot].value)] = counts.get(id(owner[slot].value), 0) + 1
-            if all(remaining[v] - n >= config.min_channels for v, n in counts.items()):
-                for v, n in counts.items():
-                    remaining[v] -= n
-                taken.append(item)
-        if config.criterion == "ratio" and config.align > 1 and taken and len(items) >= 2 * config.align:
-            # keep a multiple of `align` of the group's channels: remove fewer rather than more
-            keep = len(items) - len(taken)
-            surplus = keep % config.align
-            if surplus:
-                taken = taken[: max(0, len(taken) - (config.align - surplus))]
-        chosen.extend(taken)
-    return chosen
-
-
-def _candidates(items: list[Scored], config: PruneConfig, setting: float) -> list[Scored]:
-    criterion = config.criterion
-    if criterion == "dead":
-        return [i for i in items if i.dead]
-    if criterion == "apoz":
-        return sorted((i for i in items if i.apoz >= setting), key=lambda i: -i.apoz)
-    if criterion == "constant":
-        return sorted((i for i in items if i.rel_std <= setting), key=lambda i: i.rel_std)
-    if criterion == "outlier":
-        freqs = np.array([i.freq for i in items])
-        cut = freqs.mean() - 2 * freqs.std()
-        return sorted((i for i in items if i.freq < cut), key=lambda i: i.freq)
-    key = {"contribution": lambda i: i.contribution, "apoz": lambda i: -i.apoz, "mean": lambda i: i.mean_abs}
-    ordered = sorted(items, key=key[config.score])
-    dead = [i for i in ordered if i.dead]
-    count = max(len(dead), int(np.floor(setting * len(items) + 1e-9)))
-    return dead + [i for i in ordered if not i.dead][: count - len(dead)]
-
-
-def _removed_and_means(analysis: Analysis, chosen, stats: StatsTable):
-    removed = analysis.removed_by_space([item.unit for item in chosen])
-    means = {}
-    for space in analysis.spaces.values():
-        channel = stats.channels.get(space.value.name)
-        if channel is not None and id(space.value) in removed:
-            means[id(space.value)] = channel.mean
-    return removed, means
-
-
-def _blocked(analysis: Analysis) -> list[Skip]:
-    reasons: dict[str, int] = {}
-    for unit in analysis.units:
-        if unit.blocked:
-            reasons[unit.blocked] = reasons.get(unit.blocked, 0) + 1
-    return [Skip(f"{count} channel{'s' * (count != 1)}", f"kept: {reason}") for reason, count in reasons.items()]
-
-
-def _describe(
-    analysis: Analysis, chosen, setting: float, per_group: dict[int, float], config: PruneConfig
-) -> list[Change]:
-    removed = analysis.removed_by_space([item.unit for item in chosen])
-    owner = analysis._slot_owner()
-    group_of = {id(owner[slot].value): item.unit.group for item in chosen for slot in item.unit.slots}
-    changes = []
-    for action in analysis.actions:
-        if action.kind == "producer" and id(action.space.value) in removed:
-            before = action.space.size
-            after = before - len(removed[id(action.space.value)])
-            # the fraction removed, which rounding, alignment and min_channels make differ from the setting
-            what = f"{before} -> {after} channel{'s' * (after != 1)} ({(before - after) / before:.3g} removed; "
-            what += config.criterion
-            if config.criterion not in ("dead", "outlier"):
-                value = per_group.get(group_of.get(id(action.space.value), -1), setting)
-                what += f" {value:.4g}"  # the criterion's setting
-            changes.append(Change(action.node.name or action.space.value.name, what + ")"))
-    merged = {id(space.value) for space in analysis.head_inputs}
-    for action in analysis.actions:  # the head merge Reshapes: heads per attention layer
-        if action.kind == "reshape" and id(action.out_space.value) in merged and id(action.space.value) in removed:
-            before = action.space.size
-            after = before - len(removed[id(action.space.value)])
-            changes.append(Change(action.node.name, f"{before} -> {after} attention heads"))
-    return changes

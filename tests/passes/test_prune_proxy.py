@@ -8,10 +8,10 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt import data, stats
 from onnxopt.manager import PassManager
-from onnxopt.passes import prune as prune_mod
 from onnxopt.passes._channel_groups import analyze
 from onnxopt.passes._prune_proxy import MaskedProxy, masked_model
 from onnxopt.passes._prune_scores import score_units
+from onnxopt.passes._prune_select import select
 from onnxopt.passes._transformer_groups import HANDLERS
 from onnxopt.passes.prune import ChannelPrunePass, PruneConfig
 from onnxopt.validate import Budget
@@ -69,7 +69,7 @@ def test_proxy_equals_the_pruned_model_for_gemm_consumers():
     proxy = MaskedProxy(model, analysis, table, source, samples=64)
     assert proxy.samples == 64 and proxy.loss({}) == 0.0
     config = PruneConfig(ratio=0.25, align=1)
-    chosen = prune_mod._select(analysis, score_units(analysis, table), config, 0.25)
+    chosen = select(analysis, score_units(analysis, table), config, 0.25)
     removed = analysis.removed_by_space([item.unit for item in chosen])
     names = {id(s.value): s.value.name for s in analysis.spaces.values()}
     proxy_error = proxy.loss({names[k]: v for k, v in removed.items()})

@@ -1,0 +1,127 @@
+"""prune's selection: which units (channels, neurons, heads) a setting removes, and the report lines for them.
+
+:func:`select` takes the scored units of each layer group (:mod:`onnxopt.passes._prune_scores`) and a criterion's
+setting (or per-group ratios) and returns the units to remove, each group keeping ``min_channels`` and, for
+``ratio``, a multiple of ``align`` channels (removing fewer rather than more); :func:`describe` and
+:func:`blocked` are the pass's changes and skips.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from onnxopt.pass_base import Change, Skip
+from onnxopt.passes._channel_groups import Analysis
+from onnxopt.passes._prune_scores import Scored
+from onnxopt.stats import StatsTable
+
+if TYPE_CHECKING:
+    from onnxopt.passes.prune import PruneConfig
+
+__all__ = ["blocked", "describe", "removed_and_means", "select"]
+
+
+def select(
+    analysis: Analysis,
+    scored: dict[int, Scored],
+    config: PruneConfig,
+    setting: float,
+    per_group: dict[int, float] | None = None,
+) -> list[Scored]:
+    by_group: dict[int, list[Scored]] = {}
+    for item in scored.values():
+        by_group.setdefault(item.unit.group, []).append(item)
+    owner = analysis._slot_owner()
+    chosen: list[Scored] = []
+    for group, items in by_group.items():
+        candidates = _candidates(items, config, (per_group or {}).get(group, setting))
+        if not candidates:
+            continue
+        # every value of the group keeps min_channels (and an aligned count, when asked)
+        remaining: dict[int, int] = {}
+        for item in items:
+            for slot in item.unit.slots:
+                remaining[id(owner[slot].value)] = owner[slot].size
+        taken = []
+        for item in candidates:
+            counts = {}
+            for slot in item.unit.slots:
+                counts[id(owner[slot].value)] = counts.get(id(owner[slot].value), 0) + 1
+            if all(remaining[v] - n >= config.min_channels for v, n in counts.items()):
+                for v, n in counts.items():
+                    remaining[v] -= n
+                taken.append(item)
+        if config.criterion == "ratio" and config.align > 1 and taken and len(items) >= 2 * config.align:
+            # keep a multiple of `align` of the group's channels: remove fewer rather than more
+            keep = len(items) - len(taken)
+            surplus = keep % config.align
+            if surplus:
+                taken = taken[: max(0, len(taken) - (config.align - surplus))]
+        chosen.extend(taken)
+    return chosen
+
+
+def _candidates(items: list[Scored], config: PruneConfig, setting: float) -> list[Scored]:
+    criterion = config.criterion
+    if criterion == "dead":
+        return [i for i in items if i.dead]
+    if criterion == "apoz":
+        return sorted((i for i in items if i.apoz >= setting), key=lambda i: -i.apoz)
+    if criterion == "constant":
+        return sorted((i for i in items if i.rel_std <= setting), key=lambda i: i.rel_std)
+    if criterion == "outlier":
+        freqs = np.array([i.freq for i in items])
+        cut = freqs.mean() - 2 * freqs.std()
+        return sorted((i for i in items if i.freq < cut), key=lambda i: i.freq)
+    key = {"contribution": lambda i: i.contribution, "apoz": lambda i: -i.apoz, "mean": lambda i: i.mean_abs}
+    ordered = sorted(items, key=key[config.score])
+    dead = [i for i in ordered if i.dead]
+    count = max(len(dead), int(np.floor(setting * len(items) + 1e-9)))
+    return dead + [i for i in ordered if not i.dead][: count - len(dead)]
+
+
+def removed_and_means(analysis: Analysis, chosen, stats: StatsTable):
+    removed = analysis.removed_by_space([item.unit for item in chosen])
+    means = {}
+    for space in analysis.spaces.values():
+        channel = stats.channels.get(space.value.name)
+        if channel is not None and id(space.value) in removed:
+            means[id(space.value)] = channel.mean
+    return removed, means
+
+
+def blocked(analysis: Analysis) -> list[Skip]:
+    reasons: dict[str, int] = {}
+    for unit in analysis.units:
+        if unit.blocked:
+            reasons[unit.blocked] = reasons.get(unit.blocked, 0) + 1
+    return [Skip(f"{count} channel{'s' * (count != 1)}", f"kept: {reason}") for reason, count in reasons.items()]
+
+
+def describe(
+    analysis: Analysis, chosen, setting: float, per_group: dict[int, float], config: PruneConfig
+) -> list[Change]:
+    removed = analysis.removed_by_space([item.unit for item in chosen])
+    owner = analysis._slot_owner()
+    group_of = {id(owner[slot].value): item.unit.group for item in chosen for slot in item.unit.slots}
+    changes = []
+    for action in analysis.actions:
+        if action.kind == "producer" and id(action.space.value) in removed:
+            before = action.space.size
+            after = before - len(removed[id(action.space.value)])
+            # the fraction removed, which rounding, alignment and min_channels make differ from the setting
+            what = f"{before} -> {after} channel{'s' * (after != 1)} ({(before - after) / before:.3g} removed; "
+            what += config.criterion
+            if config.criterion not in ("dead", "outlier"):
+                value = per_group.get(group_of.get(id(action.space.value), -1), setting)
+                what += f" {value:.4g}"  # the criterion's setting
+            changes.append(Change(action.node.name or action.space.value.name, what + ")"))
+    merged = {id(space.value) for space in analysis.head_inputs}
+    for action in analysis.actions:  # the head merge Reshapes: heads per attention layer
+        if action.kind == "reshape" and id(action.out_space.value) in merged and id(action.space.value) in removed:
+            before = action.space.size
+            after = before - len(removed[id(action.space.value)])
+            changes.append(Change(action.node.name, f"{before} -> {after} attention heads"))
+    return changes
