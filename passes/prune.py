@@ -90,6 +90,7 @@ _WEAKEST = {
 _GREEDY_GROUPS = 4
 _GRID = (0.125, 0.25, 0.375, 0.5, 0.75, 0.9)  # the per-group ratios the proxy scores
 _HOPELESS = 0.25  # a group's curve stops at this proxy error (relative squared output error) over dead-only
+_REFIT_META = "onnxopt.prune.refit"  # a candidate's Refit (the layers re-fitted and declined), in its meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,13 +160,19 @@ class ChannelPrunePass(OptPass):
         scored = score_units(analysis, stats)
         self._held = None  # the settings whose candidates held the budget, once a search runs (_bisect)
         self._missed: dict[tuple, str] = {}  # settings checked and missed (_weakest_holds): the figures
+        self._kept: tuple[tuple, ir.Model] | None = None  # the last candidate that held, and its setting (_keep)
         setting, per_group = self._choose_setting(model, analysis, scored)
         self._speculated = {}
+        kept, self._kept = self._kept, None
         chosen = select(analysis, scored, config, setting, per_group)
         if not chosen:
             return OptResult(model, modified=False, skipped=skipped)
         original = model.clone()  # the input (sharing its weights): refit's target, and what a guard restores
-        refit = self._apply(original, model, analysis, chosen, stats)
+        if kept is not None and kept[0] == _key(setting, per_group):  # built and checked by the search: hand it on
+            refit = kept[1].meta.pop(_REFIT_META, Refit())
+            graph_io.adopt(model, kept[1])
+        else:
+            refit = self._apply(original, model, analysis, chosen, stats)
         changes = describe(analysis, chosen, setting, per_group, config)
         if refit.done:
             layers = f"{len(refit.done)} layer{'s' * (len(refit.done) != 1)}"
@@ -339,7 +346,17 @@ class ChannelPrunePass(OptPass):
     def _trial(self, model: ir.Model, setting: float, per_group: dict[int, float], check) -> bool:
         key = (setting, tuple(sorted(per_group.items())))
         candidate = self._speculated.pop(key) if key in self._speculated else self._candidate(model, setting, per_group)
-        return True if candidate is None else check(candidate).ok
+        if candidate is None:
+            return True
+        ok = check(candidate).ok
+        if ok:
+            self._keep(key, candidate)
+        return ok
+
+    def _keep(self, key: tuple, candidate: ir.Model) -> None:
+        """Remember the candidate that held (only the last: the search's best so far), so that :meth:`call` hands
+        it on instead of building the same model again (with ``refit``, another least-squares fit)."""
+        self._kept = (key, candidate)
 
     def _weakest_holds(self, model: ir.Model, setting: float, check) -> bool:
         """Check the lower end of the search, which the bisection never tries (remembered for :meth:`_guard`)."""
@@ -349,6 +366,7 @@ class ChannelPrunePass(OptPass):
         report = check(candidate)
         if report.ok:
             self._held.add(_key(setting, {}))
+            self._keep(_key(setting, {}), candidate)
         else:
             self._missed[_key(setting, {})] = budget_figures(report)
         return report.ok
@@ -362,7 +380,7 @@ class ChannelPrunePass(OptPass):
         chosen = select(analysis, scored, self.config, setting, per_group)
         if not chosen:
             return None
-        self._apply(model, candidate, analysis, chosen, stats)
+        candidate.meta[_REFIT_META] = self._apply(model, candidate, analysis, chosen, stats)
         ShapeInferencePass(strict_mode=False)(candidate)
         return candidate
 
