@@ -36,7 +36,15 @@ input model with the pruned layers' inputs masked (:mod:`onnxopt.passes._prune_p
 threshold, ``steps`` budget checks of real candidates, picks how far to go (:meth:`ChannelPrunePass._allocate`).
 
 ``refit`` re-fits every linear layer downstream of the pruned ones (Gemm, MatMul+Add, Conv, ConvTranspose), layer
-by layer, by least squares on the pruned model's own calibration activations against the original's outputs.
+by layer, by least squares on the pruned model's own calibration activations against the original's outputs
+(:mod:`onnxopt.passes._reconstruct`; a re-fitted candidate costs several times a plain one). A search runs without
+refit first; with refit on or unset (auto) a third phase (:meth:`ChannelPrunePass._refit_phase`) then checks the
+weakest setting above the result that missed without refit, re-fitted: when it misses too, refit does not help
+here and the result without refit stands (one re-fitted candidate spent; refit on hands that result on re-fitted
+when it holds so); when it holds, the search goes on above it with refit, ``_REFIT_STEPS`` checks in all. For the
+bisection the settings above are the uniform ratio raised under the per-group ones, for the proxy allocation the
+error threshold raised. A fixed setting is re-fitted only with refit on. The pass's changes (or skips) say whether
+refit was used and why. The candidate of the chosen setting, checked by the search, is the model handed on.
 Each layer group keeps at least ``min_channels`` channels and, with ``ratio`` and at least 2·``align`` channels,
 a multiple of ``align`` (8 by default): onnxruntime's fast convolution kernels want multiples of 8; odd counts made
 a pruned MobileNet-style model 1.9x slower here despite 20% fewer MACs).
@@ -90,6 +98,7 @@ _WEAKEST = {
 _GREEDY_GROUPS = 4
 _GRID = (0.125, 0.25, 0.375, 0.5, 0.75, 0.9)  # the per-group ratios the proxy scores
 _HOPELESS = 0.25  # a group's curve stops at this proxy error (relative squared output error) over dead-only
+_REFIT_STEPS = 4  # budget checks of the refit phase: the first setting above the search's without refit, 3 more
 _REFIT_META = "onnxopt.prune.refit"  # a candidate's Refit (the layers re-fitted and declined), in its meta
 
 
@@ -106,9 +115,13 @@ class PruneConfig(PassConfig):
     align: int = dataclasses.field(
         default=8, metadata={"help": "keep channel counts multiples of this (layers of at least 2x align)"}
     )
-    refit: bool = dataclasses.field(
+    refit: bool | None = dataclasses.field(
         default=False,
-        metadata={"help": "re-fit every linear layer downstream to the original's outputs (least squares)"},
+        metadata={
+            "help": "re-fit every linear layer downstream to the original's outputs (least squares); unset: auto, "
+            "a search keeps refit only when it holds a stronger setting",
+            "unset": "auto",
+        },
     )
     steps: int = dataclasses.field(default=7, metadata={"help": "validations in the search"})
     latency_guard: bool = dataclasses.field(
@@ -125,6 +138,8 @@ class PruneConfig(PassConfig):
             raise ValueError(f"prune score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.ratio > 1 or self.max_ratio > 1 or self.min_channels < 1 or self.align < 1 or self.steps < 1:
             raise ValueError("prune: ratio and max_ratio must be <= 1; min_channels, align and steps >= 1")
+        if self.refit not in (True, False, None):
+            raise ValueError(f"prune refit must be true, false or unset (auto), got {self.refit!r}")
         if not 0 <= self.latency_margin < 1:
             raise ValueError(f"prune latency_margin must be in [0, 1), got {self.latency_margin}")
 
@@ -161,6 +176,10 @@ class ChannelPrunePass(OptPass):
         self._held = None  # the settings whose candidates held the budget, once a search runs (_bisect)
         self._missed: dict[tuple, str] = {}  # settings checked and missed (_weakest_holds): the figures
         self._kept: tuple[tuple, ir.Model] | None = None  # the last candidate that held, and its setting (_keep)
+        self._verdicts: dict[tuple, bool] = {}  # every setting checked (_trial), and whether it held
+        self._refit = config.refit is True  # candidates are re-fitted (a search starts without, _refit_phase)
+        self._note: Change | Skip | None = None  # whether the search used refit, and why (_refit_phase)
+        self._last_miss = "fails"  # the figures of the last candidate that missed the budget (_trial)
         setting, per_group = self._choose_setting(model, analysis, scored)
         self._speculated = {}
         kept, self._kept = self._kept, None
@@ -168,7 +187,7 @@ class ChannelPrunePass(OptPass):
         if not chosen:
             return OptResult(model, modified=False, skipped=skipped)
         original = model.clone()  # the input (sharing its weights): refit's target, and what a guard restores
-        if kept is not None and kept[0] == _key(setting, per_group):  # built and checked by the search: hand it on
+        if kept is not None and kept[0] == _key(setting, per_group, self._refit):  # built and checked: hand it on
             refit = kept[1].meta.pop(_REFIT_META, Refit())
             graph_io.adopt(model, kept[1])
         else:
@@ -178,6 +197,8 @@ class ChannelPrunePass(OptPass):
             layers = f"{len(refit.done)} layer{'s' * (len(refit.done) != 1)}"
             changes.append(Change(layers, "re-fitted to the original outputs (least squares)"))
         skipped += [Skip(name, why) for name, why in refit.declined.items()]
+        if self._note is not None:
+            (changes if isinstance(self._note, Change) else skipped).append(self._note)
         why, details = self._guard(original, model, setting, per_group)
         if why is not None:
             logger.info("prune: %s", why)
@@ -190,8 +211,9 @@ class ChannelPrunePass(OptPass):
         details: a result the search did not check is checked, a pruned model slower than its input is dropped."""
         config: PruneConfig = self.config
         check = self.context.check if self.context is not None else None
-        if check is not None and self._held is not None and _key(setting, per_group) not in self._held:
-            miss = self._missed.get(_key(setting, per_group)) or budget_miss(model, check)
+        key = _key(setting, per_group, self._refit)
+        if check is not None and self._held is not None and key not in self._held:
+            miss = self._missed.get(key) or budget_miss(model, check)
             if miss is not None:
                 what = _WEAKEST.get((config.criterion, setting), f"{config.criterion} {setting:.4g}")
                 return f"backed off: its weakest setting ({what}) misses the budget: {miss}", {}
@@ -210,7 +232,9 @@ class ChannelPrunePass(OptPass):
         if given >= 0:
             return given, {}
         check = self.context.check if self.context is not None else None
+        self._refit = False  # the search runs without refit first (_refit_phase)
         if check is None:
+            self._refit = config.refit is True
             if config.criterion == "ratio":
                 raise ir.passes.PreconditionError("prune: give --prune-ratio, or data and a budget to search with")
             return _DEFAULT_THRESHOLD[config.criterion], {}
@@ -230,20 +254,61 @@ class ChannelPrunePass(OptPass):
             if allocated is not None:
                 return allocated
         per_group_steps = max(3, config.steps // 2) if config.criterion == "ratio" else 0
-        self.expect_trials(config.steps + per_group_steps * len(raised))  # at most; a progress estimate
-        best = self._bisect(model, lo, hi, stronger_is_higher, lambda v: (v, {}), check)
-        if config.criterion != "ratio" or (best == lo and not self._weakest_holds(model, lo, check)):
-            return best, {}  # phase 2 raises groups from a setting that holds: none does, even dead channels only
-        # Phase 2 (greedy by layer): layers differ in redundancy; raise each group's ratio alone, largest first.
+        refit_steps = (config.refit is not False) * min(config.steps, _REFIT_STEPS)
+        self.expect_trials(config.steps + per_group_steps * len(raised) + refit_steps)  # at most; an estimate
+        best, bound = self._bisect(model, lo, hi, stronger_is_higher, lambda v: (v, {}), check)
+        weakest, end = (lo, hi) if stronger_is_higher else (hi, lo)
+        if best == weakest and not self._weakest_holds(model, weakest, check):
+            return best, {}  # phases 2 and 3 start from a setting that holds: none does, even the weakest
         per_group: dict[int, float] = {}
-        for group in raised:
+        # Phase 2 (greedy by layer): layers differ in redundancy; raise each group's ratio alone, largest first.
+        for group in raised if config.criterion == "ratio" else ():
             trial = lambda v, g=group: (best, {**per_group, g: v})  # noqa: E731
-            found = self._bisect(model, best, config.max_ratio, True, trial, check, steps=max(3, config.steps // 2))
+            found, _ = self._bisect(model, best, config.max_ratio, True, trial, check, steps=max(3, config.steps // 2))
             if found > best:
                 per_group[group] = found
-        return best, per_group
 
-    def _bisect(self, model, lo: float, hi: float, stronger_is_higher: bool, make, check, steps: int = 0) -> float:
+        def make(value: float) -> tuple[float, dict[int, float]]:  # phase 3: the floor of every group raised
+            return value, {g: r for g, r in per_group.items() if (r > value) == stronger_is_higher}
+
+        def text(value: float, groups: dict[int, float]) -> str:
+            higher = f" ({len(groups)} group{'s' * (len(groups) != 1)} higher)" if groups else ""
+            return f"{config.criterion} {value:.4g}{higher}"
+
+        def rest() -> tuple[tuple[float, dict[int, float]], str]:
+            steps = min(config.steps, _REFIT_STEPS) - 1
+            lo_hi = (bound, end) if stronger_is_higher else (end, bound)
+            found = self._bisect(model, *lo_hi, stronger_is_higher, make, check, steps=steps)[0] if steps else bound
+            return make(found), text(*make(found))
+
+        return self._refit_phase(model, (best, per_group), text(best, per_group), make(bound), rest, check)
+
+    def _refit_phase(self, model, base: tuple, base_text: str, first: tuple, rest, check) -> tuple:
+        """Phase 3, with ``refit`` on or auto: the search without refit ended on ``base`` (``base_text``); refit is
+        tried only above it. ``first``, the weakest setting stronger than ``base`` that missed without refit (or
+        the search's upper end), is checked re-fitted: when it holds, ``rest()`` continues the search above it
+        with refit (a few checks) and gives the result and its text; when it misses, refit does not help here
+        and the search keeps ``base`` (one refit spent) — with refit on, ``base`` re-fitted when that holds."""
+        if self.config.refit is False:
+            return base
+        self._refit = True
+        if self._trial(model, *first, check):
+            self._held.add(_key(*first, True))
+            found, text = rest()
+            self._note = Change("refit", f"held {text}, stronger than {base_text}, the strongest without refit")
+            return found
+        why = f"refit did not hold a stronger setting than {base_text}, the strongest without it (the next one "
+        why += f"re-fitted misses: {self._last_miss})"
+        if self.config.refit is True and self._trial(model, *base, check):
+            self._held.add(_key(*base, True))
+            self._note = Change("refit", f"{why}; {base_text} re-fitted holds")
+            return base
+        self._refit, self._note = False, Skip("refit", why)
+        return base
+
+    def _bisect(self, model, lo: float, hi: float, stronger_is_higher: bool, make, check, steps: int = 0) -> tuple:
+        """The strongest setting ``make(v)`` that held for ``v`` in ``(lo, hi)`` (else the weaker end), and the
+        weakest that missed (else the stronger end: no check) after ``steps`` bisection steps."""
         best = lo if stronger_is_higher else hi
         self._held = set() if self._held is None else self._held
         steps = steps or self.config.steps
@@ -258,8 +323,8 @@ class ChannelPrunePass(OptPass):
                 hi = mid
             if ok:
                 best = mid
-                self._held.add(_key(*make(mid)))
-        return best
+                self._held.add(_key(*make(mid), self._refit))
+        return best, (hi if stronger_is_higher else lo)
 
     def _allocate(self, model: ir.Model, analysis: Analysis, scored: dict, groups: list[int], check):
         """Per-group ratios for a model with many layer groups, with few budget checks (``None``: no proxy here).
@@ -292,33 +357,43 @@ class ChannelPrunePass(OptPass):
         first = [e for e in curves.first_errors() if e < _HOPELESS]
         if not first:
             return 0.0, {}
-        self.expect_trials(config.steps)
+        self.expect_trials(config.steps + (config.refit is not False) * min(config.steps, _REFIT_STEPS))
         positive = [e for e in first if e > 0]  # a step whose error is 0 comes with every threshold
         lo, hi = math.log(min(positive) if positive else 1e-12) - 1e-9, math.log(_HOPELESS)
-        verdicts: dict[tuple, bool] = {_key(0.0, {}): True}  # dead channels only: the guard checks it if kept
-        best: dict[int, float] = {}
-        checks = 0
-        for _ in range(4 * config.steps):
-            if checks >= config.steps:
-                break
-            mid = (lo + hi) / 2
-            per_group = curves.at(math.exp(mid))
-            key = _key(0.0, per_group)
-            if key not in verdicts:
-                verdicts[key] = self._trial(model, 0.0, per_group, check)
-                checks += 1
-                logger.debug("prune allocation: threshold %.3g -> %s", math.exp(mid), verdicts[key])
-            if verdicts[key]:
-                lo = mid
-                if per_group:
-                    best = per_group
-                    self._held.add(key)
-            else:
-                hi = mid
-        logger.info("prune: proxy errors of %d steps in %d groups on %d samples (%d runs), %d budget checks",
-                    sum(map(len, curves.steps.values())), len(groups), proxy.samples, proxy.evaluations,
-                    checks)  # fmt: skip
-        return 0.0, best
+        self._verdicts[_key(0.0, {})] = True  # dead channels only: the guard checks it if kept
+
+        def bisect(lo: float, hi: float, best: dict[int, float], limit: int) -> tuple[float, float, dict]:
+            checks = 0
+            for _ in range(4 * limit):
+                if checks >= limit:
+                    break
+                mid = (lo + hi) / 2
+                per_group = curves.at(math.exp(mid))
+                key = _key(0.0, per_group, self._refit)
+                checks += key not in self._verdicts
+                ok = self._trial(model, 0.0, per_group, check)
+                logger.debug("prune allocation: threshold %.3g%s -> %s", math.exp(mid), " refit" * self._refit, ok)
+                if ok:
+                    lo = mid
+                    if per_group:
+                        best = per_group
+                        self._held.add(key)
+                else:
+                    hi = mid
+            return lo, hi, best
+
+        lo, hi, best = bisect(lo, hi, {}, config.steps)
+
+        def rest() -> tuple[tuple[float, dict[int, float]], str]:  # phase 3: the bisection continued, re-fitted
+            found = bisect(hi, math.log(_HOPELESS), curves.at(math.exp(hi)), min(config.steps, _REFIT_STEPS) - 1)
+            return (0.0, found[2]), f"the proxy allocation at error {math.exp(found[0]):.3g}"
+
+        logger.info("prune: proxy errors of %d steps in %d groups on %d samples (%d runs)",
+                    sum(map(len, curves.steps.values())), len(groups), proxy.samples, proxy.evaluations)  # fmt: skip
+        if not best:  # nothing held above dead channels only (the guard checks those): no refit either
+            return 0.0, best
+        base_text = f"the proxy allocation at error {math.exp(lo):.3g}"
+        return self._refit_phase(model, (0.0, best), base_text, (0.0, curves.at(math.exp(hi))), rest, check)
 
     def _speculate(self, model: ir.Model, lo: float, hi: float, make, steps_left: int) -> None:
         """With an executor that scores several candidates at once (``context.parallel`` > 1), build the settings
@@ -338,20 +413,27 @@ class ChannelPrunePass(OptPass):
         built = {}
         for value in settings:
             setting, per_group = make(value)
-            key = (setting, tuple(sorted(per_group.items())))
+            key = _key(setting, per_group, self._refit)
             built[key] = self._speculated[key] if key in self._speculated else self._candidate(model, *make(value))
         self._speculated = built
         prefetch([candidate for candidate in built.values() if candidate is not None])
 
     def _trial(self, model: ir.Model, setting: float, per_group: dict[int, float], check) -> bool:
-        key = (setting, tuple(sorted(per_group.items())))
+        """Whether the candidate at the setting (re-fitted when ``self._refit``) holds the budget; a setting checked
+        before is not built again."""
+        key = _key(setting, per_group, self._refit)
+        if key in self._verdicts:
+            return self._verdicts[key]
         candidate = self._speculated.pop(key) if key in self._speculated else self._candidate(model, setting, per_group)
         if candidate is None:
             return True
-        ok = check(candidate).ok
-        if ok:
+        report = check(candidate)
+        self._verdicts[key] = report.ok
+        if report.ok:
             self._keep(key, candidate)
-        return ok
+        else:
+            self._last_miss = budget_figures(report)
+        return report.ok
 
     def _keep(self, key: tuple, candidate: ir.Model) -> None:
         """Remember the candidate that held (only the last: the search's best so far), so that :meth:`call` hands
@@ -364,11 +446,12 @@ class ChannelPrunePass(OptPass):
         if candidate is None:
             return True  # it removes nothing
         report = check(candidate)
+        key = _key(setting, {}, self._refit)
         if report.ok:
-            self._held.add(_key(setting, {}))
-            self._keep(_key(setting, {}), candidate)
+            self._held.add(key)
+            self._keep(key, candidate)
         else:
-            self._missed[_key(setting, {})] = budget_figures(report)
+            self._missed[key] = budget_figures(report)
         return report.ok
 
     def _candidate(self, model: ir.Model, setting: float, per_group: dict[int, float]) -> ir.Model | None:
@@ -389,7 +472,7 @@ class ChannelPrunePass(OptPass):
         downstream to ``original``'s outputs on the calibration data. Returns the layers re-fitted and declined."""
         removed, means = removed_and_means(analysis, chosen, stats)
         apply_removal(model, analysis, removed, means)
-        if not self.config.refit:
+        if not self._refit:
             return Refit()
         data = self.context.data if self.context is not None else None
         if data is None:
@@ -409,6 +492,6 @@ class ChannelPrunePass(OptPass):
         return analyze(model, HANDLERS)
 
 
-def _key(setting: float, per_group: dict[int, float]) -> tuple:
-    """A search setting as a set member (the setting and the per-group ratios)."""
-    return setting, tuple(sorted(per_group.items()))
+def _key(setting: float, per_group: dict[int, float], refit: bool = False) -> tuple:
+    """A search setting as a set member (the setting, the per-group ratios, and whether re-fitted)."""
+    return setting, tuple(sorted(per_group.items())), refit

@@ -67,3 +67,60 @@ def test_the_checked_candidate_is_handed_on_as_it_was_built(sizes, monkeypatch, 
     assert weights.keys() == expected.keys()
     for name, array in expected.items():
         np.testing.assert_array_equal(weights[name], array, err_msg=name)
+
+
+def _refit_note(report):
+    record = report.passes[0]
+    notes = [c.what for c in record.changes if c.site == "refit"] + [
+        s.reason for s in record.skipped if s.site == "refit"
+    ]
+    assert len(notes) <= 1
+    return notes[0] if notes else None
+
+
+@pytest.mark.parametrize(("sizes", "min_cosine"), [(FEW, 0.999), (DEEP, 0.99)], ids=["bisection", "allocation"])
+def test_auto_keeps_the_result_without_refit_when_refit_does_not_hold_a_stronger_setting(
+    sizes, min_cosine, reconstructions
+):
+    proto = builders.mlp(sizes=sizes, seed=2)
+    plain, without = _run(proto, min_cosine, refit=False)
+    assert not reconstructions and plain.passes[0].modified and _refit_note(plain) is None
+    auto, result = _run(proto, min_cosine, refit=None)
+    assert len(reconstructions) == 1  # the first setting above the one that holds without refit, re-fitted: missed
+    assert auto.ok and [c.what for c in auto.passes[0].changes] == [c.what for c in plain.passes[0].changes]
+    weights, expected = _initializers(result), _initializers(without)
+    assert weights.keys() == expected.keys()
+    for name, array in expected.items():
+        np.testing.assert_array_equal(weights[name], array, err_msg=name)
+    note = _refit_note(auto)
+    assert note.startswith("refit did not hold a stronger setting than ") and "re-fitted misses: " in note
+    # forced on: the same search, and the setting that holds without refit is handed on re-fitted
+    on, _ = _run(proto, min_cosine, refit=True)
+    assert on.ok and on.after.macs == auto.after.macs
+    assert any("re-fitted to the original outputs" in c.what for c in on.passes[0].changes)
+    assert _refit_note(on).startswith(note) and _refit_note(on).endswith(" re-fitted holds")
+
+
+def test_auto_uses_refit_when_it_holds_a_stronger_setting(reconstructions):
+    proto = builders.mlp(sizes=FEW, seed=2)
+    plain, _ = _run(proto, 0.99, refit=False)
+    auto, _ = _run(proto, 0.99, refit=None)
+    assert auto.ok and auto.validation.outputs["y"].cosine >= 0.99
+    assert auto.after.macs < plain.after.macs  # refit let prune go further within the budget
+    assert 1 <= len(reconstructions) <= 4  # the refit phase's checks only, and the result is not built again
+    assert _refit_note(auto).startswith("held ratio ")
+    assert ", stronger than ratio " in _refit_note(auto)
+    assert any("re-fitted to the original outputs" in c.what for c in auto.passes[0].changes)
+
+
+def test_a_fixed_setting_is_re_fitted_only_when_refit_is_on(reconstructions):
+    proto = builders.mlp(sizes=FEW, seed=2)
+    for refit, fits in ((None, 0), (False, 0), (True, 1)):
+        report, _ = _run(proto, refit=refit, ratio=0.25)
+        assert report.passes[0].modified and len(reconstructions) == fits
+        reconstructions.clear()
+
+
+def test_refit_accepts_on_off_and_unset_only():
+    with pytest.raises(ValueError, match="refit must be true, false or unset"):
+        PruneConfig(refit="yes")
