@@ -76,6 +76,7 @@ from onnxopt.passes._prune_apply import apply_removal
 from onnxopt.passes._prune_guard import budget_miss, slower
 from onnxopt.passes._prune_proxy import Curves, MaskedProxy
 from onnxopt.passes._prune_scores import score_units
+from onnxopt.passes._prune_search import ThresholdSearch
 from onnxopt.passes._prune_select import blocked, describe, removed_and_means, select
 from onnxopt.passes._reconstruct import Refit, downstream, reconstruct
 from onnxopt.passes._transformer_groups import HANDLERS
@@ -362,30 +363,18 @@ class ChannelPrunePass(OptPass):
         lo, hi = math.log(min(positive) if positive else 1e-12) - 1e-9, math.log(_HOPELESS)
         self._verdicts[_key(0.0, {})] = True  # dead channels only: the guard checks it if kept
 
-        def bisect(lo: float, hi: float, best: dict[int, float], limit: int) -> tuple[float, float, dict]:
-            checks = 0
-            for _ in range(4 * limit):
-                if checks >= limit:
-                    break
-                mid = (lo + hi) / 2
-                per_group = curves.at(math.exp(mid))
-                key = _key(0.0, per_group, self._refit)
-                checks += key not in self._verdicts
-                ok = self._trial(model, 0.0, per_group, check)
-                logger.debug("prune allocation: threshold %.3g%s -> %s", math.exp(mid), " refit" * self._refit, ok)
-                if ok:
-                    lo = mid
-                    if per_group:
-                        best = per_group
-                        self._held.add(key)
-                else:
-                    hi = mid
-            return lo, hi, best
+        def trial(ratios: dict[int, float]) -> bool:  # checked once; remembered for the guard when it holds
+            ok = self._trial(model, 0.0, ratios, check)
+            if ok and ratios:
+                self._held.add(_key(0.0, ratios, self._refit))
+            return ok
 
-        lo, hi, best = bisect(lo, hi, {}, config.steps)
+        at = lambda x: curves.at(math.exp(x))  # noqa: E731
+        search = ThresholdSearch(at, trial, lambda ratios: _key(0.0, ratios, self._refit) not in self._verdicts)
+        lo, hi, best = search.bisect(lo, hi, {}, config.steps)
 
-        def rest() -> tuple[tuple[float, dict[int, float]], str]:  # phase 3: the bisection continued, re-fitted
-            found = bisect(hi, math.log(_HOPELESS), curves.at(math.exp(hi)), min(config.steps, _REFIT_STEPS) - 1)
+        def rest() -> tuple[tuple[float, dict[int, float]], str]:  # phase 3, re-fitted: τ doubled up from hi
+            found = search.gallop(hi, math.log(_HOPELESS), at(hi), min(config.steps, _REFIT_STEPS) - 1)
             return (0.0, found[2]), f"the proxy allocation at error {math.exp(found[0]):.3g}"
 
         logger.info("prune: proxy errors of %d steps in %d groups on %d samples (%d runs)",
@@ -393,7 +382,7 @@ class ChannelPrunePass(OptPass):
         if not best:  # nothing held above dead channels only (the guard checks those): no refit either
             return 0.0, best
         base_text = f"the proxy allocation at error {math.exp(lo):.3g}"
-        return self._refit_phase(model, (0.0, best), base_text, (0.0, curves.at(math.exp(hi))), rest, check)
+        return self._refit_phase(model, (0.0, best), base_text, (0.0, at(hi)), rest, check)
 
     def _speculate(self, model: ir.Model, lo: float, hi: float, make, steps_left: int) -> None:
         """With an executor that scores several candidates at once (``context.parallel`` > 1), build the settings
