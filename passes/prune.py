@@ -41,7 +41,7 @@ by layer, by least squares on the pruned model's own calibration activations aga
 refit first; with refit on or unset (auto) a third phase (:meth:`ChannelPrunePass._refit_phase`) then checks the
 weakest setting above the result that missed without refit, re-fitted: when it misses too, refit does not help
 here and the result without refit stands (one re-fitted candidate spent; refit on hands that result on re-fitted
-when it holds so); when it holds, the search goes on above it with refit, ``_REFIT_STEPS`` checks in all. For the
+when it holds so); when it holds, the search goes on above it with refit, ``_REFIT_STEPS`` (3) checks in all. For the
 bisection the settings above are the uniform ratio raised under the per-group ones, for the proxy allocation the
 error threshold raised. A fixed setting is re-fitted only with refit on. The pass's changes (or skips) say whether
 refit was used and why. The candidate of the chosen setting, checked by the search, is the model handed on.
@@ -99,7 +99,7 @@ _WEAKEST = {
 _GREEDY_GROUPS = 4
 _GRID = (0.125, 0.25, 0.375, 0.5, 0.75, 0.9)  # the per-group ratios the proxy scores
 _HOPELESS = 0.25  # a group's curve stops at this proxy error (relative squared output error) over dead-only
-_REFIT_STEPS = 4  # budget checks of the refit phase: the first setting above the search's without refit, 3 more
+_REFIT_STEPS = 3  # budget checks of the refit phase: the first setting above the search's without refit, 2 more
 _REFIT_META = "onnxopt.prune.refit"  # a candidate's Refit (the layers re-fitted and declined), in its meta
 
 
