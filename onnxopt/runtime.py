@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnxopt import graph as graph_io
 
-__all__ = ["Session", "check_runs", "Latency", "measure_latency", "TimingFeeds", "latency_feeds"]
+__all__ = ["Session", "check_runs", "Latency", "measure_latency", "node_times", "TimingFeeds", "latency_feeds"]
 
 # onnxruntime's C++ log level for onnxopt's sessions: 3 errors only; the CLI sets 4 (fatal only) without
 # --verbose, as a failed run is raised as an exception anyway and its coloured log line would be a second one
@@ -63,6 +63,45 @@ class Session:
         names = list(outputs) if outputs is not None else self.output_names
         results = self.inner.run(names, {k: feeds[k] for k in self.input_names})
         return dict(zip(names, results, strict=True))
+
+
+def node_times(
+    source: ir.Model | str | os.PathLike, feeds: Mapping[str, np.ndarray], *, runs: int = 10, threads: int = 1
+) -> dict[str, tuple[str, float]]:
+    """Each kernel's op type and median time (microseconds) over ``runs`` runs of ``feeds``, from onnxruntime's
+    profiler, with all optimizations (the model users deploy) and ``threads`` intra-op threads; keyed by the name
+    of the node in onnxruntime's optimized graph (a fused or re-laid-out node has a name onnxruntime makes: see
+    :func:`onnxopt.passes._prune_latency.layer_times` for the way back to the input's nodes). One warm-up run is
+    left out."""
+    import json
+
+    import onnxruntime as ort
+
+    tmp = graph_io.make_temp_dir("onnxopt-profile-")
+    try:
+        path = graph_io.save(source, tmp / "model.onnx") if isinstance(source, ir.Model) else Path(source)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = LOG_SEVERITY
+        options.enable_profiling = True
+        options.profile_file_prefix = str(tmp / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        for _ in range(runs + 1):
+            session.run(None, {k: feeds[k] for k in names})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    suffix = "_kernel_time"
+    durations: dict[str, list[float]] = {}
+    ops: dict[str, str] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith(suffix):
+            name = event["name"][: -len(suffix)]
+            durations.setdefault(name, []).append(float(event["dur"]))
+            ops[name] = event.get("args", {}).get("op_name", "")
+    return {name: (ops[name], statistics.median(times[1:] or times)) for name, times in durations.items()}
 
 
 def check_runs(path: str | os.PathLike) -> None:

@@ -152,24 +152,57 @@ class MaskedProxy:
 
 class Curves:
     """Each layer group's proxy error as its ratio rises alone along ``grid`` (from the base removal), computed
-    lazily: a group's next step is scored only while its last error is within the largest threshold asked for.
+    lazily: a group's next step is scored only while a threshold asked for may still take it.
 
     ``removal(per_group)`` gives the removal of a setting (``{value name: channels}``) and how many units it
     removes; a step that removes no more than the one before (alignment, ``min_channels``) is skipped. A group's
-    errors are made non-decreasing, so the steps within a threshold are a prefix of its curve.
+    errors are made non-decreasing. Steps whose error reaches ``cap`` are never taken.
+
+    Without ``costs``, a threshold ``τ`` gives every group its largest step whose error is within ``τ``. With
+    ``costs`` (per group, the fraction of the model's measured layer time one unit saves:
+    :mod:`onnxopt.passes._prune_latency`), the steps are ranked by time saved against error: ``τ`` gives every
+    group the step that maximizes ``saved − error / τ`` (a Lagrangian allocation: at a given price of error, each
+    group goes as far as the time it saves pays for its error), so a group whose channels cost more time goes
+    further for the same error. In both cases a larger ``τ`` takes every group at least as far.
     """
 
-    def __init__(self, proxy: MaskedProxy, groups: list[int], grid: tuple[float, ...], removal) -> None:
+    def __init__(
+        self,
+        proxy: MaskedProxy,
+        groups: list[int],
+        grid: tuple[float, ...],
+        removal,
+        *,
+        cap: float = np.inf,
+        costs: Mapping[int, float] | None = None,
+    ) -> None:
         self.proxy, self.groups, self.grid, self.removal = proxy, groups, grid, removal
+        self.cap, self.costs = cap, costs
         self.count, removed = removal({})
         self.base = proxy.loss(removed)
-        self.steps: dict[int, list[tuple[float, float]]] = {g: [] for g in groups}  # (ratio, error over base)
+        # (ratio, error over base, fraction of the layer time saved (0 without costs))
+        self.steps: dict[int, list[tuple[float, float, float]]] = {g: [] for g in groups}
         self._next = dict.fromkeys(groups, 0)  # index into grid of each group's next step
         self._last = dict.fromkeys(groups, self.count)
+        self._full = {}  # per group, the time saved by its whole grid's last step (bounds what a step can save)
+        if costs is not None:
+            for group in groups:
+                count, _ = removal({group: grid[-1]}) if grid else (self.count, None)
+                self._full[group] = max(count - self.count, 0) * costs[group]
+
+    def _wanted(self, group: int, tau: float) -> bool:
+        """Whether a threshold ``tau`` may take the group's next step (its last scored one was within reach)."""
+        steps = self.steps[group]
+        if not steps:
+            return True
+        error = steps[-1][1]
+        if error >= self.cap:
+            return False
+        return error <= (tau if self.costs is None else tau * self._full[group])
 
     def _extend(self, group: int, tau: float) -> None:
         steps = self.steps[group]
-        while self._next[group] < len(self.grid) and (not steps or steps[-1][1] <= tau):
+        while self._next[group] < len(self.grid) and self._wanted(group, tau):
             ratio = self.grid[self._next[group]]
             self._next[group] += 1
             count, removed = self.removal({group: ratio})
@@ -177,20 +210,43 @@ class Curves:
                 continue
             self._last[group] = count
             error = max(self.proxy.loss(removed) - self.base, steps[-1][1] if steps else 0.0)
-            steps.append((ratio, error))
+            saved = (count - self.count) * self.costs[group] if self.costs is not None else 0.0
+            steps.append((ratio, error, saved))
 
     def first_errors(self) -> list[float]:
-        """Every group's first step's error (scoring it)."""
+        """The threshold at which each group's first step is taken (scoring it): its error, or with ``costs`` its
+        error per time saved; groups whose first step reaches ``cap`` are left out."""
         for group in self.groups:
             self._extend(group, -np.inf)
-        return [self.steps[g][0][1] for g in self.groups if self.steps[g]]
+        firsts = [self.steps[g][0] for g in self.groups if self.steps[g] and self.steps[g][0][1] < self.cap]
+        if self.costs is None:
+            return [error for _, error, _ in firsts]
+        return [error / saved if saved > 0 else np.inf for _, error, saved in firsts]
+
+    def top(self) -> float:
+        """The upper end of the thresholds a search tries: ``cap``; with ``costs``, ``cap`` per the median time a
+        first step saves (from there on, only groups that save less than most would go further: a search that
+        went up to the least of them would spend its first checks far beyond any budget)."""
+        if self.costs is None:
+            return self.cap
+        saved = [self.steps[g][0][2] for g in self.groups if self.steps[g] and self.steps[g][0][2] > 0]
+        return self.cap / float(np.median(saved)) if saved else self.cap
 
     def at(self, tau: float) -> dict[int, float]:
-        """Per group, its largest ratio whose error is at most ``tau`` (groups with none are left out)."""
+        """Per group, its ratio at threshold ``tau`` (groups that take no step are left out)."""
         per_group = {}
         for group in self.groups:
             self._extend(group, tau)
-            within = [ratio for ratio, error in self.steps[group] if error <= tau]
-            if within:
-                per_group[group] = within[-1]
+            steps = [step for step in self.steps[group] if step[1] < self.cap]
+            if self.costs is None:
+                within = [ratio for ratio, error, _ in steps if error <= tau]
+                if within:
+                    per_group[group] = within[-1]
+                continue
+            best, value = None, 0.0
+            for ratio, error, saved in steps:
+                if saved - error / tau > value:
+                    best, value = ratio, saved - error / tau
+            if best is not None:
+                per_group[group] = best
         return per_group

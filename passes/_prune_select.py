@@ -2,8 +2,8 @@
 
 :func:`select` takes the scored units of each layer group (:mod:`onnxopt.passes._prune_scores`) and a criterion's
 setting (or per-group ratios) and returns the units to remove, each group keeping ``min_channels`` and, for
-``ratio``, a multiple of ``align`` channels (removing fewer rather than more); :func:`describe` and
-:func:`blocked` are the pass's changes and skips.
+``ratio``, a multiple of ``align`` channels (removing fewer rather than more; see :func:`_alignment`);
+:func:`describe` and :func:`blocked` are the pass's changes and skips.
 """
 
 from __future__ import annotations
@@ -53,14 +53,27 @@ def select(
                 for v, n in counts.items():
                     remaining[v] -= n
                 taken.append(item)
-        if config.criterion == "ratio" and config.align > 1 and taken and len(items) >= 2 * config.align:
-            # keep a multiple of `align` of the group's channels: remove fewer rather than more
-            keep = len(items) - len(taken)
-            surplus = keep % config.align
+        multiple = _alignment(items, config, owner) if config.criterion == "ratio" and taken else 1
+        if multiple > 1:
+            # keep a multiple of `multiple` of the group's channels: remove fewer rather than more
+            surplus = (len(items) - len(taken)) % multiple
             if surplus:
-                taken = taken[: max(0, len(taken) - (config.align - surplus))]
+                taken = taken[: max(0, len(taken) - (multiple - surplus))]
         chosen.extend(taken)
     return chosen
+
+
+def _alignment(items: list[Scored], config: PruneConfig, owner) -> int:
+    """The multiple a group's kept channel count is rounded to: ``align``, halved down to 4 for a group of fewer
+    than 2·``align`` channels (a 24-channel group keeps a multiple of 8), 1 below 8 channels and for groups whose
+    units are blocks of channels (attention heads: their count is the model's design, not a kernel's block)."""
+    slots = items[0].unit.slots
+    if len(slots) != len({id(owner[slot].value) for slot in slots}):
+        return 1
+    multiple = config.align
+    while multiple > 4 and len(items) < 2 * multiple:
+        multiple //= 2
+    return multiple if len(items) >= 2 * multiple else 1
 
 
 def _candidates(items: list[Scored], config: PruneConfig, setting: float) -> list[Scored]:

@@ -32,8 +32,10 @@ validation within the run's error budget (bisection, ``steps`` validations). For
 most 4 layer groups, a second phase then raises each group alone (a bisection per group, each step checked). On a
 larger model (MobileNetV2: 25 groups, about 80 checks that way) the groups' ratios are allocated from a proxy
 instead: each group's output error at rising ratios on a few calibration samples, scored in one session of the
-input model with the pruned layers' inputs masked (:mod:`onnxopt.passes._prune_proxy`); a bisection on an error
-threshold, ``steps`` budget checks of real candidates, picks how far to go (:meth:`ChannelPrunePass._allocate`).
+input model with the pruned layers' inputs masked (:mod:`onnxopt.passes._prune_proxy`), weighed against the
+time each step saves, measured by onnxruntime's profiler on the model (``rank``, :mod:`onnxopt.passes._prune_latency`:
+latency, not MACs); a bisection on the price of error, ``steps`` budget checks of real candidates, picks how far to
+go (:meth:`ChannelPrunePass._allocate`).
 
 ``refit`` re-fits every linear layer downstream of the pruned ones (Gemm, MatMul+Add, Conv, ConvTranspose), layer
 by layer, by least squares on the pruned model's own calibration activations against the original's outputs
@@ -45,9 +47,13 @@ when it holds so); when it holds, the search goes on above it with refit, ``_REF
 bisection the settings above are the uniform ratio raised under the per-group ones, for the proxy allocation the
 error threshold raised. A fixed setting is re-fitted only with refit on. The pass's changes (or skips) say whether
 refit was used and why. The candidate of the chosen setting, checked by the search, is the model handed on.
-Each layer group keeps at least ``min_channels`` channels and, with ``ratio`` and at least 2·``align`` channels,
-a multiple of ``align`` (8 by default): onnxruntime's fast convolution kernels want multiples of 8; odd counts made
-a pruned MobileNet-style model 1.9x slower here despite 20% fewer MACs).
+Each layer group keeps at least ``min_channels`` channels and, with ``ratio``, a multiple of ``align`` (16 by
+default; a group of fewer than 2·``align`` channels a multiple of 8 or 4, one of fewer than 8 any count; attention
+heads any count). onnxruntime's kernels work in channel blocks (``bench/results/channel_multiples.md``, AVX-512
+VNNI CPU): a float depthwise Conv over a count that is not a multiple of 4 runs 3-4x slower than over the next
+multiple, float 1×1 Convs take the time of the next multiple of 16, and the int8 depthwise kernel runs a multiple of
+8 that is not one of 16 (EfficientNet-Lite0 pruned to 216, 424 and 1,144 channels) 1.4-1.9x slower than the next
+multiple of 16 (which also holds the 8-blocks of AVX2 CPUs).
 
 Before handing the result on (:mod:`onnxopt.passes._prune_guard`): a result the search did not check itself (the
 weakest setting it falls back to when nothing stronger passes: dead or constant channels only, the lower end the
@@ -74,6 +80,7 @@ from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip, budg
 from onnxopt.passes._channel_groups import Analysis, analyze
 from onnxopt.passes._prune_apply import apply_removal
 from onnxopt.passes._prune_guard import budget_miss, slower
+from onnxopt.passes._prune_latency import measured_unit_costs
 from onnxopt.passes._prune_proxy import Curves, MaskedProxy
 from onnxopt.passes._prune_scores import score_units
 from onnxopt.passes._prune_search import ThresholdSearch
@@ -87,6 +94,7 @@ __all__ = ["PruneConfig", "ChannelPrunePass", "CRITERIA", "SCORES"]
 logger = logging.getLogger(__name__)
 
 CRITERIA = ("dead", "apoz", "outlier", "constant", "ratio")
+RANKS = ("latency", "error")
 SCORES = ("contribution", "apoz", "mean")
 _DEFAULT_THRESHOLD = {"apoz": 0.9, "constant": 1e-3}
 # the lower ends of the searches, which the search itself never checks
@@ -114,7 +122,7 @@ class PruneConfig(PassConfig):
     max_ratio: float = dataclasses.field(default=0.99, metadata={"help": "upper end of the ratio search"})
     min_channels: int = dataclasses.field(default=1, metadata={"help": "channels every layer keeps"})
     align: int = dataclasses.field(
-        default=8, metadata={"help": "keep channel counts multiples of this (layers of at least 2x align)"}
+        default=16, metadata={"help": "keep channel counts multiples of this (smaller layers: of 8 or 4)"}
     )
     refit: bool | None = dataclasses.field(
         default=False,
@@ -125,6 +133,14 @@ class PruneConfig(PassConfig):
         },
     )
     steps: int = dataclasses.field(default=7, metadata={"help": "validations in the search"})
+    rank: str = dataclasses.field(
+        default="latency",
+        metadata={
+            "choices": RANKS,
+            "help": "how the allocation of a model with many layer groups ranks their ratio steps: latency (time "
+            "saved, from onnxruntime's profiler, against proxy error) or error (proxy error alone)",
+        },
+    )
     latency_guard: bool = dataclasses.field(
         default=True, metadata={"help": "time the pruned model against its input; keep the input if it is slower"}
     )
@@ -135,6 +151,8 @@ class PruneConfig(PassConfig):
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise ValueError(f"prune criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if self.rank not in RANKS:
+            raise ValueError(f"prune rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
         if self.score not in SCORES:
             raise ValueError(f"prune score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.ratio > 1 or self.max_ratio > 1 or self.min_channels < 1 or self.align < 1 or self.steps < 1:
@@ -332,11 +350,14 @@ class ChannelPrunePass(OptPass):
 
         Each group's ratio is raised alone along :data:`_GRID` from dead channels only, and the output error of
         each step measured on the masked proxy (:mod:`onnxopt.passes._prune_proxy`: a few calibration samples,
-        one session, no graph surgery). A threshold ``τ`` on that error gives every group its largest step within
-        ``τ``; a bisection on ``log τ`` (between the smallest first step's error and :data:`_HOPELESS`), each a
-        real candidate checked against the budget, finds the largest ``τ`` that holds in ``steps`` checks (a
-        threshold that gives a setting already checked costs no check). The curves are scored lazily, only as far
-        as the thresholds asked for."""
+        one session, no graph surgery). A threshold ``τ`` gives every group a step: with ``rank="latency"`` the
+        one whose time saved (onnxruntime's profile of the model, :mod:`onnxopt.passes._prune_latency`) best pays
+        for its error at price ``1/τ``, with ``rank="error"`` its largest step whose error is within ``τ``
+        (:class:`~onnxopt.passes._prune_proxy.Curves`; no step reaches :data:`_HOPELESS` error). A bisection on
+        ``log τ`` (from the smallest first step's threshold to :meth:`Curves.top`), each a real candidate checked
+        against the budget, finds the largest ``τ`` that holds in ``steps`` checks (a threshold that gives
+        a setting already checked costs no check). The curves are scored lazily, only as far as the thresholds
+        asked for."""
         config: PruneConfig = self.config
         data = self.context.data if self.context is not None else None
         if data is None:
@@ -354,13 +375,15 @@ class ChannelPrunePass(OptPass):
             removed = analysis.removed_by_space([item.unit for item in chosen])
             return len(chosen), {names[key]: channels for key, channels in removed.items()}
 
-        curves = Curves(proxy, groups, tuple(r for r in _GRID if r <= config.max_ratio), removal)
-        first = [e for e in curves.first_errors() if e < _HOPELESS]
+        costs = self._costs(model, analysis, groups, proxy) if config.rank == "latency" else None
+        grid = tuple(r for r in _GRID if r <= config.max_ratio)
+        curves = Curves(proxy, groups, grid, removal, cap=_HOPELESS, costs=costs)
+        first = curves.first_errors()
         if not first:
             return 0.0, {}
         self.expect_trials(config.steps + (config.refit is not False) * min(config.steps, _REFIT_STEPS))
         positive = [e for e in first if e > 0]  # a step whose error is 0 comes with every threshold
-        lo, hi = math.log(min(positive) if positive else 1e-12) - 1e-9, math.log(_HOPELESS)
+        lo, hi = math.log(min(positive) if positive else 1e-12) - 1e-9, math.log(curves.top())
         self._verdicts[_key(0.0, {})] = True  # dead channels only: the guard checks it if kept
 
         def trial(ratios: dict[int, float]) -> bool:  # checked once; remembered for the guard when it holds
@@ -374,7 +397,7 @@ class ChannelPrunePass(OptPass):
         lo, hi, best = search.bisect(lo, hi, {}, config.steps)
 
         def rest() -> tuple[tuple[float, dict[int, float]], str]:  # phase 3, re-fitted: τ doubled up from hi
-            found = search.gallop(hi, math.log(_HOPELESS), at(hi), min(config.steps, _REFIT_STEPS) - 1)
+            found = search.gallop(hi, math.log(curves.top()), at(hi), min(config.steps, _REFIT_STEPS) - 1)
             return (0.0, found[2]), f"the proxy allocation at error {math.exp(found[0]):.3g}"
 
         logger.info("prune: proxy errors of %d steps in %d groups on %d samples (%d runs)",
@@ -383,6 +406,17 @@ class ChannelPrunePass(OptPass):
             return 0.0, best
         base_text = f"the proxy allocation at error {math.exp(lo):.3g}"
         return self._refit_phase(model, (0.0, best), base_text, (0.0, at(hi)), rest, check)
+
+    @staticmethod
+    def _costs(model: ir.Model, analysis: Analysis, groups: list[int], proxy: MaskedProxy) -> dict[int, float] | None:
+        """Per group, the fraction of ``model``'s measured layer time one unit saves (onnxruntime's profiler on the
+        proxy's first calibration batch); ``None`` when the profile matches no layer."""
+        measured = measured_unit_costs(model, analysis, groups, proxy.batches[0])
+        if measured is None:
+            return None
+        per_unit, total = measured
+        logger.info("prune: layer time %.0f us per batch, ranking ratio steps by time saved", total)
+        return {group: us / total for group, us in per_unit.items()}
 
     def _speculate(self, model: ir.Model, lo: float, hi: float, make, steps_left: int) -> None:
         """With an executor that scores several candidates at once (``context.parallel`` > 1), build the settings

@@ -549,7 +549,7 @@ def test_run_help_leads_with_the_common_case_and_shows_defaults():
     assert passes[:2] == ["'simplify' pass options:", "'prune' pass options:"]
     flat = " ".join(text.split())
     assert "--prune-ratio X ratio: fraction per layer (<0: search) (default: -1.0)" in flat
-    assert "--prune-align N" in flat and "(default: 8)" in flat
+    assert "--prune-align N" in flat and "(default: 16)" in flat
     assert "--svd-data-aware, --no-svd-data-aware whiten with the input Gram matrix (default: on)" in flat
     assert "--seed N seed for random inputs and passes (default: 0)" in flat
     assert "re-fit every linear layer downstream" in flat  # as the README says

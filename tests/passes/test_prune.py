@@ -289,10 +289,24 @@ def test_every_channel_dead_keeps_min_channels():
 
 def test_ratio_and_alignment():
     proto = builders.mlp(sizes=(8, 32, 4), seed=3)
-    _, out = _prune(proto, PruneConfig(criterion="ratio", ratio=0.25))
+    _, out = _prune(proto, PruneConfig(criterion="ratio", ratio=0.25, align=1))
     assert _weights(out, "Gemm")[0].shape == (24, 8)
     _, out = _prune(proto, PruneConfig(criterion="ratio", ratio=0.3, align=8))
-    assert _weights(out, "Gemm")[0].shape[0] % 8 == 0
+    assert _weights(out, "Gemm")[0].shape[0] == 24  # 22 rounded up to a multiple of 8: fewer removed, not more
+    # the default, 16: 32 channels keep a multiple of 16 (0.25 would leave 24: nothing goes); 0.5 leaves 16
+    _, out = _prune(proto, PruneConfig(criterion="ratio", ratio=0.25))
+    assert _weights(out, "Gemm")[0].shape == (32, 8)
+    _, out = _prune(proto, PruneConfig(criterion="ratio", ratio=0.5))
+    assert _weights(out, "Gemm")[0].shape == (16, 8)
+
+
+@pytest.mark.parametrize(("hidden", "ratio", "kept"), [(24, 0.3, 24), (24, 0.4, 16), (12, 0.2, 12), (12, 0.4, 8),
+                                                       (6, 0.4, 4)])  # fmt: skip
+def test_small_groups_align_to_8_or_4(hidden, ratio, kept):
+    # fewer than 2x16 channels: a multiple of 8; fewer than 16: of 4; fewer than 8: any count
+    proto = builders.mlp(sizes=(8, hidden, 4), seed=3)
+    _, out = _prune(proto, PruneConfig(criterion="ratio", ratio=ratio))
+    assert _weights(out, "Gemm")[0].shape == (kept, 8)
 
 
 def test_apoz_threshold_matches_statistics():
