@@ -92,9 +92,12 @@ def _tiny_args(tmp_path: Path, model: Path = TINY / "tiny_mlp.onnx", *extra) -> 
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
-    """prune (budget search) then int8 quant kept for size, with latency: every section of the report is filled."""
+    """prune (budget search) then int8 quant kept for size, with latency: every section of the report is filled.
+    Static int8 (QDQ) by name: with prune's channel counts multiples of 16, 4-bit weights (MatMulNBits) fit and
+    are smaller, and this report is about the QDQ one."""
     tmp_path = tmp_path_factory.mktemp("html")
-    argv = _tiny_args(tmp_path, TINY / "tiny_mlp.onnx", "--passes", "prune,quant", "--quant-objective", "size")
+    passes = ["--passes", "prune,quant", "--quant-objective", "size", "--quant-mode", "static"]
+    argv = _tiny_args(tmp_path, TINY / "tiny_mlp.onnx", *passes)
     code = cli.main([str(a) for a in [*argv, "--latency", "--report", tmp_path / "report.json"]])
     assert code == 0
     return tmp_path
