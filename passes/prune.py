@@ -307,17 +307,21 @@ class ChannelPrunePass(OptPass):
         tried only above it. ``first``, the weakest setting stronger than ``base`` that missed without refit (or
         the search's upper end), is checked re-fitted: when it holds, ``rest()`` continues the search above it
         with refit (a few checks) and gives the result and its text; when it misses, refit does not help here
-        and the search keeps ``base`` (one refit spent) — with refit on, ``base`` re-fitted when that holds."""
+        and the search keeps ``base`` (one refit spent) — with refit on, ``base`` re-fitted when that holds. When
+        ``first`` is ``base`` (the search's range ends there), there is nothing stronger to try."""
         if self.config.refit is False:
             return base
         self._refit = True
-        if self._trial(model, *first, check):
+        if first == base:
+            why = f"refit not tried: the search ends at {base_text}, nothing stronger to hold"
+        elif self._trial(model, *first, check):
             self._held.add(_key(*first, True))
             found, text = rest()
             self._note = Change("refit", f"held {text}, stronger than {base_text}, the strongest without refit")
             return found
-        why = f"refit did not hold a stronger setting than {base_text}, the strongest without it (the next one "
-        why += f"re-fitted misses: {self._last_miss})"
+        else:
+            why = f"refit did not hold a stronger setting than {base_text}, the strongest without it (the next one "
+            why += f"re-fitted misses: {self._last_miss})"
         if self.config.refit is True and self._trial(model, *base, check):
             self._held.add(_key(*base, True))
             self._note = Change("refit", f"{why}; {base_text} re-fitted holds")

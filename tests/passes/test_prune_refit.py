@@ -124,3 +124,11 @@ def test_a_fixed_setting_is_re_fitted_only_when_refit_is_on(reconstructions):
 def test_refit_accepts_on_off_and_unset_only():
     with pytest.raises(ValueError, match="refit must be true, false or unset"):
         PruneConfig(refit="yes")
+
+
+def test_refit_is_not_tried_when_the_search_ends_at_its_result(reconstructions):
+    proto = builders.mlp(sizes=FEW, seed=2, bias_shift=-2.0)  # dead neurons: ratio 0 removes them
+    report, _ = _run(proto, refit=None, max_ratio=0.0)
+    assert report.ok and report.passes[0].modified and not reconstructions
+    assert _refit_note(report).startswith("refit not tried: the search ends at ratio 0")
+    assert not any("re-fitted" in c.what for c in report.passes[0].changes)
