@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"judge lossy passes on fewer than {MIN_EVAL_SAMPLES} evaluation samples (refused by default)",
     )
     checks.add_argument("--no-validate", action="store_true", help="skip the final validation")
+    checks.add_argument(
+        "--no-budget-split",
+        action="store_true",
+        help="give every lossy pass the whole budget (default: of n lossy passes the k-th searches within k/n of it, "
+        "so prune,quant leaves quant room)",
+    )
     run.add_argument(
         "--executor",
         default="local",
@@ -657,6 +663,7 @@ def _run(args: argparse.Namespace) -> int:
         holdout=HOLDOUT,  # without --eval, lossy passes are judged on the last 30% of --data
         min_eval_samples=0 if args.allow_small_eval else MIN_EVAL_SAMPLES,
         executor=args.executor,
+        budget_split=not args.no_budget_split,
     )
     if not passes:  # it would only copy the model; the model and the data are still read, so their errors come first
         manager.validate = False

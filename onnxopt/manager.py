@@ -200,6 +200,11 @@ class PassManager:
         executor: where calibration statistics are collected: ``None``/``"local"`` in this process, ``"ray"`` /
             ``"ray:ADDRESS"`` (or an :class:`onnxopt.executor.Executor`) sharded over Ray workers, joined before
             any pass runs (an unreachable address or a missing ``ray`` package: ExecutorError, exit 2).
+        budget_split: with several passes that spend budget (lossy ones; ``distill`` recovers and spends none),
+            the k-th of n searches within k/n of the budget (:meth:`Budget.share`), still judged against the
+            original: ``prune,quant`` leaves ``quant`` half the budget instead of ``prune`` spending it all and
+            ``quant`` finding no int8 recipe that holds. The last gets the whole budget; ``False``: every pass
+            gets the whole budget.
     """
 
     def __init__(
@@ -220,8 +225,10 @@ class PassManager:
         holdout: float | None = None,
         min_eval_samples: int = 0,
         executor: str | Executor | None = None,
+        budget_split: bool = True,
     ) -> None:
         self.metric = None if metric is None else metrics_mod.resolve(metric, output=metric_output)
+        self.budget_split = budget_split
         self.holdout = holdout
         self.min_eval_samples = min_eval_samples
         self.executor = make_executor(executor)
@@ -294,11 +301,24 @@ class PassManager:
             cost_shapes, cost_shapes_from = self._cost_shapes(model, held_out or calib)
             before = cost.estimate(model, input_shapes=cost_shapes)
             records, stages, first_check = [], [StageRecord("original", before.bytes)], None
+            shares = self._budget_shares()
             for done, pass_ in self._enumerate():
                 passed.clear()
                 self._emit(ProgressEvent("pass_start", pass_.name, len(done), len(self.passes)))
-                records.append(self._run_pass(pass_, model, context, calib, done, passed))
-                _search_cost(records[-1], context.check)
+                pass_context = context
+                share = shares.get(len(done))
+                if share is not None and context.check is not None:
+                    part = budget.share(share)
+                    check = self._checker(judge, check_data, part, passed, metric=self.metric, executor=self.executor)
+                    pass_context = dataclasses.replace(context, budget=part, check=check)
+                    if width > 1:
+                        pass_context.prefetch = getattr(check, "prefetch", None)
+                    logger.info("pass %s: searches within %.2f of the budget (more lossy passes follow)",
+                                pass_.name, share)  # fmt: skip
+                records.append(self._run_pass(pass_, model, pass_context, calib, done, passed))
+                if share is not None and pass_context is not context:
+                    records[-1].details["budget_share"] = round(share, 4)
+                _search_cost(records[-1], pass_context.check)
                 self._emit(ProgressEvent("pass_end", pass_.name, len(done) + 1, len(self.passes), record=records[-1]))
                 stages.append(_stage(records[-1], pass_, model, passed, stages[-1].bytes))
                 first_check = first_check or (passed[0] if passed else None)
@@ -389,6 +409,14 @@ class PassManager:
         check.cost = cost
         check.prefetch = prefetch
         return check
+
+    def _budget_shares(self) -> dict[int, float]:
+        """Pass index → the fraction of the budget its search gets, for the passes that spend budget before the last
+        one (see ``budget_split``)."""
+        if not self.budget_split:
+            return {}
+        spenders = [i for i, p in enumerate(self.passes) if p.spends()]
+        return {index: (k + 1) / len(spenders) for k, index in enumerate(spenders[:-1])}
 
     def _enumerate(self):
         for index, pass_ in enumerate(self.passes):

@@ -95,6 +95,13 @@ class OptPass(ir.passes.InPlacePass):
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
+    # whether the pass spends error budget (a lossy pass's search goes as far as the budget allows); None: when it
+    # is not exact. A recovery pass (distill) brings the model closer to the original and spends none.
+    spends_budget: ClassVar[bool | None] = None
+
+    @classmethod
+    def spends(cls) -> bool:
+        return (not cls.exact) if cls.spends_budget is None else cls.spends_budget
     config_class: ClassVar[type[PassConfig]] = PassConfig
     # False for a pass whose output a final cleanup would undo (constant folding a quantized weight's
     # DequantizeLinear would turn it back into float).

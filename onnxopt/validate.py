@@ -133,6 +133,20 @@ class Budget:
     def is_empty(self) -> bool:
         return all(getattr(self, f.name) is None for f in dataclasses.fields(self) if f.name != "confidence")
 
+    def share(self, fraction: float) -> Budget:
+        """The part ``fraction`` (0-1] of this budget: every allowed drop, increase or error times ``fraction``,
+        the allowed cosine loss ``1 − min_cosine`` too. ``metric_limit`` (a bar, not an amount) and
+        ``confidence`` stay."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"a budget share is in (0, 1], got {fraction}")
+        scaled = {
+            name: None if getattr(self, name) is None else getattr(self, name) * fraction
+            for name in ("max_accuracy_drop", "max_mse_increase", "max_rel_l2", "max_abs", "max_metric_drop",
+                         "max_mismatch")
+        }  # fmt: skip
+        cosine = None if self.min_cosine is None else 1 - (1 - self.min_cosine) * fraction
+        return dataclasses.replace(self, min_cosine=cosine, **scaled)
+
     @property
     def has_similarity(self) -> bool:
         """The budget bounds output similarity (cosine, relative L2 or max abs)."""

@@ -62,6 +62,7 @@ class DistillPass(OptPass):
 
     name = "distill"
     exact = False
+    spends_budget = False  # it brings the model closer to the original: a pipeline's budget split skips it
     config_class = DistillConfig
 
     def call(self, model: ir.Model) -> OptResult:

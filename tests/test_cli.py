@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +15,8 @@ import pytest
 
 from onnxopt import cli
 from tests import builders
+
+ROOT_MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 @pytest.fixture()
@@ -347,3 +350,16 @@ def test_latency_times_the_datas_own_batch_on_dynamic_image_sizes(tmp_path, caps
     macs = json.loads(report.read_text())["model"]["before"]["macs"]
     code, inspected, _ = _run(capsys, "inspect", model, "--input-shape", "x=1,3,12,12", "--json")
     assert macs == json.loads(inspected)["macs"] > 0
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_prune_quant_splits_the_budget_unless_told_not_to(tmp_path, capsys, split):
+    tiny = ROOT_MODELS / "tiny_mlp"
+    argv = ["run", tiny / "tiny_mlp.onnx", "--passes", "prune,quant", "--data", tiny / "calib.npz", "--eval",
+            tiny / "eval.npz", "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json"]  # fmt: skip
+    code, out, _ = _run(capsys, *argv, *([] if split else ["--no-budget-split"]))
+    assert code == 0
+    passes = {p["name"]: p for p in json.loads((tmp_path / "r.json").read_text())["passes"]}
+    assert passes["prune"]["details"].get("budget_share") == (0.5 if split else None)
+    assert passes["quant"]["details"].get("budget_share") is None  # the last lossy pass: the whole budget
+    assert ("pass prune: changed" in out) and (("within 0.5 of the budget" in out) == split)

@@ -13,6 +13,7 @@ from onnxopt import registry, stats
 from onnxopt.errors import CalibrationError, UnknownPassError
 from onnxopt.manager import PassManager
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig
+from onnxopt.passes.prune import ChannelPrunePass, PruneConfig
 from onnxopt.validate import Budget
 from tests import builders
 
@@ -171,8 +172,8 @@ def test_search_chooses_the_same_with_and_without_early_stop(tmp_path, monkeypat
     for mode in ("off", "on"):
         monkeypatch.setenv("ONNXOPT_EARLY_STOP", mode)
         trials = verdicts[mode]
-        runs[mode] = PassManager(
-            ["prune"], data=calib, eval_data=held_out, budget=budget, batch_size=16,
+        runs[mode] = PassManager(  # align 8: 48-neuron layers have enough settings for the search to go both ways
+            [ChannelPrunePass(PruneConfig(align=8))], data=calib, eval_data=held_out, budget=budget, batch_size=16,
             progress=lambda e, trials=trials: trials.append(e.ok) if e.kind == "trial" else None,
         ).run(model_file)  # fmt: skip
     off, on = runs["off"], runs["on"]
@@ -343,3 +344,61 @@ def test_checker_does_not_score_the_same_candidate_twice(tmp_path, monkeypatch):
     tally = check.cost.take()
     assert tally["candidates"] == 3 and tally["repeated"] == 1
     assert tally["samples_scored"] == 96 and tally["samples_if_full"] == 144
+
+
+class _BudgetSpy(OptPass):
+    """Lossy; records the budget its context gives, and its check's report on w2 scaled by 1.1."""
+
+    name = "spy"
+    exact = False
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.budgets, self.reports = [], []
+
+    def call(self, model):
+        self.budgets.append(self.context.budget)
+        self.reports.append(self.context.check(_scaled(model.clone(), 1.1)))
+        return OptResult(model, modified=False)
+
+
+class _Recovers(_BudgetSpy):
+    name = "recovers"
+    spends_budget = False  # as distill: brings the model closer to the original
+
+
+def test_budget_shares():
+    budget = Budget(max_accuracy_drop=1.0, min_cosine=0.99, metric_limit=40.0, confidence=0.95, max_abs=0.2)
+    half = budget.share(0.5)
+    assert half.max_accuracy_drop == 0.5 and half.max_abs == 0.1
+    assert half.min_cosine == pytest.approx(0.995)
+    assert half.metric_limit == 40.0 and half.confidence == 0.95  # a bar and a confidence are not amounts
+    assert budget.share(1.0) == budget
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        budget.share(0)
+
+
+def test_lossy_passes_split_the_budget_k_of_n(mlp_file):
+    # three passes spend budget, one recovers: the spenders get 1/3, 2/3 and all of it, the recovering pass all
+    a, b, r, c = _BudgetSpy(), _BudgetSpy(), _Recovers(), _BudgetSpy()
+    report = PassManager([a, b, r, c], simplify=False, data=_data(), budget=Budget(min_cosine=0.99)).run(mlp_file)
+    assert [s.budgets[0].min_cosine for s in (a, b, r, c)] == pytest.approx([1 - 0.01 / 3, 1 - 0.02 / 3, 0.99, 0.99])
+    assert [rec.details.get("budget_share") for rec in report.passes] == [0.3333, 0.6667, None, None]
+
+
+def test_a_shared_budget_check_refuses_what_the_whole_budget_allows(mlp_file):
+    probe = _BudgetSpy()
+    PassManager([probe], simplify=False, data=_data(), budget=Budget(min_cosine=0.5)).run(mlp_file)
+    loss = 1 - probe.reports[0].outputs["y"].cosine  # what w2 x 1.1 costs
+    assert loss > 0
+    first, last = _BudgetSpy(), _BudgetSpy()
+    budget = Budget(min_cosine=1 - 1.5 * loss)
+    PassManager([first, last], simplify=False, data=_data(), budget=budget).run(mlp_file)
+    assert not first.reports[0].ok and last.reports[0].ok  # 0.75x the loss allowed in the first, 1.5x in the last
+
+
+def test_budget_split_off_gives_every_pass_the_whole_budget(mlp_file):
+    a, b = _BudgetSpy(), _BudgetSpy()
+    budget = Budget(max_abs=0.5)
+    PassManager([a, b], simplify=False, data=_data(), budget=budget, budget_split=False).run(mlp_file)
+    assert a.budgets[0] == b.budgets[0] == budget
