@@ -346,8 +346,9 @@ def _add_pass_options(parser: argparse.ArgumentParser) -> None:
             dest = f"pass__{name}__{field.name}"
             # the flags default to None ("not given", so only given options reach the pass); the help shows the
             # pass's own default
-            if isinstance(default, bool):
-                help_text += f" (default: {'on' if default else 'off'})"
+            unset = field.metadata.get("unset")  # an on/off option whose third value, None, is what it means
+            if isinstance(default, bool) or unset is not None:
+                help_text += f" (default: {unset if default is None else 'on' if default else 'off'})"
                 group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
                 kind = type(default) if default is not None else str

@@ -10,9 +10,9 @@ The search walks a ladder of pipelines from cheap to strong (:func:`ladder`), bu
 what is installed:
 
 - latency: ``quant``; for transformer encoders ``fuse`` and ``fuse,quant`` (onnxruntime's fused attention); for
-  MatMul/Gemm-heavy models (at least half of the MACs) ``svd`` and ``svd,quant``; then ``prune`` (with
-  ``--prune-refit``), ``prune,quant``, ``prune,fuse,quant`` (encoders), and with torch ``prune,distill`` and
-  ``prune,distill,quant``;
+  MatMul/Gemm-heavy models (at least half of the MACs) ``svd`` and ``svd,quant``; then ``prune`` (refit auto: kept
+  where it lets prune go further), ``prune,quant``, ``prune,fuse,quant`` (encoders), and with torch
+  ``prune,distill`` and ``prune,distill,quant``;
 - size: ``quant`` with ``objective=size`` (int8 kept even where it is not faster), ``share``; for MatMul/Gemm-heavy
   models ``svd,quant``; ``prune``, ``prune,quant``, ``prune,share``.
 
@@ -225,7 +225,7 @@ def ladder(
         torch = importlib.util.find_spec("torch") is not None
     heavy = _matmul_share(model, input_shapes) >= MATMUL_HEAVY
     encoder = _has_attention(model)
-    prune, fuse = Step("prune", (("refit", True),)), Step("fuse")
+    prune, fuse = Step("prune"), Step("fuse")  # prune's refit: auto, kept where it lets prune go further
     skipped = []
     if target.kind == "latency":
         quant = Step("quant")

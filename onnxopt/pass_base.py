@@ -60,7 +60,9 @@ class OptResult(ir.passes.PassResult):
 
 @dataclasses.dataclass(frozen=True)
 class PassConfig:
-    """Options of a pass. Subclasses add fields; the CLI exposes each as ``--<pass>-<field>``."""
+    """Options of a pass. Subclasses add fields; the CLI exposes each as ``--<pass>-<field>``: a bool field as
+    ``--<pass>-<field>`` / ``--no-<pass>-<field>``, and so is a ``bool | None`` field whose metadata names what
+    ``None`` (neither flag given) means: ``metadata={"unset": "auto"}`` (prune's ``refit``)."""
 
 
 @dataclasses.dataclass

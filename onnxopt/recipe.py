@@ -131,7 +131,9 @@ def effective(args: argparse.Namespace, passes: list, budget) -> dict[str, Any]:
     by (the default one when none was given), the data as absolute paths, the metric, the seed."""
     options: dict[str, dict[str, Any]] = {}
     for pass_ in passes:
-        options.setdefault(pass_.name, dataclasses.asdict(pass_.config))
+        # an option left unset (None: prune's refit auto) is the pass's default, which TOML has no value for
+        values = {key: value for key, value in dataclasses.asdict(pass_.config).items() if value is not None}
+        options.setdefault(pass_.name, values)
     recipe: dict[str, Any] = {"passes": [p.name for p in passes], "no_simplify": True}  # the list is the pipeline
     for key in _PATHS:
         value = getattr(args, key)

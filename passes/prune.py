@@ -125,10 +125,11 @@ class PruneConfig(PassConfig):
         default=16, metadata={"help": "keep channel counts multiples of this (smaller layers: of 8 or 4)"}
     )
     refit: bool | None = dataclasses.field(
-        default=False,
+        default=None,
         metadata={
-            "help": "re-fit every linear layer downstream to the original's outputs (least squares); unset: auto, "
-            "a search keeps refit only when it holds a stronger setting",
+            "help": "re-fit every linear layer downstream to the original's outputs (least squares); auto (neither "
+            "flag): a search re-fits only above the setting that holds without refit, and keeps refit when it holds "
+            "a stronger one",
             "unset": "auto",
         },
     )

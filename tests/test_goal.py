@@ -231,7 +231,7 @@ def test_ladder_follows_the_model_and_what_is_installed():
     assert [",".join(s.label for s in p) for p in sized] == [
         "quant(objective=size)", "share", "prune", "prune,quant(objective=size)", "prune,share"
     ]  # fmt: skip
-    assert all(dict(s.options).get("refit") for p in with_torch for s in p if s.name == "prune")
+    assert all("refit" not in dict(s.options) for p in with_torch for s in p if s.name == "prune")  # auto
     encoder, _ = goal.ladder(_load_proto(builders.tiny_bert()), latency, torch=False)
     names = [",".join(s.label for s in p) for p in encoder]
     assert names[:3] == ["quant", "fuse", "fuse,quant"] and "prune,fuse,quant" in names

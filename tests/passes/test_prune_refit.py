@@ -126,6 +126,28 @@ def test_refit_accepts_on_off_and_unset_only():
         PruneConfig(refit="yes")
 
 
+def test_the_cli_forces_refit_on_or_off_and_leaves_it_auto_without_a_flag(capsys):
+    from onnxopt import cli, recipe
+
+    parser = cli.build_parser()
+
+    def options(*flags):
+        args = parser.parse_args(["run", "m.onnx", "--passes", "prune", "-o", "out.onnx", *flags])
+        return cli._pass_options(args, ["prune"]).get("prune", {})
+
+    assert options() == {} and PruneConfig().refit is None  # the pass's default: auto
+    assert options("--prune-refit") == {"refit": True}
+    assert options("--no-prune-refit") == {"refit": False}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--help"])
+    assert "(default: auto)" in " ".join(capsys.readouterr().out.split())
+    # the recipe that repeats a run leaves auto out (TOML has no null): re-read, the option is the default again
+    args = parser.parse_args(["run", "m.onnx", "--passes", "prune", "-o", "out.onnx"])
+    written = recipe.effective(args, [ChannelPrunePass()], None)["options"]["prune"]
+    assert "refit" not in written and written["steps"] == 7
+    assert recipe.effective(args, [ChannelPrunePass(PruneConfig(refit=True))], None)["options"]["prune"]["refit"]
+
+
 def test_refit_is_not_tried_when_the_search_ends_at_its_result(reconstructions):
     proto = builders.mlp(sizes=FEW, seed=2, bias_shift=-2.0)  # dead neurons: ratio 0 removes them
     report, _ = _run(proto, refit=None, max_ratio=0.0)
