@@ -1,5 +1,5 @@
-"""prune's search on the proxy allocation's error threshold: a bisection on ``log τ``, and the doubling of the refit
-phase.
+"""prune's search helpers: the proxy allocation's threshold search (a bisection on ``log τ``, and the doubling of
+the refit phase), and the candidates built ahead for an executor that scores several at once (:func:`speculate`).
 
 A threshold ``τ`` gives every layer group its largest ratio step whose proxy error is within ``τ``
 (:class:`onnxopt.passes._prune_proxy.Curves`); a stronger setting comes with a larger ``τ``. Each threshold is a
@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["ThresholdSearch"]
+__all__ = ["ThresholdSearch", "speculate"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,3 +70,27 @@ class ThresholdSearch:
         ok = self.trial(ratios)
         logger.debug("prune allocation: threshold %.3g -> %s", math.exp(x), "ok" if ok else "misses")
         return ok, ratios, spent
+
+
+def speculate(context: Any, built_before: dict, build, key, lo: float, hi: float, make, steps_left: int) -> dict:
+    """With an executor that scores several candidates at once (``context.parallel`` > 1), build the settings a
+    bisection may try in its next steps (a tree of midpoints below ``(lo, hi)``: 3 for 3 candidates at once, 7 for
+    7; ``make(v)`` the setting at ``v``, ``build(*setting)`` its candidate, ``key(*setting)`` its name) and have them
+    scored together; the bisection then reads their verdicts in the order it needs them, so it takes the same path,
+    and chooses the same, as one trial at a time. Only the graph surgery stays here, one candidate after the other.
+    Returns the candidates built (``built_before`` kept where asked again), by key."""
+    width = getattr(context, "parallel", 1)
+    prefetch = getattr(context, "prefetch", None)
+    if width < 2 or prefetch is None:
+        return built_before
+    depth = min(steps_left, int(math.log2(width + 1)))
+    settings, level = [], [(lo, hi)]
+    for _ in range(depth):
+        settings += [(a + b) / 2 for a, b in level]
+        level = [half for a, b in level for half in ((a, (a + b) / 2), ((a + b) / 2, b))]
+    built = {}
+    for value in settings:
+        name = key(*make(value))
+        built[name] = built_before[name] if name in built_before else build(*make(value))
+    prefetch([candidate for candidate in built.values() if candidate is not None])
+    return built

@@ -83,7 +83,7 @@ from onnxopt.passes._prune_guard import budget_miss, slower
 from onnxopt.passes._prune_latency import measured_unit_costs
 from onnxopt.passes._prune_proxy import Curves, MaskedProxy
 from onnxopt.passes._prune_scores import score_units
-from onnxopt.passes._prune_search import ThresholdSearch
+from onnxopt.passes._prune_search import ThresholdSearch, speculate
 from onnxopt.passes._prune_select import blocked, describe, removed_and_means, select
 from onnxopt.passes._reconstruct import Refit, downstream, reconstruct
 from onnxopt.passes._transformer_groups import HANDLERS
@@ -170,7 +170,7 @@ class ChannelPrunePass(OptPass):
     name = "prune"
     exact = False
     config_class = PruneConfig
-    _speculated: dict = {}  # (setting, per-group ratios) -> candidate built ahead (see _speculate); reassigned
+    _speculated: dict = {}  # (setting, per-group ratios, refit) -> candidate built ahead (speculate); reassigned
 
     def needs_data(self, model: ir.Model) -> bool:
         return bool(self.stats_request(model))  # channels are judged from activations, if there are any to prune
@@ -338,7 +338,9 @@ class ChannelPrunePass(OptPass):
         steps = steps or self.config.steps
         for step in range(steps):
             mid = (lo + hi) / 2
-            self._speculate(model, lo, hi, make, steps - step)
+            key = lambda setting, per_group: _key(setting, per_group, self._refit)  # noqa: E731
+            build = lambda setting, per_group: self._candidate(model, setting, per_group)  # noqa: E731
+            self._speculated = speculate(self.context, self._speculated, build, key, lo, hi, make, steps - step)
             ok = self._trial(model, *make(mid), check)
             logger.debug("prune search: %s=%.4f -> %s", self.config.criterion, mid, "ok" if ok else "fails")
             if ok == stronger_is_higher:
@@ -422,29 +424,6 @@ class ChannelPrunePass(OptPass):
         per_unit, total = measured
         logger.info("prune: layer time %.0f us per batch, ranking ratio steps by time saved", total)
         return {group: us / total for group, us in per_unit.items()}
-
-    def _speculate(self, model: ir.Model, lo: float, hi: float, make, steps_left: int) -> None:
-        """With an executor that scores several candidates at once (``context.parallel`` > 1), build the settings
-        the bisection may try in its next steps (a tree of midpoints below ``(lo, hi)``: 3 for 3 candidates at
-        once, 7 for 7) and have them scored together; the bisection then reads their verdicts in the order it
-        needs them, so it takes the same path, and chooses the same, as one trial at a time. Only the graph
-        surgery of the candidates stays here, one after the other."""
-        width = getattr(self.context, "parallel", 1)
-        prefetch = getattr(self.context, "prefetch", None)
-        if width < 2 or prefetch is None:
-            return
-        depth = min(steps_left, int(math.log2(width + 1)))
-        settings, level = [], [(lo, hi)]
-        for _ in range(depth):
-            settings += [(a + b) / 2 for a, b in level]
-            level = [half for a, b in level for half in ((a, (a + b) / 2), ((a + b) / 2, b))]
-        built = {}
-        for value in settings:
-            setting, per_group = make(value)
-            key = _key(setting, per_group, self._refit)
-            built[key] = self._speculated[key] if key in self._speculated else self._candidate(model, *make(value))
-        self._speculated = built
-        prefetch([candidate for candidate in built.values() if candidate is not None])
 
     def _trial(self, model: ir.Model, setting: float, per_group: dict[int, float], check) -> bool:
         """Whether the candidate at the setting (re-fitted when ``self._refit``) holds the budget; a setting checked

@@ -154,3 +154,38 @@ def test_refit_is_not_tried_when_the_search_ends_at_its_result(reconstructions):
     assert report.ok and report.passes[0].modified and not reconstructions
     assert _refit_note(report).startswith("refit not tried: the search ends at ratio 0")
     assert not any("re-fitted" in c.what for c in report.passes[0].changes)
+
+
+@pytest.mark.parametrize("refit", [None, True])
+def test_candidates_built_ahead_for_an_executor_give_the_same_search(refit, monkeypatch):
+    """With an executor that scores 3 candidates at once the search builds them ahead (speculate) and takes the
+    same path: the same settings, the same model (refit phase included)."""
+    from onnxopt.executor import LocalExecutor
+    from onnxopt.passes import _prune_search
+
+    class Wide:  # the local executor, asked for 3 candidates at once (as Ray with 3 task slots to spare)
+        def __init__(self):
+            self.local = LocalExecutor()
+
+        def candidates_at_once(self, source):
+            return 3
+
+        def __getattr__(self, name):
+            return getattr(self.local, name)
+
+    built = []
+    original = _prune_search.speculate
+    monkeypatch.setattr(prune_mod, "speculate", lambda *a: built.append(a[0].parallel) or original(*a))
+    proto = builders.mlp(sizes=FEW, seed=2)
+    one, alone = _run(proto, refit=refit)
+    built.clear()
+    model = ir.from_proto(proto)
+    wide = PassManager(
+        [ChannelPrunePass(PruneConfig(align=1, latency_guard=False, refit=refit))], data=_feeds(),
+        eval_data=_feeds(seed=2), budget=Budget(min_cosine=0.99), simplify=False, executor=Wide(),
+    ).run(model)  # fmt: skip
+    assert set(built) == {3} and wide.ok
+    assert [c.what for c in wide.passes[0].changes] == [c.what for c in one.passes[0].changes]
+    weights, expected = _initializers(ir.to_proto(model)), _initializers(alone)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(weights[name], array, err_msg=name)
