@@ -16,6 +16,10 @@ what is installed:
 - size: ``quant`` with ``objective=size`` (int8 kept even where it is not faster), ``share``; for MatMul/Gemm-heavy
   models ``svd,quant``; ``prune``, ``prune,quant``, ``prune,share``.
 
+With a budget given, a lossy step another lossy step follows searches within its share of it, as PassManager
+splits a pipeline's budget (:func:`split_budget`: in ``prune,quant`` prune gets half, shown
+``prune(budget=0.5),quant``); that prune is a point of its own, apart from ``prune`` with the whole budget.
+
 Every pipeline runs through :class:`~onnxopt.manager.PassManager` with the user's budget, metric and data, each of
 its lossy passes searching the strongest setting that holds the budget (the strengths). What is expensive is done
 once: a pipeline continues from the model of its longest prefix already run (``prune,quant`` quantizes the model
@@ -54,7 +58,7 @@ if TYPE_CHECKING:
 
     from onnxopt.manager import RunReport
 
-__all__ = ["Target", "Step", "Point", "GoalResult", "ladder", "seek", "pareto_front", "KINDS"]
+__all__ = ["Target", "Step", "Point", "GoalResult", "ladder", "seek", "split_budget", "pareto_front", "KINDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +111,29 @@ class Step:
 
     name: str
     options: tuple[tuple[str, Any], ...] = ()
+    share: float = 1.0  # the part of the budget its search gets: more lossy steps follow (see split_budget)
 
     @property
     def label(self) -> str:
-        shown = ",".join(f"{k}={v}" for k, v in self.options if k == "objective")
-        return f"{self.name}({shown})" if shown else self.name
+        shown = [f"{k}={v}" for k, v in self.options if k == "objective"]
+        if self.share < 1:
+            shown.append(f"budget={self.share:.2g}")
+        return f"{self.name}({','.join(shown)})" if shown else self.name
 
 
 def _pipeline(steps: Sequence[Step]) -> str:
     return ",".join(s.label for s in steps)
+
+
+def split_budget(steps: Sequence[Step]) -> tuple[Step, ...]:
+    """``steps`` with the budget shares :class:`~onnxopt.manager.PassManager` gives the same pipeline: of n steps
+    whose pass spends budget, the k-th searches within k/n of it. ``prune`` followed by ``quant`` is a different
+    point from ``prune`` alone (half the budget against all of it), and runs on its own."""
+    from onnxopt import registry
+
+    spenders = [i for i, step in enumerate(steps) if registry.get_pass(step.name).spends()]
+    shares = {index: (k + 1) / len(spenders) for k, index in enumerate(spenders[:-1])}
+    return tuple(dataclasses.replace(s, share=shares.get(i, 1.0)) for i, s in enumerate(steps))
 
 
 @dataclasses.dataclass
@@ -249,7 +267,7 @@ def ladder(
         pipelines += [(prune,), (prune, quant), (prune, Step("share"))]
     if not heavy:
         skipped.append(f"svd: Gemm/MatMul hold under {MATMUL_HEAVY:.0%} of the MACs")
-    return pipelines, skipped
+    return [split_budget(p) for p in pipelines], skipped
 
 
 def seek(
@@ -310,10 +328,14 @@ def seek(
         candidates, skipped = ladder(original, target, input_shapes=feeds.shapes)
     else:
         candidates = [
-            tuple(s if isinstance(s, Step) else Step(s.strip()) for s in (p.split(",") if isinstance(p, str) else p))
+            split_budget(
+                [s if isinstance(s, Step) else Step(s.strip()) for s in (p.split(",") if isinstance(p, str) else p)]
+            )
             for p in pipelines
         ]
         skipped = []
+    if budget is None:  # the default budget is the manager's to choose (labels or not): not split
+        candidates = [tuple(dataclasses.replace(s, share=1.0) for s in c) for c in candidates]
     manager_args = {
         "data": data, "eval_data": eval_data, "budget": budget, "batch_size": batch_size, "input_shapes": input_shapes,
         "seed": seed, "progress": progress, "metric": metric, "metric_output": metric_output, "holdout": holdout,
@@ -441,7 +463,10 @@ class _Search:
 
         step, point = prefix[-1], Point(_pipeline(prefix))
         passes = _passes(step, self.options, self.simplify)
-        manager = PassManager(passes, simplify=False, **self.manager_args)
+        args = self.manager_args
+        if step.share < 1:
+            args = {**args, "budget": args["budget"].share(step.share)}
+        manager = PassManager(passes, simplify=False, **args)
         t0 = time.perf_counter()
         start = graph_io.clone(parent.model) if parent is not None else graph_io.load(self.original)
         try:

@@ -151,7 +151,8 @@ def test_unreachable_target_writes_the_best_within_the_budget(workdir, tmp_path,
     assert not any(p["reached"] for p in found["points"])
     tried = {p["pipeline"] for p in found["points"]} | {s.split(":")[0] for s in found["not_tried"]}
     pipelines, _ = goal.ladder(_load(model), Target.parse("latency=0.5"))
-    assert {",".join(s.label for s in p) for p in pipelines} <= tried  # every candidate tried or said why not
+    # every candidate tried or said why not (without a budget given, the default one is not split)
+    assert {",".join(s.name for s in p) for p in pipelines} <= tried
     assert found["reason"].startswith("target latency <= 0.01x the original's not reached: best within the budget")
     assert found["reason"] in out and "not reached" in out
     x = np.load(d / "eval.npz")["x"]
@@ -222,19 +223,25 @@ def test_ladder_follows_the_model_and_what_is_installed():
     latency = Target("latency", 0.5)
     with_torch, skipped = goal.ladder(mlp, latency, torch=True)
     names = [",".join(s.label for s in p) for p in with_torch]
-    assert names == ["quant", "svd", "svd,quant", "prune", "prune,quant", "prune,distill", "prune,distill,quant"]
+    # a lossy step a lossy one follows searches within its share of the budget (as PassManager splits it);
+    # distill spends none
+    assert names == [
+        "quant", "svd", "svd(budget=0.5),quant", "prune", "prune(budget=0.5),quant", "prune,distill",
+        "prune(budget=0.5),distill,quant",
+    ]  # fmt: skip
     assert skipped == []
     without, skipped = goal.ladder(conv, latency, torch=False)
-    assert [",".join(s.label for s in p) for p in without] == ["quant", "prune", "prune,quant"]
+    assert [",".join(s.label for s in p) for p in without] == ["quant", "prune", "prune(budget=0.5),quant"]
     assert any("torch is not installed" in s for s in skipped) and any(s.startswith("svd:") for s in skipped)
     sized, _ = goal.ladder(conv, Target("size", 0.25), torch=True)
     assert [",".join(s.label for s in p) for p in sized] == [
-        "quant(objective=size)", "share", "prune", "prune,quant(objective=size)", "prune,share"
+        "quant(objective=size)", "share", "prune", "prune(budget=0.5),quant(objective=size)",
+        "prune(budget=0.5),share",
     ]  # fmt: skip
     assert all("refit" not in dict(s.options) for p in with_torch for s in p if s.name == "prune")  # auto
     encoder, _ = goal.ladder(_load_proto(builders.tiny_bert()), latency, torch=False)
     names = [",".join(s.label for s in p) for p in encoder]
-    assert names[:3] == ["quant", "fuse", "fuse,quant"] and "prune,fuse,quant" in names
+    assert names[:3] == ["quant", "fuse", "fuse,quant"] and "prune(budget=0.5),fuse,quant" in names
     for pipeline in encoder:  # fuse hides MatMul chains from prune/svd/distill: never before them
         steps = [s.name for s in pipeline]
         if "fuse" in steps:
@@ -352,3 +359,28 @@ def test_time_budget_spent_before_the_first_pipeline(workdir):
                        pipelines=["quant", "prune"], max_seconds=1e-9)  # fmt: skip
     assert result.points == [] and result.report is None
     assert result.skipped == ["quant, prune: the time budget of 1e-09 s ran out"]
+
+
+def test_a_given_budget_is_split_as_the_pipeline_would_split_it(workdir, monkeypatch):
+    """`prune,quant` in goal mode gives prune half the budget and quant all of it, as `run --passes prune,quant`
+    does; prune with half is its own point, not the prune of the whole budget."""
+    from onnxopt import manager
+    from onnxopt.validate import Budget
+
+    d, model = workdir
+    seen = []
+    init = manager.PassManager.__init__
+
+    def spy(self, passes, **kwargs):
+        seen.append(([p.name for p in passes if p.name != "simplify"], kwargs.get("budget")))
+        init(self, passes, **kwargs)
+
+    monkeypatch.setattr(manager.PassManager, "__init__", spy)
+    result = goal.seek(
+        model, Target("latency", 0.01), data=str(d / "calib.npz"), eval_data=str(d / "eval.npz"),
+        budget=Budget(min_cosine=0.99), pipelines=["prune", "prune,quant"],
+        options={"quant": {"recipes": "qdq-u8-pc", "rounds": 3}, "prune": {"steps": 3}}, rounds=3,
+    )  # fmt: skip
+    assert [p.pipeline for p in result.points] == ["prune", "prune(budget=0.5)", "prune(budget=0.5),quant"]
+    cosines = [(names, budget.min_cosine) for names, budget in seen]
+    assert cosines == [(["prune"], 0.99), (["prune"], pytest.approx(0.995)), (["quant"], 0.99)]
