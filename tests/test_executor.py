@@ -249,7 +249,7 @@ def test_cli_prune_on_ray_writes_the_same_model_as_local(ray_head, workdir, caps
     import onnx
 
     d, model = workdir
-    common = ["run", model, "--passes", "prune", "--prune-ratio", "0.25", "--min-cosine", "0.5",
+    common = ["run", model, "--passes", "prune", "--prune-ratio", "0.25", "--prune-align", "1", "--min-cosine", "0.5",
               "--data", d / "calib.npz", "--allow-small-eval", "-q"]  # fmt: skip
     assert _cli(capsys, *common, "-o", d / "local.onnx")[0] == 0
     assert _cli(capsys, *common, "-o", d / "ray.onnx", "--executor", "ray")[0] == 0
