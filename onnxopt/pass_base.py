@@ -104,6 +104,7 @@ class OptPass(ir.passes.InPlacePass):
     @classmethod
     def spends(cls) -> bool:
         return (not cls.exact) if cls.spends_budget is None else cls.spends_budget
+
     config_class: ClassVar[type[PassConfig]] = PassConfig
     # False for a pass whose output a final cleanup would undo (constant folding a quantized weight's
     # DequantizeLinear would turn it back into float).
