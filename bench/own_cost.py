@@ -32,7 +32,8 @@ time saved) and a digest of the written model (the same digest: the same model).
 ``bench/results/own_cost_search.md`` unless ``--out`` says otherwise.
 
 Prune speed (``--speed mobilenet_v2,resnet20,resnet56,ultraface,superres``): ``onnxopt run --passes prune`` and
-``--passes prune --prune-refit`` (``--speed-variants prune,refit``) on real pairs of bench/_real_tasks.py with the
+``--passes prune --prune-refit`` (``--speed-variants prune,refit``; ``norefit``: ``--no-prune-refit``; plain prune
+has refit auto) on real pairs of bench/_real_tasks.py with the
 budget flags bench/real.py gives onnxopt (top-1 drop, PSNR floor, worst cosine), the pair's calibration split as
 ``--data`` and its budget split as ``--eval``, written once as .npz files to ``--data-dir`` (default
 ``--cache``/prune_speed) and reused. Per run: wall seconds, peak RSS, the prune pass's seconds and budget checks,
@@ -178,7 +179,11 @@ def speed(names: list[str], args, work: Path) -> list[str]:
     data_dir = Path(args.data_dir or Path(args.cache) / "prune_speed")
     data_dir.mkdir(parents=True, exist_ok=True)
     rows, commands = [], []
-    variants = {"prune": ("prune", []), "refit": ("prune --prune-refit", ["--prune-refit"])}
+    variants = {
+        "prune": ("prune (refit auto)", []),
+        "refit": ("prune --prune-refit", ["--prune-refit"]),
+        "norefit": ("prune --no-prune-refit", ["--no-prune-refit"]),
+    }
     for name in names:
         calib, evaluation = data_dir / f"{name}.calib.npz", data_dir / f"{name}.eval.npz"
         try:
@@ -296,7 +301,9 @@ def main(argv=None) -> int:
     parser.add_argument("--search-fast", action="store_true", help="--search: also ONNXOPT_EARLY_STOP=fast")
     parser.add_argument("--before-tree", help="--search: also run the onnxopt of this source tree (PYTHONPATH)")
     parser.add_argument("--speed", help="comma-separated real pairs: prune's own wall time (prune_speed.md)")
-    parser.add_argument("--speed-variants", default="prune,refit", help="--speed: prune, refit (--prune-refit)")
+    parser.add_argument(
+        "--speed-variants", default="prune,refit", help="--speed: prune (refit auto), refit (--prune-refit), norefit"
+    )
     parser.add_argument(
         "--data-dir", help="--speed: where the pairs' .npz files are written once (default: CACHE/prune_speed)"
     )
