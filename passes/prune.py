@@ -400,18 +400,19 @@ class ChannelPrunePass(OptPass):
             return ok
 
         at = lambda x: curves.at(math.exp(x))  # noqa: E731
+        tau = "error" if costs is None else "error per time saved"  # what the threshold is, for the report
         search = ThresholdSearch(at, trial, lambda ratios: _key(0.0, ratios, self._refit) not in self._verdicts)
         lo, hi, best = search.bisect(lo, hi, {}, config.steps)
 
         def rest() -> tuple[tuple[float, dict[int, float]], str]:  # phase 3, re-fitted: τ doubled up from hi
             found = search.gallop(hi, math.log(curves.top()), at(hi), min(config.steps, _REFIT_STEPS) - 1)
-            return (0.0, found[2]), f"the proxy allocation at error {math.exp(found[0]):.3g}"
+            return (0.0, found[2]), f"the proxy allocation at {tau} {math.exp(found[0]):.3g}"
 
         logger.info("prune: proxy errors of %d steps in %d groups on %d samples (%d runs)",
                     sum(map(len, curves.steps.values())), len(groups), proxy.samples, proxy.evaluations)  # fmt: skip
         if not best:  # nothing held above dead channels only (the guard checks those): no refit either
             return 0.0, best
-        base_text = f"the proxy allocation at error {math.exp(lo):.3g}"
+        base_text = f"the proxy allocation at {tau} {math.exp(lo):.3g}"
         return self._refit_phase(model, (0.0, best), base_text, (0.0, at(hi)), rest, check)
 
     @staticmethod
