@@ -74,15 +74,25 @@ def write_report(args: argparse.Namespace, payload: dict[str, Any]) -> None:
 
 
 def write_outputs(
-    args: argparse.Namespace, model: Any, output: Path, payload: dict[str, Any], page: Any, *, copy_from=None
+    args: argparse.Namespace,
+    model: Any,
+    output: Path,
+    payload: dict[str, Any],
+    page: Any,
+    *,
+    copy_from=None,
+    source: Path | None = None,
 ) -> None:
     """What ``run`` writes: the model first (an interrupted save leaves no report of it), a byte-for-byte copy of
-    ``copy_from`` instead when given, then ``--report`` and the rendered ``--html`` page."""
+    ``copy_from`` instead when given, then ``--report`` and the rendered ``--html`` page. The model carries
+    intermediate shape annotations only when its ``source`` did (:func:`onnxopt.graph.drop_value_info`)."""
     from onnxopt import graph
 
     if copy_from is not None:
         _copy_atomic(copy_from, output)
     else:
+        if source is not None and not graph.has_value_info(source):
+            graph.drop_value_info(model)
         graph.save(model, output)
     print(f"wrote {output}")
     write_report(args, payload)

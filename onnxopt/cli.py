@@ -694,8 +694,9 @@ def _run(args: argparse.Namespace) -> int:
         page = html_report.render(report, latency=latency, model_name=str(source), output_name=str(output))
     # byte for byte when nothing changed: a re-serialized copy gains value_info and grows
     _files.write_outputs(
-        args, report.model, output, payload, page, copy_from=source if _files.unchanged_copy(source, report) else None
-    )
+        args, report.model, output, payload, page, source=source,
+        copy_from=source if _files.unchanged_copy(source, report) else None,
+    )  # fmt: skip
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
@@ -775,7 +776,7 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
         page = html_report.render(
             report, latency=latency, model_name=str(source), output_name=str(output), goal=result
         )  # fmt: skip
-    _files.write_outputs(args, report.model, output, payload, page)
+    _files.write_outputs(args, report.model, output, payload, page, source=source)
     return EXIT_OK if result.reached else EXIT_INVALID
 
 
