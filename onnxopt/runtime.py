@@ -36,13 +36,17 @@ _NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) no
 class Session:
     """An onnxruntime ``InferenceSession`` plus the temporary file it was opened from (if any)."""
 
-    def __init__(self, source: ir.Model | str | os.PathLike, *, optimize: bool = False, threads: int = 1):
+    def __init__(
+        self, source: ir.Model | str | os.PathLike, *, optimize: bool = False, threads: int = 1, profile: bool = False
+    ):
+        """``profile``: record onnxruntime's per-kernel profile (read with :meth:`end_profiling`)."""
         import onnxruntime as ort
 
         self._tmp_dir: Path | None = None
-        if isinstance(source, ir.Model):
+        if isinstance(source, ir.Model) or profile:  # the profile is written beside the temporary model
             self._tmp_dir = graph_io.make_temp_dir("onnxopt-session-")
             weakref.finalize(self, shutil.rmtree, self._tmp_dir, True)
+        if isinstance(source, ir.Model):
             path = graph_io.save(source, self._tmp_dir / "model.onnx")
         else:
             path = Path(source)
@@ -53,6 +57,9 @@ class Session:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = LOG_SEVERITY
+        if profile:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(self._tmp_dir / "profile")
         self.path = path
         self.inner = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.inner.get_inputs()]
@@ -75,24 +82,10 @@ def node_times(
     left out."""
     import json
 
-    import onnxruntime as ort
-
-    tmp = graph_io.make_temp_dir("onnxopt-profile-")
-    try:
-        path = graph_io.save(source, tmp / "model.onnx") if isinstance(source, ir.Model) else Path(source)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.log_severity_level = LOG_SEVERITY
-        options.enable_profiling = True
-        options.profile_file_prefix = str(tmp / "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-        for _ in range(runs + 1):
-            session.run(None, {k: feeds[k] for k in names})
-        events = json.loads(Path(session.end_profiling()).read_text())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    session = Session(source, optimize=True, threads=threads, profile=True)
+    for _ in range(runs + 1):
+        session.run(feeds)
+    events = json.loads(Path(session.inner.end_profiling()).read_text())
     suffix = "_kernel_time"
     durations: dict[str, list[float]] = {}
     ops: dict[str, str] = {}
