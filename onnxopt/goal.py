@@ -130,9 +130,9 @@ def split_budget(steps: Sequence[Step]) -> tuple[Step, ...]:
     whose pass spends budget, the k-th searches within k/n of it. ``prune`` followed by ``quant`` is a different
     point from ``prune`` alone (half the budget against all of it), and runs on its own."""
     from onnxopt import registry
+    from onnxopt.manager import budget_shares
 
-    spenders = [i for i, step in enumerate(steps) if registry.get_pass(step.name).spends()]
-    shares = {index: (k + 1) / len(spenders) for k, index in enumerate(spenders[:-1])}
+    shares = budget_shares([registry.get_pass(step.name).spends() for step in steps])
     return tuple(dataclasses.replace(s, share=shares.get(i, 1.0)) for i, s in enumerate(steps))
 
 

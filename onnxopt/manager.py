@@ -37,7 +37,7 @@ from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip, bud
 from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
 from onnxopt.validate import Budget, Reference, ValidationReport, metric_baseline, validate, validate_many
 
-__all__ = ["PassRecord", "StageRecord", "RunReport", "PassManager", "ProgressEvent", "Progress"]
+__all__ = ["PassRecord", "StageRecord", "RunReport", "PassManager", "ProgressEvent", "Progress", "budget_shares"]
 
 logger = logging.getLogger(__name__)
 
@@ -411,12 +411,8 @@ class PassManager:
         return check
 
     def _budget_shares(self) -> dict[int, float]:
-        """Pass index → the fraction of the budget its search gets, for the passes that spend budget before the last
-        one (see ``budget_split``)."""
-        if not self.budget_split:
-            return {}
-        spenders = [i for i, p in enumerate(self.passes) if p.spends()]
-        return {index: (k + 1) / len(spenders) for k, index in enumerate(spenders[:-1])}
+        """Pass index → the fraction of the budget its search gets (see ``budget_split``)."""
+        return budget_shares([p.spends() for p in self.passes]) if self.budget_split else {}
 
     def _enumerate(self):
         for index, pass_ in enumerate(self.passes):
@@ -651,6 +647,13 @@ def _stage(
     if passed:
         return StageRecord.measured(record.name, size, passed[-1], "budget check")
     return StageRecord(record.name, size)
+
+
+def budget_shares(spends: Sequence[bool]) -> dict[int, float]:
+    """Of a pipeline whose passes spend budget or not (``spends``, in order), the fraction of the budget each
+    spending pass before the last searches within: the k-th of n gets k/n (the last, all of it, is left out)."""
+    spenders = [i for i, spending in enumerate(spends) if spending]
+    return {index: (k + 1) / len(spenders) for k, index in enumerate(spenders[:-1])}
 
 
 def _search_cost(record: PassRecord, check) -> None:

@@ -41,7 +41,7 @@ def pass_lines(record: PassRecord) -> list[str]:
     if getattr(record, "reverted", None):  # its result missed the budget: the manager restored its input
         state = "reverted (result outside the budget)"
     counts = f"{plural(len(record.changes), 'site')} rewritten, {len(record.skipped):,} skipped"
-    share = record.details.get("budget_share") if isinstance(record.details, dict) else None
+    share = record.details.get("budget_share")
     within = f", within {share:.2g} of the budget (more lossy passes follow)" if share is not None else ""
     lines = [f"pass {record.name}: {state}, {counts}, {record.seconds:.2f} s{within}"]
     for skip in record.skipped[:_MAX_SKIPS_SHOWN]:
