@@ -129,6 +129,8 @@ class Int8QuantPass(OptPass):
             graph_io.adopt(model, graph_io.in_memory(graph_io.load(search.paths[winner.recipe.name])))
         what = f"{winner.recipe.describe()} [{winner.recipe.name}]: {_line(winner, float_us, winner)}; {why}"
         changes = [Change("model", what)]
+        if winner.recipe.kind == "static":
+            changes += [Change(name, "input channels zero-padded to 4 (int8's fast path)") for name in search.stem_pads]
         changes += [Change(name, "kept in float (quantization noise)") for name in winner.fallback]
         return OptResult(model, modified=True, changes=changes, skipped=skipped, details=details)
 
@@ -149,6 +151,14 @@ class _Search:
     def run(self, model: ir.Model, todo: list[Recipe]) -> tuple[float | None, list[Outcome]]:
         config = self.config
         self.float_path = q.prepare(graph_io.save(model.clone(), self.tmp / "float_in.onnx"), self.tmp / "float.onnx")
+        # static recipes quantize a copy whose first-layer Convs read 4 channels (int8's fast path), the new
+        # Pad nodes kept float; the float model, timed as the baseline, stays as it was
+        self.static_path, self.stem_pads = self.float_path, []
+        if any(r.kind == "static" for r in todo):
+            padded = graph_io.load(self.float_path)
+            self.stem_pads = q.pad_stem_channels(padded)
+            if self.stem_pads:
+                self.static_path = graph_io.save(padded, self.tmp / "float_static.onnx")
         outcomes = [Outcome(r) for r in todo]
         for outcome in outcomes:
             try:
@@ -210,9 +220,9 @@ class _Search:
         if recipe.kind == "weight4":
             return q.quantize_weight4(self.float_path, dst)
         return q.quantize_static(
-            self.float_path, dst, self.data, per_channel=recipe.per_channel, method=self.config.calibration,
-            exclude=exclude, quantize_bias=self.config.objective != "size", unsigned_activations=recipe.unsigned,
-            quant_format=recipe.fmt, calibration_cache=self.calibration_cache,
+            self.static_path, dst, self.data, per_channel=recipe.per_channel, method=self.config.calibration,
+            exclude=[*exclude, *self.stem_pads], quantize_bias=self.config.objective != "size",
+            unsigned_activations=recipe.unsigned, quant_format=recipe.fmt, calibration_cache=self.calibration_cache,
             unsigned_weights=recipe.unsigned_weights, reduce_range=recipe.reduce_range,
         )  # fmt: skip
 

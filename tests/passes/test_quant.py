@@ -448,3 +448,52 @@ def test_a_recipe_onnxruntime_cannot_make_is_left_out(tmp_path, monkeypatch):
     assert report.ok and "[dyn-pt]" in report.passes[0].changes[0].what
     skip = next(s.reason for s in report.passes[0].skipped if s.site == "recipe dyn-pc")
     assert skip == "onnxruntime failed: Nodes in a graph must be topologically sorted"
+
+
+# ---- first-layer channel padding ----------------------------------------------------------------------
+
+
+def test_stem_channels_are_zero_padded_to_four_and_compute_the_same(net):
+    from onnxopt import quantize as q
+
+    proto, _, _ = net
+    model = ir.from_proto(proto)
+    assert q.pad_stem_channels(model) == ["conv1_channel_pad"]
+    out = ir.to_proto(model)
+    pad = next(n for n in out.graph.node if n.op_type == "Pad")
+    conv1 = next(n for n in out.graph.node if n.name == "conv1")
+    assert pad.input[0] == "x" and conv1.input[0] == pad.output[0]
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    assert inits[conv1.input[1]].shape == (32, 4, 3, 3) and not inits[conv1.input[1]][:, 3].any()
+    assert "w1" not in inits  # the 3-channel weight is gone, not left unused
+    assert inits["w2"].shape == (64, 32, 3, 3)  # conv2 reads conv1's output: not a first layer
+    x = np.random.default_rng(4).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(
+        builders.run(out, {"x": x})["y"], builders.run(proto, {"x": x})["y"], rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("channels", [(4, 8, 6), (1, 8, 6), (3, 3, 6), (7, 8, 6)])
+def test_only_first_layers_one_channel_short_are_padded(channels):
+    from onnxopt import quantize as q
+
+    model = ir.from_proto(builders.conv_net(channels=channels, size=8, opset=13))
+    padded = q.pad_stem_channels(model)
+    # 4 input channels need nothing, 1 would cost 4x the input for no gain; a 3-channel Conv fed by another
+    # Conv (conv2 in 3,3,6) is no first layer; 7 channels were not measured
+    assert padded == (["conv1_channel_pad"] if channels[0] == 3 else [])
+
+
+def test_static_int8_quantizes_after_the_float_stem_pad(net, monkeypatch):
+    _fast_int8(monkeypatch)
+    proto, path, data = net
+    report = _run(path, data)
+    assert report.ok and "[qdq-u8-pc]" in report.passes[0].changes[0].what
+    assert [c.site for c in report.passes[0].changes[1:]] == ["conv1_channel_pad"]
+    out = _proto(report)
+    pad = next(n for n in out.graph.node if n.op_type == "Pad")
+    assert pad.input[0] == "x"  # float: the model input is quantized once, after the pad
+    assert [n.op_type for n in out.graph.node if pad.output[0] in n.input] == ["QuantizeLinear"]
+    x = np.random.default_rng(3).standard_normal((32, 3, 12, 12)).astype(np.float32)
+    ref, got = builders.run(proto, {"x": x})["y"], builders.run(out, {"x": x})["y"]
+    assert 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)) > 25.0  # SQNR floor
