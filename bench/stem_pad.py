@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         "",
         "Static int8 (QDQ, uint8 activations, per-channel int8 weights) as it is and with the first Conv's input "
         "channels zero-padded to 4; latency relative to float (median of the interleaved rounds, [fastest-slowest "
-        "round]), 1 thread. The last column: how often the two int8 models agree on the argmax of the first output (top-1 for classifiers) on the first 64 calibration samples.",
+        "round]), 1 thread. The last column: how often the two int8 models agree on the argmax of the first output "
+        "(top-1 for classifiers) on the first 64 calibration samples.",
         "",
         "| model | batch | float µs | int8 | int8, stem padded | padded / plain | top-1 agree |",
         "|---|---|---|---|---|---|---|",

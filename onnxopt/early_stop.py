@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from onnxopt import metrics as metrics_mod
+from onnxopt.budget import TOLERANCE
 from onnxopt.errors import UsageError
 
 __all__ = ["MODES", "ENV", "mode", "Baseline", "baseline", "Stopped", "Stopper", "SearchCost"]
@@ -38,7 +39,7 @@ ENV = "ONNXOPT_EARLY_STOP"
 STRIDE = 4  # the statistical subset: every 4th batch (a quarter, spread over the set as it is ordered)
 CONFIDENCE = 0.99  # the statistical stop: the subset's 99% interval of the drop must lie wholly beyond the budget
 MIN_UNITS = 32  # ... on at least this many samples (pairs for a pair metric)
-SLACK = 1e-9  # the budget's own tolerance in onnxopt.validate._judge_metric
+SLACK = TOLERANCE  # the budget's own tolerance: a bound met up to float rounding holds
 _REL = 1e-12  # float summation order: a bound on a sum of non-negative terms is shaded by this much
 
 
@@ -196,7 +197,7 @@ class Stopper:
         self.max_mismatch = budget.max_mismatch
         task = (budget.max_accuracy_drop, budget.max_mse_increase, budget.max_metric_drop, budget.metric_limit)
         if self.max_mismatch is None and all(v is None for v in task):
-            self.max_mismatch = 0.0  # as onnxopt.validate._judge: integer outputs exact unless a task budget rules
+            self.max_mismatch = 0.0  # as onnxopt.budget.judge: integer outputs exact unless a task budget rules
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     def add(self, index: int, after_rows: metrics_mod.Rows | None) -> None:
