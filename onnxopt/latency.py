@@ -10,7 +10,10 @@ A pass that keeps or drops a candidate by its speed times it the same way every 
   settings, so the same command on the same CPU reuses the first run's figures and makes the same choice
   (:func:`recorded`);
 - and one model counts as faster than another only by a margin (:func:`faster`): two models a few percent apart
-  are within the noise of a shared CPU.
+  are within the noise of a shared CPU;
+- a model whose batch is dynamic is also timed on one sample (:func:`single_sample`) when the data's batch is larger:
+  a device usually runs one input at a time, and int8 that wins at batch 16 can lose there (a small MNIST CNN:
+  0.90x float at batch 16, 1.13x at batch 1). A candidate :func:`clearly_slower` than its reference there is out.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["run_feeds", "recorded", "faster", "compare"]
+__all__ = ["run_feeds", "single_sample", "recorded", "faster", "clearly_slower", "compare"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,28 @@ def run_feeds(context, model: ir.Model | str | os.PathLike) -> dict[str, np.ndar
         model = model if isinstance(model, ir.Model) else graph_io.load(model)
         source = data_mod.random_source(model)
     return dict(next(iter(source)).feeds)
+
+
+def single_sample(feeds: Mapping[str, np.ndarray], model: ir.Model | str | os.PathLike) -> dict[str, np.ndarray] | None:
+    """The first sample of ``feeds`` as a batch of one, or ``None`` when the batch already is one or ``model`` (a
+    model or a path) fixes its inputs' first dimension."""
+    if not feeds or all(np.ndim(a) == 0 or len(a) <= 1 for a in feeds.values()):
+        return None
+    if isinstance(model, ir.Model):
+        inputs = {v.name: v.shape for v in model.graph.inputs}
+    else:
+        import onnx
+
+        proto = onnx.load(str(model), load_external_data=False)
+        inputs = {
+            v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in proto.graph.input
+        }
+    for name, array in feeds.items():
+        shape = inputs.get(name)
+        if np.ndim(array) == 0 or shape is None or len(shape) == 0 or isinstance(shape[0], int):
+            return None
+    return {name: np.ascontiguousarray(array[:1]) for name, array in feeds.items()}
 
 
 def recorded(
@@ -74,6 +99,13 @@ def recorded(
 def faster(candidate_us: float, reference_us: float, margin: float) -> bool:
     """Whether ``candidate_us`` beats ``reference_us`` by at least the relative ``margin`` (0.05: 5% faster)."""
     return candidate_us <= reference_us * (1 - margin)
+
+
+def clearly_slower(candidate: Sequence[float], reference_us: float, margin: float) -> bool:
+    """Whether a candidate timed as (median, fastest round, ...) is clearly slower than a reference's median: its
+    median slower by more than ``margin``, and even its fastest round slower (on a model that runs in microseconds a
+    loaded CPU moves medians by 15%, never that)."""
+    return faster(reference_us, candidate[0], margin) and candidate[1] > reference_us
 
 
 def compare(

@@ -11,9 +11,10 @@ of 8; odd counts made a pruned MobileNet-style model 1.9x slower). The pruned mo
 together as ``quant`` times its recipes (:mod:`onnxopt.latency`: the first batch of the run's data, 1 thread,
 warm-up, interleaved rounds, medians, the latency record so the same command decides the same way), and the input
 is kept when the pruned model is clearly slower (:func:`slower`): its median slower by more than the margin (5%), and
-even its fastest round slower than the input's median. Within that noise of a shared CPU the two are equally fast,
-and the smaller model stands; on a model that runs in microseconds a loaded machine moves the medians' ratio by
-15%, so a median alone would flip the decision from one run to the next.
+even its fastest round slower than the input's median; at the data's batch, and on one sample too when the batch is
+larger and the model's batch dynamic (a device runs one input at a time). Within that noise of a shared CPU the two
+are equally fast, and the smaller model stands; on a model that runs in microseconds a loaded machine moves the
+medians' ratio by 15%, so a median alone would flip the decision from one run to the next.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def slower(context, model: ir.Model, pruned: ir.Model, *, margin: float, rounds:
         paths = [graph_io.save(m.clone(), Path(tmp) / f"{n}.onnx") for m, n in ((model, "input"), (pruned, "pruned"))]
         feeds = latency.run_feeds(context, paths[0])
         (before, after), reused = latency.compare(paths, feeds, rounds=rounds, purpose="prune latency guard")
+        one = latency.single_sample(feeds, paths[0])
+        if one is not None:  # a device runs one input at a time: not slower there either
+            (one_before, one_after), _ = latency.compare(paths, one, rounds=rounds, purpose="prune latency guard")
     ratio = after[0] / before[0] if before[0] > 0 else 1.0
     figures = {
         "input_us": round(before[0], 1),
@@ -59,15 +63,23 @@ def slower(context, model: ir.Model, pruned: ir.Model, *, margin: float, rounds:
         "feeds": {name: list(array.shape) for name, array in feeds.items()},
         "recorded": reused,
     }
+    if one is not None:
+        one_ratio = one_after[0] / one_before[0] if one_before[0] > 0 else 1.0
+        figures["one_sample"] = {"input_us": round(one_before[0], 1), "pruned_us": round(one_after[0], 1),
+                                 "ratio": round(one_ratio, 4)}  # fmt: skip
     logger.info("prune latency: pruned %.0f us, input %.0f us (%.3fx)%s", after[0], before[0], ratio,
                 " (from the latency record)" if reused else "")  # fmt: skip
-    # clearly slower: the input's median beats the pruned model's by the margin, and even the pruned model's fastest
-    # round is slower than the input's median (on a tiny model a loaded CPU moves medians by 15%, never that)
-    if latency.faster(before[0], after[0], margin) and after[1] > before[0]:
+    if latency.clearly_slower(after, before[0], margin):
         why = (
             f"the pruned model is slower than its input: median {after[0]:.0f} us against {before[0]:.0f} us "
             f"({ratio:.2f}x; its rounds {after[1]:.0f}-{after[2]:.0f} us, the input's "
             f"{before[1]:.0f}-{before[2]:.0f} us)"
+        )
+        return why, figures
+    if one is not None and latency.clearly_slower(one_after, one_before[0], margin):
+        why = (
+            f"the pruned model is slower than its input on one sample: median {one_after[0]:.0f} us against "
+            f"{one_before[0]:.0f} us ({one_ratio:.2f}x; at the data's batch {ratio:.2f}x)"
         )
         return why, figures
     return None, figures

@@ -186,6 +186,7 @@ class Outcome:
     latency_us: float | None = None
     spread_us: tuple[float, float] | None = None
     float_us: float | None = None  # float's latency in the same interleaved timing (ratios are within one timing)
+    single_ratio: float | None = None  # latency over float's on one sample, when the data's batch is larger
     bytes: int | None = None
     fallback: list[str] = dataclasses.field(default_factory=list)  # nodes kept float
     note: str = ""  # why it was not chosen / not checked / failed
@@ -202,6 +203,7 @@ class Outcome:
             "latency_us": None if self.latency_us is None else round(self.latency_us, 1),
             "latency_spread_us": None if self.spread_us is None else [round(v, 1) for v in self.spread_us],
             "latency_ratio": None if ratio is None else round(ratio, 4),
+            "latency_ratio_batch1": None if self.single_ratio is None else round(self.single_ratio, 4),
             "passed": self.passed,
             "metric": self.metric,
             "bytes": self.bytes,
@@ -256,8 +258,14 @@ def choose(
     eligible = timed if force else [o for o in timed if faster(o)]
     if not eligible:
         fast = [o for o in outcomes if o.latency_us is not None and faster(o)]
-        if fast:
+        if fast and all(o.passed is False for o in fast):
             return None, _misses(fast, f" of the recipes {margin:.0%} faster than float")
+        if fast:  # some were ruled out otherwise (slower on one sample, onnxruntime failed, ...)
+            reasons = "; ".join(
+                f"{o.recipe.name} {'misses the budget' if o.passed is False else o.note.split(':')[0] or 'unusable'}"
+                for o in fast
+            )
+            return None, f"no recipe {margin:.0%} faster than float can be used: {reasons}"
         best = min((o for o in outcomes if o.latency_us is not None), key=lambda o: o.latency_us, default=None)
         if best is None:
             return None, _misses(outcomes)

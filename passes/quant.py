@@ -16,7 +16,9 @@ ones that cannot win on this model) and measures each:
 1. every candidate is quantized (static recipes share one calibration of the float model);
 2. the float model and all candidates are timed together in interleaved rounds (onnxruntime, full
    optimizations, 1 thread, at the batch of the run's data; median and spread), and with the ``speed``
-   objective a candidate not faster than float by the margin is dropped unchecked;
+   objective a candidate not faster than float by the margin is dropped unchecked; when the data's batch is
+   larger than one and the model's batch dynamic, the rest are timed on one sample too, and one clearly slower
+   than float there (a device runs one input at a time) is dropped as well;
 3. the remaining candidates are checked against the run's budget (``context.check``: the run's task metric),
    fastest first; one slower (by the margin) than a recipe that already holds the budget is not checked
    unless ``check_all``;
@@ -176,6 +178,7 @@ class _Search:
                 if not o.note and o.latency_us > float_us * (1 - config.margin):
                     # timed before checking: a recipe that cannot beat float needs no (costly) budget check
                     o.note = f"not {config.margin:.0%} faster than float; not checked"
+            self.single_guard([o for o in outcomes if not o.note])
         live = [o for o in outcomes if not o.note]
         live.sort(key=lambda o: (o.latency_us or 0.0) if by_speed else (o.bytes or 0))
         ahead: dict[str, ir.Model] = {}  # candidates scored ahead, at once, on an executor (see _prefetch)
@@ -208,7 +211,25 @@ class _Search:
             refitted = refitted or bool(outcome.passed)
         if refitted and float_us is not None:
             float_us = self.time([o for o in outcomes if o.passed is not False and not o.note])
+            if by_speed and not config.force:  # float layers change the model's speed at batch 1 too
+                self.single_guard([o for o in outcomes if o.passed and o.fallback and not o.note])
         return float_us, outcomes
+
+    def single_guard(self, outcomes: list[Outcome]) -> None:
+        """Time ``outcomes`` against float on one sample too, when the data's batch is larger and the model's batch
+        dynamic; a recipe clearly slower than float there (:func:`onnxopt.latency.clearly_slower`) is out."""
+        feeds = latency.single_sample(self.feeds(), self.float_path) if outcomes else None
+        if feeds is None:
+            return
+        paths = [self.float_path] + [self.paths[o.recipe.name] for o in outcomes]
+        figures, _ = latency.compare(paths, feeds, rounds=self.config.rounds, remeasure=self.config.remeasure,
+                                     purpose="quant batch-1 guard")  # fmt: skip
+        base = figures[0][0]
+        for outcome, timed in zip(outcomes, figures[1:], strict=True):
+            outcome.single_ratio = timed[0] / base if base > 0 else None
+            if latency.clearly_slower(timed, base, self.config.margin):
+                outcome.note = (f"slower than float on one sample ({timed[0]:.0f} us against {base:.0f} us, "
+                                f"{outcome.single_ratio:.2f}x): not chosen for a batch of 1")  # fmt: skip
 
     def quantize(self, recipe: Recipe, exclude, stem: str) -> Path:
         dst = self.tmp / f"{stem}.onnx"
@@ -380,6 +401,8 @@ def _line(outcome: Outcome, float_us: float | None, winner: Outcome | None = Non
         low, high = outcome.spread_us or (outcome.latency_us, outcome.latency_us)
         parts.append(f"latency {outcome.latency_us / float_us:.2f}x float ({outcome.latency_us:.0f} us, "
                      f"rounds {low:.0f}-{high:.0f}; float {float_us:.0f} us)")  # fmt: skip
+        if outcome.single_ratio is not None and not outcome.note.startswith("slower than float on one sample"):
+            parts[-1] += f", {outcome.single_ratio:.2f}x on one sample"
     if outcome.metric:
         parts.append(outcome.metric)
     if outcome.fallback:

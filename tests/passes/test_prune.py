@@ -411,14 +411,18 @@ def test_search_backs_off_when_even_dead_channels_break_the_budget(tmp_path):
     assert [c.what.split(" (")[0] for c in held.passes[0].changes] == ["16 -> 15 channels"]
 
 
-def _stub_timing(monkeypatch, input_us, pruned_us, spread=0.02):
+def _stub_timing(monkeypatch, input_us, pruned_us, spread=0.02, one=None):
+    """latency.compare answers (input_us, pruned_us) at the data's batch and ``one`` (default the same) on one
+    sample; returns the calls (paths, feed shapes, keyword arguments)."""
     from onnxopt import latency
 
     calls = []
 
     def compare(paths, feeds, **kwargs):
         calls.append((paths, {k: v.shape for k, v in feeds.items()}, kwargs))
-        return [(us, us * (1 - spread), us * (1 + spread)) for us in (input_us, pruned_us)], False
+        single = all(v.shape[0] == 1 for v in feeds.values())
+        pair = one if single and one is not None else (input_us, pruned_us)
+        return [(us, us * (1 - spread), us * (1 + spread)) for us in pair], False
 
     monkeypatch.setattr(latency, "compare", compare)
     return calls
@@ -436,7 +440,8 @@ def test_latency_guard_keeps_the_input_only_when_the_pruned_model_is_clearly_slo
         simplify=False, batch_size=16,
     ).run(path)  # fmt: skip
     record = report.passes[0]
-    assert len(calls) == 1 and calls[0][1] == {"x": (16, 8)} and calls[0][2]["purpose"] == "prune latency guard"
+    assert [c[1] for c in calls] == [{"x": (16, 8)}, {"x": (1, 8)}]  # the data's batch, then one sample
+    assert all(c[2]["purpose"] == "prune latency guard" for c in calls)
     assert not any(Path(p).exists() for p in calls[0][0])  # timed from a temporary folder, removed since
     assert record.details["prune_latency"]["input_us"] == 100.0
     assert record.details["prune_latency"]["pruned_us"] == pruned_us
@@ -447,6 +452,22 @@ def test_latency_guard_keeps_the_input_only_when_the_pruned_model_is_clearly_slo
     else:  # within the margin (3%) or faster: the smaller model stands
         assert record.modified and record.changes[0].what.startswith("64 -> 48 channels")
         assert report.after.params < report.before.params
+
+
+@pytest.mark.prune_latency_guard
+def test_latency_guard_keeps_the_input_when_the_pruned_model_is_slower_on_one_sample(tmp_path, monkeypatch):
+    proto = builders.mlp(sizes=(8, 64, 4), seed=5)
+    path = builders.save(proto, tmp_path / "m.onnx")
+    _stub_timing(monkeypatch, 100.0, 70.0, one=(10.0, 13.0))  # faster at batch 16, 30% slower on one sample
+    report = PassManager(
+        [ChannelPrunePass(PruneConfig(ratio=0.25, align=1))], data=_feeds(proto, n=48), budget=Budget(min_cosine=0.9),
+        simplify=False, batch_size=16,
+    ).run(path)  # fmt: skip
+    record = report.passes[0]
+    assert not record.modified and record.details["prune_latency"]["one_sample"]["ratio"] == pytest.approx(1.3)
+    assert record.skipped[0].reason.startswith(
+        "reverted: the pruned model is slower than its input on one sample: median 13 us against 10 us (1.30x"
+    )
 
 
 @pytest.mark.prune_latency_guard

@@ -35,19 +35,30 @@ def net(tmp_path):
     return proto, path, {"x": x}
 
 
-def _timer(monkeypatch, table: dict[str, float], default: float = 1000.0) -> list[list[str]]:
-    """Replace onnxruntime timing by ``table`` (recipe name or "float" → µs); returns the model stems of each
-    full timing (the 3-round screens left out)."""
-    calls: list[list[str]] = []
+class _Calls(list):
+    """The model stems of each full timing at the data's batch; ``single``: those of each timing on one sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.single: list[list[str]] = []
+
+
+def _timer(monkeypatch, table: dict[str, float], default: float = 1000.0, single: dict | None = None) -> _Calls:
+    """Replace onnxruntime timing by ``table`` (recipe name or "float" → µs; ``single``: the same on one sample,
+    default ``table``); returns the model stems of each full timing (the 3-round screens left out)."""
+    calls = _Calls()
 
     def fake(models, feeds, **kwargs):
         stems = [Path(m).stem for m in models]
-        if kwargs.get("rounds") != 3:
+        one = all(len(v) == 1 for v in feeds.values())
+        if one:
+            calls.single.append(stems)
+        elif kwargs.get("rounds") != 3:
             calls.append(stems)
         result = []
         for stem in stems:
             name = "float" if stem == "float" else stem.removeprefix("q_").removesuffix("_fallback")
-            us = table.get(name, default)
+            us = (single if one and single is not None else table).get(name, default)
             result.append(Latency(us, us * 0.9, us * 1.1, 1))
         return result
 
@@ -497,3 +508,38 @@ def test_static_int8_quantizes_after_the_float_stem_pad(net, monkeypatch):
     x = np.random.default_rng(3).standard_normal((32, 3, 12, 12)).astype(np.float32)
     ref, got = builders.run(proto, {"x": x})["y"], builders.run(out, {"x": x})["y"]
     assert 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)) > 25.0  # SQNR floor
+
+
+# ---- one sample ---------------------------------------------------------------------------------------------
+
+
+def test_a_recipe_slower_on_one_sample_is_not_chosen(net, monkeypatch):
+    # int8 wins at the data's batch (64) but loses on one sample: a device runs one input at a time
+    table = {"float": 100.0, **{r.name: 50.0 for r in RECIPES}}
+    calls = _timer(monkeypatch, table, single={"float": 10.0, **{r.name: 13.0 for r in RECIPES}, "qdq-u8-pt": 9.0})
+    proto, path, data = net
+    report = _run(path, data)
+    assert calls.single and calls.single[0][0] == "float"
+    assert "[qdq-u8-pt]" in report.passes[0].changes[0].what  # the one recipe not slower on one sample
+    recipes_json = {r["recipe"]: r for r in _details(report)["quant_recipes"]}
+    assert recipes_json["qdq-u8-pc"]["latency_ratio_batch1"] == pytest.approx(1.3)
+    assert recipes_json["qdq-u8-pc"]["note"].startswith("slower than float on one sample (13 us against 10 us, 1.30x)")
+    assert recipes_json["qdq-u8-pc"]["passed"] is None  # out before its (costly) budget check
+
+
+def test_float_is_kept_when_every_recipe_is_slower_on_one_sample(net, monkeypatch):
+    table = {"float": 100.0, **{r.name: 50.0 for r in RECIPES}}
+    _timer(monkeypatch, table, single={"float": 10.0, **{r.name: 13.0 for r in RECIPES}})
+    proto, path, data = net
+    report = _run(path, data)
+    assert not report.passes[0].modified
+    assert report.passes[0].skipped[0].reason.startswith("no recipe 5% faster than float can be used: qdq-u8-pc slower")
+
+
+def test_no_single_sample_timing_for_a_fixed_batch(tmp_path, monkeypatch):
+    calls = _fast_int8(monkeypatch)
+    proto = builders.conv_net(channels=(3, 8, 16), size=12, seed=1, opset=13, batch=4)
+    path = builders.save(proto, tmp_path / "fixed.onnx")
+    x = np.random.default_rng(2).standard_normal((16, 3, 12, 12)).astype(np.float32)
+    report = _run(path, {"x": x})
+    assert report.passes[0].modified and calls and not calls.single  # batch 4 is the model's: nothing to slice
