@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["run_feeds", "single_sample", "recorded", "faster", "clearly_slower", "compare"]
+__all__ = ["run_feeds", "single_sample", "recorded", "faster", "clearly_slower", "compare", "slower"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,3 +132,54 @@ def compare(
         paths, feeds, measure, remeasure=remeasure, valid=complete, rounds=rounds, threads=1, purpose=purpose
     )
     return [(float(a), float(b), float(c)) for a, b, c in value], reused
+
+
+def slower(
+    context, model: ir.Model, candidate: ir.Model, *, margin: float, rounds: int, purpose: str, label: str
+) -> tuple[str | None, dict]:
+    """Time ``candidate`` (a pass's result) against its input ``model``, on the run's data (:func:`run_feeds`) and on
+    one sample (:func:`single_sample`): why to keep the input (or ``None``: not clearly slower), and the figures for
+    the report (both medians and round ranges in microseconds, the ratio, the feeds' shapes, whether the figures come
+    from the latency record; ``{label}_us`` names the candidate's). ``purpose`` keys the record."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxopt import graph as graph_io
+
+    with tempfile.TemporaryDirectory(prefix="onnxopt-guard-") as tmp:
+        paths = [graph_io.save(m.clone(), Path(tmp) / f"{n}.onnx") for m, n in ((model, "input"), (candidate, label))]
+        feeds = run_feeds(context, paths[0])
+        (before, after), reused = compare(paths, feeds, rounds=rounds, purpose=purpose)
+        one = single_sample(feeds, paths[0])
+        if one is not None:  # a device runs one input at a time: not slower there either
+            (one_before, one_after), _ = compare(paths, one, rounds=rounds, purpose=purpose)
+    ratio = after[0] / before[0] if before[0] > 0 else 1.0
+    figures = {
+        "input_us": round(before[0], 1),
+        f"{label}_us": round(after[0], 1),
+        "input_rounds_us": [round(before[1], 1), round(before[2], 1)],  # the fastest and the slowest round
+        f"{label}_rounds_us": [round(after[1], 1), round(after[2], 1)],
+        "ratio": round(ratio, 4),
+        "feeds": {name: list(array.shape) for name, array in feeds.items()},
+        "recorded": reused,
+    }
+    if one is not None:
+        one_ratio = one_after[0] / one_before[0] if one_before[0] > 0 else 1.0
+        figures["one_sample"] = {"input_us": round(one_before[0], 1), f"{label}_us": round(one_after[0], 1),
+                                 "ratio": round(one_ratio, 4)}  # fmt: skip
+    logger.info("%s: %s %.0f us, input %.0f us (%.3fx)%s", purpose, label, after[0], before[0], ratio,
+                " (from the latency record)" if reused else "")  # fmt: skip
+    if clearly_slower(after, before[0], margin):
+        why = (
+            f"the {label} model is slower than its input: median {after[0]:.0f} us against {before[0]:.0f} us "
+            f"({ratio:.2f}x; its rounds {after[1]:.0f}-{after[2]:.0f} us, the input's "
+            f"{before[1]:.0f}-{before[2]:.0f} us)"
+        )
+        return why, figures
+    if one is not None and clearly_slower(one_after, one_before[0], margin):
+        why = (
+            f"the {label} model is slower than its input on one sample: median {one_after[0]:.0f} us against "
+            f"{one_before[0]:.0f} us ({one_ratio:.2f}x; at the data's batch {ratio:.2f}x)"
+        )
+        return why, figures
+    return None, figures

@@ -19,6 +19,10 @@ A layer is split only when the pair needs fewer MACs *and* fewer parameters than
 from the real shapes (thesis: P < N·K·L/(K+L); depthwise: I·K·(N² + L) < N²·K·L). The rank: ``rank`` fixed,
 ``energy`` (fraction of Σσ² kept), or per layer the smallest rank whose whole-model result passes the run's
 error budget (bisection, most compressible layers first). Grouped convolutions and ConvTranspose are skipped.
+
+Fewer MACs in two kernels can run slower than one, so with ``latency_guard`` the split model is timed against its
+input as ``prune``'s result is (:func:`onnxopt.latency.slower`: the run's data and one sample, 1 thread, the latency
+record), and the input kept when the split model is clearly slower; the figures are ``details["split_latency"]``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import graph as graph_io
+from onnxopt import latency
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
 from onnxopt.stats import conv_pads
 
@@ -48,12 +53,20 @@ class SplitConfig(PassConfig):
     energy: float = dataclasses.field(
         default=-1.0, metadata={"help": "keep this fraction of the singular value energy (<0: search the budget)"}
     )
+    latency_guard: bool = dataclasses.field(
+        default=True, metadata={"help": "time the split model against its input; keep the input if it is slower"}
+    )
+    latency_margin: float = dataclasses.field(
+        default=0.05, metadata={"help": "relative slow-down of the split model that counts as slower"}
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"split mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.rank < 0 or self.energy > 1:
             raise ValueError("split: rank >= 0 and energy <= 1")
+        if not 0 <= self.latency_margin < 1:
+            raise ValueError(f"split latency_margin must be in [0, 1), got {self.latency_margin}")
 
 
 def split_spatial(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,6 +125,8 @@ class ConvSplitPass(OptPass):
         if not config.rank and config.energy < 0:  # at most one check, then a bisection, per layer (progress)
             self.expect_trials(sum(1 + int(site.max_rank).bit_length() for site in sites))
         order = sorted(sites, key=lambda s: _tail(s.spectrum, max(1, s.max_rank // 4)))
+        guarded = config.latency_guard and self.context is not None
+        original = model.clone() if guarded else None
         changes: list[Change] = []
         for site in order:
             rank = self._choose_rank(model, site)
@@ -126,6 +141,15 @@ class ConvSplitPass(OptPass):
             after = _macs_after(site, rank, config.mode)
             what = f"{config.mode} rank {rank}: {before:,} -> {after:,} MACs per sample"
             changes.append(Change(_name(site.node), what))
+        if changes and guarded:
+            # fewer MACs in two kernels can run slower than one (small maps, small channel counts: LeNet-5 with
+            # BatchNorm came out 1.08x its input at batch 10 in bench/run.py)
+            why, figures = slower(self.context, original, model, margin=config.latency_margin, rounds=15)
+            if why is not None:
+                graph_io.adopt(model, original)
+                skipped = [Skip("model", f"reverted: {why}"), *[Skip(c.site, c.what) for c in changes], *skipped]
+                return OptResult(model, modified=False, skipped=skipped, details={"split_latency": figures})
+            return OptResult(model, modified=True, changes=changes, skipped=skipped, details={"split_latency": figures})
         return OptResult(model, modified=bool(changes), changes=changes, skipped=skipped)
 
     def _choose_rank(self, model: ir.Model, site: _Site) -> int | None:
@@ -202,6 +226,12 @@ class ConvSplitPass(OptPass):
             ).reshape(-1)
             sites.append(site)
         return sites, skipped
+
+
+def slower(context, model: ir.Model, split: ir.Model, *, margin: float, rounds: int) -> tuple[str | None, dict]:
+    """:func:`onnxopt.latency.slower` for ``split`` (figures ``input_us``, ``split_us``, ...; its own record key)."""
+    return latency.slower(context, model, split, margin=margin, rounds=rounds, purpose="split latency guard",
+                          label="split")  # fmt: skip
 
 
 def _name(node: ir.Node) -> str:

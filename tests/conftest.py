@@ -36,6 +36,7 @@ def _prune_latency_guard_stood_in(request, monkeypatch):
     slower" everywhere except in tests marked ``prune_latency_guard``, which stub the timer themselves."""
     if request.node.get_closest_marker("prune_latency_guard") is not None:
         return
-    from onnxopt.passes import prune
+    from onnxopt.passes import prune, split
 
     monkeypatch.setattr(prune, "slower", lambda *args, **kwargs: (None, {"stood_in": True}))
+    monkeypatch.setattr(split, "slower", lambda *args, **kwargs: (None, {"stood_in": True}))  # the same for split

@@ -148,3 +148,42 @@ def test_search_starts_at_the_numerical_rank_of_a_low_rank_kernel():
     assert "rank 3" in result.changes[0].what
     assert tried and max(tried) == 3 and len(tried) <= 3
     _same(proto, ir.to_proto(model))
+
+
+@pytest.mark.prune_latency_guard
+@pytest.mark.parametrize("split_us", [130.0, 70.0])
+def test_a_split_model_clearly_slower_than_its_input_is_reverted(split_us, tmp_path, monkeypatch):
+    from onnxopt import latency
+    from onnxopt.manager import PassManager
+    from onnxopt.validate import Budget
+
+    calls = []
+
+    def compare(paths, feeds, **kwargs):  # the input at 100 us, the split model at split_us, every round +-2%
+        calls.append(({k: v.shape for k, v in feeds.items()}, kwargs["purpose"]))
+        return [(us, us * 0.98, us * 1.02) for us in (100.0, split_us)], False
+
+    monkeypatch.setattr(latency, "compare", compare)
+    proto = _conv(_separable(16, 8, 3, 3, rank=3), pads=[1, 1, 1, 1])
+    path = builders.save(proto, tmp_path / "conv.onnx")
+    x = RNG.standard_normal((6, 8, 12, 10)).astype(np.float32)
+    report = PassManager(
+        [ConvSplitPass(SplitConfig(energy=0.999999))], data={"x": x[:2]}, budget=Budget(min_cosine=0.999),
+        simplify=False,
+    ).run(path)  # fmt: skip
+    record = report.passes[0]
+    assert calls == [({"x": (2, 8, 12, 10)}, "split latency guard")]  # batch 2 is the model's: no one-sample timing
+    assert record.details["split_latency"]["split_us"] == split_us
+    if split_us > 100:
+        assert not record.modified and record.skipped[0].reason.startswith(
+            "reverted: the split model is slower than its input: median 130 us against 100 us (1.30x"
+        )
+        assert [n.op_type for n in ir.to_proto(report.model).graph.node] == ["Conv"]
+    else:
+        assert record.modified and "rank 3" in record.changes[0].what
+        assert [n.op_type for n in ir.to_proto(report.model).graph.node] == ["Conv", "Conv"]
+
+
+def test_split_latency_margin_is_checked():
+    with pytest.raises(ValueError, match="latency_margin"):
+        SplitConfig(latency_margin=1.0)
