@@ -16,7 +16,8 @@ the cost stays bounded. The fit is shrunk towards the layer's current weights (r
 from chasing noise in what a small calibration set cannot determine. The pruned model runs once per layer,
 in one onnxruntime session (graph optimizations on) where the re-fitted weights are fed as inputs, over the
 samples the layer reads: all of them for a Gemm/MatMul (a row per sample or token), the first ``conv_samples``
-(128) for a Conv, which has many rows (patches) per sample; that run is most of a re-fit's cost.
+(128) for a Conv, which has many rows (patches) per sample; that run is most of a re-fit's cost. The normal
+equations are summed in float64 from float32 products of centred rows (:class:`_Normal`).
 
 A layer is fitted only when it is a dense layer in the original model too and its output channels are known:
 a depthwise Conv pruned to one channel has ``group=1`` and a (1, 1, k, k) weight, but its original (grouped)
@@ -158,7 +159,7 @@ def reconstruct(
         per_sample = max(1, max_rows // used)
         layers = {name: _Layer(by_name[name], weights[name].shape) for name in group}
         rngs = {name: np.random.default_rng(seed) for name in group}
-        sums: dict[str, list] = {name: [None, None] for name in group}
+        sums = {name: _Normal() for name in group}
         extra = {weight_names[n][0]: weights[n] for n in targets}  # the layers re-fitted so far, and the rest
         extra.update({weight_names[n][1]: biases[n] for n in targets})
         wanted = [_output(originals[name]).name for name in group]
@@ -176,17 +177,11 @@ def reconstruct(
                 outputs = cached[index] if cached is not None else original_session.run(batch.feeds, wanted)
             for name in group:
                 t = outputs[_output(originals[name]).name]
-                features, target = layers[name].rows(x, t, kept_outputs.get(name), per_sample, rngs[name])
-                features = np.concatenate([features, np.ones((len(features), 1))], axis=1)
-                a, b = sums[name]
-                sums[name] = [
-                    features.T @ features if a is None else a + features.T @ features,
-                    features.T @ target if b is None else b + features.T @ target,
-                ]
+                sums[name].add(*layers[name].rows(x, t, kept_outputs.get(name), per_sample, rngs[name]))
         for name in group:
-            a, b = sums[name]
-            if a is None:
+            if not sums[name].count:
                 break
+            a, b = sums[name].normal()
             # ridge towards the layer's current parameters (sliced, constants folded), not towards zero
             ridge = _RIDGE * float(np.trace(a)) / len(a)
             current = layers[name].to_rows(weights[name], biases[name])  # (K+1, M)
@@ -257,6 +252,50 @@ def _original_outputs(session: Session, data: DataSource, names: list[str], limi
     return cached
 
 
+class _Normal:
+    """The normal equations of one layer's least squares, ``A = Σ [x 1]ᵀ[x 1]`` and ``B = Σ [x 1]ᵀ t``, summed over
+    batches of float32 rows.
+
+    Each batch's products are float32 matrix products (half the time of float64, and the rows need no float64
+    copy) over rows centred on fixed shifts ``μ``, ``ν`` (the first batch's means): activations after a ReLU have
+    means as large as their spread, and a float32 sum of uncentred products would lose the spread's digits.
+    The sums over batches, the rows' sums ``s = Σx``, ``u = Σt`` and the count ``n`` are float64, and the
+    uncentred sums follow exactly: ``Σ xxᵀ = Σ (x−μ)(x−μ)ᵀ + μsᵀ + sμᵀ − nμμᵀ`` and ``Σ xtᵀ = Σ (x−μ)(t−ν)ᵀ + μuᵀ +
+    sνᵀ − nμνᵀ``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift: tuple[np.ndarray, np.ndarray] | None = None
+        self.xx = self.xt = self.sx = self.st = None
+
+    def add(self, x: np.ndarray, t: np.ndarray) -> None:
+        if not len(x):
+            return
+        if self.shift is None:
+            self.shift = tuple(v.mean(axis=0, dtype=np.float64).astype(v.dtype) for v in (x, t))
+            self.xx = self.xt = self.sx = self.st = 0.0
+        xc, tc = x - self.shift[0], t - self.shift[1]
+        self.xx = self.xx + (xc.T @ xc).astype(np.float64)
+        self.xt = self.xt + (xc.T @ tc).astype(np.float64)
+        self.sx = self.sx + x.sum(axis=0, dtype=np.float64)
+        self.st = self.st + t.sum(axis=0, dtype=np.float64)
+        self.count += len(x)
+
+    def normal(self) -> tuple[np.ndarray, np.ndarray]:
+        """``A`` (K+1, K+1) and ``B`` (K+1, M), float64."""
+        mu, nu = (v.astype(np.float64) for v in self.shift)
+        n, s, u = float(self.count), self.sx, self.st
+        k = len(s)
+        a = np.empty((k + 1, k + 1))
+        a[:k, :k] = self.xx + np.outer(mu, s) + np.outer(s, mu) - n * np.outer(mu, mu)
+        a[:k, k] = a[k, :k] = s
+        a[k, k] = n
+        b = np.empty((k + 1, len(u)))
+        b[:k] = self.xt + np.outer(mu, u) + np.outer(s, nu) - n * np.outer(mu, nu)
+        b[k] = u
+        return a, b
+
+
 class _Layer:
     """Rows (features, targets) of one layer and the conversion of the solution back to its parameters."""
 
@@ -267,8 +306,8 @@ class _Layer:
         self.kernel = tuple(weight_shape[2:])
 
     def rows(self, x, t, keep, per_sample: int, rng) -> tuple[np.ndarray, np.ndarray]:
-        x = np.asarray(x, dtype=np.float64)
-        t = np.asarray(t, dtype=np.float64)
+        x = np.asarray(x, dtype=np.float32)  # the products are summed in float64 (_Normal)
+        t = np.asarray(t, dtype=np.float32)
         if self.op == "Gemm":
             if keep is not None:
                 t = t[:, keep]
@@ -310,7 +349,7 @@ class _Layer:
         rank = len(self.kernel)
         strides = list(self.attrs.get("strides") or [1] * rank)
         spatial = x.shape[2:]
-        up = np.zeros(x.shape[:2] + tuple((n - 1) * s + 1 for n, s in zip(spatial, strides, strict=True)))
+        up = np.zeros(x.shape[:2] + tuple((n - 1) * s + 1 for n, s in zip(spatial, strides, strict=True)), x.dtype)
         up[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)] = x
         pads = _convtranspose_pads(spatial, self.kernel, strides, out_spatial, self.attrs)
         # stride-1 conv over `up` padded by (k-1-begin, k-1-end + output_padding); negative pads crop

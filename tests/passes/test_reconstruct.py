@@ -249,3 +249,29 @@ def test_refit_runs_the_original_by_segments_when_its_outputs_are_too_big_to_kee
     assert len(segment_runs) == 2  # the pruned model and the original, both a segment at a time
     for name in expected:
         np.testing.assert_allclose(weights[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_normal_equations_from_float32_rows_match_float64():
+    """The products are float32 over centred rows and summed in float64: on activations whose mean (20) is 40
+    times their spread, A = Σ [x 1]ᵀ[x 1], B = Σ [x 1]ᵀ t and the ridge solution match a float64 computation
+    (uncentred float32 products are off by about 1e-3 in the solution here)."""
+    from onnxopt.passes._reconstruct import _Normal
+
+    rng = np.random.default_rng(0)
+    x = (np.maximum(rng.standard_normal((6000, 40)), 0) * 0.5 + 20).astype(np.float32)
+    t = (x @ rng.standard_normal((40, 5)) + 3).astype(np.float32)
+    normal = _Normal()
+    for start in range(0, len(x), 1000):
+        normal.add(x[start : start + 1000], t[start : start + 1000])
+    a, b = normal.normal()
+    rows = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
+    expected_a, expected_b = rows.T @ rows, rows.T @ t.astype(np.float64)
+    np.testing.assert_allclose(a, expected_a, rtol=1e-7)
+    np.testing.assert_allclose(b, expected_b, rtol=1e-7, atol=1e-7 * np.abs(expected_b).max())
+
+    def solve(m, n):
+        m = m + 1e-3 * np.trace(m) / len(m) * np.eye(len(m))
+        return np.linalg.solve(m, n)
+
+    expected = solve(expected_a, expected_b)
+    np.testing.assert_allclose(solve(a, b), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
