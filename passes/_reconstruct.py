@@ -21,7 +21,9 @@ equations are summed in float64 from float32 products of centred rows (:class:`_
 
 A layer is fitted only when it is a dense layer in the original model too and its output channels are known:
 a depthwise Conv pruned to one channel has ``group=1`` and a (1, 1, k, k) weight, but its original (grouped)
-output has a channel per group, so it is declined with the reason (:attr:`Refit.declined`).
+output has a channel per group, so it is declined with the reason (:attr:`Refit.declined`). So is a layer that
+would get fewer rows than it has unknowns per output (a classifier over fewer samples than its inputs): that fit
+is underdetermined.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ def reconstruct(
         if name not in by_name or name not in originals:
             continue
         why = _why_not(originals[name], by_name[name], kept_outputs.get(name))
+        why = why or _underdetermined(originals[name], by_name[name], data.samples, conv_samples, max_rows)
         if why is None:
             targets.append(name)
         else:
@@ -145,7 +148,9 @@ def reconstruct(
     except ValueError as e:
         logger.debug("reconstruction: the whole model runs per layer: %s", e)
         runner, runs = _Unsegmented(feeds_model, reads_in_order), 0
-    cached = _original_outputs(original_session, data, out_names, max(uses))
+    outputs_bytes = _known_bytes_per_sample([_output(originals[n]) for n in targets])
+    too_big = outputs_bytes is not None and outputs_bytes * max(uses) > _CACHE_BYTES  # known without a run
+    cached = None if too_big else _original_outputs(original_session, data, out_names, max(uses))
     original_runner = None
     if cached is None and runs and all(len(group) == 1 for group in groups):  # too big to keep: run it by segments
         try:
@@ -212,6 +217,40 @@ def _why_not(original: ir.Node, pruned: ir.Node, keep: np.ndarray | None) -> str
     if wanted != have:
         return f"not re-fitted: {have} output channels, but {wanted} of the original's are known to be kept"
     return None
+
+
+def _underdetermined(
+    original: ir.Node, pruned: ir.Node, samples: int | None, conv_samples: int, max_rows: int
+) -> str | None:
+    """Why the layer is not fitted when it would get fewer rows than unknowns per output (``None``: enough, or not
+    known): the least squares then interpolates the calibration rows and only the ridge decides the rest. On
+    MobileNetV2 the classifier (1,281 unknowns, 200 calibration samples) fitted so left the logits on 650 held-out
+    images 20-30% further from the original's (squared error) than declined, and had every layer before it run on
+    all 200 samples instead of ``conv_samples`` (128)."""
+    if not samples:
+        return None
+    weight = graph_io.const_array(pruned.inputs[1]).shape
+    if pruned.op_type == "Gemm":
+        trans_b = pruned.attributes.get("transB")
+        unknowns, rows = (weight[1] if trans_b is not None and trans_b.value else weight[0]) + 1, samples
+    elif pruned.op_type == "MatMul":
+        shape = original.inputs[0].shape
+        tokens = list(shape[1:-1]) if shape is not None else [None]
+        if not all(isinstance(d, int) for d in tokens):
+            return None
+        unknowns, rows = weight[0] + 1, samples * min(int(np.prod(tokens)), max(1, max_rows // samples))
+    else:
+        shape = original.outputs[0].shape
+        spatial = list(shape)[2:] if shape is not None else [None]
+        if not spatial or not all(isinstance(d, int) for d in spatial):
+            return None
+        fan_in = weight[1] if pruned.op_type == "Conv" else weight[0]
+        used = min(samples, conv_samples)
+        unknowns = fan_in * int(np.prod(weight[2:])) + 1
+        rows = used * min(int(np.prod(spatial)), max(1, max_rows // used))
+    if rows >= unknowns:
+        return None
+    return f"not re-fitted: {rows} rows for {unknowns} unknowns per output (underdetermined)"
 
 
 def _out_channels(node: ir.Node) -> int:
@@ -531,6 +570,17 @@ def _bytes_per_sample(value: ir.Value) -> int:
     """Bytes of one sample of ``value`` (its shape's dimensions after the first; unknown ones count as 4096)."""
     dims = list(value.shape)[1:] if value.shape is not None else [4096]
     return 4 * int(np.prod([d if isinstance(d, int) else 4096 for d in dims]))
+
+
+def _known_bytes_per_sample(values: list[ir.Value]) -> int | None:
+    """Bytes of one sample of all ``values`` (distinct), or ``None`` when a shape is not fully known."""
+    total = 0
+    for value in {id(v): v for v in values}.values():
+        dims = list(value.shape)[1:] if value.shape is not None else [None]
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        total += 4 * int(np.prod(dims))
+    return total
 
 
 def _segment(model: ir.Model, start: int, stop: int, outputs: list[str], weights: Mapping[str, np.ndarray]) -> ir.Model:

@@ -275,3 +275,41 @@ def test_normal_equations_from_float32_rows_match_float64():
 
     expected = solve(expected_a, expected_b)
     np.testing.assert_allclose(solve(a, b), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def _conv_gemm(hidden=16, seed=5):
+    """Conv 3→hidden (3×3) → Relu → GlobalAveragePool → Flatten → Gemm hidden→4, shapes inferred."""
+    from tests.passes.test_prune import _Net
+
+    net = _Net([("x", ["N", 3, 8, 8])], rng=np.random.default_rng(seed))
+    h = net.node("Relu", [net.conv("x", 3, hidden)])
+    h = net.node("Flatten", [net.node("GlobalAveragePool", [h])])
+    return onnx.shape_inference.infer_shapes(net.model(net.gemm(h, hidden, 4), ["N", 4]), strict_mode=True)
+
+
+@pytest.mark.parametrize("samples", [6, 40])
+def test_a_layer_with_fewer_rows_than_unknowns_is_declined(samples):
+    """The Gemm has 17 unknowns per output (16 inputs and a bias) and gets a row per sample: with 6 samples it is
+    declined, with the reason, and keeps its weights; with 40 it is fitted. The Conv before it (28 unknowns, 64
+    rows per sample) is fitted either way, and with nothing pruned the refit model still matches the original."""
+    proto = _conv_gemm()
+    model = ir.from_proto(proto)
+    names = [node.name for node in model.graph if node.op_type in ("Conv", "Gemm")]
+    x = np.random.default_rng(1).standard_normal((samples, 3, 8, 8)).astype(np.float32)
+    pruned = model.clone()
+    refit = reconstruct(model, pruned, names, {}, data.as_source({"x": x}, model, batch_size=8))
+    gemm = names[-1]
+    if samples == 6:
+        assert refit.done == names[:1]
+        assert refit.declined == {gemm: "not re-fitted: 6 rows for 17 unknowns per output (underdetermined)"}
+        weight = next(n for n in pruned.graph if n.name == gemm).inputs[1]
+        np.testing.assert_array_equal(
+            weight.const_value.numpy(), model.graph.initializers[weight.name].const_value.numpy()
+        )
+    else:
+        assert refit.done == names and not refit.declined
+    feeds = {"x": np.random.default_rng(2).standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    expected = builders.run(proto, feeds)
+    got = builders.run(ir.to_proto(pruned), feeds)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-3, atol=1e-3)
