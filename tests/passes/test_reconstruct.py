@@ -313,3 +313,27 @@ def test_a_layer_with_fewer_rows_than_unknowns_is_declined(samples):
     got = builders.run(ir.to_proto(pruned), feeds)
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-3, atol=1e-3)
+
+
+def test_the_fit_runs_numpy_blas_on_one_thread(monkeypatch):
+    """Two BLAS threads fighting another process for the second core made a refit 5x slower: the fit limits BLAS
+    to one thread while it runs (with threadpoolctl installed) and gives the limit back afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from onnxopt.passes import _reconstruct
+
+    seen = []
+    add = _reconstruct._Normal.add
+
+    def record(self, x, t):
+        seen.extend(info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas")
+        add(self, x, t)
+
+    monkeypatch.setattr(_reconstruct._Normal, "add", record)
+    model = ir.from_proto(_conv_gemm())
+    x = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        reconstruct(model, model.clone(), [n.name for n in model.graph if n.op_type == "Conv"], {},
+                    data.as_source({"x": x}, model, batch_size=8))  # fmt: skip
+        after = [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+    assert seen and set(seen) == {1}
+    assert set(after) == {2}
