@@ -337,3 +337,30 @@ def test_the_fit_runs_numpy_blas_on_one_thread(monkeypatch):
         after = [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
     assert seen and set(seen) == {1}
     assert set(after) == {2}
+
+
+def test_the_original_runs_by_segments_when_both_models_together_keep_at_most_twice_the_limit(monkeypatch):
+    """The original keeps more between its segments than the pruned model (it has all its channels): it still runs
+    a segment at a time when the two together keep at most twice the limit (instead of a whole run per layer), and
+    the weights are those of a run with room to spare."""
+    from onnxopt.passes import _reconstruct
+
+    kept = []
+    original_init = _reconstruct._Segments.__init__
+
+    def init(self, *args):
+        original_init(self, *args)  # raises ValueError when its values exceed its limit: the test fails
+        kept.append(self.kept_bytes)
+
+    monkeypatch.setattr(_reconstruct._Segments, "__init__", init)
+    monkeypatch.setattr(_reconstruct, "_CACHE_BYTES", 0)
+    _, expected = _refit_chain(monkeypatch, 512 << 20)
+    pruned_bytes, original_bytes = kept
+    assert original_bytes > pruned_bytes
+    kept.clear()
+    whole = []
+    monkeypatch.setattr(_reconstruct._Unsegmented, "__init__", lambda self, *a: whole.append(1))
+    _, weights = _refit_chain(monkeypatch, (pruned_bytes + original_bytes) // 2)  # the original alone exceeds it
+    assert kept == [pruned_bytes, original_bytes] and not whole
+    for name in expected:
+        np.testing.assert_allclose(weights[name], expected[name], rtol=1e-5, atol=1e-6)
