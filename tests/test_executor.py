@@ -529,8 +529,10 @@ def test_ray_prune_search_chooses_the_same_ratios_as_local(ray_head):
     on_ray = _prune_search(RayExecutor(batches_per_task=1, max_candidates=3))  # bisection trees of 3 at once
     want = {r.name: r for r in local.passes}["prune"]
     got = {r.name: r for r in on_ray.passes}["prune"]
-    # both layer groups pruned, at per-group ratios found by the search (phase 2): e.g. 64 -> 32 and 48 -> 32
-    assert len(want.changes) == 2 and all("ratio" in c.what for c in want.changes)
+    # both layer groups pruned, at per-group ratios found by the search (phase 2): e.g. 64 -> 32 and 48 -> 16 (the
+    # other changes say what refit did: the same on both sides too)
+    channels = [c for c in want.changes if " channels " in c.what]
+    assert [c.site for c in channels] == ["fc1", "fc2"] and all("ratio" in c.what for c in channels)
     assert [c.what for c in got.changes] == [c.what for c in want.changes]
     shapes = {n: v.shape for n, v in local.model.graph.initializers.items()}
     assert shapes == {n: v.shape for n, v in on_ray.model.graph.initializers.items()}
