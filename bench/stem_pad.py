@@ -41,7 +41,7 @@ def measure(model_path: Path, data_path: Path, batches: list[int], rounds: int, 
     if not pads:
         return [f"| {stem} | — | no 3-channel first-layer Conv: nothing padded | | | | |"]
     padded_path = graph_io.save(padded, work / f"{stem}.padded.onnx")
-    model = graph_io.load(floats)
+    model = padded  # its inputs are the float model's: the pad sits behind them
     arrays = np.load(data_path)
     inputs = {k: arrays[k] for k in arrays.files if k != "labels"}
     first = next(iter(inputs.values()))

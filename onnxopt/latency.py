@@ -150,7 +150,7 @@ def slower(
         paths = [graph_io.save(m.clone(), Path(tmp) / f"{n}.onnx") for m, n in ((model, "input"), (candidate, label))]
         feeds = run_feeds(context, paths[0])
         (before, after), reused = compare(paths, feeds, rounds=rounds, purpose=purpose)
-        one = single_sample(feeds, paths[0])
+        one = single_sample(feeds, model)  # the input's shapes, from the model in hand
         if one is not None:  # a device runs one input at a time: not slower there either
             (one_before, one_after), _ = compare(paths, one, rounds=rounds, purpose=purpose)
     ratio = after[0] / before[0] if before[0] > 0 else 1.0

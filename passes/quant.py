@@ -148,6 +148,7 @@ class _Search:
         self.calibration_cache = tmp / "calibration.json"
         self.paths: dict[str, Path] = {}
         self.batch_shape: dict[str, list[int]] = {}
+        self._feeds: dict | None = None
         self._noise: dict[str, float] | None = None
 
     def run(self, model: ir.Model, todo: list[Recipe]) -> tuple[float | None, list[Outcome]]:
@@ -178,7 +179,7 @@ class _Search:
                 if not o.note and o.latency_us > float_us * (1 - config.margin):
                     # timed before checking: a recipe that cannot beat float needs no (costly) budget check
                     o.note = f"not {config.margin:.0%} faster than float; not checked"
-            self.single_guard([o for o in outcomes if not o.note])
+            self.single_guard(model, [o for o in outcomes if not o.note])
         live = [o for o in outcomes if not o.note]
         live.sort(key=lambda o: (o.latency_us or 0.0) if by_speed else (o.bytes or 0))
         ahead: dict[str, ir.Model] = {}  # candidates scored ahead, at once, on an executor (see _prefetch)
@@ -212,13 +213,14 @@ class _Search:
         if refitted and float_us is not None:
             float_us = self.time([o for o in outcomes if o.passed is not False and not o.note])
             if by_speed and not config.force:  # float layers change the model's speed at batch 1 too
-                self.single_guard([o for o in outcomes if o.passed and o.fallback and not o.note])
+                self.single_guard(model, [o for o in outcomes if o.passed and o.fallback and not o.note])
         return float_us, outcomes
 
-    def single_guard(self, outcomes: list[Outcome]) -> None:
-        """Time ``outcomes`` against float on one sample too, when the data's batch is larger and the model's batch
-        dynamic; a recipe clearly slower than float there (:func:`onnxopt.latency.clearly_slower`) is out."""
-        feeds = latency.single_sample(self.feeds(), self.float_path) if outcomes else None
+    def single_guard(self, model: ir.Model, outcomes: list[Outcome]) -> None:
+        """Time ``outcomes`` against float on one sample too, when the data's batch is larger and the batch of
+        ``model`` (the pass's input) dynamic; a recipe clearly slower than float there
+        (:func:`onnxopt.latency.clearly_slower`) is out."""
+        feeds = latency.single_sample(self.feeds(), model) if outcomes else None
         if feeds is None:
             return
         paths = [self.float_path] + [self.paths[o.recipe.name] for o in outcomes]
@@ -329,10 +331,12 @@ class _Search:
         return measured[0].median_us
 
     def feeds(self) -> dict:
-        """The first batch of the run's data (evaluation data first): latency at the batch the user runs."""
-        feeds = latency.run_feeds(self.context, self.float_path)
-        self.batch_shape = {k: list(v.shape) for k, v in feeds.items()}
-        return feeds
+        """The first batch of the run's data (evaluation data first): latency at the batch the user runs. Read
+        once: every timing of the search uses it."""
+        if self._feeds is None:
+            self._feeds = latency.run_feeds(self.context, self.float_path)
+            self.batch_shape = {k: list(v.shape) for k, v in self._feeds.items()}
+        return self._feeds
 
     def fallback(self, outcome: Outcome) -> None:
         """Keep the layers around the noisiest activations in float, doubling their number until the budget holds.

@@ -145,11 +145,12 @@ class ConvSplitPass(OptPass):
             # fewer MACs in two kernels can run slower than one (small maps, small channel counts: LeNet-5 with
             # BatchNorm came out 1.08x its input at batch 10 in bench/run.py)
             why, figures = slower(self.context, original, model, margin=config.latency_margin, rounds=15)
+            details = {"split_latency": figures}
             if why is not None:
                 graph_io.adopt(model, original)
                 skipped = [Skip("model", f"reverted: {why}"), *[Skip(c.site, c.what) for c in changes], *skipped]
-                return OptResult(model, modified=False, skipped=skipped, details={"split_latency": figures})
-            return OptResult(model, modified=True, changes=changes, skipped=skipped, details={"split_latency": figures})
+                return OptResult(model, modified=False, skipped=skipped, details=details)
+            return OptResult(model, modified=True, changes=changes, skipped=skipped, details=details)
         return OptResult(model, modified=bool(changes), changes=changes, skipped=skipped)
 
     def _choose_rank(self, model: ir.Model, site: _Site) -> int | None:
