@@ -126,6 +126,8 @@ class DataSource:
         self.labels: np.ndarray | None = None  # all labels, when known up front (array data; per pair: pair_labels)
         self.reader = reader
         self.batch_sizes = None if batch_sizes is None else list(batch_sizes)
+        self.order: np.ndarray | None = None  # a source read out of order (:func:`reordered`): the sample indices
+        self.take: Callable[[np.ndarray], DataSource] | None = None  # array data: the source in another order
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self._factory())
@@ -355,7 +357,33 @@ def _array_source(
     source = DataSource(batches, description, usable, batch_sizes=sizes)
     if labels is not None:
         source.labels = labels[: usable // 2] if pair_labels else labels[:usable]
+    if not pair_labels:
+        source.take = lambda order: _taken(checked, None if labels is None else labels[:usable], order, step, source)
     return source
+
+
+def reordered(source: DataSource, order: np.ndarray) -> DataSource | None:
+    """``source``'s samples in ``order`` (a permutation of its sample indices), in batches of the same sizes, the
+    arrays indexed batch by batch (no copy of the whole set); ``source.order`` is ``order``. ``None`` for a source
+    that cannot be read out of order: files, callables, stacked feeds, labels per pair of samples."""
+    take = getattr(source, "take", None)
+    if take is None or len(order) != source.samples:
+        return None
+    return take(np.asarray(order, dtype=np.int64))
+
+
+def _taken(
+    arrays: Mapping[str, np.ndarray], labels: np.ndarray | None, order: np.ndarray, step: int, source: DataSource
+) -> DataSource:
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(order), step):
+            rows = order[start : start + step]
+            yield Batch({name: array[rows] for name, array in arrays.items()}, None if labels is None else labels[rows])
+
+    taken = DataSource(batches, source.description, source.samples, batch_sizes=source.batch_sizes)
+    taken.labels = None if labels is None else labels[order]
+    taken.order = order
+    return taken
 
 
 def is_npz_folder(path: str | os.PathLike) -> bool:

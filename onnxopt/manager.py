@@ -35,7 +35,15 @@ from onnxopt.errors import CalibrationError, UsageError
 from onnxopt.executor import Executor, make_executor
 from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip, budget_figures
 from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
-from onnxopt.validate import Budget, Reference, ValidationReport, metric_baseline, validate, validate_many
+from onnxopt.validate import (
+    Budget,
+    Reference,
+    ValidationReport,
+    check_order,
+    metric_baseline,
+    validate,
+    validate_many,
+)
 
 __all__ = ["PassRecord", "StageRecord", "RunReport", "PassManager", "ProgressEvent", "Progress", "budget_shares"]
 
@@ -352,7 +360,9 @@ class PassManager:
         metric, every candidate is judged by it (the searches of all lossy passes go through here).
 
         A check stops as soon as its failure is certain (``$ONNXOPT_EARLY_STOP``, :mod:`onnxopt.early_stop`:
-        ``on`` by default, ``exact``, ``off``); a passing candidate is always scored on every sample. The checks'
+        ``on`` by default, ``exact``, ``off``); a passing candidate is always scored on every sample. For a top-k
+        budget on array data the checks read the samples where the original misses or barely hits first
+        (:func:`onnxopt.validate.check_order`), which decides a failure soonest; the reports are the same. The checks'
         cost is tallied on ``check.cost`` (:class:`onnxopt.early_stop.SearchCost`), which the run takes per pass.
         A candidate that computes what one checked before in the run (the same :mod:`onnxopt.fingerprint`) gets that
         check's report without running again.
@@ -363,6 +373,7 @@ class PassManager:
         that prefetches what it may ask next chooses exactly as one that checks one candidate at a time.
         """
         reference: list[Reference] = [original_path] if isinstance(original_path, Reference) else []
+        ordered: list = []  # (reference, data) the checks read: check_data, reordered for early stops where it helps
         stop_mode = early_stopping.mode()
         cost = early_stopping.SearchCost()
 
@@ -379,8 +390,11 @@ class PassManager:
             elif ready is not None and ready[0] is candidate:
                 result = ready[1]
             else:
+                if not ordered:  # the order that stops failing checks soonest, found once
+                    ordered.extend(check_order(reference[0], check_data, budget, metric=metric, early_stop=stop_mode,
+                                               executor=executor))  # fmt: skip
                 result = validate(
-                    reference[0], candidate, check_data, budget, check=False, metric=metric, early_stop=stop_mode,
+                    ordered[0], candidate, ordered[1], budget, check=False, metric=metric, early_stop=stop_mode,
                     executor=executor,
                 )  # fmt: skip
             if result.ok:

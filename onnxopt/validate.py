@@ -263,6 +263,28 @@ class Reference:
             self._room -= size
         return outputs
 
+    def reordered(self, data: DataSource, taken: DataSource) -> Reference | None:
+        """The original on ``taken`` (``data``'s samples read in ``taken.order``, :func:`onnxopt.data.reordered`),
+        from this reference's cached outputs on ``data``: a reference that runs nothing for those batches (it
+        shares this one's session). ``None`` when a batch of ``data`` is not cached, or an output has no batch axis.
+        """
+        sizes = data.batch_sizes
+        if not sizes or taken.order is None or any(i not in self._cache for i in range(len(sizes))):
+            return None
+        names = list(self._cache[0])
+        for index, size in enumerate(sizes):
+            if any(np.ndim(self._cache[index][n]) == 0 or len(self._cache[index][n]) != size for n in names):
+                return None
+        whole = {name: np.concatenate([self._cache[i][name] for i in range(len(sizes))]) for name in names}
+        other = Reference(self.original, cache_bytes=0)
+        other._session = self._session
+        start = 0
+        for index, size in enumerate(taken.batch_sizes):
+            rows = taken.order[start : start + size]
+            other._cache[index] = {name: array[rows] for name, array in whole.items()}
+            start += size
+        return other
+
 
 class _Fold:
     """Validation's per-batch quantities over consecutive batches (see :func:`validate`).
@@ -386,6 +408,12 @@ class _Fold:
             if labels is None and self.batch_labels:
                 labels = np.concatenate([self.batch_labels[i] for i in sorted(self.batch_labels)], axis=0)
             kept = {side: [rows[i] for i in sorted(rows)] for side, rows in self.kept.items()}
+            order = getattr(data, "order", None)
+            if order is not None and len(order) == report.samples:  # read out of order: score in the set's order
+                inverse = np.argsort(order)
+                kept = {side: [{k: v[inverse] for k, v in metrics_mod.concatenate(rows).items()}]
+                        for side, rows in kept.items()}  # fmt: skip
+                labels = None if labels is None else np.asarray(labels)[inverse]
             report.metric = _measure(metric, kept, labels, report, budget)
         report.failures.extend(judge(report, budget))
 
@@ -598,6 +626,24 @@ def validate(
         report.failures.append(f"no validation batch arrived from {data.description}")
     logger.info("validation on %d samples: %s", report.samples, "ok" if report.ok else "; ".join(report.failures))
     return report
+
+
+def check_order(
+    reference: Reference,
+    data: DataSource,
+    budget: Budget,
+    *,
+    metric: metrics_mod.Metric | None = None,
+    early_stop: str | None = None,
+    executor: Executor | None = None,
+) -> tuple[Reference, DataSource]:
+    """The reference and data that repeated checks of candidates against ``reference`` on ``data`` read: ``data``
+    reordered so that early stops come soonest where that applies (:func:`onnxopt.early_stop.ordered`; top-k
+    budgets on array data, run locally), else as given. Validating on either gives the same report."""
+    stop_mode = early_stopping.mode(early_stop or "off")
+    if _sharded(executor) or stop_mode == "off":
+        return reference, data
+    return early_stopping.ordered(reference, data, metric, budget, stop_mode, _auto_metric(budget))
 
 
 def _auto_metric(budget: Budget):

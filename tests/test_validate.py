@@ -301,6 +301,58 @@ def test_early_stop_passing_candidate_scored_on_all_samples(tmp_path):
     assert early.outputs == full.outputs and early.metric == full.metric
 
 
+def _hard_last(model_path, extra=None):
+    """64 samples the original gets right: 56 by a margin of 1, then 8 of class 0 by a margin of 0.1 (class 1 is
+    second), which a model swapping classes 0 and 1 gets wrong."""
+    labels = np.array([2 + i % 4 for i in range(56)] + [0] * 8, np.int64)
+    x = np.zeros((64, 6), np.float32)
+    x[np.arange(64), labels] = 1.0
+    x[56:, 0], x[56:, 1] = 0.2, 0.1
+    return data.as_source({"x": x, "labels": labels, **(extra or {})}, graph.load(model_path), batch_size=16)
+
+
+def test_checks_read_the_originals_near_misses_first_and_report_the_same(tmp_path):
+    from onnxopt.validate import check_order
+
+    original = _scores_model(tmp_path / "o.onnx")
+    swapped = graph.load(_scores_model(tmp_path / "c.onnx", swap=(0, 1)))
+    source = _hard_last(original)
+    tight, loose = Budget(max_accuracy_drop=5.0), Budget(max_accuracy_drop=15.0)  # the swap costs 12.5 pp
+    reference = _reference(original)
+    validate(reference, graph.load(original), source, loose, check=False)  # the original's outputs, cached
+    ordered_ref, ordered = check_order(reference, source, tight, early_stop="exact")
+    assert ordered is not source and ordered.samples == 64 and ordered.batch_sizes == source.batch_sizes
+    assert sorted(ordered.order[:8]) == list(range(56, 64)) and sorted(ordered.order) == list(range(64))
+    assert (ordered.labels == source.labels[ordered.order]).all()
+    plain = validate(reference, swapped, source, tight, check=False, early_stop="exact")
+    early = validate(ordered_ref, swapped, ordered, tight, check=False, early_stop="exact")
+    assert not plain.ok and plain.early_stop.samples == 64  # the misses come last in the set's order
+    assert not early.ok and early.early_stop.kind == "exact" and early.samples == 16  # ... first in the checks'
+    # a passing check reads the whole set: the same metric, interval and comparison as in the set's own order
+    same = validate(reference, swapped, source, loose, check=False, early_stop="exact")
+    moved = validate(ordered_ref, swapped, ordered, loose, check=False, early_stop="exact")
+    assert same.ok and moved.ok and moved.metric == same.metric and moved.metric.interval is not None
+    assert moved.accuracy == same.accuracy and moved.outputs == same.outputs
+
+
+def test_check_order_keeps_data_it_cannot_reorder(tmp_path):
+    from onnxopt.validate import check_order
+
+    original = _scores_model(tmp_path / "o.onnx")
+    source = _hard_last(original)
+    reference = _reference(original)
+    budget = Budget(max_accuracy_drop=5.0)
+    assert check_order(reference, source, budget, early_stop="off") == (reference, source)  # no early stop
+    assert check_order(reference, source, Budget(min_cosine=0.9), early_stop="on") == (reference, source)  # no bound
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    for i in range(4):
+        np.savez(folder / f"{i}.npz", x=np.eye(6, dtype=np.float32)[i : i + 1], labels=np.array([i]))
+    files = data.as_source(str(folder), graph.load(original))
+    assert data.reordered(files, np.arange(4)[::-1]) is None  # read from files in order
+    assert check_order(_reference(original), files, budget, early_stop="on")[1] is files
+
+
 def test_early_stop_max_abs_uses_the_whole_sets_scale(tmp_path):
     # the scaled error divides by max(1, max|y|) over all samples: a large output in the last batch lowers it,
     # so the early bound divides by the whole set's scale (not the scale seen so far) and does not stop here
