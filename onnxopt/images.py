@@ -358,21 +358,30 @@ def image_source(
     description = f"{what} {folder.name}/ ({pre.describe()})"
 
     starts = range(0, usable, step)
+    labels = None if labels is None else np.asarray(labels[:usable], dtype=np.int64)
 
-    def read(first: int, stop: int) -> Iterator[data_mod.Batch]:  # batches first .. stop-1 (a Ray task's shard)
-        for start in starts[first:stop]:
-            chunk = files[start : start + step]
-            arrays = [load_image(f, pre) for f in chunk]
-            _check_same_shape(arrays, chunk)
-            _check_fits(arrays[0], chunk[0], pre, spec, f"{what} {folder}")
-            batch = np.stack(arrays).astype(spec.dtype, copy=False)
-            batch_labels = None if labels is None else np.asarray(labels[start : start + step], dtype=np.int64)
-            yield data_mod.Batch({spec.name: batch}, batch_labels)
+    def reader(files: list[Path], labels: np.ndarray | None):
+        def read(first: int, stop: int) -> Iterator[data_mod.Batch]:  # batches first .. stop-1 (a Ray task's shard)
+            for start in starts[first:stop]:
+                chunk = files[start : start + step]
+                arrays = [load_image(f, pre) for f in chunk]
+                _check_same_shape(arrays, chunk)
+                _check_fits(arrays[0], chunk[0], pre, spec, f"{what} {folder}")
+                batch = np.stack(arrays).astype(spec.dtype, copy=False)
+                yield data_mod.Batch({spec.name: batch}, None if labels is None else labels[start : start + step])
 
+        return read
+
+    def take(order: np.ndarray) -> data_mod.DataSource:  # the images in another order (data_mod.reordered)
+        read = reader([files[i] for i in order], None if labels is None else labels[order])
+        taken = data_mod.DataSource(lambda: read(0, len(starts)), description, usable, batch_sizes=sizes)
+        taken.labels, taken.order = None if labels is None else labels[order], order
+        return taken
+
+    read = reader(files, labels)
     sizes = [min(step, usable - start) for start in starts]
     source = data_mod.DataSource(lambda: read(0, len(starts)), description, usable, reader=read, batch_sizes=sizes)
-    if labels is not None:
-        source.labels = np.asarray(labels[:usable], dtype=np.int64)
+    source.labels, source.take = labels, take
     return source
 
 

@@ -243,6 +243,20 @@ def test_image_source_batches_equal_the_eager_load(tmp_path):
     assert labels2.tolist() == [1, 1]
 
 
+def test_image_source_reads_in_another_order_for_the_checks(tmp_path):
+    folder = _classes(tmp_path / "imgs")
+    model = graph.load(builders.save(builders.conv_net(), tmp_path / "net.onnx"))
+    source = images.image_source(folder, PRE10, model, batch_size=3)
+    order = np.array([6, 0, 5, 1, 4, 2, 3])
+    taken = data.reordered(source, order)
+    x, labels = images.load_images(folder, PRE10)
+    batches = list(taken)
+    assert [b.size for b in batches] == [3, 3, 1] and taken.batch_sizes == source.batch_sizes
+    np.testing.assert_array_equal(np.concatenate([b.feeds["x"] for b in batches]), x[order])
+    assert np.concatenate([b.labels for b in batches]).tolist() == labels[order].tolist() == taken.labels.tolist()
+    assert taken.order is order and source.order is None and data.reordered(source, order[:3]) is None
+
+
 def test_image_source_reads_lazily_and_again_on_each_iteration(tmp_path, monkeypatch):
     folder = _classes(tmp_path / "imgs")
     model = graph.load(builders.save(builders.conv_net(), tmp_path / "net.onnx"))
