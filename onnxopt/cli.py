@@ -422,6 +422,9 @@ class _Signals:
 
 def _dispatch(args: argparse.Namespace, signals: _Signals) -> int:
     try:
+        from onnxopt import runtime
+
+        runtime.work_threads()  # a bad $ONNXOPT_THREADS is refused before anything runs
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         if signals.signum == signal.SIGTERM:

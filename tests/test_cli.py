@@ -163,6 +163,25 @@ def test_bad_input_gets_one_line_exit_2_and_no_output(case, workdir, capsys, mon
     assert {name: (d / name).read_bytes() for name in inputs} == inputs  # inputs of the case unchanged
 
 
+def test_own_runs_take_onnxopt_threads_and_latency_one_thread(workdir, capsys, monkeypatch):
+    from onnxopt import runtime
+
+    d, model = workdir
+    monkeypatch.setenv(runtime.THREADS_ENV, "3")
+    assert runtime.work_threads() == 3
+    assert runtime.Session(model).inner.get_session_options().intra_op_num_threads == 3
+    assert runtime.Session(model, threads=1).inner.get_session_options().intra_op_num_threads == 1
+    monkeypatch.delenv(runtime.THREADS_ENV)
+    assert 1 <= runtime.work_threads() <= 8
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(runtime.THREADS_ENV, bad)
+        with pytest.raises(Exception, match="ONNXOPT_THREADS must be a positive integer"):
+            runtime.work_threads()
+    code, out, err = _run(capsys, "run", model, "--data", d / "calib.npz", "-o", d / "o.onnx")
+    assert code == 2 and err.count("\n") == 1 and "ONNXOPT_THREADS must be a positive integer, got '-1'" in err
+    assert not (d / "o.onnx").exists()
+
+
 def test_run_with_no_passes_is_nothing_to_do(workdir, capsys):
     """`run` without passes would only copy the model (issue 19): exit 2, nothing written; the API still round-trips."""
     from onnxopt import graph
