@@ -175,7 +175,7 @@ def test_candidates_built_ahead_for_an_executor_give_the_same_search(refit, monk
 
     built = []
     original = _prune_search.speculate
-    monkeypatch.setattr(prune_mod, "speculate", lambda *a: built.append(a[0].parallel) or original(*a))
+    monkeypatch.setattr(_prune_search, "speculate", lambda *a: built.append(a[0].parallel) or original(*a))
     proto = builders.mlp(sizes=FEW, seed=2)
     one, alone = _run(proto, refit=refit)
     built.clear()
