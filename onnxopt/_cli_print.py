@@ -33,6 +33,8 @@ def goal_point_line(point) -> str:
     for label, value in (("latency", point.latency_ratio), ("size", point.size_ratio), ("MACs", point.macs_ratio)):
         if value is not None:
             parts.append(f"{label} {value:.3f}x")
+            if label == "latency" and point.latency_ratio_batch1 is not None:
+                parts[-1] += f" ({point.latency_ratio_batch1:.3f}x on one sample)"
     verdict = "within the budget" if point.ok else "over the budget"
     if point.reached:
         verdict += ", reaches the target"
@@ -46,7 +48,9 @@ def print_goal(result) -> None:
     """Every point the goal search tried, as a table (``*``: on the Pareto front of the target's ratio and the
     metric, among the points within the budget)."""
     metric = next((p.metric for p in result.points if p.metric is not None), None)
-    rows = [("pipeline", f"{metric} drop" if metric else "metric", "cosine", "latency", "size", "MACs", "budget", "s")]
+    one = any(p.latency_ratio_batch1 is not None for p in result.points)
+    header = ("pipeline", f"{metric} drop" if metric else "metric", "cosine", "latency", "size", "MACs", "budget", "s")
+    rows = [header[:4] + ("1 sample",) * one + header[4:]]
 
     def cell(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -59,6 +63,7 @@ def print_goal(result) -> None:
                 cell(p.metric_drop, "+.4g"),
                 cell(p.cosine, ".5f"),
                 cell(p.latency_ratio, ".3f"),
+                *((cell(p.latency_ratio_batch1, ".3f"),) if one else ()),
                 cell(p.size_ratio, ".3f"),
                 cell(p.macs_ratio, ".3f"),
                 verdict,

@@ -452,7 +452,8 @@ def _goal_row(p: Point) -> dict[str, Any]:
         "cells": [
             _goal_metric_text(p) if p.metric is not None else "–",
             cell(p.cosine, ".5f"),
-            cell(p.latency_ratio, ".3f"),
+            cell(p.latency_ratio, ".3f")
+            + ("" if p.latency_ratio_batch1 is None else f" / {cell(p.latency_ratio_batch1, '.3f')}"),
             cell(p.size_ratio, ".3f"),
             cell(p.macs_ratio, ".3f"),
             f"{p.seconds:.1f} s",
