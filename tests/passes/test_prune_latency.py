@@ -47,6 +47,24 @@ def test_unnamed_nodes_are_matched_by_the_names_onnxruntime_gives_them():
     assert sorted(node.op_type for node in layers) == ["Conv", "Conv", "Gemm"]
 
 
+def test_the_profile_is_kept_in_the_latency_record(monkeypatch):
+    # conftest gives each test an empty record: the first call profiles, the second reads the record (the same
+    # times, the same ranking), a changed model profiles again
+    from onnxopt.passes import _prune_latency
+
+    calls = []
+    real = runtime.node_times
+    monkeypatch.setattr(runtime, "node_times", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _model(builders.conv_net(channels=(3, 8, 8), size=12, with_bn=False))
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 12, 12)).astype(np.float32)}
+    first = _prune_latency.recorded_node_times(model, feeds)
+    again = _prune_latency.recorded_node_times(model, feeds)
+    assert len(calls) == 1 and again == first and all(isinstance(op, str) for op, _ in again.values())
+    other = _model(builders.conv_net(channels=(3, 8, 16), size=12, with_bn=False))
+    _prune_latency.recorded_node_times(other, feeds)
+    assert len(calls) == 2
+
+
 def test_unit_cost_is_the_time_per_channel_of_the_layers_a_group_touches():
     proto = builders.conv_net(channels=(3, 16, 32), size=24, with_bn=False)
     model = _model(proto)
