@@ -118,7 +118,7 @@ def baseline(
     :func:`onnxopt.validate.validate` does on the first batch), or ``None``. ``None`` when ``data`` is empty.
     """
     per_data = _BASELINES.setdefault(reference, weakref.WeakKeyDictionary())
-    key = (id(metric), budget, stop_mode)
+    key = _baseline_key(metric, budget, stop_mode)
     cached = per_data.get(data)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -161,6 +161,10 @@ def baseline(
     return result
 
 
+def _baseline_key(metric: metrics_mod.Metric | None, budget, stop_mode: str) -> tuple:
+    return id(metric), budget, stop_mode
+
+
 def ordered(reference, data, metric: metrics_mod.Metric | None, budget, stop_mode: str, auto_metric):
     """The reference and data a search's checks read: for a top-k budget on array data, the evaluation samples
     ordered so that a failing candidate's failure is certain soonest; else ``(reference, data)`` as given.
@@ -171,20 +175,34 @@ def ordered(reference, data, metric: metrics_mod.Metric | None, budget, stop_mod
     the best other within the top k; misses first, worst first): a failing candidate is then decided on a third
     or so of the set instead of nearly all of it. Scores and verdicts are unchanged: :func:`onnxopt.validate.validate`
     puts the metric's rows back in the set's order before scoring (``data.order``), and the per-sample
-    comparisons do not depend on the order. The original is not run again (its cached outputs are reordered).
+    comparisons do not depend on the order. The original is not run again (its cached outputs are reordered), and
+    the data is not read again for the reordered set's :class:`Baseline` (this set's, its rows and labels
+    reordered).
     """
     if stop_mode == "off":
         return reference, data
     base = baseline(reference, data, metric, budget, stop_mode, auto_metric)
     if base is None or _bounded(base.metric) != "hits" or base.before is None or base.labels is None:
         return reference, data
+    outputs = reference.cached(len(data.batch_sizes)) if data.batch_sizes else None
+    if outputs is None:
+        return reference, data
     from onnxopt import data as data_mod
 
-    scores = [reference.run(index, batch.feeds)[base.metric.output] for index, batch in enumerate(data)]
-    margins = _margins(np.concatenate(scores, axis=0), base.labels, base.metric.k)
-    taken = data_mod.reordered(data, np.argsort(margins, kind="stable"))
+    scores = np.concatenate([batch[base.metric.output] for batch in outputs], axis=0)
+    order = np.argsort(_margins(scores, base.labels, base.metric.k), kind="stable")
+    taken = data_mod.reordered(data, order)
     other = None if taken is None else reference.reordered(data, taken)
-    return (reference, data) if other is None else (other, taken)
+    if other is None:
+        return reference, data
+    permuted = dataclasses.replace(
+        base, before={name: rows[order] for name, rows in base.before.items()}, labels=base.labels[order]
+    )
+    _BASELINES.setdefault(other, weakref.WeakKeyDictionary())[taken] = (
+        _baseline_key(metric, budget, stop_mode),
+        permuted,
+    )
+    return other, taken
 
 
 def _margins(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

@@ -263,19 +263,27 @@ class Reference:
             self._room -= size
         return outputs
 
+    def cached(self, batches: int) -> list[dict[str, np.ndarray]] | None:
+        """The original's outputs on batches ``0 .. batches-1`` from the cache (no run), or ``None`` when one of
+        them is not cached."""
+        if any(i not in self._cache for i in range(batches)):
+            return None
+        return [self._cache[i] for i in range(batches)]
+
     def reordered(self, data: DataSource, taken: DataSource) -> Reference | None:
         """The original on ``taken`` (``data``'s samples read in ``taken.order``, :func:`onnxopt.data.reordered`),
         from this reference's cached outputs on ``data``: a reference that runs nothing for those batches (it
         shares this one's session). ``None`` when a batch of ``data`` is not cached, or an output has no batch axis.
         """
         sizes = data.batch_sizes
-        if not sizes or taken.order is None or any(i not in self._cache for i in range(len(sizes))):
+        outputs = self.cached(len(sizes)) if sizes and taken.order is not None else None
+        if outputs is None:
             return None
-        names = list(self._cache[0])
-        for index, size in enumerate(sizes):
-            if any(np.ndim(self._cache[index][n]) == 0 or len(self._cache[index][n]) != size for n in names):
+        names = list(outputs[0])
+        for batch, size in zip(outputs, sizes, strict=True):
+            if any(np.ndim(batch[n]) == 0 or len(batch[n]) != size for n in names):
                 return None
-        whole = {name: np.concatenate([self._cache[i][name] for i in range(len(sizes))]) for name in names}
+        whole = {name: np.concatenate([batch[name] for batch in outputs]) for name in names}
         other = Reference(self.original, cache_bytes=0)
         other._session = self._session
         start = 0
@@ -640,9 +648,9 @@ def check_order(
     """The reference and data that repeated checks of candidates against ``reference`` on ``data`` read: ``data``
     reordered so that early stops come soonest where that applies (:func:`onnxopt.early_stop.ordered`; top-k
     budgets on array data, run locally), else as given. Validating on either gives the same report."""
-    stop_mode = early_stopping.mode(early_stop or "off")
-    if _sharded(executor) or stop_mode == "off":
+    if _sharded(executor):
         return reference, data
+    stop_mode = early_stopping.mode(early_stop or "off")
     return early_stopping.ordered(reference, data, metric, budget, stop_mode, _auto_metric(budget))
 
 

@@ -324,6 +324,17 @@ def test_checks_read_the_originals_near_misses_first_and_report_the_same(tmp_pat
     assert ordered is not source and ordered.samples == 64 and ordered.batch_sizes == source.batch_sizes
     assert sorted(ordered.order[:8]) == list(range(56, 64)) and sorted(ordered.order) == list(range(64))
     assert (ordered.labels == source.labels[ordered.order]).all()
+    # the reordered set's baseline is given with it (its data is not read for it) and is the one computed afresh
+    from onnxopt import early_stop
+    from onnxopt.validate import _auto_metric
+
+    factory, ordered._factory = ordered._factory, None  # reading the data now would raise
+    given = early_stop.baseline(ordered_ref, ordered, None, tight, "exact", _auto_metric(tight))
+    ordered._factory = factory
+    fresh = early_stop.baseline(_reference(original), ordered, None, tight, "exact", _auto_metric(tight))
+    assert given.offsets == fresh.offsets and given.before_score == fresh.before_score
+    assert (given.before["top"] == fresh.before["top"]).all() and (given.labels == fresh.labels).all()
+    assert given.ref_max == fresh.ref_max and given.elements == fresh.elements
     plain = validate(reference, swapped, source, tight, check=False, early_stop="exact")
     early = validate(ordered_ref, swapped, ordered, tight, check=False, early_stop="exact")
     assert not plain.ok and plain.early_stop.samples == 64  # the misses come last in the set's order
