@@ -55,7 +55,9 @@ def work_threads() -> int:
 
     The count changes no result on the models measured (MobileNetV2 float and int8, ResNet-56, MiniLM: bitwise
     the same outputs on 1 and 2 threads), or a last-bit rounding on some (Ultraface: 1.2e-7); one count gives the
-    same outputs run after run. Two threads ran MobileNetV2's batch of 16 in 63 ms against 122 ms on one.
+    same outputs run after run. Two threads ran MobileNetV2's batch of 16 in 63 ms against 122 ms on one. Their
+    idle threads sleep instead of spinning: a refit keeps two sessions open (the pruned and the original model's
+    segments), and their spinning threads slowed a MobileNetV2 ``--prune-refit`` from 59 to 67.5 s on 2 cores.
 
     Raises:
         UsageError: ``$ONNXOPT_THREADS`` is not a positive integer.

@@ -102,7 +102,8 @@ def downstream(model: ir.Model, changed: Iterable[ir.Node]) -> list[ir.Node]:
 def _one_blas_thread(function):
     """Run ``function`` with numpy's BLAS on one thread (when threadpoolctl is installed; else as it is). The fit's
     matrix products on two threads slowed a MobileNetV2 refit from 7.2 to 35.4 s while another process kept one of
-    the 2 cores busy (OpenBLAS's threads wait for each other); onnxopt's sessions run on one thread too."""
+    the 2 cores busy (OpenBLAS's threads wait for each other). The sessions' threads
+    (:func:`onnxopt.runtime.work_threads`) do not spin while the fit computes."""
 
     @functools.wraps(function)
     def wrapped(*args, **kwargs):
