@@ -127,9 +127,12 @@ def finetune(
     return _write_back(proto, params, losses)
 
 
+Pairs = Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]
+
+
 def distill(
     model: ir.Model,
-    batches: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+    batches: Pairs | Callable[[int], Pairs],
     *,
     outputs: Sequence[str] | None = None,
     epochs: int = 2,
@@ -144,8 +147,10 @@ def distill(
     """Train ``model``'s float weights to reproduce a teacher's outputs (knowledge distillation, no labels).
 
     ``batches`` holds ``(feeds, teacher_outputs)`` pairs, e.g. the calibration data and the *original* model's outputs
-    on it; batches may differ in shape (token sequences of different lengths). Each epoch visits the batches in a
-    seeded random order, one Adam step per batch. The loss sums over ``outputs`` (default: every float graph output the
+    on it; batches may differ in shape (token sequences of different lengths). ``batches`` may also be a function of
+    the epoch (0, 1, ...) giving that epoch's pairs: new augmented views of the data each epoch, with the teacher's
+    outputs on them. Each epoch visits its batches in a seeded random order, one Adam step per batch; the optimizer's
+    state carries over from epoch to epoch. The loss sums over ``outputs`` (default: every float graph output the
     teacher gives): for class-score outputs (2-D, at least two columns) the KL divergence between the softened
     distributions at ``temperature`` times its square (Hinton et al. 2015; a Softmax output is compared through its log,
     which is a logit up to a constant); for any other output the squared error relative to the teacher's mean square,
@@ -157,6 +162,8 @@ def distill(
     threads contend on a busy 2-core machine).
     """
     torch = _torch()
+    epoch_batches = batches if callable(batches) else (lambda _epoch: batches)
+    batches = epoch_batches(0)
     if not batches:
         raise OnnxoptError("distillation needs at least one batch")
     if not temperature > 0:
@@ -179,6 +186,7 @@ def distill(
     with torch.enable_grad(), _threads(torch, threads):
         for epoch in range(epochs):
             total = 0.0
+            batches = batches if epoch == 0 else epoch_batches(epoch)
             for index in rng.permutation(len(batches)):
                 feeds, teacher = batches[index]
                 values = program.run({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in feeds.items()}, params)

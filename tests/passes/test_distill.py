@@ -168,7 +168,7 @@ def test_distill_pass_in_a_pipeline_recovers_a_pruned_mlp(tmp_path):
     report = PassManager([prune2, distill_pass], data=calib, eval_data=held, budget=Budget(min_cosine=0.0)).run(path)
     record = next(r for r in report.passes if r.name == "distill")
     assert record.modified, record.skipped
-    assert "relative output error" in record.changes[0].what
+    assert "distillation loss" in record.changes[0].what
     ref = builders.run(proto, held)["y"]
     err = lambda m: float(np.sum((builders.run(graph.to_proto(m), held)["y"] - ref) ** 2) / np.sum(ref**2))  # noqa: E731
     assert err(report.model) < err(pruned.model)
@@ -318,3 +318,58 @@ def test_distill_hidden_weight_is_checked():
 
     with pytest.raises(UsageError, match="hidden_weight"):
         registry.make_pass("distill", hidden_weight=-1.0)
+
+
+def _pruned_conv_pipeline(tmp_path, **distill_options):
+    """prune (uniform ratio) then distill on a small image classifier (3x16x16 NCHW inputs)."""
+    proto = builders.conv_net(channels=(3, 16, 16), size=16, seed=2)
+    path = builders.save(proto, tmp_path / "cnn.onnx")
+    rng = np.random.default_rng(0)
+    calib = {"x": rng.standard_normal((64, 3, 16, 16)).astype(np.float32)}
+    held = {"x": rng.standard_normal((32, 3, 16, 16)).astype(np.float32)}
+    passes = [
+        registry.make_pass("prune", criterion="ratio", ratio=0.5, align=1, latency_guard=False),
+        registry.make_pass("distill", **distill_options),
+    ]
+    report = PassManager(passes, data=calib, eval_data=held, budget=Budget(min_cosine=0.0)).run(path)
+    return next(r for r in report.passes if r.name == "distill")
+
+
+def test_distill_trains_an_image_model_on_new_views_each_epoch_with_the_teacher_run_on_them(tmp_path, monkeypatch):
+    from onnxopt.passes import distill as distill_module
+
+    seen = []
+    original_run = distill_module._Teacher.run
+    monkeypatch.setattr(distill_module._Teacher, "run", lambda self, feeds, outputs: (
+        seen.append(feeds["x"].copy()), original_run(self, feeds, outputs))[1])  # fmt: skip
+    record = _pruned_conv_pipeline(tmp_path, epochs=3)
+    assert len(seen) == 3 * 4  # 3 epochs of the 4 calibration batches of 16, each a new view
+    calib = np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32)
+    assert not any(np.allclose(view, calib[:16]) for view in seen)
+    assert not np.allclose(seen[0], seen[4])  # the first batch in epochs 1 and 2: two views
+    text = " ".join([c.what for c in record.changes] + [s.reason for s in record.skipped])
+    assert "random crops and flips of 64 images" in text
+
+
+def test_distill_without_augment_trains_on_the_images_as_given(tmp_path, monkeypatch):
+    from onnxopt.passes import distill as distill_module
+
+    monkeypatch.setattr(distill_module._Teacher, "run", lambda *a: pytest.fail("the teacher ran on a new view"))
+    record = _pruned_conv_pipeline(tmp_path, epochs=2, augment=False)
+    text = " ".join([c.what for c in record.changes] + [s.reason for s in record.skipped])
+    assert "distillation loss" in text and "random crops" not in text
+
+
+def test_distill_judges_class_scores_by_their_distributions_not_their_offset():
+    """The held-out loss ignores what softmax ignores: logits shifted by a constant per sample are the teacher's
+    distribution (loss 0), though far off by squared error; another ranking of classes is not."""
+    from onnxopt.passes.distill import _loss
+
+    teacher = np.random.default_rng(0).standard_normal((8, 5))
+    assert _loss(teacher + np.arange(8)[:, None] * 3.0, teacher, 2.0, False) == pytest.approx(0, abs=1e-12)
+    assert _loss(teacher[:, ::-1], teacher, 2.0, False) > 0.1
+    probabilities = np.exp(teacher) / np.exp(teacher).sum(axis=1, keepdims=True)
+    assert _loss(probabilities, probabilities, 2.0, True) == pytest.approx(0, abs=1e-12)
+    # any other output: squared error relative to the teacher's mean square
+    features = np.random.default_rng(1).standard_normal((8, 1))
+    assert _loss(features * 1.1, features, 2.0, False) == pytest.approx(0.01)
