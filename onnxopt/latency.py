@@ -115,14 +115,16 @@ def compare(
     rounds: int = 15,
     remeasure: bool = False,
     purpose: str = "",
+    settled: Callable[[list[list[float]]], bool] | None = None,
 ) -> tuple[list[tuple[float, float, float]], bool]:
     """Median, fastest and slowest round (microseconds) of each model at ``paths``, timed together on ``feeds``
-    (1 thread, interleaved ``rounds``) or taken from the record (:func:`recorded`; ``purpose`` is part of its key).
-    Returns the figures in the order of ``paths`` and whether they come from the record."""
+    (1 thread, interleaved ``rounds``, fewer when ``settled`` says the question is decided) or taken from the
+    record (:func:`recorded`; ``purpose`` is part of its key). Returns the figures in the order of ``paths`` and
+    whether they come from the record."""
     from onnxopt import runtime
 
     def measure() -> list[list[float]]:
-        measured = runtime.measure_latency(paths, feeds, rounds=rounds, threads=1)
+        measured = runtime.measure_latency(paths, feeds, rounds=rounds, threads=1, settled=settled)
         return [[m.median_us, m.min_us, m.max_us] for m in measured]
 
     def complete(value) -> bool:
@@ -132,6 +134,32 @@ def compare(
         paths, feeds, measure, remeasure=remeasure, valid=complete, rounds=rounds, threads=1, purpose=purpose
     )
     return [(float(a), float(b), float(c)) for a, b, c in value], reused
+
+
+def not_slower_whatever_follows(rounds: int, margin: float) -> Callable[[list[list[float]]], bool]:
+    """For timing (input, candidate) in ``rounds`` rounds: a test, after each round, of whether
+    :func:`clearly_slower` on all ``rounds`` must say no, whatever the rounds still to come measure.
+
+    With ``k`` of ``n`` rounds seen, the input's final median is at least its ``(m - (n - k))``-th fastest round so
+    far (``m = (n + 1) // 2``, the lower middle round: the remaining rounds could all be faster than every one
+    seen), the candidate's fastest round can only get faster, and its final median is at most its ``n // 2 + 1``-th
+    fastest so far (the upper middle round). So the verdict
+    is settled once the candidate's fastest round is no slower than that bound of the input's median (the second
+    condition of :func:`clearly_slower` fails), or its median bound is within the margin of the input's (the first
+    fails). A clearly faster candidate settles after about half the rounds; a slower one is always timed in full.
+    The figures then come from fewer rounds, and give the same verdict again when read from the latency record."""
+    lower, upper = (rounds + 1) // 2, rounds // 2 + 1  # the median's rounds (1-based), one round when n is odd
+
+    def settled(samples: list[list[float]]) -> bool:
+        reference, candidate = sorted(samples[0]), sorted(samples[1])
+        seen = min(len(reference), len(candidate))
+        rank = lower - (rounds - seen)  # 1-based rank of the input's median's lower bound among the rounds seen
+        if rank < 1:
+            return False
+        floor = reference[rank - 1]
+        return candidate[0] <= floor or (seen >= upper and not faster(floor, candidate[upper - 1], margin))
+
+    return settled
 
 
 def slower(
@@ -149,10 +177,11 @@ def slower(
     with tempfile.TemporaryDirectory(prefix="onnxopt-guard-") as tmp:
         paths = [graph_io.save(m.clone(), Path(tmp) / f"{n}.onnx") for m, n in ((model, "input"), (candidate, label))]
         feeds = run_feeds(context, paths[0])
-        (before, after), reused = compare(paths, feeds, rounds=rounds, purpose=purpose)
+        settled = not_slower_whatever_follows(rounds, margin)
+        (before, after), reused = compare(paths, feeds, rounds=rounds, purpose=purpose, settled=settled)
         one = single_sample(feeds, model)  # the input's shapes, from the model in hand
         if one is not None:  # a device runs one input at a time: not slower there either
-            (one_before, one_after), _ = compare(paths, one, rounds=rounds, purpose=purpose)
+            (one_before, one_after), _ = compare(paths, one, rounds=rounds, purpose=purpose, settled=settled)
     ratio = after[0] / before[0] if before[0] > 0 else 1.0
     figures = {
         "input_us": round(before[0], 1),

@@ -15,7 +15,7 @@ import shutil
 import statistics
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -190,12 +190,15 @@ def measure_latency(
     rounds: int = 15,
     runs_per_round: int = 0,
     warmup: int = 3,
+    settled: Callable[[list[list[float]]], bool] | None = None,
 ) -> list[Latency]:
     """Median latency of each model, measured in interleaved rounds so their ratios hold on a noisy machine.
 
     Each round runs every model ``runs_per_round`` times (chosen so one round of the first model takes
     about 20 ms when 0), in an order rotated by one each round, and records the mean; the median over rounds
-    is reported, with the fastest and slowest round as its spread.
+    is reported, with the fastest and slowest round as its spread. ``settled``: called with every model's round
+    times after each round; the timing stops early when it returns true (the question it is timed for is decided
+    whatever the remaining rounds would give; :func:`onnxopt.latency.slower`).
     """
     sessions = [Session(m, optimize=True, threads=threads) for m in models]
     for session in sessions:
@@ -215,7 +218,9 @@ def measure_latency(
             for _ in range(runs_per_round):
                 session.run(feeds)
             samples[index].append((time.perf_counter() - start) / runs_per_round * 1e6)
-    return [Latency(statistics.median(s), min(s), max(s), rounds) for s in samples]
+        if settled is not None and round_ + 1 < rounds and settled(samples):
+            break
+    return [Latency(statistics.median(s), min(s), max(s), len(s)) for s in samples]
 
 
 @dataclasses.dataclass(frozen=True)
