@@ -172,8 +172,9 @@ def distill(
         raise OnnxoptError(f"distillation hidden_weight must be >= 0, got {hidden_weight}")
     proto = graph.to_proto(model)
     program = _Program(proto, None)
-    names = list(outputs) if outputs is not None else [n for n in program.outputs if n in batches[0][1]]
-    missing = [n for n in names if n not in program.outputs or n not in batches[0][1]]
+    first = batches[0][1]  # the teacher's outputs on the first batch (made on access when batches are lazy views)
+    names = list(outputs) if outputs is not None else [n for n in program.outputs if n in first]
+    missing = [n for n in names if n not in program.outputs or n not in first]
     if missing or not names:
         raise OnnxoptError(f"no teacher output to distill from (asked: {', '.join(missing) or 'none'})")
     params = _parameters(torch, program, seed)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -116,7 +117,7 @@ class DistillPass(OptPass):
         after = _distance(result.model, held, outputs, self.config.temperature)
         what = f"distillation loss {before:.4g} -> {after:.4g} on {_count(held)} held-out samples"
         if views is not None:
-            what += f"; trained on {self.config.epochs} random crops and flips of {_count(train)} images each"
+            what += f"; each of the {_count(train)} images seen as {self.config.epochs} random crops and flips"
         if self.config.hidden:
             what += f"; {len(result.hidden)} block output{'s' * (len(result.hidden) != 1)} matched inside"
         if not after < before:
@@ -232,7 +233,8 @@ class _Teacher:
 class _Views:
     """Each epoch's training pairs: a new random view (:func:`onnxopt.augment.augment_feeds`) of every calibration
     batch, with the teacher's outputs on that view; a callable of the epoch, as :func:`onnxopt.finetune.distill`
-    takes it. ``images``: whether any input is an image batch (else there is nothing to augment)."""
+    takes it. A view is made when training asks for its batch, so an epoch's views are never all held at once.
+    ``images``: whether any input is an image batch (else there is nothing to augment)."""
 
     def __init__(self, teacher: _Teacher, batches: list[tuple[dict, dict]], outputs: list[str], seed: int) -> None:
         from onnxopt.augment import image_inputs
@@ -241,15 +243,33 @@ class _Views:
         self.seed = seed
         self.images = bool(batches) and bool(image_inputs(batches[0][0]))
 
-    def __call__(self, epoch: int) -> list[tuple[dict, dict]]:
+    def __call__(self, epoch: int) -> _EpochViews:
+        return _EpochViews(self, epoch)
+
+
+class _EpochViews(Sequence):
+    """One epoch's views, each made on access; the first one made is kept (``distill`` reads the first batch's
+    teacher outputs before training, and would otherwise run the teacher on it twice)."""
+
+    def __init__(self, views: _Views, epoch: int) -> None:
+        self.views, self.epoch = views, epoch
+        self.kept: tuple[int, tuple[dict, dict]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.views.batches)
+
+    def __getitem__(self, index):
         from onnxopt.augment import augment_feeds
 
-        rng = np.random.default_rng([self.seed, epoch])  # the same views for the same epoch, run after run
-        pairs = []
-        for feeds, _ in self.batches:
-            view = augment_feeds(feeds, rng)
-            pairs.append((view, self.teacher.run(view, self.outputs)))
-        return pairs
+        if self.kept is not None and self.kept[0] == index:
+            return self.kept[1]
+        views = self.views
+        rng = np.random.default_rng([views.seed, self.epoch, int(index)])  # the same view in every run
+        view = augment_feeds(views.batches[index][0], rng)
+        pair = (view, views.teacher.run(view, views.outputs))
+        if self.kept is None:
+            self.kept = (index, pair)
+        return pair
 
 
 def _distance(model: ir.Model, batches: list[tuple[dict, dict]], outputs: list[str], temperature: float) -> float:

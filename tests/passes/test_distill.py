@@ -348,7 +348,7 @@ def test_distill_trains_an_image_model_on_new_views_each_epoch_with_the_teacher_
     assert not any(np.allclose(view, calib[:16]) for view in seen)
     assert not np.allclose(seen[0], seen[4])  # the first batch in epochs 1 and 2: two views
     text = " ".join([c.what for c in record.changes] + [s.reason for s in record.skipped])
-    assert "random crops and flips of 64 images" in text
+    assert "each of the 64 images seen as 3 random crops and flips" in text
 
 
 def test_distill_without_augment_trains_on_the_images_as_given(tmp_path, monkeypatch):
