@@ -12,7 +12,7 @@ is the teacher's output on that view.
 
 Only 4-d float inputs whose layout is recognizable are augmented: NCHW with 1, 3 or 4 channels on axis 1, or NHWC
 with them on axis 3, and both spatial sides at least :data:`MIN_SIDE`. Anything else (token ids, feature vectors,
-a layout that cannot be told) is left as given, and :func:`image_layout` says why.
+a layout that cannot be told) is left as given.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ result the search did not check is checked once (:func:`budget_miss`); when it m
 Latency: fewer channels can run slower (onnxruntime's convolution kernels want channel counts that are multiples
 of 8; odd counts made a pruned MobileNet-style model 1.9x slower). The pruned model and its input are timed
 together as ``quant`` times its recipes (:mod:`onnxopt.latency`: the first batch of the run's data, 1 thread,
-warm-up, interleaved rounds, medians, the latency record so the same command decides the same way), and the input
+warm-up, interleaved rounds, medians, the latency record so the same command decides the same way; the rounds stop
+once the verdict cannot change, :func:`onnxopt.latency.not_slower_whatever_follows`), and the input
 is kept when the pruned model is clearly slower (:func:`slower`): its median slower by more than the margin (5%), and
 even its fastest round slower than the input's median; at the data's batch, and on one sample too when the batch is
 larger and the model's batch dynamic (a device runs one input at a time). Within that noise of a shared CPU the two

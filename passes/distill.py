@@ -27,7 +27,7 @@ drop went from 5.6 to 2.7-3.3 pp. On MobileNetV2 with 200 images neither helped 
 
 The trained weights are kept only when they bring the model closer to the original on data the training did not
 see (the evaluation data, else a held-out quarter of the calibration data): the pass never makes a model worse by
-its own measure. The report gives the distance before and after.
+its own measure, which is the training's loss (:func:`_distance`). The report gives it before and after.
 """
 
 from __future__ import annotations
