@@ -332,7 +332,7 @@ def _pruned_conv_pipeline(tmp_path, **distill_options):
         registry.make_pass("distill", **distill_options),
     ]
     report = PassManager(passes, data=calib, eval_data=held, budget=Budget(min_cosine=0.0)).run(path)
-    return next(r for r in report.passes if r.name == "distill")
+    return next(r for r in report.passes if r.name == "distill"), report.model
 
 
 def test_distill_trains_an_image_model_on_new_views_each_epoch_with_the_teacher_run_on_them(tmp_path, monkeypatch):
@@ -342,7 +342,7 @@ def test_distill_trains_an_image_model_on_new_views_each_epoch_with_the_teacher_
     original_run = distill_module._Teacher.run
     monkeypatch.setattr(distill_module._Teacher, "run", lambda self, feeds, outputs: (
         seen.append(feeds["x"].copy()), original_run(self, feeds, outputs))[1])  # fmt: skip
-    record = _pruned_conv_pipeline(tmp_path, epochs=3)
+    record, _ = _pruned_conv_pipeline(tmp_path, epochs=3)
     assert len(seen) == 3 * 4  # 3 epochs of the 4 calibration batches of 16, each a new view
     calib = np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32)
     assert not any(np.allclose(view, calib[:16]) for view in seen)
@@ -355,7 +355,7 @@ def test_distill_without_augment_trains_on_the_images_as_given(tmp_path, monkeyp
     from onnxopt.passes import distill as distill_module
 
     monkeypatch.setattr(distill_module._Teacher, "run", lambda *a: pytest.fail("the teacher ran on a new view"))
-    record = _pruned_conv_pipeline(tmp_path, epochs=2, augment=False)
+    record, _ = _pruned_conv_pipeline(tmp_path, epochs=2, augment=False)
     text = " ".join([c.what for c in record.changes] + [s.reason for s in record.skipped])
     assert "distillation loss" in text and "random crops" not in text
 
@@ -373,3 +373,13 @@ def test_distill_judges_class_scores_by_their_distributions_not_their_offset():
     # any other output: squared error relative to the teacher's mean square
     features = np.random.default_rng(1).standard_normal((8, 1))
     assert _loss(features * 1.1, features, 2.0, False) == pytest.approx(0.01)
+
+
+def test_distill_on_images_gives_the_same_weights_run_after_run(tmp_path):
+    """Seeded views, seeded training order, one thread count: the same command trains the same model."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (first, one), (second, two) = (_pruned_conv_pipeline(tmp_path / d, epochs=20, lr=1e-2) for d in "ab")
+    assert first.modified and second.modified, first.skipped
+    for name, value in one.graph.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(), two.graph.initializers[name].const_value.numpy())
