@@ -383,3 +383,17 @@ def test_distill_on_images_gives_the_same_weights_run_after_run(tmp_path):
     assert first.modified and second.modified, first.skipped
     for name, value in one.graph.initializers.items():
         np.testing.assert_array_equal(value.const_value.numpy(), two.graph.initializers[name].const_value.numpy())
+
+
+def test_when_the_views_do_not_help_distill_trains_on_the_images_as_given(tmp_path, monkeypatch):
+    """Augmentation that fails on held-out data (here: every view blank) is not the end: the images as given are
+    tried too, and the better of the two is kept; the report gives both losses."""
+    import onnxopt.augment
+
+    monkeypatch.setattr(onnxopt.augment, "augment_feeds", lambda feeds, rng: {k: v * 0 for k, v in feeds.items()})
+    record, _ = _pruned_conv_pipeline(tmp_path, epochs=20, lr=1e-2)
+    assert record.modified, record.skipped
+    text = record.changes[0].what
+    assert "random crops and flips; then -> " in text and text.endswith("the images as given")
+    first, second = (float(part.split(" on ")[0]) for part in text.split("-> ")[1:3])
+    assert second < first
