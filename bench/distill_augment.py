@@ -2,9 +2,10 @@
 
 For each model: prune it past its budget (a fixed uniform ratio, or the budget search at a loose drop), then run the
 `distill` pass on the pruned model with the original as the teacher, once per variant (augmentation on or off,
-learning rate), from the same pruned model. Reported: the pass's own held-out distillation loss (on onnxopt's
-`--eval` data, which decides whether the trained weights are kept), and top-1 on the budget split and on the
-held-out split of bench/real.py's protocol (`_real_tasks`), which no step saw.
+learning rate), from the same pruned model. Augmentation on is the pass's default: the views, then the images as
+given when the views do not lower the held-out loss (the loss column then shows both). Reported: the pass's own
+held-out distillation loss (on onnxopt's `--eval` data, which decides whether the trained weights are kept), and
+top-1 on the budget split and on the held-out split of bench/real.py's protocol (`_real_tasks`), which no step saw.
 
     python bench/distill_augment.py --shared ../shared --out bench/results/distill_augment.md
 """
@@ -12,6 +13,7 @@ held-out split of bench/real.py's protocol (`_real_tasks`), which no step saw.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -90,7 +92,10 @@ def run_task(shared: Path, name: str, variants, work: Path) -> list[str]:
         result = step(model)
         seconds = time.time() - started
         what = result.changes[0].what if result.changes else result.skipped[0].reason
-        loss = what.split("distillation loss ")[1].split(" on ")[0] if "distillation loss" in what else what
+        loss = what
+        if "distillation loss" in what:  # "B -> A on N held-out samples; ...[; then -> A2 on ...; the images as given]"
+            before, *after = re.findall(r"(?:loss |-> )([0-9.eE+-]+)", what)
+            loss = f"{before} -> {after[0]}" + (f" (views), {after[1]} (as given)" if len(after) > 1 else "")
         out = work / f"{name}.distilled.{'aug' if augment else 'plain'}.{lr:g}.onnx"
         graph_io.save(result.model, out)
         got = score(out)
