@@ -3,7 +3,7 @@
 ``distill`` trains a pruned model to reproduce the original's outputs on the calibration data. On a few hundred
 images the student learns those images, not the original: on a pruned ResNet-20 (500 CIFAR calibration images)
 distillation without augmentation raised the distillation loss on held-out images (1.176 -> 1.202 at lr 1e-5).
-With augmentation it fell, and the held-out top-1 drop went from 5.6 to 2.7-3.3 pp in two runs
+With augmentation it fell, and the held-out top-1 drop went from 5.6 to 2.4-3.3 pp in three runs
 (``bench/results/distill_augment.md``). Showing the
 student new views of the same images each epoch, with the original run on exactly those views for its targets,
 is the standard remedy (the random-resized-crop and flip of ImageNet training; Beyer et al. 2022, "Knowledge
