@@ -44,7 +44,7 @@ def test_a_full_crop_with_a_flip_is_the_mirror_image_in_either_layout():
     np.testing.assert_array_equal(out["b"], nhwc[:, :, ::-1, :])
 
 
-def test_views_keep_shape_and_dtype_differ_per_sample_and_repeat_with_the_seed():
+def test_views_keep_shape_and_dtype_repeat_with_the_seed_and_change_with_another():
     x = _images((8, 3, 32, 32))
     tokens = np.arange(8, dtype=np.int64)[:, None]
     out = augment_feeds({"x": x, "t": tokens}, np.random.default_rng(1))
