@@ -119,14 +119,13 @@ def recorded_node_times(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dic
     pruned to 0.987 of its MACs in one run and 0.962 in another). With the record, the same command on the same
     machine prunes the same."""
     from onnxopt import graph as graph_io
-    from onnxopt import latency_cache
+    from onnxopt import latency
     from onnxopt.runtime import node_times
 
+    def measure() -> dict[str, list]:
+        return {name: [op, float(us)] for name, (op, us) in node_times(path, feeds).items()}
+
     with graph_io.temporary_model_file(model) as path:
-        digest = latency_cache.key([path], feeds, purpose="prune-profile")
-        recorded = latency_cache.lookup(digest)
-        if isinstance(recorded, dict) and recorded:
-            return {name: (str(op), float(us)) for name, (op, us) in recorded.items()}
-        times = node_times(path, feeds)
-    latency_cache.store(digest, {name: [op, float(us)] for name, (op, us) in times.items()})
-    return times
+        times, _ = latency.recorded([path], feeds, measure, valid=lambda v: isinstance(v, dict) and bool(v),
+                                    purpose="prune-profile")  # fmt: skip
+    return {name: (str(op), float(us)) for name, (op, us) in times.items()}
