@@ -317,18 +317,15 @@ def _distance(model: ir.Model, batches: list[tuple[dict, dict]], outputs: list[s
 
 
 def _loss(student: np.ndarray, teacher: np.ndarray, temperature: float, probabilities: bool) -> float:
-    """:func:`onnxopt.finetune._distill_loss` in numpy (``probabilities``, a Softmax's output, through their log)."""
-    if teacher.ndim == 2 and teacher.shape[1] >= 2:
-        if probabilities:
-            student, teacher = np.log(np.clip(student, 1e-12, None)), np.log(np.clip(teacher, 1e-12, None))
-        s, t = _log_softmax(student / temperature), _log_softmax(teacher / temperature)
-        return float(np.mean(np.sum(np.exp(t) * (t - s), axis=1))) * temperature**2
-    return float(np.mean((student - teacher) ** 2) / max(float(np.mean(teacher**2)), 1e-12))
+    """The training's own loss (:func:`onnxopt.finetune._distill_loss`) on one batch of held-out outputs, in
+    float64; ``probabilities``: a Softmax's output, compared through its log."""
+    import torch
 
+    from onnxopt.finetune import _distill_loss
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    student, teacher = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)) for a in (student, teacher))
+    with torch.no_grad():
+        return float(_distill_loss(student, teacher, temperature, probabilities))
 
 
 def _count(batches: list[tuple[dict, dict]]) -> int:
