@@ -35,6 +35,7 @@ its own measure, which is the training's loss (:func:`_distance`). The report gi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -105,7 +106,7 @@ class DistillPass(OptPass):
         images = bool(train) and bool(image_inputs(train[0][0]))
         tried = []  # (trained model, held-out loss, what) per attempt
         if self.config.augment and images:
-            views = _Views(teacher, train, outputs + hidden, context.seed)
+            views = functools.partial(_Views, teacher, train, outputs + hidden, context.seed)
             result, after, what = self._train(model, views, outputs, hidden, held, images)
             seen = f"each of the {_count(train)} images seen as {self.config.epochs} random crops and flips"
             tried.append((result, after, f"{what}; {seen}"))
@@ -256,39 +257,29 @@ class _Teacher:
         return pairs
 
 
-class _Views:
-    """Each epoch's training pairs: a new random view (:func:`onnxopt.augment.augment_feeds`) of every calibration
-    batch, with the teacher's outputs on that view; a callable of the epoch, as :func:`onnxopt.finetune.distill`
-    takes it. A view is made when training asks for its batch, so an epoch's views are never all held at once."""
+class _Views(Sequence):
+    """One epoch's training pairs: a new random view (:func:`onnxopt.augment.augment_feeds`) of every calibration
+    batch, with the teacher's outputs on that view. A view is made when training asks for its batch, so an epoch's
+    views are never all held at once; the first one made is kept (``distill`` reads the first batch's teacher
+    outputs before training, and would otherwise run the teacher on it twice). :func:`onnxopt.finetune.distill`
+    takes the epochs as a callable of the epoch: ``functools.partial(_Views, teacher, batches, outputs, seed)``."""
 
-    def __init__(self, teacher: _Teacher, batches: list[tuple[dict, dict]], outputs: list[str], seed: int) -> None:
-        self.teacher, self.batches, self.outputs = teacher, batches, outputs
-        self.seed = seed
-
-    def __call__(self, epoch: int) -> _EpochViews:
-        return _EpochViews(self, epoch)
-
-
-class _EpochViews(Sequence):
-    """One epoch's views, each made on access; the first one made is kept (``distill`` reads the first batch's
-    teacher outputs before training, and would otherwise run the teacher on it twice)."""
-
-    def __init__(self, views: _Views, epoch: int) -> None:
-        self.views, self.epoch = views, epoch
+    def __init__(self, teacher: _Teacher, batches: list[tuple[dict, dict]], outputs: list[str], seed: int,
+                 epoch: int) -> None:  # fmt: skip
+        self.teacher, self.batches, self.outputs, self.seed, self.epoch = teacher, batches, outputs, seed, epoch
         self.kept: tuple[int, tuple[dict, dict]] | None = None
 
     def __len__(self) -> int:
-        return len(self.views.batches)
+        return len(self.batches)
 
     def __getitem__(self, index):
         from onnxopt.augment import augment_feeds
 
         if self.kept is not None and self.kept[0] == index:
             return self.kept[1]
-        views = self.views
-        rng = np.random.default_rng([views.seed, self.epoch, int(index)])  # the same view in every run
-        view = augment_feeds(views.batches[index][0], rng)
-        pair = (view, views.teacher.run(view, views.outputs))
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])  # the same view in every run
+        view = augment_feeds(self.batches[index][0], rng)
+        pair = (view, self.teacher.run(view, self.outputs))
         if self.kept is None:
             self.kept = (index, pair)
         return pair
