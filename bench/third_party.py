@@ -9,8 +9,10 @@ resized (random crops and flips, seeded) to the model's input and scaled per cha
 input's mean and standard deviation (so they match its normalization without knowing it); calibration
 gets 24 of them made from the first 8 photos, validation the reference input plus 12 made from the others.
 A pass name may carry options: ``quant:objective=size``, ``prune:refit=1``. Printed per model and pass: what changed,
-MACs and parameter ratios, onnxruntime latency ratio (1 thread, interleaved medians) and the validation
-figures. Few samples make the budget a weak judge for detectors: read the cosine column with that in mind.
+MACs and parameter ratios, onnxruntime latency ratio (1 thread, interleaved medians), the validation
+figures and the wall time of the whole ``PassManager.run`` (statistics, search, validation; not the CLI's
+start-up of about 1 s). Few samples make the budget a weak judge for detectors: read the cosine column with
+that in mind.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import datetime
 import logging
 import sys
+import time
 from pathlib import Path
 
 from _report import emit
@@ -50,8 +53,9 @@ def main(argv=None) -> int:
         f"Measured {datetime.date.today()}: `python bench/third_party.py --passes {args.passes} "
         f"--min-cosine {args.min_cosine}" + (" --images DIR`" if args.images else "`"),
         "",
-        "| model | pass | changed | MACs ratio | params ratio | size ratio | latency ratio | worst cosine | rel L2 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | pass | changed | MACs ratio | params ratio | size ratio | latency ratio | worst cosine | rel L2 "
+        "| s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rel in args.models.split(","):
         path = Path(args.shared) / "models" / f"{rel}.onnx"
@@ -65,14 +69,18 @@ def main(argv=None) -> int:
             name, _, text = spec.partition(":")
             options = {k: _value(v) for k, v in (item.split("=") for item in text.split(";") if item)}
             print(f"{path.stem} {spec} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
             try:
                 report = PassManager(
                     [registry.make_pass(name, **options)], data=calib, eval_data=held_out,
                     budget=Budget(min_cosine=args.min_cosine),
                 ).run(path)  # fmt: skip
             except Exception as e:
-                lines.append(f"| {path.stem} | {spec} | failed: {' '.join(str(e).split())[:70]} | | | | | | |")
+                seconds = time.perf_counter() - start
+                why = " ".join(str(e).split())[:70]
+                lines.append(f"| {path.stem} | {spec} | failed: {why} | | | | | | | {seconds:.1f} |")
                 continue
+            seconds = time.perf_counter() - start
             record = next(r for r in report.passes if r.name == name)
             out = Path(f"/tmp/onnxopt-bench-{path.stem}-{name}.onnx")
             size = None
@@ -86,7 +94,7 @@ def main(argv=None) -> int:
             lines.append(
                 f"| {path.stem} | {spec} | {len(record.changes)} sites, {len(record.skipped)} skipped | "
                 f"{macs:.3f} | {params:.3f} | {size:.3f} | "
-                f"{after.median_us / before.median_us:.2f} | {diff.cosine:.5f} | {diff.rel_l2:.3g} |"
+                f"{after.median_us / before.median_us:.2f} | {diff.cosine:.5f} | {diff.rel_l2:.3g} | {seconds:.1f} |"
             )
     emit("\n".join(lines), args.out)
     return 0
