@@ -2,7 +2,7 @@
 
 After channels are removed, every linear layer downstream (Gemm, MatMul with a constant weight followed by a bias
 Add, as transformers have them, and Conv / ConvTranspose with ``group=1``)
-sees inputs ``x̃`` that differ from the original ``x``. Walking the layers in graph order, each one's weight and
+sees inputs ``x̃`` that differ from the original ``x``. Walking the layers upstream first, each one's weight and
 bias are re-fitted so that, on the calibration data, its output on the *pruned* model's inputs reproduces the
 *original* model's output (restricted to the output channels it keeps)::
 
@@ -151,6 +151,13 @@ def reconstruct(
             result.declined[name] = why
     if not targets:
         return result
+    # Fitted in the order of where their inputs are computed: every layer upstream of a layer's input reads a value
+    # computed earlier, so it is fitted first, as in graph order, and a layer's fit depends only on its input and
+    # the original's output, so the fits are those of graph order. This order also lets the segments run branching
+    # graphs (YOLOX's CSP blocks: a Conv after a branch's first Conv reads a later value than the branch's second),
+    # and it puts the layers that read the same value side by side (one run fits them together).
+    position = {id(node): i for i, node in enumerate(pruned.graph)}
+    targets.sort(key=lambda name: _producer_position(by_name[name].inputs[0], position))
     for name in targets:
         _ensure_bias(pruned, by_name[name])
     feeds_model, weight_names = _with_weights_as_inputs(pruned, [by_name[n] for n in targets])
@@ -224,6 +231,12 @@ def reconstruct(
         bias.const_value = ir.tensor(np.ascontiguousarray(biases[name]), name=bias.name)
     logger.debug("reconstruction: %d layers re-fitted, %d declined", len(done), len(result.declined))
     return result
+
+
+def _producer_position(value: ir.Value, position: Mapping[int, int]) -> int:
+    """Where ``value`` is computed: its producer's index in graph order (-1 for a graph input)."""
+    producer = value.producer()
+    return -1 if producer is None else position[id(producer)]
 
 
 def _why_not(original: ir.Node, pruned: ir.Node, keep: np.ndarray | None) -> str | None:
@@ -521,9 +534,9 @@ class _Segments:
     when it first runs, with the weights fitted so far as constants (as deployed: onnxruntime folds and prepacks
     constant weights, not inputs).
 
-    Needs the groups' inputs to be computed in graph order (their producers strictly increasing: a chain, as in
-    ResNets and MobileNets) and the values kept between segments to fit in ``limit_bytes``; else
-    :class:`_Unsegmented` (``ValueError`` from the constructor)."""
+    Needs the values read to be computed in graph order (their producers non-decreasing: :func:`reconstruct` sorts
+    the layers so; the original's layer outputs may not be) and the values kept between segments to fit in
+    ``limit_bytes``; else :class:`_Unsegmented` (``ValueError`` from the constructor)."""
 
     def __init__(self, model: ir.Model, reads: list[str], data: DataSource, samples: int, limit_bytes: int) -> None:
         ShapeInferencePass(strict_mode=False)(model)
@@ -531,8 +544,8 @@ class _Segments:
         position = {id(node): i for i, node in enumerate(order)}
         values = {v.name: v for node in order for v in node.outputs}
         values.update({v.name: v for v in model.graph.inputs})
-        cuts = [position[id(values[r].producer())] if values[r].producer() is not None else -1 for r in reads]
-        if any(b <= a for a, b in zip(cuts, cuts[1:], strict=False)):
+        cuts = [_producer_position(values[r], position) for r in reads]
+        if any(b < a for a, b in zip(cuts, cuts[1:], strict=False)):  # equal: two graph inputs (an empty segment)
             raise ValueError("the layers' inputs are not computed in graph order")
         self.model, self.reads, self.ranges, self.inputs, self.outputs, self.drop = model, reads, [], [], [], []
         self.session: tuple[int, Session | None] = (-1, None)

@@ -364,3 +364,57 @@ def test_the_original_runs_by_segments_when_both_models_together_keep_at_most_tw
     assert kept == [pruned_bytes, original_bytes] and not whole
     for name in expected:
         np.testing.assert_allclose(weights[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def _refit_branches(monkeypatch, segment_bytes):
+    """A CSP-like block: two branches read ``c1``; the first branch's second Conv comes between them in graph order,
+    so its input is computed after the second branch's (the layers' inputs are not in graph order)."""
+    from onnxopt import stats
+    from onnxopt.passes import _reconstruct
+    from tests.passes.test_prune import _Net
+
+    monkeypatch.setattr(_reconstruct, "_SEGMENT_BYTES", segment_bytes)
+    net = _Net([("x", ["N", 3, 8, 8])], rng=np.random.default_rng(7))
+    c1 = net.node("Relu", [net.conv("x", 3, 16)])
+    a = net.node("Relu", [net.conv(c1, 16, 16)])
+    a2 = net.node("Relu", [net.conv(a, 16, 16)])
+    b = net.node("Relu", [net.conv(c1, 16, 16)])
+    cat = net.node("Concat", [a2, b], axis=1)
+    h = net.node("Flatten", [net.node("GlobalAveragePool", [net.node("Relu", [net.conv(cat, 32, 16)])])])
+    proto = net.model(net.gemm(h, 16, 4), ["N", 4])
+    feeds = {"x": np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)}
+    model = ir.from_proto(proto)
+    pass_ = ChannelPrunePass(PruneConfig(ratio=0.5, refit=True, latency_guard=False))
+    source = data.as_source(feeds, model, batch_size=8)
+    stats.attach_stats(model, stats.collect_stats(model, source, pass_.stats_request(model)))
+    pass_.context = type("Context", (), {"data": source, "seed": 0, "check": None})()
+    result = pass_(model)
+    weights = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
+    return [c1, a, cat, h], result, weights
+
+
+def test_refit_runs_a_branching_graph_by_segments_with_the_fits_of_whole_model_runs(monkeypatch):
+    """Layers fitted upstream first, in the order their inputs are computed: a branching graph runs a segment at a
+    time (each node once per batch) and gets the weights whole-model runs give; the re-fit model is closer to the
+    original than the pruned one on the calibration data."""
+    from onnxopt.passes import _reconstruct
+
+    whole_runs, segment_reads = [], []
+    unsegmented_init, segments_init = _reconstruct._Unsegmented.__init__, _reconstruct._Segments.__init__
+
+    def segments(self, model, reads, *args):
+        segment_reads.append(list(reads))
+        segments_init(self, model, reads, *args)
+
+    monkeypatch.setattr(
+        _reconstruct._Unsegmented, "__init__", lambda self, *a: whole_runs.append(1) or unsegmented_init(self, *a)
+    )
+    monkeypatch.setattr(_reconstruct._Segments, "__init__", segments)
+    reads, segmented, weights = _refit_branches(monkeypatch, 512 << 20)
+    assert not whole_runs, segment_reads  # before, the inputs' order (c1, a, c1, concat) sent it to whole-model runs
+    assert segment_reads[0] == reads  # c1's two readers fitted together, then a's, the Concat's, the Gemm's
+    _, whole, expected = _refit_branches(monkeypatch, 0)  # nothing may be kept between segments
+    assert whole_runs
+    assert segmented.changes[-1].site == whole.changes[-1].site and "layers" in segmented.changes[-1].site
+    for name in expected:  # float32 sessions with the weights as constants or as inputs: rounding, amplified by
+        np.testing.assert_allclose(weights[name], expected[name], rtol=1e-4, atol=1e-5)  # the least squares
