@@ -137,3 +137,34 @@ def test_few_groups_keep_the_greedy_per_group_search(tmp_path, monkeypatch):
     monkeypatch.setattr(ChannelPrunePass, "_allocate", lambda self, *a: called.append(1))
     report = _search(path, _feeds(), _feeds(seed=2))
     assert report.ok and not called
+
+
+def test_many_small_batches_run_side_by_side_with_the_losses_of_one_after_another(monkeypatch):
+    """Batches of one sample (a model of fixed batch 1) are scored on worker threads, one onnxruntime thread each:
+    the same reference and losses as scoring them one after another."""
+    import threading
+
+    from onnxopt import runtime
+
+    proto = builders.mlp(sizes=DEEP, seed=2)
+    feeds = _feeds(n=8)
+    model, analysis, table, _ = _analysed(proto, feeds)
+    source = data.as_source(feeds, model, batch_size=1)
+    threads, run = [], runtime.Session.run
+    monkeypatch.setattr(
+        runtime.Session, "run", lambda self, *a: threads.append(threading.current_thread()) or run(self, *a)
+    )
+    losses = {}
+    for count in ("1", "2"):
+        monkeypatch.setenv("ONNXOPT_THREADS", count)
+        threads.clear()
+        proxy = MaskedProxy(model, analysis, table, source, samples=8)
+        assert len(proxy.batches) == 8 and proxy.workers == int(count)
+        assert proxy.session.inner.get_session_options().intra_op_num_threads == 1
+        names = sorted(proxy.inputs)  # the values a masked consumer reads
+        removals = [{}, {names[0]: np.array([0, 3])}, {names[0]: np.array([1]), names[-1]: np.array([2, 5, 7])}]
+        losses[count] = [proxy.loss(removed) for removed in removals]
+        on_main = [t is threading.main_thread() for t in threads]  # the reference's 8 runs, then 8 per loss
+        assert len(on_main) == 8 * 4 and (all(on_main) if count == "1" else not any(on_main))
+    assert losses["1"][0] == 0.0 and min(losses["1"][1:]) > 1e-6
+    assert losses["2"] == losses["1"]
