@@ -31,9 +31,10 @@ checks (candidates, stopped early, samples scored of those a full check scores, 
 time saved) and a digest of the written model (the same digest: the same model). Written to
 ``bench/results/own_cost_search.md`` unless ``--out`` says otherwise.
 
-Prune speed (``--speed mobilenet_v2,resnet20,resnet56,ultraface,superres``): ``onnxopt run --passes prune`` and
-``--passes prune --prune-refit`` (``--speed-variants prune,refit``; ``norefit``: ``--no-prune-refit``; plain prune
-has refit auto) on real pairs of bench/_real_tasks.py with the
+Prune speed (``--speed mobilenet_v2,resnet20,resnet56,ultraface,superres``; also ``efficientnet_lite0`` and
+``yolox_nano``, a pair only this benchmark runs): ``onnxopt run --passes prune`` and ``--passes prune
+--prune-refit`` (``--speed-variants prune,refit``; ``norefit``: ``--no-prune-refit``; plain prune has refit auto)
+on real pairs of bench/_real_tasks.py with the
 budget flags bench/real.py gives onnxopt (top-1 drop, PSNR floor, worst cosine), the pair's calibration split as
 ``--data`` and its budget split as ``--eval``, written once as .npz files to ``--data-dir`` (default
 ``--cache``/prune_speed) and reused. Per run: wall seconds, peak RSS, the prune pass's seconds and budget checks,
@@ -41,7 +42,7 @@ the MACs after, the metric on the budget split, and the 1-minute load average be
 jobs on the machine make wall times upper bounds). Each run starts with an empty latency record
 (``ONNXOPT_CACHE_DIR``), so prune's latency guard times its models as on a first run. Written to
 ``bench/results/prune_speed.md`` unless ``--out`` says otherwise. One command for the lead:
-``python bench/own_cost.py --speed mobilenet_v2,resnet20,resnet56,ultraface,superres``.
+``python bench/own_cost.py --speed mobilenet_v2,efficientnet_lite0,resnet20,resnet56,ultraface,superres,yolox_nano``.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ SPEED_HEADER = [
 def speed(names: list[str], args, work: Path) -> list[str]:
     """`prune` and `prune --prune-refit` on each real pair: one table row per run, then the commands."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from _real_tasks import LOADERS, Skip
+    from _real_tasks import LOADERS, SPEED_ONLY, Skip
     from real import onnxopt_flags  # the budget flags bench/real.py gives onnxopt
 
     data_dir = Path(args.data_dir or Path(args.cache) / "prune_speed")
@@ -187,7 +188,7 @@ def speed(names: list[str], args, work: Path) -> list[str]:
     for name in names:
         calib, evaluation = data_dir / f"{name}.calib.npz", data_dir / f"{name}.eval.npz"
         try:
-            task = LOADERS[name](Path(args.shared), Path(args.cache), False)
+            task = {**LOADERS, **SPEED_ONLY}[name](Path(args.shared), Path(args.cache), False)
         except Skip as e:
             rows.append(f"| {name} | skipped: {e} |" + " |" * 8)
             continue
