@@ -247,7 +247,9 @@ def test_a_searching_pass_whose_result_misses_the_budget_is_reverted_and_reporte
     calls = _counting_validations(monkeypatch)
     report = PassManager([first, lossy, last], simplify=False, data=_data(), budget=Budget(max_abs=1e-3)).run(mlp_file)
     assert lossy.verdicts == [True]  # its search checked a candidate that holds, then returned another one
-    assert len(calls) == 3  # the search's check, the guard's check of the result, the final validation
+    # the search's check of a candidate with the input's weights (scaled by 1.0) and the guard's check of the
+    # result; the final validation of the restored input is the search's check (the same fingerprint)
+    assert len(calls) == 2
     record = report.passes[1]
     assert not record.modified and record.changes == []
     assert record.reverted.startswith("result outside the budget: ") and "max abs" in record.reverted
@@ -277,12 +279,53 @@ def test_a_result_the_search_already_checked_is_not_checked_again(mlp_file, monk
     same = _SearchThenScale(_SearchConfig(checked=1.001, factor=1.001))
     report = PassManager([same], simplify=False, data=_data(), budget=budget).run(mlp_file)
     assert report.ok and report.passes[0].modified and report.passes[0].reverted is None
-    assert len(calls) == 2  # the search's check and the final validation: the result is the checked candidate
+    assert len(calls) == 1  # the search's check, of the very result: the guard and the final validation reuse it
     calls.clear()
     other = _SearchThenScale(_SearchConfig(checked=1.001, factor=1.002))  # holds too, but was never checked
     report = PassManager([other], simplify=False, data=_data(), budget=budget).run(mlp_file)
     assert report.ok and report.passes[0].modified and report.passes[0].reverted is None
-    assert len(calls) == 3 and calls[1] is calls[2] is report.model  # the guard checked the result itself
+    assert len(calls) == 2 and calls[1] is report.model  # the guard checked the result itself, the validation reuses it
+
+
+def test_the_final_validation_of_a_checked_result_is_its_check_with_the_same_figures(mlp_file, monkeypatch):
+    """The result is the candidate the search checked: the final validation takes that check's report (every sample
+    scored) instead of running the model again. Its figures are those of a fresh validation; onnx's full checker,
+    which budget checks skip, still runs and still fails the run."""
+    import onnx
+
+    from onnxopt import data as data_mod
+    from onnxopt import manager
+
+    budget = Budget(max_abs=1e-2)
+    data = _data()
+    events = []
+    report = PassManager(
+        [_SearchThenScale(_SearchConfig(checked=1.001, factor=1.001))], simplify=False, data=data, budget=budget,
+        progress=events.append,
+    ).run(mlp_file)  # fmt: skip
+    fresh = manager.validate(mlp_file, report.model, data_mod.as_source(data, report.model), budget)
+    got, want = report.validation.to_json(), fresh.to_json()
+    assert got.keys() == want.keys() and got["ok"] and got["samples"] == want["samples"] == 32
+    for name, diff in want["outputs"].items():
+        for field, value in diff.items():
+            assert got["outputs"][name][field] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, field)
+    assert [(e.stage, e.done, e.total) for e in events if e.kind == "samples"][-1] == ("validating", 32, 32)
+
+    check_model = onnx.checker.check_model
+
+    def broken(model, full_check=False, **kwargs):  # the validation's full check fails; loading's plain one passes
+        if full_check:
+            raise onnx.checker.ValidationError("made up for the test")
+        return check_model(model, full_check=full_check, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    calls = _counting_validations(monkeypatch)
+    report = PassManager(
+        [_SearchThenScale(_SearchConfig(checked=1.001, factor=1.001))], simplify=False, data=data, budget=budget
+    ).run(mlp_file)
+    assert len(calls) == 1 and not report.ok  # the search's check only; the reused report carries the checker's
+    assert report.validation.checker_error == "made up for the test"
+    assert report.validation.failures == ["checker: made up for the test"]
 
 
 def test_a_fixed_setting_is_not_second_guessed(mlp_file, monkeypatch):
