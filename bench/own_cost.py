@@ -315,6 +315,12 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", default="500,1000,2000,5000", help="mnist_cnn calibration sizes")
     parser.add_argument("--profile", help="directory: run each child under cProfile and print the top functions")
     args = parser.parse_args(argv)
+    from _real_tasks import LOADERS, SPEED_ONLY  # bench/ is on the path (above)
+
+    for option, known in (("speed", {**LOADERS, **SPEED_ONLY}), ("search", LOADERS)):
+        unknown = [n for n in (getattr(args, option) or "").split(",") if n and n not in known]
+        if unknown:
+            parser.error(f"--{option}: unknown pair {', '.join(unknown)} (known: {', '.join(known)})")
     args.shared = str(Path(args.shared).resolve())  # the children run in a scratch directory
     load_average = os.getloadavg()[0]
     skip = set(args.skip.split(","))
