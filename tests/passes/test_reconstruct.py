@@ -202,13 +202,18 @@ def _refit_chain(monkeypatch, segment_bytes):
     for cin, cout in ((3, 16), (16, 16), (16, 16)):
         h = net.node("Relu", [net.conv(h, cin, cout)])
     h = net.node("Flatten", [net.node("GlobalAveragePool", [h])])
-    proto = net.model(net.gemm(h, 16, 4), ["N", 4])
+    return _prune_refit(net.model(net.gemm(h, 16, 4), ["N", 4]))
+
+
+def _prune_refit(proto):
+    """``proto`` pruned at ratio 0.5 with refit on 40 seeded samples (batches of 8): the pass's result and the
+    pruned model's weights."""
+    from onnxopt import stats
+
     feeds = {"x": np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)}
     model = ir.from_proto(proto)
     pass_ = ChannelPrunePass(PruneConfig(ratio=0.5, refit=True, latency_guard=False))
     source = data.as_source(feeds, model, batch_size=8)
-    from onnxopt import stats
-
     stats.attach_stats(model, stats.collect_stats(model, source, pass_.stats_request(model)))
     pass_.context = type("Context", (), {"data": source, "seed": 0, "check": None})()
     result = pass_(model)
@@ -369,7 +374,6 @@ def test_the_original_runs_by_segments_when_both_models_together_keep_at_most_tw
 def _refit_branches(monkeypatch, segment_bytes):
     """A CSP-like block: two branches read ``c1``; the first branch's second Conv comes between them in graph order,
     so its input is computed after the second branch's (the layers' inputs are not in graph order)."""
-    from onnxopt import stats
     from onnxopt.passes import _reconstruct
     from tests.passes.test_prune import _Net
 
@@ -381,22 +385,13 @@ def _refit_branches(monkeypatch, segment_bytes):
     b = net.node("Relu", [net.conv(c1, 16, 16)])
     cat = net.node("Concat", [a2, b], axis=1)
     h = net.node("Flatten", [net.node("GlobalAveragePool", [net.node("Relu", [net.conv(cat, 32, 16)])])])
-    proto = net.model(net.gemm(h, 16, 4), ["N", 4])
-    feeds = {"x": np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)}
-    model = ir.from_proto(proto)
-    pass_ = ChannelPrunePass(PruneConfig(ratio=0.5, refit=True, latency_guard=False))
-    source = data.as_source(feeds, model, batch_size=8)
-    stats.attach_stats(model, stats.collect_stats(model, source, pass_.stats_request(model)))
-    pass_.context = type("Context", (), {"data": source, "seed": 0, "check": None})()
-    result = pass_(model)
-    weights = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
+    result, weights = _prune_refit(net.model(net.gemm(h, 16, 4), ["N", 4]))
     return [c1, a, cat, h], result, weights
 
 
 def test_refit_runs_a_branching_graph_by_segments_with_the_fits_of_whole_model_runs(monkeypatch):
     """Layers fitted upstream first, in the order their inputs are computed: a branching graph runs a segment at a
-    time (each node once per batch) and gets the weights whole-model runs give; the re-fit model is closer to the
-    original than the pruned one on the calibration data."""
+    time (each node once per batch) and gets the weights whole-model runs give."""
     from onnxopt.passes import _reconstruct
 
     whole_runs, segment_reads = [], []
