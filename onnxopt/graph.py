@@ -199,6 +199,26 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     return path
 
 
+def serialize(model: ir.Model) -> bytes | None:
+    """``model`` as ONNX protobuf bytes that load on their own, at an IR version onnxruntime reads, as :func:`save`
+    writes it: the initializers the input kept in its .data file are copied in. ``None`` when the bytes would not
+    load on their own: weights over :data:`EXTERNAL_DATA_THRESHOLD` (one protobuf holds 2 GB), or a node
+    attribute's tensor in an external file (onnxruntime resolves such a path only from a model file)."""
+    if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        return None
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            tensors = attr.value if attr.type == ir.AttributeType.TENSORS else [attr.value]
+            if attr.type in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS) and any(
+                isinstance(t, ir.ExternalTensor) for t in tensors
+            ):
+                return None
+    with _weights_in_memory(model):
+        proto = ir.serde.serialize_model(model)
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    return proto.SerializeToString()
+
+
 def make_temp_dir(prefix: str, parent: str | os.PathLike | None = None, *, suffix: str = "") -> Path:
     """A fresh directory ``<prefix><pid>-<random><suffix>`` in ``parent`` (the system temp dir by default).
 
@@ -287,8 +307,8 @@ def _check_self_contained(path: Path, data_name: str | None) -> None:
 def temporary_model_file(model: ir.Model) -> Iterator[Path]:
     """Save ``model`` into a fresh temporary directory and yield the file path; removed on exit.
 
-    onnxruntime sessions are opened from a path, never from bytes: a model with external data
-    opened from bytes fails "External data path validation failed".
+    A model whose tensors stay in an external file is opened from a path, never from bytes: opened from bytes it
+    fails "External data path validation failed" (:func:`serialize` copies initializers in, or declines).
     """
     tmp_dir = make_temp_dir("onnxopt-")
     try:

@@ -9,10 +9,12 @@ own fusions neither hide nor add differences; latency uses the full optimization
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import shutil
 import statistics
+import tempfile
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +80,14 @@ def work_threads() -> int:
     return max(1, min(cores, _MAX_WORK_THREADS))
 
 
+@functools.cache
+def _remove_stale_session_dirs(parent: str) -> None:
+    """Once per process and temporary directory: remove the folders that sessions of runs that no longer run
+    (SIGKILLed) left there; :func:`onnxopt.graph.make_temp_dir` does it only for a session opened through a file,
+    and most open from memory."""
+    graph_io.remove_stale_temp_dirs("onnxopt-session-", Path(parent))
+
+
 class Session:
     """An onnxruntime ``InferenceSession`` plus the temporary file it was opened from (if any)."""
 
@@ -94,10 +104,20 @@ class Session:
         import onnxruntime as ort
 
         self._tmp_dir: Path | None = None
-        if isinstance(source, ir.Model) or profile:  # the profile is written beside the temporary model
+        _remove_stale_session_dirs(tempfile.gettempdir())
+        # an ir.Model is handed over as bytes (a file's save, checks and temporary directory cost more than the
+        # session of a small segment), through a file when the bytes would not load on their own
+        # (graph_io.serialize) or when profiled (the profile is written beside the temporary model)
+        self.model = source if isinstance(source, ir.Model) else None  # what a checker reads when path is None
+        data = graph_io.serialize(source) if isinstance(source, ir.Model) and not profile else None
+        in_memory = data is not None
+        if (isinstance(source, ir.Model) and not in_memory) or profile:
             self._tmp_dir = graph_io.make_temp_dir("onnxopt-session-")
             weakref.finalize(self, shutil.rmtree, self._tmp_dir, True)
-        if isinstance(source, ir.Model):
+        path: Path | bytes
+        if in_memory:
+            path = data
+        elif isinstance(source, ir.Model):
             path = graph_io.save(source, self._tmp_dir / "model.onnx")
         else:
             path = Path(source)
@@ -113,8 +133,9 @@ class Session:
         if profile:
             options.enable_profiling = True
             options.profile_file_prefix = str(self._tmp_dir / "profile")
-        self.path = path
-        self.inner = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = None if in_memory else path  # the model file (None: opened from memory)
+        model = path if in_memory else str(path)
+        self.inner = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.inner.get_inputs()]
         self.output_names = [o.name for o in self.inner.get_outputs()]
 

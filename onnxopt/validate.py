@@ -455,7 +455,7 @@ def validate_many(
             report = ValidationReport(ok=False, samples=0, data=data.description, budget=budget)
             reports.append(report)
             if isinstance(candidate, Session):
-                candidate = candidate.path
+                candidate = candidate.path if candidate.path is not None else candidate.model
             if check:
                 if isinstance(candidate, ir.Model):
                     candidate = stack.enter_context(graph_io.temporary_model_file(candidate))
@@ -588,7 +588,11 @@ def validate(
         return report
     if check:
         try:
-            onnx.checker.check_model(str(candidate.path), full_check=True)
+            if candidate.path is not None:
+                onnx.checker.check_model(str(candidate.path), full_check=True)
+            else:  # opened from memory
+                with graph_io.temporary_model_file(candidate.model) as path:
+                    onnx.checker.check_model(str(path), full_check=True)
         except Exception as e:
             report.checker_error = first_line(e)
             report.failures.append(f"checker: {report.checker_error}")

@@ -111,8 +111,32 @@ def test_large_weights_go_to_external_data(tmp_path, monkeypatch):
     from onnxopt.runtime import Session
 
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
-    np.testing.assert_array_equal(Session(reloaded).run({"x": x})["y"], builders.run(proto, {"x": x})["y"])
+    session = Session(reloaded)  # too big for one protobuf (the threshold): opened through a temporary file
+    assert session.path is not None and session.path.name == "model.onnx"
+    np.testing.assert_array_equal(session.run({"x": x})["y"], builders.run(proto, {"x": x})["y"])
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+
+
+def test_a_session_of_a_model_opens_from_memory_with_the_weights_of_its_data_file(tmp_path):
+    """A model whose initializers are in its .data file opens from memory (the weights copied into the bytes: no
+    temporary file), computes what the file-backed session computes, and the model is left as it was."""
+    from onnxopt.runtime import Session
+
+    proto = builders.mlp(sizes=(64, 64, 4))
+    out = graph.save(ir.from_proto(proto), tmp_path / "m.onnx", external_data=True)
+    reloaded = graph.load(out)
+
+    def on_file():
+        return [n for n, v in reloaded.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)]
+
+    external = on_file()
+    assert external
+    session = Session(reloaded)
+    assert session.path is None and session.model is reloaded
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_array_equal(session.run({"x": x})["y"], Session(out).run({"x": x})["y"])
+    assert on_file() == external
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
 
 
 def test_add_initializer_keeps_the_array_shape_scalars_included():
