@@ -321,7 +321,7 @@ def conv_patches(x: np.ndarray, kernel_shape: tuple[int, ...], attrs: Mapping[st
     strides = list(attrs.get("strides") or [1] * rank)
     dilations = list(attrs.get("dilations") or [1] * rank)
     pads = conv_pads(spatial, kernel_shape, strides, dilations, attrs)
-    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)])
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)]) if any(pads) else x
     extent = [d * (k - 1) + 1 for k, d in zip(kernel_shape, dilations, strict=True)]
     windows = np.lib.stride_tricks.sliding_window_view(padded, extent, axis=tuple(range(2, 2 + rank)))
     index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)

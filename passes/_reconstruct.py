@@ -39,6 +39,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt import graph as graph_io
 from onnxopt.data import DataSource
+from onnxopt.passes._segments import bytes_per_sample, known_bytes_per_sample, segment
 from onnxopt.passes._transformer_groups import bias_add
 from onnxopt.runtime import Session
 from onnxopt.stats import conv_patches, expose
@@ -178,7 +179,7 @@ def reconstruct(
     except ValueError as e:
         logger.debug("reconstruction: the whole model runs per layer: %s", e)
         runner, runs = _Unsegmented(feeds_model, reads_in_order), 0
-    outputs_bytes = _known_bytes_per_sample([_output(originals[n]) for n in targets])
+    outputs_bytes = known_bytes_per_sample([_output(originals[n]) for n in targets])
     too_big = outputs_bytes is not None and outputs_bytes * max(uses) > _CACHE_BYTES  # known without a run
     cached = None if too_big else _original_outputs(original_session, data, out_names, max(uses))
     original_runner = None
@@ -407,15 +408,15 @@ class _Layer:
         for i in range(len(x)):
             view = conv_patches(x[i : i + 1], self.kernel, attrs)[0]  # (*out, C, *kernel), nothing copied
             out = view.shape[: len(self.kernel)]
-            target = np.moveaxis(t[i], 0, -1).reshape(-1, t.shape[1])
+            target = t[i].reshape(t.shape[1], -1)  # (M, positions), a view
             positions = int(np.prod(out))
-            if positions != len(target):
-                raise ValueError(f"{self.op}: {positions} patches for {len(target)} output positions")
-            if positions > per_sample:  # only the rows kept are copied out of the view
+            if positions != target.shape[1]:
+                raise ValueError(f"{self.op}: {positions} patches for {target.shape[1]} output positions")
+            if positions > per_sample:  # only the rows kept are copied out of the views
                 pick = rng.choice(positions, per_sample, replace=False)
-                patches, target = view[np.unravel_index(pick, out)].reshape(len(pick), -1), target[pick]
+                patches, target = view[np.unravel_index(pick, out)].reshape(len(pick), -1), target[:, pick].T
             else:
-                patches = view.reshape(positions, -1)
+                patches, target = view.reshape(positions, -1), target.T
             feats.append(patches)
             targs.append(target)
         return np.concatenate(feats), np.concatenate(targs)
@@ -567,7 +568,7 @@ class _Segments:
             self.outputs.append(out)
             live = (live | set(out)) - {name for name in live | set(out) if last_use.get(name, -1) <= cut}
             self.drop.append(sorted(n for n in set(fed) | set(out) if n not in live and n != read))
-            per_sample_bytes = max(per_sample_bytes, sum(_bytes_per_sample(values[n]) for n in live))
+            per_sample_bytes = max(per_sample_bytes, sum(bytes_per_sample(values[n]) for n in live))
             self.ranges.append((start, cut + 1) if keep else None)
             start = cut + 1
         self.kept_bytes = per_sample_bytes * samples
@@ -582,7 +583,7 @@ class _Segments:
             if self.session[0] != step:  # built when first run: the layers fitted so far have their weights now
                 self.session = (
                     step,
-                    Session(_segment(self.model, *self.ranges[step], self.outputs[step], feeds), optimize=True),
+                    Session(segment(self.model, *self.ranges[step], self.outputs[step], feeds), optimize=True),
                 )
             given = {name: state[name] if name in state else feeds[name] for name in self.inputs[step]}
             state.update(self.session[1].run(given, self.outputs[step]))
@@ -602,59 +603,3 @@ class _Unsegmented:
     def run(self, step: int, index: int, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         read = self.reads[step]
         return self.session.run(feeds, [read])[read]
-
-
-def _bytes_per_sample(value: ir.Value) -> int:
-    """Bytes of one sample of ``value`` (its shape's dimensions after the first; unknown ones count as 4096)."""
-    dims = list(value.shape)[1:] if value.shape is not None else [4096]
-    return 4 * int(np.prod([d if isinstance(d, int) else 4096 for d in dims]))
-
-
-def _known_bytes_per_sample(values: list[ir.Value]) -> int | None:
-    """Bytes of one sample of all ``values`` (distinct), or ``None`` when a shape is not fully known."""
-    total = 0
-    for value in {id(v): v for v in values}.values():
-        dims = list(value.shape)[1:] if value.shape is not None else [None]
-        if not all(isinstance(d, int) for d in dims):
-            return None
-        total += 4 * int(np.prod(dims))
-    return total
-
-
-def _segment(model: ir.Model, start: int, stop: int, outputs: list[str], weights: Mapping[str, np.ndarray]) -> ir.Model:
-    """Nodes ``start .. stop-1`` of ``model`` as a model of their own: what they read from earlier nodes becomes an
-    input, ``outputs`` its outputs; initializers named in ``weights`` hold those arrays (constants, so onnxruntime
-    prepacks them as it does for the deployed model). Only those nodes are copied (a segment is built per layer
-    group and re-fit; copying the whole model for each was a third of the segments' cost on ResNet-56)."""
-    mapping: dict[int, ir.Value] = {}  # a value of `model` -> the segment's
-    inputs: list[ir.Value] = []
-    initializers: list[ir.Value] = []
-    nodes = []
-    for node in list(model.graph)[start:stop]:
-        for value in node.inputs:
-            if value is None or id(value) in mapping:
-                continue
-            copy = ir.Value(name=value.name, shape=value.shape, type=value.type)
-            if value.is_initializer():
-                array = weights.get(value.name)
-                fitted = None if array is None else ir.tensor(np.ascontiguousarray(array), name=value.name)
-                copy.const_value = value.const_value if fitted is None else fitted
-                initializers.append(copy)
-            else:  # a graph input, or computed before the segment
-                inputs.append(copy)
-            mapping[id(value)] = copy
-        ins = [None if value is None else mapping[id(value)] for value in node.inputs]
-        copy = ir.Node(
-            node.domain, node.op_type, ins, node.attributes.values(), overload=node.overload,
-            num_outputs=len(node.outputs), version=node.version, name=node.name,
-        )  # fmt: skip
-        for old, value in zip(node.outputs, copy.outputs, strict=True):
-            value.name, value.shape, value.type = old.name, old.shape, old.type
-            mapping[id(old)] = value
-        nodes.append(copy)
-    by_name = {value.name: value for node in nodes for value in node.outputs}
-    graph = ir.Graph(
-        inputs, [by_name[name] for name in outputs], nodes=nodes, initializers=initializers,
-        opset_imports=dict(model.graph.opset_imports),
-    )  # fmt: skip
-    return ir.Model(graph, ir_version=model.ir_version)
