@@ -29,8 +29,9 @@ import onnx_ir as ir
 
 from onnxopt.data import DataSource
 from onnxopt.passes._channel_groups import Analysis
+from onnxopt.passes._proxy_cuts import Cuts
 from onnxopt.runtime import Session, work_threads
-from onnxopt.stats import StatsTable
+from onnxopt.stats import StatsTable, expose
 
 __all__ = ["MaskedProxy", "masked_model"]
 
@@ -120,10 +121,15 @@ class MaskedProxy:
         # threads share poorly (11.3 ms a sample on 2 threads against 14.5 on 1): such batches run side by side
         # instead, one thread each (16 samples: 120 ms against 184 ms, the same outputs to the bit).
         self.workers = min(work_threads(), len(self.batches))
-        self.session = Session(masked, optimize=True, threads=1 if self.workers > 1 else None)
+        threads = 1 if self.workers > 1 else None
+        self.masked, self.threads = masked, threads
+        self.session = Session(masked, optimize=True, threads=threads)
         self.outputs = [
             v.name for v in model.graph.outputs if v.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE, None)
         ]  # fmt: skip
+        masks = {name: (mask, fill) for name, (mask, fill, _) in self.inputs.items()}
+        self.cuts = Cuts(masked, masks, self.outputs, max(len(next(iter(f.values()))) for f in self.batches), threads)
+        self._anchor: tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]] | None = None  # masks, kept values
         self.reference = self._outputs({})
         self.energy = {
             name: max(sum(float(np.sum(np.square(r[name], dtype=np.float64))) for r in self.reference), 1e-30)
@@ -131,7 +137,8 @@ class MaskedProxy:
         }
         self.evaluations = 0
 
-    def _run(self, feeds: Mapping[str, np.ndarray], removed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _masks(self, removed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The mask and fill inputs of the removal ``{value name: channels}``."""
         extra = {}
         for name, (mask_name, fill_name, shape) in self.inputs.items():
             mask = np.ones(int(np.prod(shape)), np.float32)
@@ -141,20 +148,43 @@ class MaskedProxy:
                 mask[drop] = 0.0
                 fill[drop] = self.means[name][drop]
             extra[mask_name], extra[fill_name] = mask.reshape(shape), fill.reshape(shape)
-        return self.session.run({**feeds, **extra}, self.outputs)
+        return extra
 
-    def _outputs(self, removed: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """The masked model's outputs on every batch, in order (side by side on ``workers`` threads)."""
+    def _outputs(self, removed: Mapping[str, np.ndarray], anchor: bool = False) -> list[dict[str, np.ndarray]]:
+        """The masked model's outputs on every batch, in order (side by side on ``workers`` threads). ``anchor``:
+        keep this run's values at the cuts (:mod:`onnxopt.passes._proxy_cuts`); later removals that differ from
+        this one only from a cut on run from there."""
+        extra = self._masks(removed)
+        cut = None
+        if self._anchor is not None and not anchor:
+            masks, _ = self._anchor
+            changed = [n for n, (m, f, _) in self.inputs.items() if not (
+                np.array_equal(extra[m], masks[m]) and np.array_equal(extra[f], masks[f]))]  # fmt: skip
+            cut = self.cuts.pick(changed) if changed else None
+        if anchor and self.cuts.cuts:
+            session = Session(expose(self.masked, self.cuts.kept), optimize=True, threads=self.threads)
+            run = lambda i: session.run({**self.batches[i], **extra})  # noqa: E731
+        elif cut is not None:
+            run = lambda i: self.cuts.run(cut, {**self.batches[i], **extra}, self._anchor[1][i])  # noqa: E731
+        else:
+            run = lambda i: self.session.run({**self.batches[i], **extra}, self.outputs)  # noqa: E731
         if self.workers < 2:
-            return [self._run(feeds, removed) for feeds in self.batches]
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="onnxopt-proxy") as pool:
-            return list(pool.map(lambda feeds: self._run(feeds, removed), self.batches))
+            results = [run(i) for i in range(len(self.batches))]
+        else:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="onnxopt-proxy") as pool:
+                results = list(pool.map(run, range(len(self.batches))))
+        if anchor and self.cuts.cuts:
+            self._anchor = (extra, [{name: r[name] for name in self.cuts.kept} for r in results])
+            results = [{name: r[name] for name in self.outputs} for r in results]
+        return results
 
-    def loss(self, removed: Mapping[str, np.ndarray]) -> float:
-        """Mean over float outputs of ``Σ‖y' − y‖² / Σ‖y‖²`` for the removal ``{value name: channels}``."""
+    def loss(self, removed: Mapping[str, np.ndarray], *, anchor: bool = False) -> float:
+        """Mean over float outputs of ``Σ‖y' − y‖² / Σ‖y‖²`` for the removal ``{value name: channels}``.
+        ``anchor``: the search's base removal, which most later removals differ from in one group only (their runs
+        start at a cut before that group's masks, on this run's values)."""
         self.evaluations += 1
         errors = dict.fromkeys(self.outputs, 0.0)
-        for got, reference in zip(self._outputs(removed), self.reference, strict=True):
+        for got, reference in zip(self._outputs(removed, anchor), self.reference, strict=True):
             for name in self.outputs:
                 diff = got[name].astype(np.float64) - reference[name]
                 errors[name] += float(np.sum(np.square(np.nan_to_num(diff, nan=1e30, posinf=1e30, neginf=1e30))))
@@ -190,7 +220,7 @@ class Curves:
         self.proxy, self.groups, self.grid, self.removal = proxy, groups, grid, removal
         self.cap, self.costs = cap, costs
         self.count, removed = removal({})
-        self.base = proxy.loss(removed)
+        self.base = proxy.loss(removed, anchor=True)
         # (ratio, error over base, fraction of the layer time saved (0 without costs))
         self.steps: dict[int, list[tuple[float, float, float]]] = {g: [] for g in groups}
         self._next = dict.fromkeys(groups, 0)  # index into grid of each group's next step

@@ -106,7 +106,8 @@ def test_many_groups_are_allocated_by_the_proxy_and_the_result_holds(tmp_path, m
     path = builders.save(proto, tmp_path / "m.onnx")
     losses = []
     original_loss = MaskedProxy.loss
-    monkeypatch.setattr(MaskedProxy, "loss", lambda self, removed: losses.append(1) or original_loss(self, removed))
+    counted = lambda self, removed, **k: losses.append(1) or original_loss(self, removed, **k)  # noqa: E731
+    monkeypatch.setattr(MaskedProxy, "loss", counted)
     report = _search(path, _feeds(), _feeds(seed=2))
     record = report.passes[0]
     assert report.ok and record.modified
@@ -168,3 +169,45 @@ def test_many_small_batches_run_side_by_side_with_the_losses_of_one_after_anothe
         assert len(on_main) == 8 * 4 and (all(on_main) if count == "1" else not any(on_main))
     assert losses["1"][0] == 0.0 and min(losses["1"][1:]) > 1e-6
     assert losses["2"] == losses["1"]
+
+
+def test_removals_that_differ_from_the_anchor_downstream_run_from_a_cut_with_the_losses_of_whole_runs(monkeypatch):
+    """After the anchor (the search's base removal), a removal that changes only later layers' masks runs the
+    masked model from a cut, on the anchor's values before it: the losses of whole-model runs; a removal that
+    changes the first layer's masks, or none, runs whole."""
+    from onnxopt.passes import _proxy_cuts
+
+    proto = builders.mlp(sizes=DEEP, seed=2)
+    feeds = _feeds()
+    model, analysis, table, source = _analysed(proto, feeds)
+    cut_runs = []
+    run = _proxy_cuts.Cuts.run
+    monkeypatch.setattr(_proxy_cuts.Cuts, "run", lambda self, cut, *a: cut_runs.append(cut) or run(self, cut, *a))
+    proxies = {}
+    for mode in ("cuts", "whole"):
+        proxy = MaskedProxy(model, analysis, table, source, samples=32)
+        if mode == "whole":
+            proxy.cuts.cuts = []
+        proxies[mode] = proxy
+    cuts = proxies["cuts"].cuts
+    names = sorted(cuts.at, key=cuts.at.get)  # the masked values in graph order
+    assert len(names) == 6 and len(cuts.cuts) >= 4 and cuts.cuts[0] > 0
+    base = {names[1]: np.array([0, 5])}
+    removals = [
+        {**base, names[-1]: np.array([1, 2])},
+        {**base, names[3]: np.array([4])},
+        {names[1]: np.array([0, 5, 7])},  # the anchor's layer itself, changed
+        {**base, names[0]: np.array([3])},  # the first layer: before every cut
+        base,  # the anchor again
+    ]
+    losses = {}
+    for mode, proxy in proxies.items():
+        cut_runs.clear()
+        losses[mode] = [proxy.loss(base, anchor=True)] + [proxy.loss(removed) for removed in removals]
+        if mode == "cuts":  # each batch of the first three removals from its layer's cut; the last two whole
+            where = [cuts.at[names[-1]], cuts.at[names[3]], cuts.at[names[1]]]
+            assert cut_runs == [cut for cut in where for _ in proxy.batches]
+        else:
+            assert cut_runs == []
+    assert min(losses["whole"][1:]) > 1e-6
+    np.testing.assert_allclose(losses["cuts"], losses["whole"], rtol=1e-6, atol=0)
