@@ -98,9 +98,11 @@ class Session:
         optimize: bool = False,
         threads: int | None = None,
         profile: bool = False,
+        arena: bool = True,
     ):
         """``threads``: onnxruntime's intra-op threads (default :func:`work_threads`; latency passes its own).
-        ``profile``: record onnxruntime's per-kernel profile (read with :meth:`end_profiling`)."""
+        ``profile``: record onnxruntime's per-kernel profile (read with :meth:`end_profiling`). ``arena=False``:
+        no memory arena (which keeps a run's peak memory for the next run), for sessions kept open beside others."""
         import onnxruntime as ort
 
         self._tmp_dir: Path | None = None
@@ -129,6 +131,7 @@ class Session:
         if threads is None:  # onnxopt's own runs: idle pool threads sleep instead of spinning (see work_threads)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.inter_op_num_threads = 1
+        options.enable_cpu_mem_arena = arena
         options.log_severity_level = LOG_SEVERITY
         if profile:
             options.enable_profiling = True

@@ -128,7 +128,7 @@ class MaskedProxy:
             v.name for v in model.graph.outputs if v.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE, None)
         ]  # fmt: skip
         masks = {name: (mask, fill) for name, (mask, fill, _) in self.inputs.items()}
-        self.cuts = Cuts(masked, masks, self.outputs, max(len(next(iter(f.values()))) for f in self.batches), threads)
+        self.cuts = Cuts(masked, masks, self.outputs, self.samples, threads)
         self._anchor: tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]] | None = None  # masks, kept values
         self.reference = self._outputs({})
         self.energy = {
@@ -162,10 +162,11 @@ class MaskedProxy:
                 np.array_equal(extra[m], masks[m]) and np.array_equal(extra[f], masks[f]))]  # fmt: skip
             cut = self.cuts.pick(changed) if changed else None
         if anchor and self.cuts.cuts:
-            session = Session(expose(self.masked, self.cuts.kept), optimize=True, threads=self.threads)
+            session = Session(expose(self.masked, self.cuts.kept), optimize=True, threads=self.threads, arena=False)
             run = lambda i: session.run({**self.batches[i], **extra})  # noqa: E731
         elif cut is not None:
-            run = lambda i: self.cuts.run(cut, {**self.batches[i], **extra}, self._anchor[1][i])  # noqa: E731
+            suffix = self.cuts.runner(cut)
+            run = lambda i: suffix({**self.batches[i], **extra}, self._anchor[1][i])  # noqa: E731
         else:
             run = lambda i: self.session.run({**self.batches[i], **extra}, self.outputs)  # noqa: E731
         if self.workers < 2:
@@ -177,6 +178,12 @@ class MaskedProxy:
             self._anchor = (extra, [{name: r[name] for name in self.cuts.kept} for r in results])
             results = [{name: r[name] for name in self.outputs} for r in results]
         return results
+
+    def close_cuts(self) -> None:
+        """Free the memory the runs from a cut hold (the anchor's values, the suffix sessions): later removals run
+        the whole model, with the same losses."""
+        self.cuts.close()
+        self._anchor = None
 
     def loss(self, removed: Mapping[str, np.ndarray], *, anchor: bool = False) -> float:
         """Mean over float outputs of ``Σ‖y' − y‖² / Σ‖y‖²`` for the removal ``{value name: channels}``.

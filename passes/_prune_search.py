@@ -294,6 +294,7 @@ class PruneSearch:
         tau = "error" if costs is None else "error per time saved"  # what the threshold is, for the report
         search = ThresholdSearch(at, trial, lambda ratios: setting_key(0.0, ratios, self._refit) not in self._verdicts)
         lo, hi, best = search.bisect(lo, hi, {}, config.steps)
+        proxy.close_cuts()  # the refits' memory comes next; the few proxy runs left run whole
 
         def rest() -> tuple[tuple[float, dict[int, float]], str]:  # phase 3, re-fitted: τ doubled up from hi
             found = search.gallop(hi, math.log(curves.top()), at(hi), min(config.steps, _REFIT_STEPS) - 1)

@@ -181,8 +181,8 @@ def test_removals_that_differ_from_the_anchor_downstream_run_from_a_cut_with_the
     feeds = _feeds()
     model, analysis, table, source = _analysed(proto, feeds)
     cut_runs = []
-    run = _proxy_cuts.Cuts.run
-    monkeypatch.setattr(_proxy_cuts.Cuts, "run", lambda self, cut, *a: cut_runs.append(cut) or run(self, cut, *a))
+    runner = _proxy_cuts.Cuts.runner
+    monkeypatch.setattr(_proxy_cuts.Cuts, "runner", lambda self, cut: cut_runs.append(cut) or runner(self, cut))
     proxies = {}
     for mode in ("cuts", "whole"):
         proxy = MaskedProxy(model, analysis, table, source, samples=32)
@@ -204,10 +204,14 @@ def test_removals_that_differ_from_the_anchor_downstream_run_from_a_cut_with_the
     for mode, proxy in proxies.items():
         cut_runs.clear()
         losses[mode] = [proxy.loss(base, anchor=True)] + [proxy.loss(removed) for removed in removals]
-        if mode == "cuts":  # each batch of the first three removals from its layer's cut; the last two whole
+        if mode == "cuts":  # the first three removals from their layer's cut, the last two whole
             where = [cuts.at[names[-1]], cuts.at[names[3]], cuts.at[names[1]]]
-            assert cut_runs == [cut for cut in where for _ in proxy.batches]
+            assert cut_runs == where
         else:
             assert cut_runs == []
     assert min(losses["whole"][1:]) > 1e-6
     np.testing.assert_allclose(losses["cuts"], losses["whole"], rtol=1e-6, atol=0)
+    cut_runs.clear()
+    proxies["cuts"].close_cuts()  # the anchor's values and the suffix sessions freed: whole runs, the same loss
+    np.testing.assert_allclose(proxies["cuts"].loss(removals[0]), losses["cuts"][1], rtol=1e-6, atol=0)
+    assert cut_runs == [] and proxies["cuts"].cuts.cuts == []
