@@ -31,7 +31,8 @@ _CUT_BYTES = 256 << 20  # the anchor's values kept for the cuts, at most
 _SESSION_BYTES = 256 << 20  # the weights of the suffix sessions kept open, at most
 # Suffix sessions kept open, at most; they run without onnxruntime's memory arena (which keeps each run's peak).
 # YOLOX-nano's prune peaked at 3.2 GB with 65 suffixes open and arenas on, 1.4 GB with arenas off; with at most 8 of
-# its 37 suffixes open, 1.0 GB and no slower (0.6 GB without cuts).
+# its 37 suffixes open, 1.0 GB and no slower; 0.72-0.76 GB once the cuts are freed before the re-fits (0.6 GB
+# without cuts).
 _SESSIONS = 8
 _MIN_SKIPPED = 0.1  # a cut skips at least this fraction of the nodes
 
