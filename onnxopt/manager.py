@@ -31,7 +31,7 @@ from onnxopt import data as data_mod
 from onnxopt import early_stop as early_stopping
 from onnxopt import graph as graph_io
 from onnxopt import metrics as metrics_mod
-from onnxopt.errors import CalibrationError, UsageError, first_line
+from onnxopt.errors import CalibrationError, UsageError
 from onnxopt.executor import Executor, make_executor
 from onnxopt.pass_base import Change, OptPass, OptResult, PassContext, Skip, budget_figures
 from onnxopt.stats import STATS_KEY, StatsTable, attach_stats, collect_stats, get_stats
@@ -41,6 +41,7 @@ from onnxopt.validate import (
     ValidationReport,
     check_order,
     metric_baseline,
+    run_checker,
     validate,
     validate_many,
 )
@@ -796,16 +797,9 @@ def _checked(check, model: ir.Model, data: data_mod.DataSource) -> ValidationRep
     report = verdicts.get(key) if key is not None else None
     if report is None or not report.ok or report.early_stop is not None:
         return None
-    import onnx
-
     report = dataclasses.replace(report, data=data.description, failures=list(report.failures))
-    with graph_io.temporary_model_file(model) as path:
-        try:
-            onnx.checker.check_model(str(path), full_check=True)
-        except Exception as e:
-            report.checker_error = first_line(e)
-            report.failures.append(f"checker: {report.checker_error}")
-            report.ok = False
+    run_checker(report, model)
+    report.ok = report.checker_error is None
     logger.info("validation: the budget check of this very model (%d samples), not run again", report.samples)
     return report
 

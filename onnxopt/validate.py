@@ -83,7 +83,16 @@ from onnxopt.errors import DataError, UsageError, ValidationError, first_line
 from onnxopt.executor import Executor, Job, SessionOpenError, ShardCache
 from onnxopt.runtime import Session
 
-__all__ = ["Budget", "OutputDiff", "ValidationReport", "Reference", "validate", "validate_many", "metric_baseline"]
+__all__ = [
+    "Budget",
+    "OutputDiff",
+    "ValidationReport",
+    "Reference",
+    "validate",
+    "validate_many",
+    "metric_baseline",
+    "run_checker",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -426,6 +435,20 @@ class _Fold:
         report.failures.extend(judge(report, budget))
 
 
+def run_checker(report: ValidationReport, model: ir.Model | str | os.PathLike) -> None:
+    """onnx's full checker on ``model`` (a file, or an ``ir.Model`` saved to a temporary one); a failure goes into
+    ``report`` (its ``checker_error`` and a line of ``failures``)."""
+    try:
+        if isinstance(model, ir.Model):
+            with graph_io.temporary_model_file(model) as path:
+                onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(str(model), full_check=True)
+    except Exception as e:
+        report.checker_error = first_line(e)
+        report.failures.append(f"checker: {report.checker_error}")
+
+
 def validate_many(
     original: ir.Model | str | os.PathLike | Reference,
     candidates: Sequence[ir.Model | str | os.PathLike | Session],
@@ -459,11 +482,7 @@ def validate_many(
             if check:
                 if isinstance(candidate, ir.Model):
                     candidate = stack.enter_context(graph_io.temporary_model_file(candidate))
-                try:
-                    onnx.checker.check_model(str(candidate), full_check=True)
-                except Exception as e:
-                    report.checker_error = first_line(e)
-                    report.failures.append(f"checker: {report.checker_error}")
+                run_checker(report, candidate)
             missing = [name for name in names if name not in _output_names(candidate)]
             if missing:
                 report.failures.append(f"outputs missing from the optimized model: {missing}")
@@ -587,15 +606,7 @@ def validate(
         report.failures.append(f"onnxruntime cannot load the optimized model: {first_line(e)}")
         return report
     if check:
-        try:
-            if candidate.path is not None:
-                onnx.checker.check_model(str(candidate.path), full_check=True)
-            else:  # opened from memory
-                with graph_io.temporary_model_file(candidate.model) as path:
-                    onnx.checker.check_model(str(path), full_check=True)
-        except Exception as e:
-            report.checker_error = first_line(e)
-            report.failures.append(f"checker: {report.checker_error}")
+        run_checker(report, candidate.path if candidate.path is not None else candidate.model)  # None: from memory
     missing = [name for name in reference.output_names if name not in candidate.output_names]
     if missing:
         report.failures.append(f"outputs missing from the optimized model: {missing}")
