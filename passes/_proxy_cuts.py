@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from onnxopt.passes._segments import known_bytes_per_sample, segment
+from onnxopt.passes._segments import known_bytes_per_sample, last_uses, segment
 from onnxopt.runtime import Session
 
 __all__ = ["Cuts"]
@@ -66,11 +66,7 @@ class Cuts:
         for name, (mask, _) in masks.items():
             self.at[name] = min(position[id(use.node)] for use in graph_inputs[mask].uses())
         produced = {v.name: (i, v) for i, node in enumerate(order) for v in node.outputs if v.name}
-        last_use = {}
-        for i, node in enumerate(order):
-            for v in node.inputs:
-                if v is not None and v.name in produced:
-                    last_use[v.name] = i
+        last_use = last_uses(order)
         for v in model.graph.outputs:
             last_use[v.name] = len(order)
         kept: set[str] = set()

@@ -155,13 +155,14 @@ class MaskedProxy:
         keep this run's values at the cuts (:mod:`onnxopt.passes._proxy_cuts`); later removals that differ from
         this one only from a cut on run from there."""
         extra = self._masks(removed)
+        keep = anchor and bool(self.cuts.cuts)  # this run keeps the values at the cuts
         cut = None
         if self._anchor is not None and not anchor:
             masks, _ = self._anchor
             changed = [n for n, (m, f, _) in self.inputs.items() if not (
                 np.array_equal(extra[m], masks[m]) and np.array_equal(extra[f], masks[f]))]  # fmt: skip
             cut = self.cuts.pick(changed) if changed else None
-        if anchor and self.cuts.cuts:
+        if keep:
             session = Session(expose(self.masked, self.cuts.kept), optimize=True, threads=self.threads, arena=False)
             run = lambda i: session.run({**self.batches[i], **extra})  # noqa: E731
         elif cut is not None:
@@ -174,7 +175,7 @@ class MaskedProxy:
         else:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="onnxopt-proxy") as pool:
                 results = list(pool.map(run, range(len(self.batches))))
-        if anchor and self.cuts.cuts:
+        if keep:
             self._anchor = (extra, [{name: r[name] for name in self.cuts.kept} for r in results])
             results = [{name: r[name] for name in self.outputs} for r in results]
         return results

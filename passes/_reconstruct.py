@@ -39,7 +39,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt import graph as graph_io
 from onnxopt.data import DataSource
-from onnxopt.passes._segments import bytes_per_sample, known_bytes_per_sample, segment
+from onnxopt.passes._segments import bytes_per_sample, known_bytes_per_sample, last_uses, segment
 from onnxopt.passes._transformer_groups import bias_add
 from onnxopt.runtime import Session
 from onnxopt.stats import conv_patches, expose
@@ -550,11 +550,7 @@ class _Segments:
             raise ValueError("the layers' inputs are not computed in graph order")
         self.model, self.reads, self.ranges, self.inputs, self.outputs, self.drop = model, reads, [], [], [], []
         self.session: tuple[int, Session | None] = (-1, None)
-        last_use = {}
-        for node in order:
-            for v in node.inputs:
-                if v is not None and v.name:
-                    last_use[v.name] = position[id(node)]
+        last_use = last_uses(order)
         graph_inputs = {v.name for v in model.graph.inputs}
         live, per_sample_bytes = set(), 0
         start = 0

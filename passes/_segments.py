@@ -8,7 +8,17 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["bytes_per_sample", "known_bytes_per_sample", "segment"]
+__all__ = ["bytes_per_sample", "known_bytes_per_sample", "last_uses", "segment"]
+
+
+def last_uses(order: list[ir.Node]) -> dict[str, int]:
+    """Per value name, the position in ``order`` of the last node that reads it (values no node reads are absent)."""
+    last = {}
+    for i, node in enumerate(order):
+        for value in node.inputs:
+            if value is not None and value.name:
+                last[value.name] = i
+    return last
 
 
 def bytes_per_sample(value: ir.Value) -> int:
