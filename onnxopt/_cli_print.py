@@ -15,6 +15,7 @@ __all__ = [
     "print_validation",
     "metric_line",
     "print_table",
+    "print_profiles",
     "print_cost_shapes",
     "print_partial",
     "shapes_text",
@@ -173,3 +174,22 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         pairs = enumerate(zip(row, widths, strict=True))
         cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in pairs]
         print("  ".join(cells))
+
+
+def print_profiles(named, top: int = 5) -> None:
+    """``onnxopt bench --profile``: time per kind of kernel side by side, then each model's slowest kernels."""
+    from onnxopt.profile import kinds_rows
+
+    if not named:
+        return
+    first = named[0][1]
+    threads = plural(first.threads, "thread")
+    print(
+        f"\nwhere the time goes (onnxruntime's profiler, all optimizations, {threads}, median of {first.runs} runs; "
+        "us per kind of kernel, share of the model's kernel time; profiled one model after the other):"
+    )
+    print_table(kinds_rows(named))
+    for name, prof in named:
+        print(f"{name}: slowest kernels on {shapes_text(prof.feeds)}")
+        for kernel in prof.top(top):
+            print(f"  {kernel.us:9,.0f} us  {kernel.kind:<20} {kernel.op:<14} {kernel.name}")

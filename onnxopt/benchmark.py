@@ -5,6 +5,8 @@ take the same inputs are measured in interleaved rounds (median and spread over 
 a noisy machine. Inputs come from ``data`` (its first batch, at the data's own shapes) or seeded random data
 of ``input_shapes``; MACs are counted per sample at the same shapes.
 Accuracy with labelled data; agreement (top-1, or cosine for other outputs) of every model with the first.
+With ``profile_runs``, each model is also profiled on its latency inputs (:mod:`onnxopt.profile`: where the time
+goes, by kind of kernel).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from onnxopt import cost
 from onnxopt import data as data_mod
 from onnxopt import graph as graph_io
+from onnxopt.profile import Profile
 from onnxopt.runtime import Session, latency_feeds, measure_latency
 
 __all__ = ["ModelBench", "bench_models"]
@@ -41,9 +44,12 @@ class ModelBench:
     uncounted: list[dict[str, str]] = dataclasses.field(default_factory=list)
     input_shapes: dict[str, list[int | None] | None] = dataclasses.field(default_factory=dict)
     latency_inputs: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    profile: Profile | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        result = dataclasses.asdict(dataclasses.replace(self, profile=None))
+        result["profile"] = None if self.profile is None else self.profile.to_json()
+        return result
 
 
 def bench_models(
@@ -53,6 +59,7 @@ def bench_models(
     threads: Sequence[int] = (1, 2),
     rounds: int = 15,
     input_shapes: dict[str, list[int]] | None = None,
+    profile_runs: int | None = None,
 ) -> list[ModelBench]:
     """Size, parameters, MACs, latency (and with labelled data, accuracy) of each model in ``paths``.
 
@@ -89,6 +96,11 @@ def bench_models(
                     "median": round(latency.median_us, 2), "min": round(latency.min_us, 2),
                     "max": round(latency.max_us, 2),
                 }  # fmt: skip
+    if profile_runs:
+        from onnxopt.profile import profile
+
+        for index, result in enumerate(results):
+            result.profile = profile(paths[index], own[index], runs=profile_runs, threads=threads[0])
     if data:
         source = data_mod.as_source(data, models[0], what="data")
         _quality(paths, source, results)

@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", default="1,2", help="intra-op thread counts, comma-separated")
     bench.add_argument("--rounds", type=_positive_int, default=15)
     bench.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...", help="fix a dynamic input")
+    bench.add_argument(
+        "--profile", action="store_true",
+        help="also show where the time goes: onnxruntime's per-kernel profile summed by kind (depthwise, 1x1 and "
+        "spatial conv, matmul, layout, ...) and each model's slowest kernels, on the first --threads count",
+    )  # fmt: skip
     bench.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser("passes", help="list the registered passes")
@@ -581,6 +586,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     results = bench_models(
         args.models, data=data_arg, threads=threads, rounds=args.rounds,
         input_shapes=data.parse_shape_overrides(args.input_shape),
+        profile_runs=args.rounds if args.profile else None,
     )  # fmt: skip
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=1))
@@ -604,6 +610,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             shown = "; ".join(f"{u['node']} ({u['op_type']}: {u['reason']})" for u in r.uncounted[:3])
             more = f"; {len(r.uncounted) - 3} more with --json" if len(r.uncounted) > 3 else ""
             print(f"note: its MACs are partial, {len(r.uncounted)} nodes not counted: {shown}{more}")
+    if args.profile:
+        _out.print_profiles([(Path(r.path).name, r.profile) for r in results if r.profile is not None])
     return EXIT_OK
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "Latency",
     "measure_latency",
     "node_times",
+    "kernel_times",
     "TimingFeeds",
     "latency_feeds",
 ]
@@ -99,10 +100,13 @@ class Session:
         threads: int | None = None,
         profile: bool = False,
         arena: bool = True,
+        save_optimized: bool = False,
     ):
         """``threads``: onnxruntime's intra-op threads (default :func:`work_threads`; latency passes its own).
         ``profile``: record onnxruntime's per-kernel profile (read with :meth:`end_profiling`). ``arena=False``:
-        no memory arena (which keeps a run's peak memory for the next run), for sessions kept open beside others."""
+        no memory arena (which keeps a run's peak memory for the next run), for sessions kept open beside others.
+        ``save_optimized`` (with ``profile``): onnxruntime writes the graph it runs, whose node names the profile
+        uses, to ``optimized_path`` (weights over 1 KiB in a ``.data`` file beside it)."""
         import onnxruntime as ort
 
         self._tmp_dir: Path | None = None
@@ -133,9 +137,18 @@ class Session:
         options.inter_op_num_threads = 1
         options.enable_cpu_mem_arena = arena
         options.log_severity_level = LOG_SEVERITY
+        self.optimized_path: Path | None = None
         if profile:
             options.enable_profiling = True
             options.profile_file_prefix = str(self._tmp_dir / "profile")
+            if save_optimized:
+                self.optimized_path = self._tmp_dir / "optimized.onnx"
+                options.optimized_model_filepath = str(self.optimized_path)
+                options.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name", "optimized.onnx.data"
+                )
+                options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                                 "1024")  # fmt: skip
         self.path = None if in_memory else path  # the model file (None: opened from memory)
         model = path if in_memory else str(path)
         self.inner = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
@@ -157,9 +170,15 @@ def node_times(
     of the node in onnxruntime's optimized graph (a fused or re-laid-out node has a name onnxruntime makes: see
     :func:`onnxopt.passes._prune_latency.layer_times` for the way back to the input's nodes). One warm-up run is
     left out."""
+    session = Session(source, optimize=True, threads=threads, profile=True)
+    return kernel_times(session, feeds, runs=runs)
+
+
+def kernel_times(session: Session, feeds: Mapping[str, np.ndarray], *, runs: int) -> dict[str, tuple[str, float]]:
+    """Run a profiling ``session`` (``profile=True``) ``runs`` times after a warm-up run on ``feeds`` and read its
+    profile: kernel name -> (op type, median microseconds); :func:`node_times` says more."""
     import json
 
-    session = Session(source, optimize=True, threads=threads, profile=True)
     for _ in range(runs + 1):
         session.run(feeds)
     events = json.loads(Path(session.inner.end_profiling()).read_text())
