@@ -38,7 +38,10 @@ The search stops at the first point that holds the budget and reaches the target
 point within the budget (the fastest for a latency target, the smallest for a size target; the earlier, cheaper
 one on a tie) with ``reached = False`` and a reason made of what was measured: the best ratio and its pipeline,
 the pipelines that missed the budget and how, what ``quant`` found (the recipe it chose, or why it kept float),
-and whether the CPU has VNNI int8 instructions. Without any point within the budget, ``report`` is ``None``.
+whether the CPU has VNNI int8 instructions, and for a latency target where the best model's time goes: the kinds of
+kernel that take a tenth of it or more, each with its time against the original's (:mod:`onnxopt.profile`; on
+MobileNetV2, depthwise convolutions run about as fast in int8 as in float). Without any point within the budget,
+``report`` is ``None``.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
     import onnx_ir as ir
 
     from onnxopt.manager import RunReport
+    from onnxopt.profile import Profile
 
 __all__ = ["Target", "Step", "Point", "GoalResult", "ladder", "seek", "split_budget", "pareto_front", "KINDS"]
 
@@ -220,6 +224,8 @@ class GoalResult:
     latency_from: str
     skipped: list[str]
     seconds: float
+    # a latency target not reached: the original's and the chosen model's profiles (onnxopt.profile), or None
+    profiles: dict[str, Profile] | None = None
 
     @property
     def model(self) -> ir.Model | None:
@@ -236,6 +242,7 @@ class GoalResult:
             "points": [p.to_json() for p in self.points],
             "not_tried": list(self.skipped),
             "seconds": round(self.seconds, 2),
+            "profile": None if self.profiles is None else {k: p.to_json() for k, p in self.profiles.items()},
         }
 
 
@@ -370,10 +377,14 @@ def seek(
     pareto_front(points, target)
     stage = next((s for s in search.stages.values() if s.point is chosen), None) if chosen is not None else None
     report = _combined(stage.chain, search.base) if stage is not None and stage.chain else None
-    reason = _reason(target, points, chosen, reached, search.stages, skipped, search.time_note)
+    profiles = None
+    if not reached and target.kind == "latency" and report is not None and chosen.latency_us is not None:
+        profiles = _profiles(Path(model), report.model, feeds.feeds)
+    where = _where_text(chosen, profiles, feeds.shapes) if profiles is not None else ""
+    reason = _reason(target, points, chosen, reached, search.stages, skipped, search.time_note, where)
     return GoalResult(
         target, points, chosen, reached, reason, report, list(stage.passes) if stage is not None else [],
-        feeds.shapes, feeds.source, skipped, time.perf_counter() - start,
+        feeds.shapes, feeds.source, skipped, time.perf_counter() - start, profiles,
     )  # fmt: skip
 
 
@@ -663,8 +674,37 @@ def _combined(chain: list, base) -> RunReport:
     return RunReport(last.model, before, last.after, passes, last.validation, seconds, stages, last.cost_shapes_from)
 
 
+def _profiles(original: Path, model: ir.Model, feeds) -> dict[str, Profile] | None:
+    """Where the time goes in the original and in the chosen model, at the goal's timing feeds; None when a
+    profile cannot be taken (the reason is given without it)."""
+    from onnxopt.profile import profile
+
+    try:
+        return {"original": profile(original, feeds), "chosen": profile(model, feeds)}
+    except Exception as e:
+        logger.info("goal: no profile of the chosen model (%s)", first_line(e))
+        return None
+
+
+def _where_text(chosen: Point, profiles: Mapping[str, Profile], shapes) -> str:
+    from onnxopt.profile import shares_text
+
+    shares = shares_text(profiles["original"], profiles["chosen"])
+    if not shares:
+        return ""
+    at = ", ".join(f"{name}={'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
+    return f"where {chosen.pipeline}'s time goes (onnxruntime's profile at {at}): {shares}"
+
+
 def _reason(
-    target: Target, points: Sequence[Point], chosen: Point | None, reached: bool, stages, skipped, time_note: str = ""
+    target: Target,
+    points: Sequence[Point],
+    chosen: Point | None,
+    reached: bool,
+    stages,
+    skipped,
+    time_note: str = "",
+    where: str = "",
 ) -> str:
     """Why the search ended where it did, from what was measured."""
     if reached and chosen is not None:
@@ -683,6 +723,8 @@ def _reason(
         vnni = _cpu_vnni()
         if vnni is False:
             facts.append("this CPU has no AVX-512 VNNI / AVX-VNNI int8 instructions")
+    if where:
+        facts.append(where)
     prune = next((p for p in points if p.pipeline.startswith("prune") and "," not in p.pipeline and p.ok), None)
     if prune is not None and prune.macs_ratio is not None:
         facts.append(f"prune keeps {prune.macs_ratio:.2f} of the MACs within the budget")
