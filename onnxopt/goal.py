@@ -38,9 +38,10 @@ The search stops at the first point that holds the budget and reaches the target
 point within the budget (the fastest for a latency target, the smallest for a size target; the earlier, cheaper
 one on a tie) with ``reached = False`` and a reason made of what was measured: the best ratio and its pipeline,
 the pipelines that missed the budget and how, what ``quant`` found (the recipe it chose, or why it kept float),
-whether the CPU has VNNI int8 instructions, and for a latency target where the best model's time goes: the kinds of
-kernel that take a tenth of it or more, each with its time against the original's (:mod:`onnxopt.profile`; on
-MobileNetV2, depthwise convolutions run about as fast in int8 as in float). Without any point within the budget,
+whether the CPU has VNNI int8 instructions, and for a latency target where the best model's time goes, at the batch
+whose ratio misses (the data's or one sample): the kinds of kernel that take a tenth of it or more, each with its
+time against the original's (:mod:`onnxopt.profile`; MobileNetV2's depthwise convolutions run about as fast in
+int8 as in float on one sample). Without any point within the budget,
 ``report`` is ``None``.
 """
 
@@ -379,8 +380,10 @@ def seek(
     report = _combined(stage.chain, search.base) if stage is not None and stage.chain else None
     profiles = None
     if not reached and target.kind == "latency" and report is not None and chosen.latency_us is not None:
-        profiles = _profiles(Path(model), report.model, feeds.feeds)
-    where = _where_text(chosen, profiles, feeds.shapes) if profiles is not None else ""
+        # at the batch whose ratio misses the target (the worse of the two)
+        one = search.one_sample is not None and (chosen.latency_ratio_batch1 or 0) > (chosen.latency_ratio or 0)
+        profiles = _profiles(Path(model), report.model, search.one_sample if one else feeds.feeds)
+    where = _where_text(chosen, profiles) if profiles is not None else ""
     reason = _reason(target, points, chosen, reached, search.stages, skipped, search.time_note, where)
     return GoalResult(
         target, points, chosen, reached, reason, report, list(stage.passes) if stage is not None else [],
@@ -675,8 +678,8 @@ def _combined(chain: list, base) -> RunReport:
 
 
 def _profiles(original: Path, model: ir.Model, feeds) -> dict[str, Profile] | None:
-    """Where the time goes in the original and in the chosen model, at the goal's timing feeds; None when a
-    profile cannot be taken (the reason is given without it)."""
+    """Where the time goes in the original and in the chosen model on ``feeds``; None when a profile cannot be
+    taken (the reason is given without it)."""
     from onnxopt.profile import profile
 
     try:
@@ -686,13 +689,13 @@ def _profiles(original: Path, model: ir.Model, feeds) -> dict[str, Profile] | No
         return None
 
 
-def _where_text(chosen: Point, profiles: Mapping[str, Profile], shapes) -> str:
+def _where_text(chosen: Point, profiles: Mapping[str, Profile]) -> str:
     from onnxopt.profile import shares_text
 
     shares = shares_text(profiles["original"], profiles["chosen"])
     if not shares:
         return ""
-    at = ", ".join(f"{name}={'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
+    at = ", ".join(f"{name}={'x'.join(str(d) for d in shape)}" for name, shape in profiles["chosen"].feeds.items())
     return f"where {chosen.pipeline}'s time goes (onnxruntime's profile at {at}): {shares}"
 
 
