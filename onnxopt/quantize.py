@@ -27,6 +27,7 @@ __all__ = [
     "quantize_weight4",
     "gemm_to_matmul",
     "pad_stem_channels",
+    "gather_stem_channels",
     "tensor_noise",
 ]
 
@@ -320,6 +321,70 @@ def pad_stem_channels(model, multiple: int = STEM_CHANNELS) -> list[str]:
             graph.initializers.pop(original.name, None)
         added.append(pad.name)
     return added
+
+
+def gather_stem_channels(model, pads: Sequence[str]) -> list[str]:
+    """After quantization: pad the stem's input in uint8 instead of float. Each ``Pad`` named in ``pads`` (from
+    :func:`pad_stem_channels`) that feeds only a ``QuantizeLinear`` goes, and a ``Gather`` of channels
+    ``0, 1, 2, 0`` on that quantization's uint8 output takes its place::
+
+        x -> Pad(float, 4th channel 0) -> QuantizeLinear -> DequantizeLinear / QLinearConv
+        x -> QuantizeLinear -> Gather(uint8, channels 0,1,2,0) -> DequantizeLinear / QLinearConv
+
+    The stem Conv's weights of the 4th channel are zero, so what that channel holds changes nothing (onnxruntime's
+    int8 kernels and its float simulation give the same outputs to the bit), and the scale is the same: the
+    calibration range always includes 0. onnxruntime's float ``Pad`` is its slowest copy: MobileNetV2 at batch 16
+    spent 1.2 ms in it and 0.57 ms quantizing 4 channels, against 0.5 ms quantizing 3 and 0.2 ms gathering uint8
+    (onnxruntime 1.31, AVX-512). Returns the names of the ``Pad`` nodes replaced.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    by_name = {node.name: node for node in graph}
+    done = []
+    for name in pads:
+        pad = by_name.get(name)
+        if pad is None or pad.op_type != "Pad" or pad.outputs[0].is_graph_output():
+            continue
+        uses = list(pad.outputs[0].uses())
+        quant = uses[0].node if len(uses) == 1 else None
+        if quant is None or quant.op_type != "QuantizeLinear" or quant.outputs[0].is_graph_output():
+            continue
+        added = graph_io.const_array(pad.inputs[1]) if len(pad.inputs) > 1 else None
+        end = None if added is None or added.ndim != 1 or added.size < 4 else added.size // 2 + 1
+        mode = pad.attributes.get("mode")
+        constant = mode is None or mode.value == "constant"
+        if (
+            end is None
+            or np.flatnonzero(added).tolist() != [end]
+            or added[end] != 1
+            or len(pad.inputs) > 2
+            or not constant
+        ):
+            continue  # not one zero channel added at the end of axis 1 (as pad_stem_channels adds it)
+        indices = np.array([*range(STEM_CHANNELS - 1), 0], dtype=np.int64)
+        quantized = quant.outputs[0]
+        readers = list(quantized.uses())
+        gather = ir.node(
+            "Gather", [quantized, graph_io.add_initializer(graph, f"{name}_channels", indices)],
+            attributes={"axis": 1}, name=graph_io.fresh_name(graph, f"{name}_gather"),
+        )  # fmt: skip
+        graph_io.copy_dtype(quantized, gather.outputs[0])
+        if quantized.dtype is not None:  # a shape without a type is not written
+            gather.outputs[0].shape = quantized.shape
+        quantized.shape = None  # 3 channels now (onnxruntime infers it)
+        gather.outputs[0].name = graph_io.fresh_name(graph, f"{quantized.name}_gathered")
+        graph.insert_after(quant, gather)
+        for reader, index in readers:
+            reader.replace_input_with(index, gather.outputs[0])
+        quant.replace_input_with(0, pad.inputs[0])
+        pads_value = pad.inputs[1]
+        graph.remove(pad, safe=True)
+        if not pads_value.uses() and pads_value.is_initializer():
+            graph.initializers.pop(pads_value.name, None)
+        done.append(name)
+    return done
 
 
 def _computed(value) -> bool:

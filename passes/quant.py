@@ -132,7 +132,7 @@ class Int8QuantPass(OptPass):
         what = f"{winner.recipe.describe()} [{winner.recipe.name}]: {_line(winner, float_us, winner)}; {why}"
         changes = [Change("model", what)]
         if winner.recipe.kind == "static":
-            changes += [Change(name, "input channels zero-padded to 4 (int8's fast path)") for name in search.stem_pads]
+            changes += [Change(name, "input channels padded to 4 (int8's fast path)") for name in search.stem_pads]
         changes += [Change(name, "kept in float (quantization noise)") for name in winner.fallback]
         return OptResult(model, modified=True, changes=changes, skipped=skipped, details=details)
 
@@ -155,7 +155,8 @@ class _Search:
         config = self.config
         self.float_path = q.prepare(graph_io.save(model.clone(), self.tmp / "float_in.onnx"), self.tmp / "float.onnx")
         # static recipes quantize a copy whose first-layer Convs read 4 channels (int8's fast path), the new
-        # Pad nodes kept float; the float model, timed as the baseline, stays as it was
+        # Pad nodes kept float, then made uint8 Gathers after the input's quantization (gather_stem_channels);
+        # the float model, timed as the baseline, stays as it was
         self.static_path, self.stem_pads = self.float_path, []
         if any(r.kind == "static" for r in todo):
             padded = graph_io.load(self.float_path)
@@ -242,12 +243,17 @@ class _Search:
             )  # fmt: skip
         if recipe.kind == "weight4":
             return q.quantize_weight4(self.float_path, dst)
-        return q.quantize_static(
+        path = q.quantize_static(
             self.static_path, dst, self.data, per_channel=recipe.per_channel, method=self.config.calibration,
             exclude=[*exclude, *self.stem_pads], quantize_bias=self.config.objective != "size",
             unsigned_activations=recipe.unsigned, quant_format=recipe.fmt, calibration_cache=self.calibration_cache,
             unsigned_weights=recipe.unsigned_weights, reduce_range=recipe.reduce_range,
         )  # fmt: skip
+        if self.stem_pads:  # the stem's padding done in uint8, after the input's quantization
+            quantized = graph_io.load(path)
+            if q.gather_stem_channels(quantized, self.stem_pads):
+                path = graph_io.save(quantized, path)
+        return path
 
     def _prefetch(self, outcomes: list[Outcome]) -> dict[str, ir.Model]:
         """On an executor that scores several candidates at once (``context.parallel`` > 1), the next that many

@@ -495,19 +495,51 @@ def test_only_first_layers_one_channel_short_are_padded(channels):
     assert padded == (["conv1_channel_pad"] if channels[0] == 3 else [])
 
 
-def test_static_int8_quantizes_after_the_float_stem_pad(net, monkeypatch):
+def test_static_int8_pads_the_stem_in_uint8_after_quantizing_the_input(net, monkeypatch):
     _fast_int8(monkeypatch)
     proto, path, data = net
     report = _run(path, data)
     assert report.ok and "[qdq-u8-pc]" in report.passes[0].changes[0].what
     assert [c.site for c in report.passes[0].changes[1:]] == ["conv1_channel_pad"]
     out = _proto(report)
-    pad = next(n for n in out.graph.node if n.op_type == "Pad")
-    assert pad.input[0] == "x"  # float: the model input is quantized once, after the pad
-    assert [n.op_type for n in out.graph.node if pad.output[0] in n.input] == ["QuantizeLinear"]
+    assert not [n for n in out.graph.node if n.op_type == "Pad"]
+    quant = next(n for n in out.graph.node if n.input[0] == "x")
+    assert quant.op_type == "QuantizeLinear"  # the model input, quantized once, then its channels gathered
+    gather = next(n for n in out.graph.node if quant.output[0] in n.input)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    assert gather.op_type == "Gather" and inits[gather.input[1]].tolist() == [0, 1, 2, 0]
+    assert [n.op_type for n in out.graph.node if gather.output[0] in n.input] == ["DequantizeLinear"]
     x = np.random.default_rng(3).standard_normal((32, 3, 12, 12)).astype(np.float32)
     ref, got = builders.run(proto, {"x": x})["y"], builders.run(out, {"x": x})["y"]
     assert 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)) > 25.0  # SQNR floor
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qop"])
+def test_the_uint8_gather_computes_what_the_float_pad_did_to_the_bit(net, tmp_path, fmt):
+    from onnxopt import data as data_mod
+    from onnxopt import graph as graph_io
+    from onnxopt import quantize as q
+
+    proto, _, data = net
+    model = ir.from_proto(proto)
+    pads = q.pad_stem_channels(model)
+    padded = graph_io.save(model, tmp_path / "padded.onnx")
+    x = np.random.default_rng(5).standard_normal((8, 3, 12, 12)).astype(np.float32)
+    calib = data_mod.as_source(data, model)
+    quantized = q.quantize_static(padded, tmp_path / "int8.onnx", calib, exclude=pads, quant_format=fmt)
+    before = onnx.load(str(quantized))
+    gathered = graph_io.load(quantized)
+    assert q.gather_stem_channels(gathered, pads) == pads
+    after = graph_io.to_proto(gathered)
+    onnx.checker.check_model(after, full_check=True)
+    assert [n.op_type for n in after.graph.node].count("Pad") == 0 and "Gather" in [n.op_type for n in after.graph.node]
+    used = {name for n in after.graph.node for name in n.input}
+    assert all(i.name in used for i in after.graph.initializer)  # the Pad's pads went with it
+    for optimize in (True, False):  # onnxruntime's int8 kernels, and its float simulation of the Q/DQ pairs
+        np.testing.assert_array_equal(builders.run(after, {"x": x}, optimize=optimize)["y"],
+                                      builders.run(before, {"x": x}, optimize=optimize)["y"])  # fmt: skip
+    assert q.gather_stem_channels(gathered, pads) == []  # nothing left to rewrite
+    assert q.gather_stem_channels(graph_io.load(padded), pads) == []  # a Pad that feeds no QuantizeLinear stays
 
 
 # ---- one sample ---------------------------------------------------------------------------------------------
