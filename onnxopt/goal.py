@@ -41,8 +41,7 @@ the pipelines that missed the budget and how, what ``quant`` found (the recipe i
 whether the CPU has VNNI int8 instructions, and for a latency target where the best model's time goes, at the batch
 whose ratio misses (the data's or one sample): the kinds of kernel that take a tenth of it or more, each with its
 time against the original's (:mod:`onnxopt.profile`; MobileNetV2's depthwise convolutions run about as fast in
-int8 as in float on one sample). Without any point within the budget,
-``report`` is ``None``.
+int8 as in float on one sample). Without any point within the budget, ``report`` is ``None``.
 """
 
 from __future__ import annotations

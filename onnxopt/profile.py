@@ -1,9 +1,10 @@
 """Where a model's time goes: onnxruntime's per-kernel profile, summed by the kind of work each kernel does.
 
 ``onnxopt bench A.onnx B.onnx --profile`` prints it side by side, so that an int8 model that is not as much faster
-as its 1x1 convolutions says why: on x86, onnxruntime runs a depthwise convolution in int8 about as fast as in
-float (MobileNetV2 at batch 1 on AVX-512 VNNI: 1.2 ms float, 1.1 ms int8), while its 1x1 convolutions run 3x
-faster, so the depthwise share of the int8 model's time grows from 16% to 30%.
+as its 1x1 convolutions says why: on x86, onnxruntime runs a depthwise convolution in int8 no faster than in float
+on one sample (MobileNetV2 at batch 1 on AVX-512 VNNI: 1.1 ms in both), while its 1x1 convolutions run 3x faster,
+so the depthwise share of the time grows from 15% of the float model's to 30% of the int8 model's
+(``bench/results/where_time_goes.md``).
 
 The profile is of the graph onnxruntime runs, with all optimizations, as deployed: kernels are the nodes of its
 optimized graph (fused ``Conv`` + activation, blocked NCHWc ``Conv``, ``QLinearConv`` made of a ``Q/DQ`` pattern,
