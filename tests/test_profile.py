@@ -91,6 +91,14 @@ def test_kernels_of_a_float_and_an_int8_model_are_sorted_into_kinds(models):
     assert profile.profile(int8_path, feeds(), runs=1).by_kind().get("quantize/dequantize", 0) > 0
 
 
+def test_a_transformer_encoders_kernels_are_matmuls_attention_and_norms(tmp_path):
+    # the encoder's ops as onnxruntime fuses them (SkipLayerNormalization, BiasGelu, ...) are all in the table
+    path = builders.save(builders.tiny_bert(layers=2, hidden=32, heads=4, ffn=64), tmp_path / "bert.onnx")
+    kinds = profile.profile(path, builders.tiny_bert_feeds(2, 16), runs=2).by_kind()
+    assert {"matmul/gemm", "attention", "normalization"} <= set(kinds), kinds
+    assert "other" not in kinds and not any(k.endswith("conv") for k in kinds)
+
+
 def test_kind_of_without_the_graph_and_for_unknown_ops():
     assert profile.kind_of("Conv") == "spatial conv"  # a conv whose node is not found: no guess at depthwise
     assert profile.kind_of("QLinearMatMul") == "matmul/gemm"
