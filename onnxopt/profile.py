@@ -157,7 +157,11 @@ def profile(
     onnxruntime's optimizations) and sort its kernels into kinds."""
     from onnxopt.runtime import Session, kernel_times
 
-    session = Session(source, optimize=True, threads=threads, profile=True, save_optimized=True)
+    try:
+        session = Session(source, optimize=True, threads=threads, profile=True, save_optimized=True)
+    except Exception as e:  # onnxruntime could not write its optimized graph: kinds from op types alone
+        logger.info("profile: without onnxruntime's optimized graph (%s)", e)
+        session = Session(source, optimize=True, threads=threads, profile=True)
     times = kernel_times(session, feeds, runs=runs)
     nodes = _optimized_nodes(session.optimized_path)
     kernels = [Kernel(name, op, kind_of(op, nodes.get(name)), us) for name, (op, us) in times.items()]

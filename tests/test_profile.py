@@ -99,6 +99,21 @@ def test_a_transformer_encoders_kernels_are_matmuls_attention_and_norms(tmp_path
     assert "other" not in kinds and not any(k.endswith("conv") for k in kinds)
 
 
+def test_without_the_optimized_graph_kinds_come_from_op_types(models, monkeypatch):
+    from onnxopt import runtime
+
+    class NoSave(runtime.Session):
+        def __init__(self, *args, save_optimized=False, **kwargs):
+            if save_optimized:
+                raise RuntimeError("cannot write the optimized model")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "Session", NoSave)
+    kinds = profile.profile(models[0], feeds(), runs=1).by_kind()
+    # every conv is a "spatial conv" then: nothing tells a depthwise one apart
+    assert kinds.get("spatial conv", 0) > 0 and "depthwise conv" not in kinds and "matmul/gemm" in kinds
+
+
 def test_kind_of_without_the_graph_and_for_unknown_ops():
     assert profile.kind_of("Conv") == "spatial conv"  # a conv whose node is not found: no guess at depthwise
     assert profile.kind_of("QLinearMatMul") == "matmul/gemm"
