@@ -250,9 +250,10 @@ class _Search:
             unsigned_weights=recipe.unsigned_weights, reduce_range=recipe.reduce_range,
         )  # fmt: skip
         if self.stem_pads:  # the stem's padding done in uint8, after the input's quantization
-            quantized = graph_io.load(path)
+            quantized = graph_io.load(path)  # its weights may stay in path's .data file: saved beside, not over it
             if q.gather_stem_channels(quantized, self.stem_pads):
-                path = graph_io.save(quantized, path)
+                (self.tmp / "stem").mkdir(exist_ok=True)
+                path = graph_io.save(quantized, self.tmp / "stem" / f"{stem}.onnx")
         return path
 
     def _prefetch(self, outcomes: list[Outcome]) -> dict[str, ir.Model]:
