@@ -70,6 +70,7 @@ class Cuts:
         for v in model.graph.outputs:
             last_use[v.name] = len(order)
         kept: set[str] = set()
+        kept_bytes = 0  # one sample of the values in kept
         for cut in sorted(set(self.at.values()), reverse=True):
             if cut < _MIN_SKIPPED * len(order):
                 break
@@ -78,9 +79,10 @@ class Cuts:
             size = known_bytes_per_sample(new) if new else 0
             if size is None:
                 continue
-            if ((known_bytes_per_sample([produced[n][1] for n in kept]) or 0) + size) * samples > _CUT_BYTES:
+            if (kept_bytes + size) * samples > _CUT_BYTES:
                 break
             kept.update(live)
+            kept_bytes += size
             self.cuts.insert(0, cut)
             self.live[cut] = live
         self.kept = sorted(kept)
