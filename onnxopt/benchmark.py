@@ -22,7 +22,7 @@ import numpy as np
 from onnxopt import cost
 from onnxopt import data as data_mod
 from onnxopt import graph as graph_io
-from onnxopt.profile import Profile
+from onnxopt.profile import Profile, profile
 from onnxopt.runtime import Session, latency_feeds, measure_latency
 
 __all__ = ["ModelBench", "bench_models"]
@@ -97,8 +97,6 @@ def bench_models(
                     "max": round(latency.max_us, 2),
                 }  # fmt: skip
     if profile_runs:
-        from onnxopt.profile import profile
-
         for index, result in enumerate(results):
             result.profile = profile(paths[index], own[index], runs=profile_runs, threads=threads[0])
     if data:

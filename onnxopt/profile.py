@@ -185,11 +185,11 @@ def _optimized_nodes(path) -> dict[str, ir.Node]:
 def kinds_rows(named: Sequence[tuple[str, Profile]]) -> list[tuple[str, ...]]:
     """A table of microseconds (and share of the model's total) per kind, one column per profile; with two or more
     profiles, a last column of each later one's time over the first's per kind (``-``: a kind the first lacks)."""
-    kinds = [k for k in KIND_ORDER if any(k in p.by_kind() for _, p in named)]
+    sums = [p.by_kind() for _, p in named]
+    kinds = [k for k in KIND_ORDER if any(k in s for s in sums)]
     ratio = len(named) > 1
     header = ["kind"] + [name for name, _ in named] + (["x first"] if ratio else [])
     rows = [tuple(header)]
-    sums = [p.by_kind() for _, p in named]
     totals = [p.total_us for _, p in named]
     for kind in kinds + ["total"]:
         values = totals if kind == "total" else [s.get(kind, 0.0) for s in sums]
