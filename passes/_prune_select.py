@@ -8,6 +8,8 @@ setting (or per-group ratios) and returns the units to remove, each group keepin
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,37 +32,78 @@ def select(
     setting: float,
     per_group: dict[int, float] | None = None,
 ) -> list[Scored]:
-    by_group: dict[int, list[Scored]] = {}
-    for item in scored.values():
-        by_group.setdefault(item.unit.group, []).append(item)
-    owner = analysis._slot_owner()
+    """The units the ``setting`` (or the ``per_group`` ratios) removes, group by group: each group's candidates
+    in the criterion's order, taken while every value they touch keeps ``min_channels``, then (``ratio``) fewer
+    taken so the group keeps a multiple of its alignment."""
     chosen: list[Scored] = []
-    for group, items in by_group.items():
-        candidates = _candidates(items, config, (per_group or {}).get(group, setting))
+    for plan in _plans(analysis, scored):
+        candidates = _candidates(plan, config, (per_group or {}).get(plan.group, setting))
         if not candidates:
             continue
-        # every value of the group keeps min_channels (and an aligned count, when asked)
-        remaining: dict[int, int] = {}
-        for item in items:
-            for slot in item.unit.slots:
-                remaining[id(owner[slot].value)] = owner[slot].size
+        remaining = dict(plan.sizes)  # every value of the group keeps min_channels (and an aligned count)
         taken = []
         for item in candidates:
-            counts = {}
-            for slot in item.unit.slots:
-                counts[id(owner[slot].value)] = counts.get(id(owner[slot].value), 0) + 1
-            if all(remaining[v] - n >= config.min_channels for v, n in counts.items()):
-                for v, n in counts.items():
+            counts = plan.counts[id(item)]
+            if all(remaining[v] - n >= config.min_channels for v, n in counts):
+                for v, n in counts:
                     remaining[v] -= n
                 taken.append(item)
-        multiple = _alignment(items, config, owner) if config.criterion == "ratio" and taken else 1
+        multiple = _alignment(plan.items, config, plan.owner) if config.criterion == "ratio" and taken else 1
         if multiple > 1:
             # keep a multiple of `multiple` of the group's channels: remove fewer rather than more
-            surplus = (len(items) - len(taken)) % multiple
+            surplus = (len(plan.items) - len(taken)) % multiple
             if surplus:
                 taken = taken[: max(0, len(taken) - (multiple - surplus))]
         chosen.extend(taken)
     return chosen
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What :func:`select` reads of one layer group, whatever the setting: its units, each unit's channels per value
+    (``counts[id(item)]``: (id of the value, channels) pairs) and each value's size, and the units in each order a
+    criterion takes them (built when first asked)."""
+
+    group: int
+    items: list[Scored]
+    owner: list
+    counts: dict[int, tuple[tuple[int, int], ...]]
+    sizes: dict[int, int]
+    orders: dict[str, list[Scored]] = dataclasses.field(default_factory=dict)
+
+    def ordered(self, name: str, key) -> list[Scored]:
+        if name not in self.orders:
+            self.orders[name] = sorted(self.items, key=key)
+        return self.orders[name]
+
+
+# per analysis, its scoring and their plans: the proxy allocation asks select() for a hundred settings of one of each
+_PLANS: weakref.WeakKeyDictionary[Analysis, tuple[dict[int, Scored], list[_Plan]]] = weakref.WeakKeyDictionary()
+
+
+def _plans(analysis: Analysis, scored: dict[int, Scored]) -> list[_Plan]:
+    """Per layer group, in the order of ``scored``, its :class:`_Plan` (kept while ``analysis`` lives, for the next
+    call with the same ``scored``)."""
+    cached = _PLANS.get(analysis)
+    if cached is not None and cached[0] is scored:
+        return cached[1]
+    owner = analysis._slot_owner()
+    by_group: dict[int, list[Scored]] = {}
+    for item in scored.values():
+        by_group.setdefault(item.unit.group, []).append(item)
+    plans = []
+    for group, items in by_group.items():
+        counts, sizes = {}, {}
+        for item in items:
+            per_value: dict[int, int] = {}
+            for slot in item.unit.slots:
+                value = id(owner[slot].value)
+                per_value[value] = per_value.get(value, 0) + 1
+                sizes[value] = owner[slot].size
+            counts[id(item)] = tuple(per_value.items())
+        plans.append(_Plan(group, items, owner, counts, sizes))
+    _PLANS[analysis] = (scored, plans)
+    return plans
 
 
 def _alignment(items: list[Scored], config: PruneConfig, owner) -> int:
@@ -76,20 +119,20 @@ def _alignment(items: list[Scored], config: PruneConfig, owner) -> int:
     return multiple if len(items) >= 2 * multiple else 1
 
 
-def _candidates(items: list[Scored], config: PruneConfig, setting: float) -> list[Scored]:
-    criterion = config.criterion
+def _candidates(plan: _Plan, config: PruneConfig, setting: float) -> list[Scored]:
+    criterion, items = config.criterion, plan.items
     if criterion == "dead":
         return [i for i in items if i.dead]
-    if criterion == "apoz":
-        return sorted((i for i in items if i.apoz >= setting), key=lambda i: -i.apoz)
+    if criterion == "apoz":  # the units past the setting, in a stable sort's order (as sorting only those)
+        return [i for i in plan.ordered("-apoz", lambda i: -i.apoz) if i.apoz >= setting]
     if criterion == "constant":
-        return sorted((i for i in items if i.rel_std <= setting), key=lambda i: i.rel_std)
+        return [i for i in plan.ordered("rel_std", lambda i: i.rel_std) if i.rel_std <= setting]
     if criterion == "outlier":
         freqs = np.array([i.freq for i in items])
         cut = freqs.mean() - 2 * freqs.std()
         return sorted((i for i in items if i.freq < cut), key=lambda i: i.freq)
     key = {"contribution": lambda i: i.contribution, "apoz": lambda i: -i.apoz, "mean": lambda i: i.mean_abs}
-    ordered = sorted(items, key=key[config.score])
+    ordered = plan.ordered(config.score, key[config.score])
     dead = [i for i in ordered if i.dead]
     count = max(len(dead), int(np.floor(setting * len(items) + 1e-9)))
     return dead + [i for i in ordered if not i.dead][: count - len(dead)]

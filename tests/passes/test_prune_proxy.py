@@ -215,3 +215,31 @@ def test_removals_that_differ_from_the_anchor_downstream_run_from_a_cut_with_the
     proxies["cuts"].close_cuts()  # the anchor's values and the suffix sessions freed: whole runs, the same loss
     np.testing.assert_allclose(proxies["cuts"].loss(removals[0]), losses["cuts"][1], rtol=1e-6, atol=0)
     assert cut_runs == [] and proxies["cuts"].cuts.cuts == []
+
+
+def test_select_asked_many_settings_of_one_analysis_gives_what_a_fresh_analysis_gives():
+    """select() keeps each analysis's per-group plan between calls (the allocation asks it a hundred times): the
+    units it picks are those picked from a fresh analysis and scoring, whatever was asked of it before."""
+    proto = builders.mlp(sizes=DEEP, seed=2)
+    feeds = _feeds()
+    model, analysis, table, _ = _analysed(proto, feeds)
+    scored = score_units(analysis, table)
+    groups = sorted({item.unit.group for item in scored.values()})
+    asks = [
+        (PruneConfig(ratio=0.5, align=1), 0.5, None),
+        (PruneConfig(ratio=0.5, align=8), 0.5, None),
+        (PruneConfig(ratio=0.5, align=1), 0.25, {groups[0]: 0.75, groups[2]: 0.9}),
+        (PruneConfig(ratio=0.5, align=1, min_channels=30), 0.9, None),
+        (PruneConfig(ratio=0.5, align=1, score="mean"), 0.375, None),
+        (PruneConfig(criterion="apoz", threshold=0.3), 0.3, None),
+        (PruneConfig(criterion="constant", threshold=0.5), 0.5, None),
+        (PruneConfig(ratio=0.5, align=1), 0.5, None),  # the first ask again, after all the others
+    ]
+    picked = set()
+    for config, setting, per_group in asks:
+        got = [item.unit.slots for item in select(analysis, scored, config, setting, per_group)]
+        fresh_analysis = analyze(model, HANDLERS)
+        fresh = select(fresh_analysis, score_units(fresh_analysis, table), config, setting, per_group)
+        assert got == [item.unit.slots for item in fresh], (config, setting, per_group)
+        picked.add(len(got))
+    assert len(picked) >= 4  # the asks differ in what they remove
