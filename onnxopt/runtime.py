@@ -17,10 +17,8 @@ import statistics
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -28,13 +26,9 @@ import onnx_ir as ir
 from onnxopt import graph as graph_io
 from onnxopt.errors import UsageError
 
-T = TypeVar("T")
-R = TypeVar("R")
-
 __all__ = [
     "Session",
     "work_threads",
-    "run_ahead",
     "THREADS_ENV",
     "check_runs",
     "Latency",
@@ -88,22 +82,6 @@ def work_threads() -> int:
 
 
 @functools.cache
-def run_ahead(function: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    """``function(item)`` for each of ``items``, in order, each computed on a helper thread while the caller works
-    on the result before: for onnxruntime runs (which release the GIL) beside the numpy that folds their outputs.
-    One item is computed ahead, so the caller sees the same results in the same order as from a plain loop, and
-    ``items`` is read one ahead of what the caller has seen. An exception in ``function`` is raised here."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxopt-ahead") as pool:
-        pending = None
-        for item in items:
-            future = pool.submit(function, item)
-            if pending is not None:
-                yield pending.result()
-            pending = future
-        if pending is not None:
-            yield pending.result()
-
-
 def _remove_stale_session_dirs(parent: str) -> None:
     """Once per process and temporary directory: remove the folders that sessions of runs that no longer run
     (SIGKILLed) left there; :func:`onnxopt.graph.make_temp_dir` does it only for a session opened through a file,

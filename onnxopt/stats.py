@@ -21,17 +21,16 @@ that changed the model.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxopt.data import DataSource
 from onnxopt.errors import CalibrationError
-from onnxopt.runtime import Session, run_ahead
+from onnxopt.runtime import Session
 
 if TYPE_CHECKING:
     from onnxopt.executor import Executor
@@ -400,10 +399,8 @@ def collect_stats(
     else:
         session = Session(expose(model, exposed)) if exposed else None
         samples = 0
-        run = functools.partial(_run_batch, session=session, exposed=exposed, needed=needed, input_names=input_names)
-        # onnxruntime runs the next batch on a helper thread while this one's outputs are folded, in batch order
-        for batch, outputs in run_ahead(run, data):
-            _fold_outputs(outputs, channel_reducers, gram_reducers)
+        for batch in data:
+            _fold_batch(batch, session, exposed, needed, input_names, channel_reducers, gram_reducers)
             samples += batch.size
             if progress is not None:
                 progress(samples, data.samples)
@@ -418,24 +415,14 @@ def collect_stats(
     return table
 
 
-def _run_batch(batch, session, exposed, needed, input_names) -> tuple[Any, dict[str, np.ndarray]]:
-    """The batch, and the values the reducers read of it (the model run on it, and its inputs)."""
+def _fold_batch(batch, session, exposed, needed, input_names, channel_reducers, gram_reducers) -> None:
+    """Run one batch and fold the requested values into the reducers."""
     outputs = session.run(batch.feeds, exposed) if session is not None else {}
     outputs.update({name: batch.feeds[name] for name in needed & input_names})
-    return batch, outputs
-
-
-def _fold_outputs(outputs, channel_reducers, gram_reducers) -> None:
-    """Fold one batch's values into the reducers."""
     for name, reducer in channel_reducers.items():
         reducer.update(outputs[name])
     for value_name, reducer in gram_reducers.values():
         reducer.update(outputs[value_name])
-
-
-def _fold_batch(batch, session, exposed, needed, input_names, channel_reducers, gram_reducers) -> None:
-    """Run one batch and fold the requested values into the reducers."""
-    _fold_outputs(_run_batch(batch, session, exposed, needed, input_names)[1], channel_reducers, gram_reducers)
 
 
 def _stats_shard(session: Session, batches, init_args) -> tuple[int, dict, dict]:

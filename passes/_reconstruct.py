@@ -17,9 +17,7 @@ from chasing noise in what a small calibration set cannot determine. The pruned 
 in one onnxruntime session (graph optimizations on) where the re-fitted weights are fed as inputs, over the
 samples the layer reads: all of them for a Gemm/MatMul (a row per sample or token), the first ``conv_samples``
 (128) for a Conv, which has many rows (patches) per sample; that run is most of a re-fit's cost. The normal
-equations are summed in float64 from float32 products of centred rows (:class:`_Normal`), batch after batch, while
-onnxruntime runs the next batch on a helper thread (:func:`onnxopt.runtime.run_ahead`: the same sums, in the same
-order; EfficientNet-Lite0's two re-fits took 10.0-10.5 s instead of 11.4-11.7 s).
+equations are summed in float64 from float32 products of centred rows (:class:`_Normal`).
 
 A layer is fitted only when it is a dense layer in the original model too and its output channels are known:
 a depthwise Conv pruned to one channel has ``group=1`` and a (1, 1, k, k) weight, but its original (grouped)
@@ -33,17 +31,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt import graph as graph_io
-from onnxopt.data import Batch, DataSource
+from onnxopt.data import DataSource
 from onnxopt.passes._segments import bytes_per_sample, known_bytes_per_sample, last_uses, segment
 from onnxopt.passes._transformer_groups import bias_add
-from onnxopt.runtime import Session, run_ahead
+from onnxopt.runtime import Session
 from onnxopt.stats import conv_patches, expose
 
 __all__ = ["Refit", "downstream", "reconstruct", "refittable"]
@@ -193,51 +192,59 @@ def reconstruct(
         except ValueError as e:
             logger.debug("reconstruction: the whole original runs per layer: %s", e)
     done = result.done
-    for step, group in enumerate(groups):
-        used = uses[step]
-        per_sample = max(1, max_rows // used)
-        layers = {name: _Layer(by_name[name], weights[name].shape) for name in group}
-        rngs = {name: np.random.default_rng(seed) for name in group}
-        sums = {name: _Normal() for name in group}
-        extra = {weight_names[n][0]: weights[n] for n in targets}  # the layers re-fitted so far, and the rest
-        extra.update({weight_names[n][1]: biases[n] for n in targets})
-        wanted = [_output(originals[name]).name for name in group]
+    # one thread runs onnxruntime on the next batch while this one sums the rows of the batch before (both in
+    # batch order: the same sums); the BLAS products run on one thread, onnxruntime on the work threads
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxopt-refit") as prefetch:
+        for step, group in enumerate(groups):
+            used = uses[step]
+            per_sample = max(1, max_rows // used)
+            layers = {name: _Layer(by_name[name], weights[name].shape) for name in group}
+            rngs = {name: np.random.default_rng(seed) for name in group}
+            sums = {name: _Normal() for name in group}
+            extra = {weight_names[n][0]: weights[n] for n in targets}  # the layers re-fitted so far, and the rest
+            extra.update({weight_names[n][1]: biases[n] for n in targets})
+            wanted = [_output(originals[name]).name for name in group]
 
-        def batches(used: int = used) -> Iterator[tuple[int, Batch, bool]]:
-            """The batches this step runs, and whether its rows are summed (else run for later segments only)."""
-            seen = 0
+            def fetch(index: int, batch, fits: bool) -> tuple[np.ndarray, Mapping[str, np.ndarray] | None]:
+                """The group's input in the pruned model and the original's outputs for batch ``index`` (onnxruntime
+                only: run on the prefetch thread while the rows of the batch before are summed here)."""
+                x = runner.run(step, index, {**batch.feeds, **extra})  # noqa: B023 (run before the next step)
+                if original_runner is not None:
+                    return x, {wanted[0]: original_runner.run(step, index, batch.feeds)}  # noqa: B023
+                if not fits:
+                    return x, None
+                return x, cached[index] if cached is not None else original_session.run(batch.feeds, wanted)  # noqa: B023
+
+            def fold(x: np.ndarray, outputs: Mapping[str, np.ndarray]) -> None:
+                for name in group:  # noqa: B023
+                    t = outputs[_output(originals[name]).name]
+                    sums[name].add(*layers[name].rows(x, t, kept_outputs.get(name), per_sample, rngs[name]))  # noqa: B023
+
+            seen, pending = 0, None
             for index, batch in enumerate(data):
                 if seen >= max(used, runs):
-                    return
+                    break
                 seen += batch.size
-                yield index, batch, seen - batch.size < used
-
-        def fetch(item, step=step, extra=extra, wanted=wanted) -> tuple[np.ndarray, Mapping | None, bool]:
-            """The group's input in the pruned model and the original's outputs (onnxruntime only)."""
-            index, batch, summed = item
-            x = runner.run(step, index, {**batch.feeds, **extra})
-            if original_runner is not None:
-                return x, {wanted[0]: original_runner.run(step, index, batch.feeds)}, summed
-            if not summed:
-                return x, None, summed
-            return x, cached[index] if cached is not None else original_session.run(batch.feeds, wanted), summed
-
-        # onnxruntime runs the next batch on a helper thread while the rows of this one are summed, in batch order
-        for x, outputs, summed in run_ahead(fetch, batches()):
-            for name in group if summed else ():
-                t = outputs[_output(originals[name]).name]
-                sums[name].add(*layers[name].rows(x, t, kept_outputs.get(name), per_sample, rngs[name]))
-        for name in group:
-            if not sums[name].count:
-                break
-            a, b = sums[name].normal()
-            # ridge towards the layer's current parameters (sliced, constants folded), not towards zero
-            ridge = _RIDGE * float(np.trace(a)) / len(a)
-            current = layers[name].to_rows(weights[name], biases[name])  # (K+1, M)
-            a[np.diag_indices(len(a))] += ridge
-            solved = np.linalg.solve(a, b + ridge * current)  # (K+1, M)
-            weights[name], biases[name] = layers[name].to_params(solved, weights[name].dtype, biases[name])
-            done.append(name)
+                fits = seen - batch.size < used  # else run for the segments after this one only
+                future = prefetch.submit(fetch, index, batch, fits)
+                if pending is not None:
+                    fold(*pending.result())
+                pending = future if fits else None
+                if not fits:
+                    future.result()
+            if pending is not None:
+                fold(*pending.result())
+            for name in group:
+                if not sums[name].count:
+                    break
+                a, b = sums[name].normal()
+                # ridge towards the layer's current parameters (sliced, constants folded), not towards zero
+                ridge = _RIDGE * float(np.trace(a)) / len(a)
+                current = layers[name].to_rows(weights[name], biases[name])  # (K+1, M)
+                a[np.diag_indices(len(a))] += ridge
+                solved = np.linalg.solve(a, b + ridge * current)  # (K+1, M)
+                weights[name], biases[name] = layers[name].to_params(solved, weights[name].dtype, biases[name])
+                done.append(name)
     for name in done:
         weight, bias = _params(by_name[name])
         weight.const_value = ir.tensor(np.ascontiguousarray(weights[name]), name=weight.name)

@@ -129,34 +129,3 @@ def test_attach_and_invalidate():
     assert stats.get_stats(model) is table
     model.meta.invalidate(stats.STATS_KEY)
     assert stats.get_stats(model) is None
-
-
-def test_run_ahead_keeps_the_order_reads_one_ahead_and_raises_at_the_caller():
-    """The calibration and re-fit loops run onnxruntime one batch ahead on a helper thread (runtime.run_ahead)."""
-    import threading
-
-    from onnxopt import runtime
-
-    read, seen = [], []
-
-    def items():
-        for i in range(5):
-            read.append(i)
-            yield i
-
-    for i, thread in runtime.run_ahead(lambda i: (i, threading.current_thread().name), items()):
-        seen.append(i)
-        assert len(read) <= len(seen) + 1  # at most one item read ahead of the caller
-        assert thread != threading.current_thread().name  # computed on the helper thread
-    assert seen == [0, 1, 2, 3, 4]
-
-    def fails_on_2(i):
-        if i == 2:
-            raise ValueError("bad batch 2")
-        return i
-
-    got = []
-    with pytest.raises(ValueError, match="bad batch 2"):
-        for value in runtime.run_ahead(fails_on_2, range(5)):
-            got.append(value)
-    assert got == [0, 1]
