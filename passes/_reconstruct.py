@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
@@ -192,59 +191,41 @@ def reconstruct(
         except ValueError as e:
             logger.debug("reconstruction: the whole original runs per layer: %s", e)
     done = result.done
-    # one thread runs onnxruntime on the next batch while this one sums the rows of the batch before (both in
-    # batch order: the same sums); the BLAS products run on one thread, onnxruntime on the work threads
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxopt-refit") as prefetch:
-        for step, group in enumerate(groups):
-            used = uses[step]
-            per_sample = max(1, max_rows // used)
-            layers = {name: _Layer(by_name[name], weights[name].shape) for name in group}
-            rngs = {name: np.random.default_rng(seed) for name in group}
-            sums = {name: _Normal() for name in group}
-            extra = {weight_names[n][0]: weights[n] for n in targets}  # the layers re-fitted so far, and the rest
-            extra.update({weight_names[n][1]: biases[n] for n in targets})
-            wanted = [_output(originals[name]).name for name in group]
-
-            def fetch(index: int, batch, fits: bool) -> tuple[np.ndarray, Mapping[str, np.ndarray] | None]:
-                """The group's input in the pruned model and the original's outputs for batch ``index`` (onnxruntime
-                only: run on the prefetch thread while the rows of the batch before are summed here)."""
-                x = runner.run(step, index, {**batch.feeds, **extra})  # noqa: B023 (run before the next step)
-                if original_runner is not None:
-                    return x, {wanted[0]: original_runner.run(step, index, batch.feeds)}  # noqa: B023
-                if not fits:
-                    return x, None
-                return x, cached[index] if cached is not None else original_session.run(batch.feeds, wanted)  # noqa: B023
-
-            def fold(x: np.ndarray, outputs: Mapping[str, np.ndarray]) -> None:
-                for name in group:  # noqa: B023
-                    t = outputs[_output(originals[name]).name]
-                    sums[name].add(*layers[name].rows(x, t, kept_outputs.get(name), per_sample, rngs[name]))  # noqa: B023
-
-            seen, pending = 0, None
-            for index, batch in enumerate(data):
-                if seen >= max(used, runs):
-                    break
-                seen += batch.size
-                fits = seen - batch.size < used  # else run for the segments after this one only
-                future = prefetch.submit(fetch, index, batch, fits)
-                if pending is not None:
-                    fold(*pending.result())
-                pending = future if fits else None
-                if not fits:
-                    future.result()
-            if pending is not None:
-                fold(*pending.result())
+    for step, group in enumerate(groups):
+        used = uses[step]
+        per_sample = max(1, max_rows // used)
+        layers = {name: _Layer(by_name[name], weights[name].shape) for name in group}
+        rngs = {name: np.random.default_rng(seed) for name in group}
+        sums = {name: _Normal() for name in group}
+        extra = {weight_names[n][0]: weights[n] for n in targets}  # the layers re-fitted so far, and the rest
+        extra.update({weight_names[n][1]: biases[n] for n in targets})
+        wanted = [_output(originals[name]).name for name in group]
+        seen = 0
+        for index, batch in enumerate(data):
+            if seen >= max(used, runs):
+                break
+            seen += batch.size
+            x = runner.run(step, index, {**batch.feeds, **extra})
+            if original_runner is not None:
+                outputs = {wanted[0]: original_runner.run(step, index, batch.feeds)}
+            if seen - batch.size >= used:
+                continue  # run for the segments after this one only
+            if original_runner is None:
+                outputs = cached[index] if cached is not None else original_session.run(batch.feeds, wanted)
             for name in group:
-                if not sums[name].count:
-                    break
-                a, b = sums[name].normal()
-                # ridge towards the layer's current parameters (sliced, constants folded), not towards zero
-                ridge = _RIDGE * float(np.trace(a)) / len(a)
-                current = layers[name].to_rows(weights[name], biases[name])  # (K+1, M)
-                a[np.diag_indices(len(a))] += ridge
-                solved = np.linalg.solve(a, b + ridge * current)  # (K+1, M)
-                weights[name], biases[name] = layers[name].to_params(solved, weights[name].dtype, biases[name])
-                done.append(name)
+                t = outputs[_output(originals[name]).name]
+                sums[name].add(*layers[name].rows(x, t, kept_outputs.get(name), per_sample, rngs[name]))
+        for name in group:
+            if not sums[name].count:
+                break
+            a, b = sums[name].normal()
+            # ridge towards the layer's current parameters (sliced, constants folded), not towards zero
+            ridge = _RIDGE * float(np.trace(a)) / len(a)
+            current = layers[name].to_rows(weights[name], biases[name])  # (K+1, M)
+            a[np.diag_indices(len(a))] += ridge
+            solved = np.linalg.solve(a, b + ridge * current)  # (K+1, M)
+            weights[name], biases[name] = layers[name].to_params(solved, weights[name].dtype, biases[name])
+            done.append(name)
     for name in done:
         weight, bias = _params(by_name[name])
         weight.const_value = ir.tensor(np.ascontiguousarray(weights[name]), name=weight.name)
