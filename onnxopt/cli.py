@@ -484,7 +484,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     rows = [("node", "op", "output shape", "params", "MACs")]
     for node in result.nodes:
         if node.macs or node.params:
-            shape = "x".join(map(str, node.output_shape)) if node.output_shape else "?"
+            shape = graph.shape_text(node.output_shape) if node.output_shape else "?"
             rows.append((node.name[-40:], node.op_type, shape, f"{node.params:,}", f"{node.macs:,}"))
     _out.print_table(rows)
     print(

@@ -198,7 +198,7 @@ def describe_shapes(shapes: Mapping[str, Sequence[int | None] | None]) -> str:
     """``input_ids=1x64, attention_mask=1x64`` (``?`` for an unknown dim or shape)."""
     parts = []
     for name, dims in shapes.items():
-        text = "?" if dims is None else "x".join("?" if d is None else str(d) for d in dims) or "scalar"
+        text = "?" if dims is None else graph_io.shape_text(dims) or "scalar"
         parts.append(f"{name}={text}")
     return ", ".join(parts)
 

@@ -86,7 +86,7 @@ class InputSpec:
         return None
 
     def describe(self) -> str:
-        dims = "?" if self.shape is None else "x".join("N" if d is None else str(d) for d in self.shape)
+        dims = "?" if self.shape is None else graph_io.shape_text(self.shape, "N")
         return f"{self.name} ({self.dtype}, {dims})"
 
 
@@ -214,7 +214,7 @@ def random_source(
         size = int(np.prod(concrete[spec.name], dtype=np.float64)) * max(spec.dtype.itemsize, 8)
         if size > RANDOM_INPUT_BYTES:  # numpy draws in float64 first
             raise DataError(
-                f"input '{spec.name}': one random input of shape {'x'.join(map(str, concrete[spec.name]))} would take "
+                f"input '{spec.name}': one random input of shape {graph_io.shape_text(concrete[spec.name])} would take "
                 f"{size / 2**30:.3g} GiB; give --data, or --input-shape {spec.name}=... with smaller dims"
             )
     batch = concrete[specs[0].name][0] if specs and concrete[specs[0].name] else 1
@@ -546,9 +546,9 @@ def _check_array(array: Any, spec: InputSpec, description: str, *, batch_axis: b
         if batch_axis and dims:
             dims[0] = None
         if len(actual) != len(dims) or any(d is not None and d != a for d, a in zip(dims, actual, strict=False)):
-            expected = "x".join("N" if d is None else str(d) for d in dims)
+            expected = graph_io.shape_text(dims, "N")
             raise DataError(
-                f"{description}: input '{spec.name}' has shape {'x'.join(map(str, actual))}, "
+                f"{description}: input '{spec.name}' has shape {graph_io.shape_text(actual)}, "
                 f"the model expects {expected}"
             )
     if array.dtype.kind in "fc" and not np.isfinite(array).all():

@@ -689,12 +689,13 @@ def _profiles(original: Path, model: ir.Model, feeds) -> dict[str, Profile] | No
 
 
 def _where_text(chosen: Point, profiles: Mapping[str, Profile]) -> str:
+    from onnxopt import graph as graph_io
     from onnxopt.profile import shares_text
 
     shares = shares_text(profiles["original"], profiles["chosen"])
     if not shares:
         return ""
-    at = ", ".join(f"{name}={'x'.join(str(d) for d in shape)}" for name, shape in profiles["chosen"].feeds.items())
+    at = ", ".join(f"{name}={graph_io.shape_text(shape)}" for name, shape in profiles["chosen"].feeds.items())
     return f"where {chosen.pipeline}'s time goes (onnxruntime's profile at {at}): {shares}"
 
 

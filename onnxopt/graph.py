@@ -34,6 +34,7 @@ __all__ = [
     "MAX_IR_VERSION",
     "EXTERNAL_DATA_THRESHOLD",
     "load",
+    "shape_text",
     "save",
     "to_proto",
     "from_proto",
@@ -120,11 +121,17 @@ def _refuse_other_kind(path: Path) -> None:
         raise ModelLoadError(f"{path}: this is {kind}, not an ONNX model; {filekind.advice(path, kind)}")
 
 
+def shape_text(dims, unknown: str = "?") -> str:
+    """A shape as messages and reports write it: ``1x3x224x224``, ``unknown`` for a dimension that is ``None``
+    (``N`` where it stands for the batch); ``""`` for a scalar's."""
+    return "x".join(unknown if d is None else str(d) for d in dims)
+
+
 def _check_usable(path: Path, model: ir.Model) -> None:
     """Refuse what passes the checker yet cannot be optimized: an input no sample fits, an all-NaN weight."""
     for value in data_inputs(model):
         if value.shape is not None and any(isinstance(d, int) and d == 0 for d in value.shape):
-            dims = "x".join(str(d) for d in value.shape)
+            dims = shape_text(value.shape)
             raise ModelLoadError(
                 f"{path}: input '{value.name}' has shape {dims}: a dimension of size 0 holds no sample"
             )

@@ -36,6 +36,7 @@ import onnx_ir as ir
 
 from onnxopt import data as data_mod
 from onnxopt.errors import DataError, UsageError
+from onnxopt.graph import shape_text
 
 __all__ = [
     "Preprocess",
@@ -448,8 +449,8 @@ def _check_same_shape(arrays: Sequence[np.ndarray], files: Sequence[Path]) -> No
     for array, file in zip(arrays, files, strict=True):
         if array.shape != arrays[0].shape:
             raise DataError(
-                f"images of different sizes: {files[0].name} gives {'x'.join(map(str, arrays[0].shape))}, "
-                f"{file.name} {'x'.join(map(str, array.shape))}; give --preprocess crop=N or size=HxW"
+                f"images of different sizes: {files[0].name} gives {shape_text(arrays[0].shape)}, "
+                f"{file.name} {shape_text(array.shape)}; give --preprocess crop=N or size=HxW"
             )
 
 
@@ -461,8 +462,7 @@ def _check_fits(array: np.ndarray, file: Path, pre: Preprocess, spec: data_mod.I
     expected = spec.shape[1:]
     if all(e is None or e == a for e, a in zip(expected, array.shape, strict=True)):
         return
-    want = "x".join("?" if d is None else str(d) for d in expected)
-    got = "x".join(map(str, array.shape))
+    want, got = shape_text(expected), shape_text(array.shape)
     hint = ""
     other = "NHWC" if pre.layout == "NCHW" else "NCHW"
     channels = expected[2] if pre.layout == "NCHW" else expected[0]

@@ -212,7 +212,7 @@ class FusePass(OptPass):
         from onnxopt import latency_cache, runtime
 
         feeds = dict(next(iter(source)).feeds)
-        shape = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in feeds.items())
+        shape = ", ".join(f"{k} {graph_io.shape_text(v.shape)}" for k, v in feeds.items())
         paths = [input_path] + [c.path for c in candidates]
         digest = latency_cache.key(paths, feeds, rounds=self.config.rounds, threads=1, kind="fuse")
         recorded = None if self.config.remeasure else latency_cache.lookup(digest)
