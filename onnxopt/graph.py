@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +121,7 @@ def _refuse_other_kind(path: Path) -> None:
         raise ModelLoadError(f"{path}: this is {kind}, not an ONNX model; {filekind.advice(path, kind)}")
 
 
-def shape_text(dims, unknown: str = "?") -> str:
+def shape_text(dims: Iterable[object], unknown: str = "?") -> str:
     """A shape as messages and reports write it: ``1x3x224x224``, ``unknown`` for a dimension that is ``None``
     (``N`` where it stands for the batch); ``""`` for a scalar's."""
     return "x".join(unknown if d is None else str(d) for d in dims)

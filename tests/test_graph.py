@@ -156,3 +156,11 @@ def test_add_initializer_keeps_the_array_shape_scalars_included():
     onnx.checker.check_model(out, full_check=True)
     got = builders.run(out, {"x": np.ones((2, 3), np.float32)})["y"]
     np.testing.assert_array_equal(got, np.full((2, 3), 3.0, np.float32))
+
+
+def test_shape_text_writes_dims_with_a_mark_for_the_unknown_ones():
+    assert graph.shape_text([1, 3, 224, 224]) == "1x3x224x224"
+    assert graph.shape_text([None, 3, None]) == "?x3x?"
+    assert graph.shape_text([None, 64], "N") == "Nx64"
+    assert graph.shape_text(()) == ""  # a scalar: callers write their own word for it
+    assert graph.shape_text(ir.Shape(["batch", 8])) == "batchx8"  # a symbolic dim keeps its name
