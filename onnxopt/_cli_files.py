@@ -91,7 +91,7 @@ def write_outputs(
     if copy_from is not None:
         _copy_atomic(copy_from, output)
     else:
-        if source is not None and not graph.has_value_info(source):
+        if graph.writes_without_value_info(source):
             graph.drop_value_info(model)
         graph.save(model, output)
     print(f"wrote {output}")

@@ -513,7 +513,8 @@ class _Search:
         if self.base is None and parent is None:
             self.base = report.before
         if any(r.modified for r in report.passes):
-            path = graph_io.save(report.model, self.tmp / f"point{len(self.points)}.onnx")
+            # timed as it would be written (without the shape annotations the original file has not)
+            path = graph_io.save_as_written(report.model, self.tmp / f"point{len(self.points)}.onnx", self.original)
             point.latency_us, point.original_latency_us = _time(
                 self.original, path, self.feeds.feeds, self.rounds, self.remeasure
             )

@@ -175,7 +175,9 @@ def slower(
     from onnxopt import graph as graph_io
 
     with tempfile.TemporaryDirectory(prefix="onnxopt-guard-") as tmp:
-        paths = [graph_io.save(m.clone(), Path(tmp) / f"{n}.onnx") for m, n in ((model, "input"), (candidate, label))]
+        source = getattr(context, "original", None)  # both timed as the run would write them
+        paths = [graph_io.save_as_written(m, Path(tmp) / f"{n}.onnx", source)
+                 for m, n in ((model, "input"), (candidate, label))]  # fmt: skip
         feeds = run_feeds(context, paths[0])
         settled = not_slower_whatever_follows(rounds, margin)
         (before, after), reused = compare(paths, feeds, rounds=rounds, purpose=purpose, settled=settled)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -164,3 +165,27 @@ def test_shape_text_writes_dims_with_a_mark_for_the_unknown_ones():
     assert graph.shape_text([None, 64], "N") == "Nx64"
     assert graph.shape_text(()) == ""  # a scalar: callers write their own word for it
     assert graph.shape_text(ir.Shape(["batch", 8])) == "batchx8"  # a symbolic dim keeps its name
+
+
+def test_save_as_written_drops_intermediate_annotations_only_when_the_source_has_none(tmp_path):
+    """What is timed is what the run writes (graph.save_as_written, file_as_written): a source without
+    intermediate shape annotations gives files without them; one with them keeps them. The initializers' own
+    entries, which onnx_ir writes in every file, are not annotations of intermediate values."""
+    bare = builders.conv_net(seed=1)
+    annotated = onnx.shape_inference.infer_shapes(bare)
+    bare_path = Path(builders.save(bare, tmp_path / "bare.onnx"))
+    annotated_path = Path(builders.save(annotated, tmp_path / "annotated.onnx"))
+    assert not graph.has_value_info(bare_path) and graph.has_value_info(annotated_path)
+    model = graph.load(annotated_path)
+    before = ir.to_proto(model).SerializeToString()
+    written = graph.save_as_written(model, tmp_path / "w1.onnx", bare_path)
+    assert not graph.has_value_info(written)
+    assert ir.to_proto(model).SerializeToString() == before  # the model in hand keeps its annotations
+    assert graph.has_value_info(graph.save_as_written(model, tmp_path / "w2.onnx", annotated_path))
+    # a file: itself when the source keeps annotations or it has none, else a copy without them
+    assert graph.file_as_written(annotated_path, annotated_path, tmp_path / "c1.onnx") == annotated_path
+    assert graph.file_as_written(bare_path, bare_path, tmp_path / "c2.onnx") == bare_path
+    copy = graph.file_as_written(annotated_path, bare_path, tmp_path / "c3.onnx")
+    assert copy == tmp_path / "c3.onnx" and not graph.has_value_info(copy)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 10, 10)).astype(np.float32)}
+    np.testing.assert_array_equal(builders.run(onnx.load(copy), feeds)["y"], builders.run(annotated, feeds)["y"])
