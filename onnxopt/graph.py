@@ -364,11 +364,18 @@ def save_as_written(model: ir.Model, path: str | os.PathLike, source: str | os.P
     return save(model, path)
 
 
-def file_as_written(path: str | os.PathLike, source: str | os.PathLike | None, copy_to: str | os.PathLike) -> Path:
+def file_as_written(
+    path: str | os.PathLike, source: str | os.PathLike | None, copy_to: str | os.PathLike | None = None
+) -> Path:
     """The model file at ``path`` in the form onnxopt writes a result of ``source`` in (:func:`save_as_written`):
-    ``path`` itself (also when it has no annotations), or a copy saved to ``copy_to`` without them."""
+    ``path`` itself (also when it has no annotations), or a copy without them saved to ``copy_to`` (default: the
+    same name in an ``as_written`` folder beside ``path``)."""
+    path = Path(path)
     if not writes_without_value_info(source) or not has_value_info(path):
-        return Path(path)
+        return path
+    if copy_to is None:
+        (path.parent / "as_written").mkdir(exist_ok=True)
+        copy_to = path.parent / "as_written" / path.name
     model = load(path)
     drop_value_info(model)
     return save(model, copy_to)

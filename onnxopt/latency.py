@@ -175,7 +175,7 @@ def slower(
     from onnxopt import graph as graph_io
 
     with tempfile.TemporaryDirectory(prefix="onnxopt-guard-") as tmp:
-        source = getattr(context, "original", None)  # both timed as the run would write them
+        source = getattr(context, "original", None)  # both timed as the run writes them
         paths = [graph_io.save_as_written(m, Path(tmp) / f"{n}.onnx", source)
                  for m, n in ((model, "input"), (candidate, label))]  # fmt: skip
         feeds = run_feeds(context, paths[0])

@@ -215,10 +215,8 @@ class FusePass(OptPass):
         shape = ", ".join(f"{k} {graph_io.shape_text(v.shape)}" for k, v in feeds.items())
         # each timed in the form the run writes it: without intermediate shape annotations when the run's original
         # has none (onnxruntime fuses SkipLayerNormalization with them, 13% slower on MiniLM's int8 model)
-        source = self.context.original if self.context is not None else None
-        (input_path.parent / "as_written").mkdir(exist_ok=True)
-        paths = [graph_io.file_as_written(p, source, p.parent / "as_written" / p.name)
-                 for p in [input_path] + [c.path for c in candidates]]  # fmt: skip
+        source = getattr(self.context, "original", None)
+        paths = [graph_io.file_as_written(p, source) for p in [input_path] + [c.path for c in candidates]]
         digest = latency_cache.key(paths, feeds, rounds=self.config.rounds, threads=1, kind="fuse")
         recorded = None if self.config.remeasure else latency_cache.lookup(digest)
         if isinstance(recorded, list) and len(recorded) == len(paths):

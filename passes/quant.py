@@ -225,7 +225,7 @@ class _Search:
         feeds = latency.single_sample(self.feeds(), model) if outcomes else None
         if feeds is None:
             return
-        paths = self.timed([self.float_path] + [self.paths[o.recipe.name] for o in outcomes])
+        paths = self.timed(outcomes)
         figures, _ = latency.compare(paths, feeds, rounds=self.config.rounds, remeasure=self.config.remeasure,
                                      purpose="quant batch-1 guard")  # fmt: skip
         base = figures[0][0]
@@ -235,17 +235,17 @@ class _Search:
                 outcome.note = (f"slower than float on one sample ({timed[0]:.0f} us against {base:.0f} us, "
                                 f"{outcome.single_ratio:.2f}x): not chosen for a batch of 1")  # fmt: skip
 
-    def timed(self, paths: list[Path]) -> list[Path]:
-        """``paths`` as timed: each model in the form the run writes it (:func:`onnxopt.graph.file_as_written`:
-        onnxruntime's quantizers annotate every intermediate shape, which the run's file drops when its original
-        had none, and with them onnxruntime fused MiniLM's int8 model 13% slower)."""
-        source = self.context.original if self.context is not None else None
+    def timed(self, outcomes: list[Outcome]) -> list[Path]:
+        """The files timed for float and ``outcomes``: each model in the form the run writes it
+        (:func:`onnxopt.graph.file_as_written`: onnxruntime's quantizers annotate every intermediate shape, which the
+        run's file drops when its original had none, and with them onnxruntime fused MiniLM's int8 model 13%
+        slower)."""
+        source = getattr(self.context, "original", None)
         timed = []
-        for path in paths:
+        for path in [self.float_path] + [self.paths[o.recipe.name] for o in outcomes]:
             key = (path, path.stat().st_mtime_ns)  # a fallback quantizes to the same file again
             if key not in self._as_written:
-                (path.parent / "as_written").mkdir(exist_ok=True)
-                self._as_written[key] = graph_io.file_as_written(path, source, path.parent / "as_written" / path.name)
+                self._as_written[key] = graph_io.file_as_written(path, source)
             timed.append(self._as_written[key])
         return timed
 
@@ -306,7 +306,7 @@ class _Search:
         minutes); they keep the screen's figures and a note.
         """
         feeds = self.feeds()
-        paths = self.timed([self.float_path] + [self.paths[o.recipe.name] for o in outcomes])
+        paths = self.timed(outcomes)
 
         def measure() -> dict:
             float_us = self._measure(outcomes, feeds, screen)
@@ -332,7 +332,7 @@ class _Search:
         from onnxopt import runtime
 
         if screen and self.config.rounds > 3 and outcomes:
-            paths = self.timed([self.float_path] + [self.paths[o.recipe.name] for o in outcomes])
+            paths = self.timed(outcomes)
             quick = runtime.measure_latency(paths, feeds, rounds=3, warmup=1)
             kept = []
             for outcome, latency in zip(outcomes, quick[1:], strict=True):
@@ -343,7 +343,7 @@ class _Search:
                 else:
                     kept.append(outcome)
             outcomes = kept
-        paths = self.timed([self.float_path] + [self.paths[o.recipe.name] for o in outcomes])
+        paths = self.timed(outcomes)
         measured = runtime.measure_latency(paths, feeds, rounds=self.config.rounds)
         for outcome, latency in zip(outcomes, measured[1:], strict=True):
             outcome.latency_us, outcome.spread_us = latency.median_us, (latency.min_us, latency.max_us)
