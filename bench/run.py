@@ -429,6 +429,18 @@ def plot(results: dict[str, list[Row]], budget: float, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+# the package a peer's label needs (its first word), from the ``bench`` extra; the other tools need the core only
+PEER_PACKAGES = {"onnxslim": "onnxslim", "onnxsim": "onnxsim"}
+
+
+def missing_packages(labels: list[str]) -> list[str]:
+    """The peer packages the tools ``labels`` need that are not installed (sorted, each once)."""
+    import importlib.util
+
+    needed = {PEER_PACKAGES[label.split()[0]] for label in labels if label.split()[0] in PEER_PACKAGES}
+    return sorted(name for name in needed if importlib.util.find_spec(name) is None)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", help="directory with the four MNIST IDX .gz files")
@@ -458,6 +470,11 @@ def main(argv=None) -> int:
     unknown = [t for t in wanted if t not in available]
     if unknown:
         parser.error(f"unknown tool(s) {unknown}; choose from {list(available)}")
+    if missing := missing_packages(wanted):
+        parser.error(
+            f"the peers need {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            "pip install -c constraints.txt -e '.[bench]' (make bench does), or name the tools to run with --tools"
+        )
     selected = {t: available[t] for t in wanted}
     mnist = load(args.mnist)
     results = {}

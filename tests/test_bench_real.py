@@ -124,3 +124,20 @@ def test_default_tools_by_kind_minus_the_cut():
     image = real.default_tools("resnet20", "image")
     assert "ort static U8S8" in image and "onnxopt quant" in image and "ort bert fusion" not in image
     assert all(kind in real.TOOLS[t][1] for kind, tools in (("text", text), ("image", image)) for t in tools)
+
+
+def test_a_missing_peer_package_stops_the_run_before_it_starts(monkeypatch, tmp_path, capsys):
+    import run
+
+    assert run.missing_packages(["onnxopt quant", "ort static U8S8", "ort dynamic"]) == []  # the core's
+    monkeypatch.setitem(run.PEER_PACKAGES, "onnxsim", "onnxopt_test_absent_package")
+    assert run.missing_packages(["onnxsim int8", "onnxsim L2 30%", "onnxopt quant"]) == ["onnxopt_test_absent_package"]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        real.main(["--shared", str(tmp_path), "--tools", "onnxsim int8;onnxopt quant", "--out-dir", str(out)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "onnxopt_test_absent_package, which is not installed" in err and "--tools" in err
+    assert not out.exists()  # nothing written
+    # the same run without that peer gets past the check (and finds no pair in the empty --shared)
+    assert real.main(["--shared", str(tmp_path), "--tools", "onnxopt quant", "--out-dir", str(out)]) == 0
