@@ -123,7 +123,11 @@ def test_reachable_target_is_reached_within_the_budget(reached, workdir):
     steps = [s.split("(")[0] for s in found["chosen"].split(",")]
     assert [p["name"] for p in report["passes"] if p["name"] != "simplify"] == steps
     assert [n for n in report["recipe"]["passes"] if n != "simplify"] == steps  # --config on it repeats the choice
-    assert report["latency_us"]["after"] / report["latency_us"]["before"] == pytest.approx(last["latency_ratio"], 1e-3)
+    # the same timing: the point's ratio is written to 4 decimals and the report's microseconds to 2, so they agree
+    # within those roundings (on the toy model, about 0.04 from 7.7 and 176 us: 1e-3 relative did not always hold)
+    after, before = report["latency_us"]["after"], report["latency_us"]["before"]
+    rounding = 5e-5 + after / before * (0.005 / after + 0.005 / before)
+    assert after / before == pytest.approx(last["latency_ratio"], rel=0, abs=rounding)
     assert "target reached: " in out and out.count("goal point ") == len(points)
 
 
