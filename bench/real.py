@@ -375,7 +375,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown pair or tool {unknown}; pairs: {list(LOADERS)}; tools: {list(TOOLS)}")
     wanted = args.tools.split(";") if args.tools else []
-    # a peer whose package is absent would fill its rows with ModuleNotFoundError after an hour's run
+    # a peer whose package is absent would fill its rows with ModuleNotFoundError after the whole run
     if missing := missing_packages(wanted or list(TOOLS)):
         parser.error(
             f"the peers need {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
