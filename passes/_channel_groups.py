@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from onnxopt import graph as graph_io
 
-__all__ = ["Space", "Action", "Unit", "Analysis", "analyze", "HANDLERS"]
+__all__ = ["Space", "Action", "Unit", "Analysis", "analyze", "rebind", "HANDLERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,52 @@ class Analysis:
 
     def slot_space(self, slot: int) -> Space:
         return self._slot_owner()[slot]
+
+
+def rebind(analysis: Analysis, source: ir.Model, clone: ir.Model) -> Analysis:
+    """``analysis`` (of ``source``) for ``clone``, a ``source.clone()`` not changed since: the same units (the very
+    objects, so a selection made on ``analysis`` applies to the result), spaces and actions, on the clone's values and
+    nodes, without analyzing the clone again. Values and nodes are matched by position: the graph inputs, then each
+    node and its outputs in graph order; initializers by name. Raises ``ValueError`` when the two graphs differ in
+    structure or a value of the analysis has no counterpart."""
+    a, b = source.graph, clone.graph
+    if len(a) != len(b) or len(a.inputs) != len(b.inputs) or a.initializers.keys() != b.initializers.keys():
+        raise ValueError("the clone's graph differs from the analyzed one")
+    values = {id(old): new for old, new in zip(a.inputs, b.inputs, strict=True)}
+    values.update({id(value): b.initializers[name] for name, value in a.initializers.items()})
+    nodes = {}
+    for old, new in zip(a, b, strict=True):
+        if old.op_type != new.op_type or len(old.outputs) != len(new.outputs):
+            raise ValueError(f"node '{old.name}' differs in the clone")
+        nodes[id(old)] = new
+        values.update({id(o): n for o, n in zip(old.outputs, new.outputs, strict=True)})
+    result = Analysis()
+    spaces: dict[int, Space] = {}
+
+    def mapped(space: Space) -> Space:
+        if id(space) not in spaces:
+            value = values.get(id(space.value))
+            if value is None:
+                raise ValueError(f"value '{space.value.name}' has no counterpart in the clone")
+            spaces[id(space)] = Space(value, space.axis, space.size, space.base)
+        return spaces[id(space)]
+
+    result.spaces = {id(mapped(space).value): mapped(space) for space in analysis.spaces.values()}
+    result.actions = [
+        dataclasses.replace(
+            action,
+            node=nodes[id(action.node)],
+            space=mapped(action.space),
+            out_space=mapped(action.out_space) if action.out_space is not None else None,
+        )
+        for action in analysis.actions
+    ]
+    result.units, result.skipped = analysis.units, analysis.skipped
+    result.gates = [mapped(space) for space in analysis.gates]
+    result.head_inputs = [mapped(space) for space in analysis.head_inputs]
+    result._parent = list(analysis._parent)
+    result._blocked_slots, result._producer_slots = analysis._blocked_slots, analysis._producer_slots
+    return result
 
 
 def analyze(model: ir.Model, handlers: dict[str, Callable[[Analysis, ir.Node], None]] | None = None) -> Analysis:

@@ -76,7 +76,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt import graph as graph_io
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip
-from onnxopt.passes._channel_groups import Analysis, analyze
+from onnxopt.passes._channel_groups import Analysis, analyze, rebind
 from onnxopt.passes._prune_apply import apply_removal
 from onnxopt.passes._prune_guard import budget_miss, slower
 from onnxopt.passes._prune_scores import score_units
@@ -161,6 +161,7 @@ class ChannelPrunePass(PruneSearch, OptPass):
     name = "prune"
     exact = False
     config_class = PruneConfig
+    _base: tuple | None = None  # (model, its analysis, scored units) while call() searches: each candidate's selection
 
     def needs_data(self, model: ir.Model) -> bool:
         return bool(self.stats_request(model))  # channels are judged from activations, if there are any to prune
@@ -190,7 +191,11 @@ class ChannelPrunePass(PruneSearch, OptPass):
         self._refit = config.refit is True  # candidates are re-fitted (a search starts without, _refit_phase)
         self._note: Change | Skip | None = None  # whether the search used refit, and why (_refit_phase)
         self._last_miss = "fails"  # the figures of the last candidate that missed the budget (_trial)
-        setting, per_group = self._choose_setting(model, analysis, scored)
+        self._base = (model, analysis, scored)  # each candidate selects on these (_candidate)
+        try:
+            setting, per_group = self._choose_setting(model, analysis, scored)
+        finally:
+            self._base = None
         self._speculated = {}
         kept, self._kept = self._kept, None
         chosen = select(analysis, scored, config, setting, per_group)
@@ -235,12 +240,21 @@ class ChannelPrunePass(PruneSearch, OptPass):
     def _candidate(self, model: ir.Model, setting: float, per_group: dict[int, float]) -> ir.Model | None:
         """``model`` pruned at ``setting`` (and ``per_group`` ratios); ``None`` when that removes nothing."""
         candidate = model.clone()
-        analysis = self._analyze(candidate)
         stats = get_stats(model)
-        scored = score_units(analysis, stats)
-        chosen = select(analysis, scored, self.config, setting, per_group)
-        if not chosen:
-            return None
+        base, analysis = self._base, None
+        if base is not None and base[0] is model:  # the search's model: its analysis, carried onto the clone
+            chosen = select(base[1], base[2], self.config, setting, per_group)  # the same units as the clone's
+            if not chosen:
+                return None
+            try:
+                analysis = rebind(base[1], model, candidate)
+            except ValueError as e:
+                logger.debug("prune: the candidate is analyzed again: %s", e)
+        if analysis is None:
+            analysis = self._analyze(candidate)
+            chosen = select(analysis, score_units(analysis, stats), self.config, setting, per_group)
+            if not chosen:
+                return None
         candidate.meta[_REFIT_META] = self._apply(model, candidate, analysis, chosen, stats)
         ShapeInferencePass(strict_mode=False)(candidate)
         return candidate

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt import data, stats
 from onnxopt.manager import PassManager
-from onnxopt.passes._channel_groups import analyze
+from onnxopt.passes._channel_groups import analyze, rebind
+from onnxopt.passes._prune_apply import apply_removal
 from onnxopt.passes._prune_proxy import MaskedProxy, masked_model
 from onnxopt.passes._prune_scores import score_units
-from onnxopt.passes._prune_select import select
+from onnxopt.passes._prune_select import removed_and_means, select
 from onnxopt.passes._transformer_groups import HANDLERS
 from onnxopt.passes.prune import ChannelPrunePass, PruneConfig
 from onnxopt.validate import Budget
@@ -243,3 +245,62 @@ def test_select_asked_many_settings_of_one_analysis_gives_what_a_fresh_analysis_
         assert got == [item.unit.slots for item in fresh], (config, setting, per_group)
         picked.add(len(got))
     assert len(picked) >= 4  # the asks differ in what they remove
+
+
+def _rebind_case(kind):
+    if kind == "conv":
+        return _conv_chain(), {"x": np.random.default_rng(0).standard_normal((16, 3, 6, 6)).astype(np.float32)}
+    proto = builders.tiny_bert(layers=2, hidden=32, heads=4, ffn=64, opset=17, seed=0)  # heads, gates, head inputs
+    return proto, builders.tiny_bert_feeds(16, 8, seed=1)
+
+
+@pytest.mark.parametrize("kind", ["conv", "bert"])
+def test_an_analysis_rebound_to_a_clone_prunes_it_as_the_clone_own_analysis_does(kind):
+    """Each prune candidate carries the search's analysis onto its clone (rebind) instead of analyzing the clone
+    again: the units are the same objects, every value and node it refers to is the clone's, the clone pruned through
+    it is the clone pruned through an analysis of its own, and the analyzed model stays as it was."""
+    proto, feeds = _rebind_case(kind)
+    model, analysis, table, _ = _analysed(proto, feeds)
+    before = ir.to_proto(model).SerializeToString()
+    scored = score_units(analysis, table)
+    chosen = select(analysis, scored, PruneConfig(ratio=0.5, align=1), 0.5, None)
+    assert chosen
+    clone, fresh = model.clone(), model.clone()
+    bound = rebind(analysis, model, clone)
+    assert bound.units is analysis.units
+    clone_values = {id(v) for v in clone.graph.inputs} | {id(v) for node in clone.graph for v in node.outputs}
+    clone_values |= {id(v) for v in clone.graph.initializers.values()}
+    assert all(id(space.value) in clone_values for space in bound.spaces.values())
+    assert set(bound.spaces) == {id(space.value) for space in bound.spaces.values()}
+    clone_nodes = {id(node) for node in clone.graph}
+    assert all(id(action.node) in clone_nodes for action in bound.actions)
+    assert len(bound.gates) == len(analysis.gates) and len(bound.head_inputs) == len(analysis.head_inputs)
+    if kind == "bert":
+        assert bound.gates and bound.head_inputs  # the transformer's spaces are carried too
+    apply_removal(clone, bound, *removed_and_means(bound, chosen, table))
+    own = analyze(fresh, HANDLERS)
+    own_chosen = select(own, score_units(own, table), PruneConfig(ratio=0.5, align=1), 0.5, None)
+    assert [item.unit.slots for item in own_chosen] == [item.unit.slots for item in chosen]
+    apply_removal(fresh, own, *removed_and_means(own, own_chosen, table))
+    assert ir.to_proto(clone).SerializeToString() == ir.to_proto(fresh).SerializeToString()
+    assert ir.to_proto(model).SerializeToString() == before  # the search's model is untouched
+    # a graph that is not the analyzed one's clone is refused, and the pass analyzes the candidate instead
+    other = model.clone()
+    other.graph.remove(other.graph[len(other.graph) - 1], safe=False)
+    with pytest.raises(ValueError, match="differs"):
+        rebind(analysis, model, other)
+
+
+def test_the_search_analyzes_the_model_once_and_carries_it_to_every_candidate(tmp_path, monkeypatch):
+    path = builders.save(builders.mlp(sizes=DEEP, seed=2), tmp_path / "m.onnx")
+    analyzed, bound = [], []
+    original_analyze = ChannelPrunePass._analyze
+    monkeypatch.setattr(ChannelPrunePass, "_analyze", staticmethod(lambda m: analyzed.append(1) or original_analyze(m)))
+    import onnxopt.passes.prune as prune_module
+
+    monkeypatch.setattr(prune_module, "rebind", lambda *a: bound.append(1) or rebind(*a))
+    report = _search(path, _feeds(), _feeds(seed=2))
+    record = report.passes[0]
+    assert report.ok and record.modified and record.details["search"]["candidates"] >= 2
+    assert len(analyzed) == 2  # stats_request() and call(); before, once more per candidate
+    assert len(bound) == record.details["search"]["candidates"]  # every candidate checked was built on it
