@@ -204,11 +204,16 @@ def rebind(analysis: Analysis, source: ir.Model, clone: ir.Model) -> Analysis:
             spaces[id(space)] = Space(value, space.axis, space.size, space.base)
         return spaces[id(space)]
 
+    def node(action: Action) -> ir.Node:
+        if id(action.node) not in nodes:
+            raise ValueError(f"node '{action.node.name}' is not in the analyzed graph")
+        return nodes[id(action.node)]
+
     result.spaces = {id(mapped(space).value): mapped(space) for space in analysis.spaces.values()}
     result.actions = [
         dataclasses.replace(
             action,
-            node=nodes[id(action.node)],
+            node=node(action),
             space=mapped(action.space),
             out_space=mapped(action.out_space) if action.out_space is not None else None,
         )
