@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _real_tasks import LOADERS, MINILM_OUTPUT, ROOT, Scorer, Skip, Task  # noqa: E402
 from _real_tools import TOOLS, high_water_kib, is_onnxopt  # noqa: E402
 from _report import emit  # noqa: E402
-from run import missing_packages  # noqa: E402
+from run import missing_peers  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_real_tools.py"
 TIE = 0.05  # latency ratios closer than this are called a tie in the summary
@@ -375,13 +375,9 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown pair or tool {unknown}; pairs: {list(LOADERS)}; tools: {list(TOOLS)}")
     wanted = args.tools.split(";") if args.tools else []
-    # a peer whose package is absent would fill its rows with ModuleNotFoundError after the whole run
-    if missing := missing_packages(wanted or list(TOOLS)):
-        parser.error(
-            f"the peers need {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
-            "pip install -c constraints.txt -e '.[bench,text,images]' (make bench-real does), or name the tools "
-            "to run with --tools"
-        )
+    install = "pip install -c constraints.txt -e '.[bench,text,images]' (make bench-real does)"
+    if why := missing_peers(wanted or list(TOOLS), install):
+        parser.error(why)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = cli_options()

@@ -441,6 +441,17 @@ def missing_packages(labels: list[str]) -> list[str]:
     return sorted(name for name in needed if importlib.util.find_spec(name) is None)
 
 
+def missing_peers(labels: list[str], install: str) -> str | None:
+    """Why the tools ``labels`` cannot all run (their packages missing, and ``install``, the command that adds them),
+    or ``None``: a script stops on it before a run that would fill their rows with ``ModuleNotFoundError``."""
+    missing = missing_packages(labels)
+    if not missing:
+        return None
+    verb = "is" if len(missing) == 1 else "are"
+    names = ", ".join(missing)
+    return f"the peers need {names}, which {verb} not installed: {install}, or name the tools to run with --tools"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", help="directory with the four MNIST IDX .gz files")
@@ -470,11 +481,8 @@ def main(argv=None) -> int:
     unknown = [t for t in wanted if t not in available]
     if unknown:
         parser.error(f"unknown tool(s) {unknown}; choose from {list(available)}")
-    if missing := missing_packages(wanted):
-        parser.error(
-            f"the peers need {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
-            "pip install -c constraints.txt -e '.[bench]' (make bench does), or name the tools to run with --tools"
-        )
+    if why := missing_peers(wanted, "pip install -c constraints.txt -e '.[bench]' (make bench does)"):
+        parser.error(why)
     selected = {t: available[t] for t in wanted}
     mnist = load(args.mnist)
     results = {}
