@@ -9,8 +9,9 @@ this module decides.
 from __future__ import annotations
 
 import dataclasses
+import math
 
-__all__ = ["Budget", "judge", "judge_metric", "has_task_budget"]
+__all__ = ["Budget", "judge", "judge_metric", "has_task_budget", "spent"]
 
 TOLERANCE = 1e-9  # a drop at the bound (up to float rounding) holds
 
@@ -188,3 +189,58 @@ def judge(report, budget: Budget) -> list[str]:
                     f"drop {drop:.2f} pp > {budget.max_accuracy_drop:g} pp"
                 )
     return failures
+
+
+def spent(report, budget: Budget) -> float | None:
+    """How much of ``budget`` the model of ``report`` (a ValidationReport) uses: the largest of its bounds' used
+    fractions (a metric drop of 0.2 against 0.5 allowed: 0.4; cosine 0.9995 against 0.999: 0.5), 0 where it
+    gains, above 1 where a bound breaks; ``None`` when a bound was not measured (no metric, no labels) or the budget
+    bounds nothing. ``metric_limit`` counts from the original's value to the limit, as the room there was."""
+
+    def used(loss: float | None, allowed: float | None) -> float | None:
+        if allowed is None:
+            return 0.0
+        if loss is None:
+            return None
+        if allowed <= 0:
+            return 0.0 if loss <= TOLERANCE else math.inf
+        return max(loss, 0.0) / allowed
+
+    fractions: list[float | None] = []
+    metric = report.metric
+    drop_bound = budget.max_metric_drop
+    if drop_bound is None and metric is not None and metric.name == "top1":
+        drop_bound = budget.max_accuracy_drop
+    if drop_bound is not None:
+        drop = None if metric is None else (metric.worst_drop if budget.confidence is not None else metric.drop)
+        fractions.append(used(drop, drop_bound))
+    if budget.metric_limit is not None:
+        if metric is None or metric.before is None or not math.isfinite(metric.before):
+            fractions.append(None)  # no room to count from (psnr's before is +inf)
+        else:
+            after = metric.worst_after if budget.confidence is not None else metric.after
+            sign = 1 if metric.higher_is_better else -1
+            fractions.append(used(sign * (metric.before - after), sign * (metric.before - budget.metric_limit)))
+    judged_by_metric = metric is not None and metric.name == "top1" and budget.max_metric_drop is None
+    if budget.max_accuracy_drop is not None and not judged_by_metric:
+        accuracy = report.accuracy
+        drop = None if accuracy is None else accuracy["before"] - accuracy["after"]
+        fractions.append(used(drop, budget.max_accuracy_drop))
+    if budget.max_mse_increase is not None:
+        mse = report.task_mse
+        increase = None if mse is None or not mse["before"] else mse["after"] / mse["before"] - 1
+        fractions.append(used(increase, budget.max_mse_increase))
+    max_mismatch = budget.max_mismatch
+    if max_mismatch is None and not has_task_budget(budget):
+        max_mismatch = 0.0  # as judge() holds integer outputs
+    for diff in report.outputs.values():
+        if diff.mismatch is not None:
+            fractions.append(used(diff.mismatch, max_mismatch))
+            continue
+        if budget.min_cosine is not None:
+            fractions.append(used(1 - diff.cosine, 1 - budget.min_cosine))
+        fractions.append(used(diff.rel_l2, budget.max_rel_l2))
+        fractions.append(used(diff.scaled_abs, budget.max_abs))
+    if budget.is_empty() or any(f is None for f in fractions):
+        return None
+    return max(fractions, default=0.0)

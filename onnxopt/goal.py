@@ -18,7 +18,10 @@ what is installed:
 
 With a budget given, a lossy step another lossy step follows searches within its share of it, as PassManager
 splits a pipeline's budget (:func:`split_budget`: in ``prune,quant`` prune gets half, shown
-``prune(budget=0.5),quant``); that prune is a point of its own, apart from ``prune`` with the whole budget.
+``prune(budget=0.5),quant``); that prune is a point of its own, apart from ``prune`` with the whole budget. Where
+the later steps' own points measured how much of the budget they use, the share is what they left instead, when
+that is more (:meth:`_Search.adapt`: MobileNetV2's ``quant`` gains top-1, so ``prune,quant`` quantizes the model
+``prune`` made with the whole budget); if that pipeline then misses the budget, the split one runs after it.
 
 Every pipeline runs through :class:`~onnxopt.manager.PassManager` with the user's budget, metric and data, each of
 its lossy passes searching the strongest setting that holds the budget (the strengths). What is expensive is done
@@ -452,37 +455,88 @@ class _Search:
 
     def run(self, candidates: Sequence[tuple[Step, ...]], skipped: list[str]) -> Point | None:
         """Walk ``candidates`` in order; returns the first point that reaches the target (``None``: none did).
-        A candidate whose prefix failed or missed the budget is not continued (``skipped`` says so)."""
+        A candidate whose prefix failed or missed the budget is not continued (``skipped`` says so). A candidate
+        whose budget shares :meth:`adapt` widens runs with them first, and as split when that misses the budget."""
         for candidate in candidates:
-            for length in range(1, len(candidate) + 1):
-                prefix = candidate[:length]
-                if prefix in self.stages:
-                    continue
-                parent = self.stages.get(prefix[:-1]) if length > 1 else None
-                if length > 1 and (parent is None or parent.model is None):
-                    failed = parent is None or parent.point.note.startswith("failed")
-                    skipped.append(f"{_pipeline(candidate)}: {_pipeline(prefix[:-1])} "
-                                   f"{'failed' if failed else 'misses the budget'}")  # fmt: skip
-                    break
-                if self._late():
-                    left = [_pipeline(c) for c in candidates if c not in self.stages]
-                    skipped.append(f"{', '.join(dict.fromkeys(left))}: {self.time_note}")
-                    return None
-                point = self._step(prefix, parent)
-                self.points.append(point)
-                logger.info("goal %s: %s", point.pipeline, point.to_json())
-                if self.on_point is not None:
-                    self.on_point(point)
-                if point.reached:
-                    return point
-                if self.time_note:
-                    left = [_pipeline(c) for c in candidates if c not in self.stages]
-                    if left:
-                        skipped.append(f"{', '.join(left)}: {self.time_note}")
-                    return None
-                if not point.ok:
+            for steps in dict.fromkeys((self.adapt(candidate), candidate)):
+                done, held = self._walk(steps, candidates, skipped)
+                if done is not None:
+                    return done if isinstance(done, Point) else None
+                if held:
                     break
         return None
+
+    def adapt(self, candidate: tuple[Step, ...]) -> tuple[Step, ...]:
+        """``candidate`` with each budget share widened to what the lossy steps after it left of the budget on
+        their own (their single-step points, measured against the original: :func:`onnxopt.budget.spent`),
+        rounded down to a twentieth, when that is more than its split gives. MobileNetV2's ``quant`` gains top-1,
+        so ``prune,quant`` prunes with the whole budget instead of half of it. Where the step with the whole budget
+        (its own point) used no more than the widened share, it is that point (share 1): the search within the
+        share would end at the same model, which is not pruned again. Unchanged without a budget, or when a later
+        step's own point is missing or did not hold."""
+        from onnxopt import registry
+        from onnxopt.budget import spent
+
+        budget = self.manager_args.get("budget")
+        if budget is None:
+            return candidate
+        steps = list(candidate)
+        for i, step in enumerate(candidate):
+            if step.share >= 1:
+                continue
+            later = [s for s in candidate[i + 1 :] if registry.get_pass(s.name).spends()]
+            used = []
+            for s in later:
+                stage = self.stages.get((dataclasses.replace(s, share=1.0),))
+                ok = stage is not None and stage.point.ok and stage.chain
+                used.append(spent(stage.chain[-1].validation, budget) if ok else None)
+            if not later or any(u is None for u in used):
+                continue
+            share = min(1.0, math.floor(20 * (1 - sum(used)) + 1e-9) / 20)
+            if share <= step.share:
+                continue
+            # the step with the whole budget used no more than that share: the same search ends at its model
+            whole = self.stages.get((*steps[:i], dataclasses.replace(step, share=1.0)))
+            if whole is not None and whole.point.ok and whole.chain:
+                alone = spent(whole.chain[-1].validation, budget)
+                if alone is not None and alone <= share:
+                    share = 1.0
+            steps[i] = dataclasses.replace(step, share=share)
+        return tuple(steps)
+
+    def _walk(self, candidate: tuple[Step, ...], candidates, skipped: list[str]) -> tuple[Point | bool | None, bool]:
+        """Run ``candidate``'s prefixes not run yet. Returns (the point that reached the target, ``True`` when the
+        search ends without one (time), else ``None``; whether the candidate's last point holds the budget)."""
+        for length in range(1, len(candidate) + 1):
+            prefix = candidate[:length]
+            if prefix in self.stages:
+                continue
+            parent = self.stages.get(prefix[:-1]) if length > 1 else None
+            if length > 1 and (parent is None or parent.model is None):
+                failed = parent is None or parent.point.note.startswith("failed")
+                skipped.append(f"{_pipeline(candidate)}: {_pipeline(prefix[:-1])} "
+                               f"{'failed' if failed else 'misses the budget'}")  # fmt: skip
+                break
+            if self._late():
+                left = [_pipeline(c) for c in candidates if c not in self.stages]
+                skipped.append(f"{', '.join(dict.fromkeys(left))}: {self.time_note}")
+                return True, False
+            point = self._step(prefix, parent)
+            self.points.append(point)
+            logger.info("goal %s: %s", point.pipeline, point.to_json())
+            if self.on_point is not None:
+                self.on_point(point)
+            if point.reached:
+                return point, True
+            if self.time_note:
+                left = [_pipeline(c) for c in candidates if c not in self.stages]
+                if left:
+                    skipped.append(f"{', '.join(left)}: {self.time_note}")
+                return True, False
+            if not point.ok:
+                break
+        last = self.stages.get(candidate)
+        return None, last is not None and last.point.ok
 
     def _step(self, prefix: tuple[Step, ...], parent: _Stage | None) -> Point:
         """Run the last step of ``prefix`` on its parent's model (the original's for the first), judged against the

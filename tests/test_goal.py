@@ -418,3 +418,97 @@ def test_a_given_budget_is_split_as_the_pipeline_would_split_it(workdir, monkeyp
     assert [p.pipeline for p in result.points] == ["prune", "prune(budget=0.5)", "prune(budget=0.5),quant"]
     cosines = [(names, budget.min_cosine) for names, budget in seen]
     assert cosines == [(["prune"], 0.99), (["prune"], pytest.approx(0.995)), (["quant"], 0.99)]
+
+
+def _spy_budgets(monkeypatch):
+    from onnxopt import manager
+
+    seen = []
+    init = manager.PassManager.__init__
+
+    def spy(self, passes, **kwargs):
+        seen.append(([p.name for p in passes if p.name != "simplify"], kwargs.get("budget")))
+        init(self, passes, **kwargs)
+
+    monkeypatch.setattr(manager.PassManager, "__init__", spy)
+    return seen
+
+
+def test_prune_gets_the_budget_quant_left(workdir, monkeypatch):
+    """With `quant`'s own point measured, `prune,quant` gives prune what quant left of the budget instead of half
+    of it; here prune with the whole budget loses nothing (dead units), so `prune,quant` continues from the `prune`
+    point's model, and prune runs once."""
+    from onnxopt.validate import Budget
+
+    d, model = workdir
+    seen = _spy_budgets(monkeypatch)
+    budget = Budget(min_cosine=0.99)
+    result = goal.seek(
+        model, Target("latency", 0.01), data=str(d / "calib.npz"), eval_data=str(d / "eval.npz"),
+        budget=budget, pipelines=["quant", "prune", "prune,quant"],
+        options={"quant": {"recipes": "qdq-u8-pc", "rounds": 3}, "prune": {"steps": 3}}, rounds=3,
+    )  # fmt: skip
+    assert [p.pipeline for p in result.points] == ["quant", "prune", "prune,quant"]
+    assert [names for names, _ in seen] == [["quant"], ["prune"], ["quant"]]  # prune ran once
+    assert seen[-1] == (["quant"], budget)  # judged on the whole budget
+    assert all(p.ok for p in result.points) and result.points[-1].cosine >= 0.99
+
+
+def _stage(cosine: float | None, ok: bool = True):
+    """A stand-in for a goal stage whose run's validation measured ``cosine`` on its one output."""
+    out = SimpleNamespace(mismatch=None, cosine=cosine, rel_l2=0.0, scaled_abs=0.0)
+    validation = SimpleNamespace(metric=None, accuracy=None, task_mse=None, outputs={"y": out})
+    return goal._Stage(None, [SimpleNamespace(validation=validation)], [], Point("x", ok=ok))
+
+
+@pytest.mark.parametrize(
+    ("quant_cos", "prune_cos", "expected"),
+    [
+        (None, None, 0.5),  # quant's own point not measured: the split
+        (0.998, None, 0.8),  # quant used 0.2 of it: prune searches within 0.8
+        (0.99799, None, 0.75),  # rounded down to a twentieth
+        (0.994, None, 0.5),  # quant used 0.6: less than the split's half is left, the split stays
+        (0.998, 0.999, 1.0),  # prune with the whole budget used 0.1 <= 0.8: that point, not a new search
+        (0.998, 0.9925, 1.0),  # it used 0.75: within too
+        (0.998, 0.991, 0.8),  # it used 0.9 > 0.8: a search within 0.8
+    ],
+)
+def test_adapt_widens_a_share_to_what_the_later_steps_left(quant_cos, prune_cos, expected):
+    from onnxopt.validate import Budget
+
+    search = goal._Search(None, Target("latency", 0.5), {"budget": Budget(min_cosine=0.99)}, {}, True, 3, False, None)
+    quant, prune = goal.Step("quant"), goal.Step("prune")
+    if quant_cos is not None:
+        search.stages[(quant,)] = _stage(quant_cos)
+    if prune_cos is not None:
+        search.stages[(prune,)] = _stage(prune_cos)
+    adapted = search.adapt(goal.split_budget([prune, quant]))
+    assert adapted[0].share == pytest.approx(expected) and adapted[1].share == 1.0
+    search.stages[(quant,)] = _stage(0.9999, ok=False)  # quant's point missed the budget: nothing to go by
+    assert search.adapt(goal.split_budget([prune, quant]))[0].share == 0.5
+
+
+def test_a_widened_share_that_misses_falls_back_to_the_split(workdir, monkeypatch):
+    """When the pipeline with the widened share misses the budget, the split one runs after it; without
+    `quant`'s own point (or without a budget) the split is used as before."""
+    from onnxopt.validate import Budget
+
+    d, model = workdir
+    fill = goal._fill
+
+    def missing(point, report, base, target):
+        fill(point, report, base, target)
+        if point.pipeline.endswith(",quant") and "budget=0.5" not in point.pipeline:
+            point.ok = point.reached = False  # as if the widened prune left quant too little
+
+    monkeypatch.setattr(goal, "_fill", missing)
+    result = goal.seek(
+        model, Target("latency", 0.01), data=str(d / "calib.npz"), eval_data=str(d / "eval.npz"),
+        budget=Budget(min_cosine=0.99), pipelines=["quant", "prune", "prune,quant"],
+        options={"quant": {"recipes": "qdq-u8-pc", "rounds": 3}, "prune": {"steps": 3}}, rounds=3,
+    )  # fmt: skip
+    names = [p.pipeline for p in result.points]
+    assert names[:2] == ["quant", "prune"] and names[-2:] == ["prune(budget=0.5)", "prune(budget=0.5),quant"]
+    widened = [n for n in names[2:-2] if n.endswith(",quant")]
+    assert len(widened) == 1 and not next(p for p in result.points if p.pipeline == widened[0]).ok
+    assert result.points[-1].ok

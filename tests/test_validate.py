@@ -76,6 +76,32 @@ def test_accuracy_budget_uses_labels(mlp_file):
     assert same.ok and same.accuracy == {"before": 100.0, "after": 100.0}
 
 
+def test_spent_is_the_largest_used_fraction_of_the_budget(mlp_file):
+    """budget.spent: how much of a budget a validated model uses, from the report's own figures; 0 where nothing is
+    lost, above 1 where a bound breaks, None where a bound was not measured."""
+    from onnxopt.budget import judge, spent
+
+    model = graph.load(mlp_file)
+    x = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)
+    labels = builders.run(onnx.load(mlp_file), {"x": x})["y"].argmax(1)
+    source = data.as_source({"x": x, "labels": labels}, model, batch_size=16)
+    small = validate(mlp_file, _perturbed(mlp_file, 0.05), source, Budget(min_cosine=0.9))
+    loss = 1 - small.outputs["y"].cosine
+    assert 0 < loss < 0.1
+    assert spent(small, Budget(min_cosine=0.9)) == pytest.approx(loss / 0.1)
+    assert spent(small, Budget(min_cosine=1 - loss / 2)) == pytest.approx(2.0)  # broken: above 1
+    assert judge(small, Budget(min_cosine=1 - loss / 2))  # and judge says so
+    both = Budget(min_cosine=0.9, max_rel_l2=small.outputs["y"].rel_l2 * 4)
+    assert spent(small, both) == pytest.approx(max(loss / 0.1, 0.25))
+    big = validate(mlp_file, _perturbed(mlp_file, 5.0), source, Budget(max_accuracy_drop=50))
+    drop = big.accuracy["before"] - big.accuracy["after"]
+    assert drop > 0 and spent(big, Budget(max_accuracy_drop=50)) == pytest.approx(drop / 50)
+    same = validate(mlp_file, model, source, Budget(max_accuracy_drop=0.5))
+    assert spent(same, Budget(max_accuracy_drop=0.5)) == 0.0
+    assert spent(same, Budget(max_mse_increase=0.1)) is None  # no regression targets: not measured
+    assert spent(same, Budget()) is None  # nothing bounded
+
+
 def test_stale_shapes_fail_the_checker(mlp_file):
     """onnxruntime only warns about a stale shape; the full checker rejects it and so must validation."""
     model = graph.load(mlp_file)
