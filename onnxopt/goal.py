@@ -21,7 +21,8 @@ splits a pipeline's budget (:func:`split_budget`: in ``prune,quant`` prune gets 
 ``prune(budget=0.5),quant``); that prune is a point of its own, apart from ``prune`` with the whole budget. Where
 the later steps' own points measured how much of the budget they use, the share is what they left instead, when
 that is more (:meth:`_Search.adapt`: MobileNetV2's ``quant`` gains top-1, so ``prune,quant`` quantizes the model
-``prune`` made with the whole budget); if that pipeline then misses the budget, the split one runs after it.
+``prune`` made with the whole budget); if that pipeline then misses the budget, or its last step changes nothing
+(prune used so much that quant kept float), the split one runs after it.
 
 Every pipeline runs through :class:`~onnxopt.manager.PassManager` with the user's budget, metric and data, each of
 its lossy passes searching the strongest setting that holds the budget (the strengths). What is expensive is done
@@ -456,7 +457,9 @@ class _Search:
     def run(self, candidates: Sequence[tuple[Step, ...]], skipped: list[str]) -> Point | None:
         """Walk ``candidates`` in order; returns the first point that reaches the target (``None``: none did).
         A candidate whose prefix failed or missed the budget is not continued (``skipped`` says so). A candidate
-        whose budget shares :meth:`adapt` widens runs with them first, and as split when that misses the budget."""
+        whose budget shares :meth:`adapt` widens runs with them first, and as split when that misses the budget or
+        its last step changes nothing (EfficientNet-Lite0: prune with the whole budget used 0.92 of it, and quant
+        then kept float)."""
         for candidate in candidates:
             for steps in dict.fromkeys((self.adapt(candidate), candidate)):
                 done, held = self._walk(steps, candidates, skipped)
@@ -506,7 +509,8 @@ class _Search:
 
     def _walk(self, candidate: tuple[Step, ...], candidates, skipped: list[str]) -> tuple[Point | bool | None, bool]:
         """Run ``candidate``'s prefixes not run yet. Returns (the point that reached the target, ``True`` when the
-        search ends without one (time), else ``None``; whether the candidate's last point holds the budget)."""
+        search ends without one (time), else ``None``; whether the candidate's last point holds the budget with a
+        model of its own: its last step changed something)."""
         for length in range(1, len(candidate) + 1):
             prefix = candidate[:length]
             if prefix in self.stages:
@@ -536,7 +540,7 @@ class _Search:
             if not point.ok:
                 break
         last = self.stages.get(candidate)
-        return None, last is not None and last.point.ok
+        return None, last is not None and last.point.ok and last.point.same_as is None
 
     def _step(self, prefix: tuple[Step, ...], parent: _Stage | None) -> Point:
         """Run the last step of ``prefix`` on its parent's model (the original's for the first), judged against the
