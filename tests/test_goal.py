@@ -436,10 +436,10 @@ def _spy_budgets(monkeypatch):
     return seen
 
 
-def test_prune_gets_the_budget_quant_left(workdir, monkeypatch):
-    """With `quant`'s own point measured, `prune,quant` gives prune what quant left of the budget instead of half
-    of it; here prune with the whole budget loses nothing (dead units), so `prune,quant` continues from the `prune`
-    point's model, and prune runs once (quant keeps int8 for size: on 16 units it is not faster)."""
+def test_prune_quant_continues_from_prune_with_the_whole_budget(workdir, monkeypatch):
+    """With `quant`'s own point measured, `prune,quant` continues from the `prune` point (the whole budget) when it
+    leaves quant room: here prune loses nothing (dead units), prune runs once, and quant is judged on the whole
+    budget (quant keeps int8 for size: on 16 units it is not faster)."""
     from onnxopt.validate import Budget
 
     d, model = workdir
@@ -467,16 +467,17 @@ def _stage(cosine: float | None, ok: bool = True):
 @pytest.mark.parametrize(
     ("quant_cos", "prune_cos", "expected"),
     [
-        (None, None, 0.5),  # quant's own point not measured: the split
-        (0.998, None, 0.8),  # quant used 0.2 of it: prune searches within 0.8
-        (0.99799, None, 0.75),  # rounded down to a twentieth
-        (0.994, None, 0.5),  # quant used 0.6: less than the split's half is left, the split stays
-        (0.998, 0.999, 1.0),  # prune with the whole budget used 0.1 <= 0.8: that point, not a new search
-        (0.998, 0.9925, 1.0),  # it used 0.75: within too
-        (0.998, 0.991, 0.8),  # it used 0.9 > 0.8: a search within 0.8
+        (None, 0.999, 0.5),  # quant's own point not measured: the split
+        (0.998, None, 0.5),  # no prune point with the whole budget: the split
+        (0.998, 0.999, 1.0),  # quant used 0.2, prune alone 0.1 <= 1 - 0.2 - 0.25: that point
+        (0.998, 0.9946, 1.0),  # prune alone 0.54 <= 0.55
+        (0.998, 0.9944, 0.5),  # 0.56 > 0.55: the split
+        (0.9999, 0.9925, 0.5),  # quant used 0.01, prune 0.75 > 0.74: the reserve is kept
+        (0.9999, 0.9927, 1.0),  # 0.73 <= 0.74
+        (0.99, 0.9999, 0.5),  # quant used all of it: nothing left
     ],
 )
-def test_adapt_widens_a_share_to_what_the_later_steps_left(quant_cos, prune_cos, expected):
+def test_adapt_continues_from_the_whole_budget_point_when_it_leaves_enough(quant_cos, prune_cos, expected):
     from onnxopt.validate import Budget
 
     search = goal._Search(None, Target("latency", 0.5), {"budget": Budget(min_cosine=0.99)}, {}, True, 3, False, None)
@@ -486,8 +487,13 @@ def test_adapt_widens_a_share_to_what_the_later_steps_left(quant_cos, prune_cos,
     if prune_cos is not None:
         search.stages[(prune,)] = _stage(prune_cos)
     adapted = search.adapt(goal.split_budget([prune, quant]))
-    assert adapted[0].share == pytest.approx(expected) and adapted[1].share == 1.0
+    assert adapted[0].share == expected and adapted[1].share == 1.0
     search.stages[(quant,)] = _stage(0.9999, ok=False)  # quant's point missed the budget: nothing to go by
+    assert search.adapt(goal.split_budget([prune, quant]))[0].share == 0.5
+    search.stages[(quant,)] = _stage(0.9999)
+    search.stages[(prune,)] = _stage(0.9999, ok=False)
+    assert search.adapt(goal.split_budget([prune, quant]))[0].share == 0.5
+    search.manager_args = {"budget": None}  # no budget given: as split
     assert search.adapt(goal.split_budget([prune, quant]))[0].share == 0.5
 
 
