@@ -460,9 +460,8 @@ class _Search:
     def run(self, candidates: Sequence[tuple[Step, ...]], skipped: list[str]) -> Point | None:
         """Walk ``candidates`` in order; returns the first point that reaches the target (``None``: none did).
         A candidate whose prefix failed or missed the budget is not continued (``skipped`` says so). A candidate
-        whose budget shares :meth:`adapt` widens runs with them first, and as split when that misses the budget or
-        its last step changes nothing (EfficientNet-Lite0: prune with the whole budget used 0.92 of it, and quant
-        then kept float)."""
+        :meth:`adapt` continues from a whole-budget point runs so first, and as split when that misses the budget
+        or its last step changes nothing (prune used so much of the budget that quant kept float)."""
         for candidate in candidates:
             for steps in dict.fromkeys((self.adapt(candidate), candidate)):
                 done, held = self._walk(steps, candidates, skipped)
@@ -477,8 +476,8 @@ class _Search:
         budget (share 1, that model: not run again), when that point used no more of the budget than the lossy
         steps after it leave on their own (their single-step points, measured against the original:
         :func:`onnxopt.budget.spent`) less :data:`RESERVE`, kept for those steps' noisy measure. MobileNetV2's
-        ``quant`` gains top-1 on the 650 budget images and ``prune`` with the whole budget used 0.31 of it: so
-        ``prune,quant`` quantizes that model (a search within half the budget found nothing at 12:51 UTC, 6 Dec).
+        ``quant`` gains top-1 on its 650 budget images, and ``prune`` with the whole budget used 0.31 of it (in one
+        run, where the search within half of it found nothing): ``prune,quant`` quantizes that model.
         EfficientNet-Lite0's ``prune`` used 0.92 of it, after which ``quant`` kept float: the split stays.
         Unchanged without a budget, or when a point it needs is missing or did not hold."""
         from onnxopt import registry
@@ -710,8 +709,9 @@ def _failure(report) -> str:
 
 def _best(points: Sequence[Point], target: Target) -> Point | None:
     """The point within the budget with the lowest ratio. For latency, points within :data:`MARGIN` of the fastest
-    tie, as ``quant``'s recipes do (timings of one run differ by that much), and the better metric (then cosine,
-    then the earlier point) wins: MobileNetV2's ``quant`` (top-1 +0.46) over ``prune,quant`` (-0.31) 2% faster."""
+    tie, as ``quant``'s recipes do (timings of one run differ by that much), and the better metric (cosine without
+    one), then the earlier point, wins: MobileNetV2's ``quant`` (top-1 +0.46) over ``prune,quant`` (-0.31), 2%
+    faster on one sample."""
     from onnxopt.latency import faster
 
     within = [p for p in points if p.ok and target.value(p) is not None]
