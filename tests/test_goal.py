@@ -397,31 +397,6 @@ def test_time_budget_spent_before_the_first_pipeline(workdir):
     assert result.skipped == ["quant, prune: the time budget of 1e-09 s ran out"]
 
 
-def test_a_given_budget_is_split_as_the_pipeline_would_split_it(workdir, monkeypatch):
-    """`prune,quant` in goal mode gives prune half the budget and quant all of it, as `run --passes prune,quant`
-    does; prune with half is its own point, not the prune of the whole budget."""
-    from onnxopt import manager
-    from onnxopt.validate import Budget
-
-    d, model = workdir
-    seen = []
-    init = manager.PassManager.__init__
-
-    def spy(self, passes, **kwargs):
-        seen.append(([p.name for p in passes if p.name != "simplify"], kwargs.get("budget")))
-        init(self, passes, **kwargs)
-
-    monkeypatch.setattr(manager.PassManager, "__init__", spy)
-    result = goal.seek(
-        model, Target("latency", 0.01), data=str(d / "calib.npz"), eval_data=str(d / "eval.npz"),
-        budget=Budget(min_cosine=0.99), pipelines=["prune", "prune,quant"],
-        options={"quant": {"recipes": "qdq-u8-pc", "rounds": 3}, "prune": {"steps": 3}}, rounds=3,
-    )  # fmt: skip
-    assert [p.pipeline for p in result.points] == ["prune", "prune(budget=0.5)", "prune(budget=0.5),quant"]
-    cosines = [(names, budget.min_cosine) for names, budget in seen]
-    assert cosines == [(["prune"], 0.99), (["prune"], pytest.approx(0.995)), (["quant"], 0.99)]
-
-
 def _spy_budgets(monkeypatch):
     from onnxopt import manager
 
@@ -434,6 +409,23 @@ def _spy_budgets(monkeypatch):
 
     monkeypatch.setattr(manager.PassManager, "__init__", spy)
     return seen
+
+
+def test_a_given_budget_is_split_as_the_pipeline_would_split_it(workdir, monkeypatch):
+    """`prune,quant` in goal mode gives prune half the budget and quant all of it, as `run --passes prune,quant`
+    does; prune with half is its own point, not the prune of the whole budget."""
+    from onnxopt.validate import Budget
+
+    d, model = workdir
+    seen = _spy_budgets(monkeypatch)
+    result = goal.seek(
+        model, Target("latency", 0.01), data=str(d / "calib.npz"), eval_data=str(d / "eval.npz"),
+        budget=Budget(min_cosine=0.99), pipelines=["prune", "prune,quant"],
+        options={"quant": {"recipes": "qdq-u8-pc", "rounds": 3}, "prune": {"steps": 3}}, rounds=3,
+    )  # fmt: skip
+    assert [p.pipeline for p in result.points] == ["prune", "prune(budget=0.5)", "prune(budget=0.5),quant"]
+    cosines = [(names, budget.min_cosine) for names, budget in seen]
+    assert cosines == [(["prune"], 0.99), (["prune"], pytest.approx(0.995)), (["quant"], 0.99)]
 
 
 def test_prune_quant_continues_from_prune_with_the_whole_budget(workdir, monkeypatch):
