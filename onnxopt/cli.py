@@ -736,9 +736,19 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
     if args.keep_initializer_inputs:
         options.setdefault("simplify", {})["keep_initializer_inputs"] = True
     view = None if args.quiet else ProgressView()
-    print(f"goal: {args.target.describe()}; trying pipelines from cheap to strong")
+    announced = []
+
+    def announce() -> None:  # once the model is read: bad input gets its one error line alone
+        if not announced:
+            announced.append(True)
+            print(f"goal: {args.target.describe()}; trying pipelines from cheap to strong")
+
+    def progress(event) -> None:
+        announce()
+        view(event)
 
     def on_point(point) -> None:
+        announce()
         if view is not None:
             view.close()
         print(f"goal point {_out.goal_point_line(point)}")
@@ -750,7 +760,7 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
             input_shapes=data.parse_shape_overrides(args.input_shape), seed=args.seed,
             simplify=not args.no_simplify, holdout=HOLDOUT,
             min_eval_samples=0 if args.allow_small_eval else MIN_EVAL_SAMPLES, executor=args.executor,
-            progress=view, on_point=on_point, max_seconds=args.target_time,
+            progress=None if view is None else progress, on_point=on_point, max_seconds=args.target_time,
         )  # fmt: skip
     finally:
         if view is not None:

@@ -214,6 +214,18 @@ def test_bad_goal_input_is_one_line_and_exit_2(case, workdir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
+def test_an_unreadable_model_is_one_line_and_nothing_on_stdout(workdir, tmp_path, capsys):
+    """The goal's banner comes once the model is read: a corrupt model gets its error line alone."""
+    d, _ = workdir
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    code, out, err = _run(capsys, "run", bad, "--target", "latency=0.5", "--data", d / "calib.npz",
+                          "-o", tmp_path / "o.onnx")  # fmt: skip
+    assert code == 2 and out == "", out
+    assert len(err.strip().splitlines()) == 1 and "not a readable ONNX model" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"] and bad.read_bytes() == b"not a model"
+
+
 def test_target_parse():
     assert Target.parse("latency=0.5") == Target("latency", 0.5)
     assert Target.parse(" size = 0.25") == Target("size", 0.25)
