@@ -104,12 +104,30 @@ class Budget:
         return ", ".join(parts) or "no budget"
 
 
+def _metric_drop_bound(budget: Budget, metric) -> float | None:
+    """The drop allowed to the task metric: ``max_metric_drop``, else ``max_accuracy_drop`` when it is top-1."""
+    if budget.max_metric_drop is None and metric is not None and metric.name == "top1":
+        return budget.max_accuracy_drop
+    return budget.max_metric_drop
+
+
+def _accuracy_judged_by_metric(report, budget: Budget) -> bool:
+    """``max_accuracy_drop`` is judged on the top-1 metric (:func:`judge_metric`), not on the labels' accuracy."""
+    return report.metric is not None and report.metric.name == "top1" and budget.max_metric_drop is None
+
+
+def _max_mismatch(budget: Budget) -> float | None:
+    """The fraction of integer output elements allowed to differ: exact unless allowed, or unless a task budget is
+    the bar for them (as for float outputs)."""
+    if budget.max_mismatch is None and not has_task_budget(budget):
+        return 0.0
+    return budget.max_mismatch
+
+
 def judge_metric(report, budget: Budget) -> list[str]:
     """Failures of the task-metric bounds (drop, limit; at the interval's worse end with ``confidence``)."""
     result = report.metric
-    drop_bound = budget.max_metric_drop
-    if drop_bound is None and result is not None and result.name == "top1":
-        drop_bound = budget.max_accuracy_drop
+    drop_bound = _metric_drop_bound(budget, result)
     if drop_bound is None and budget.metric_limit is None:
         return []
     if result is None:
@@ -149,10 +167,7 @@ def has_task_budget(budget: Budget) -> bool:
 def judge(report, budget: Budget) -> list[str]:
     """Every bound of ``budget`` that ``report`` (a ValidationReport) breaks, as one message each."""
     failures = []
-    # integer outputs: exact unless allowed (a task budget is the bar for them, as for float outputs)
-    max_mismatch = budget.max_mismatch
-    if max_mismatch is None and not has_task_budget(budget):
-        max_mismatch = 0.0
+    max_mismatch = _max_mismatch(budget)
     for name, diff in report.outputs.items():
         if diff.nonfinite_mismatch:
             failures.append(f"output '{name}': NaN/Inf differ from the original's at {diff.nonfinite_mismatch} places")
@@ -177,8 +192,7 @@ def judge(report, budget: Budget) -> list[str]:
                     f"{100 * budget.max_mse_increase:g}%"
                 )
     failures.extend(judge_metric(report, budget))
-    judged_by_metric = report.metric is not None and report.metric.name == "top1" and budget.max_metric_drop is None
-    if budget.max_accuracy_drop is not None and not judged_by_metric:
+    if budget.max_accuracy_drop is not None and not _accuracy_judged_by_metric(report, budget):
         if report.accuracy is None:
             failures.append("an accuracy budget was given but the data has no labels for a class-score output")
         else:
@@ -208,9 +222,7 @@ def spent(report, budget: Budget) -> float | None:
 
     fractions: list[float | None] = []
     metric = report.metric
-    drop_bound = budget.max_metric_drop
-    if drop_bound is None and metric is not None and metric.name == "top1":
-        drop_bound = budget.max_accuracy_drop
+    drop_bound = _metric_drop_bound(budget, metric)
     if drop_bound is not None:
         drop = None if metric is None else (metric.worst_drop if budget.confidence is not None else metric.drop)
         fractions.append(used(drop, drop_bound))
@@ -221,8 +233,7 @@ def spent(report, budget: Budget) -> float | None:
             after = metric.worst_after if budget.confidence is not None else metric.after
             sign = 1 if metric.higher_is_better else -1
             fractions.append(used(sign * (metric.before - after), sign * (metric.before - budget.metric_limit)))
-    judged_by_metric = metric is not None and metric.name == "top1" and budget.max_metric_drop is None
-    if budget.max_accuracy_drop is not None and not judged_by_metric:
+    if budget.max_accuracy_drop is not None and not _accuracy_judged_by_metric(report, budget):
         accuracy = report.accuracy
         drop = None if accuracy is None else accuracy["before"] - accuracy["after"]
         fractions.append(used(drop, budget.max_accuracy_drop))
@@ -230,9 +241,7 @@ def spent(report, budget: Budget) -> float | None:
         mse = report.task_mse
         increase = None if mse is None or not mse["before"] else mse["after"] / mse["before"] - 1
         fractions.append(used(increase, budget.max_mse_increase))
-    max_mismatch = budget.max_mismatch
-    if max_mismatch is None and not has_task_budget(budget):
-        max_mismatch = 0.0  # as judge() holds integer outputs
+    max_mismatch = _max_mismatch(budget)
     for diff in report.outputs.values():
         if diff.mismatch is not None:
             fractions.append(used(diff.mismatch, max_mismatch))
