@@ -464,9 +464,9 @@ class _Search:
         or its last step changes nothing (prune used so much of the budget that quant kept float)."""
         for candidate in candidates:
             for steps in dict.fromkeys((self.adapt(candidate), candidate)):
-                done, held = self._walk(steps, candidates, skipped)
-                if done is not None:
-                    return done if isinstance(done, Point) else None
+                stop, held = self._walk(steps, candidates, skipped)
+                if stop:  # a point reached the target (the last one), or the time ran out
+                    return next((p for p in self.points if p.reached), None)
                 if held:
                     break
         return None
@@ -502,10 +502,10 @@ class _Search:
                 steps[i] = dataclasses.replace(step, share=1.0)
         return tuple(steps)
 
-    def _walk(self, candidate: tuple[Step, ...], candidates, skipped: list[str]) -> tuple[Point | bool | None, bool]:
-        """Run ``candidate``'s prefixes not run yet. Returns (the point that reached the target, ``True`` when the
-        search ends without one (time), else ``None``; whether the candidate's last point holds the budget with a
-        model of its own: its last step changed something)."""
+    def _walk(self, candidate: tuple[Step, ...], candidates, skipped: list[str]) -> tuple[bool, bool]:
+        """Run ``candidate``'s prefixes not run yet. Returns (whether the search ends here: a point reached the
+        target or the time ran out; whether the candidate's last point holds the budget with a model of its own:
+        its last step changed something)."""
         for length in range(1, len(candidate) + 1):
             prefix = candidate[:length]
             if prefix in self.stages:
@@ -517,8 +517,7 @@ class _Search:
                                f"{'failed' if failed else 'misses the budget'}")  # fmt: skip
                 break
             if self._late():
-                left = [_pipeline(c) for c in candidates if c not in self.stages]
-                skipped.append(f"{', '.join(dict.fromkeys(left))}: {self.time_note}")
+                self._skip_rest(candidates, skipped)
                 return True, False
             point = self._step(prefix, parent)
             self.points.append(point)
@@ -526,16 +525,20 @@ class _Search:
             if self.on_point is not None:
                 self.on_point(point)
             if point.reached:
-                return point, True
+                return True, True
             if self.time_note:
-                left = [_pipeline(c) for c in candidates if c not in self.stages]
-                if left:
-                    skipped.append(f"{', '.join(left)}: {self.time_note}")
+                self._skip_rest(candidates, skipped)
                 return True, False
             if not point.ok:
                 break
         last = self.stages.get(candidate)
         return None, last is not None and last.point.ok and last.point.same_as is None
+
+    def _skip_rest(self, candidates, skipped: list[str]) -> None:
+        """The time budget ran out: the candidates not run yet are not tried, and ``skipped`` says why."""
+        left = dict.fromkeys(_pipeline(c) for c in candidates if c not in self.stages)
+        if left:
+            skipped.append(f"{', '.join(left)}: {self.time_note}")
 
     def _step(self, prefix: tuple[Step, ...], parent: _Stage | None) -> Point:
         """Run the last step of ``prefix`` on its parent's model (the original's for the first), judged against the
