@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -148,18 +148,23 @@ def _onnxsim_recommend(spec: Spec, work: Path) -> tuple[Path, str]:
 # ----------------------------------------------------------------------------------------------------------- onnxopt
 
 
+def _run_cli(spec: Spec, work: Path, what: list[str], options: Sequence[str]) -> tuple[int, Path, Path]:
+    """``onnxopt run MODEL WHAT --data CALIB --eval BUDGET FLAGS OPTIONS -o out.onnx --report report.json`` in
+    ``work``, quiet: its exit code, output and report paths."""
+    from onnxopt import cli
+
+    out, report = work / "out.onnx", work / "report.json"
+    argv = ["run", str(spec.path), *what, "--data", str(spec.calib_file), "--eval", str(spec.budget_file),
+            *spec.onnxopt_flags, *options, "-o", str(out), "--report", str(report)]  # fmt: skip
+    with _quiet():
+        return cli.main(argv), out, report
+
+
 def _onnxopt(passes: str, *options: str) -> Tool:
     """onnxopt's CLI (``onnxopt run``) with the task's budget flags: what a user types."""
 
     def tool(spec: Spec, work: Path) -> tuple[Path, str]:
-        from onnxopt import cli
-
-        out, report = work / "out.onnx", work / "report.json"
-        argv = ["run", str(spec.path), "--passes", passes, "--data", str(spec.calib_file),
-                "--eval", str(spec.budget_file), *spec.onnxopt_flags, *options,
-                "-o", str(out), "--report", str(report)]  # fmt: skip
-        with _quiet():
-            code = cli.main(argv)
+        code, out, report = _run_cli(spec, work, ["--passes", passes], options)
         if code != 0 or not out.exists():
             raise RuntimeError(f"onnxopt run exited {code}" + (" (validation failed)" if code == 1 else ""))
         record = json.loads(report.read_text())
@@ -179,14 +184,7 @@ def _onnxopt_goal(target: str) -> Tool:
     the result, and the note says which pipeline it is and whether the target was reached."""
 
     def tool(spec: Spec, work: Path) -> tuple[Path, str]:
-        from onnxopt import cli
-
-        out, report = work / "out.onnx", work / "report.json"
-        argv = ["run", str(spec.path), "--target", target, "--data", str(spec.calib_file),
-                "--eval", str(spec.budget_file), *spec.onnxopt_flags, "--target-time", str(GOAL_SECONDS),
-                "-o", str(out), "--report", str(report)]  # fmt: skip
-        with _quiet():
-            code = cli.main(argv)
+        code, out, report = _run_cli(spec, work, ["--target", target], ["--target-time", str(GOAL_SECONDS)])
         if code not in (0, 1) or not out.exists():
             raise RuntimeError(f"onnxopt run --target exited {code}" + (" (nothing within the budget)" * (code == 1)))
         found = json.loads(report.read_text())["goal"]
