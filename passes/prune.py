@@ -239,18 +239,19 @@ class ChannelPrunePass(PruneSearch, OptPass):
 
     def _candidate(self, model: ir.Model, setting: float, per_group: dict[int, float]) -> ir.Model | None:
         """``model`` pruned at ``setting`` (and ``per_group`` ratios); ``None`` when that removes nothing."""
-        candidate = model.clone()
         stats = get_stats(model)
-        base, analysis = self._base, None
+        base, analysis, candidate = self._base, None, None
         if base is not None and base[0] is model:  # the search's model: its analysis, carried onto the clone
             chosen = select(base[1], base[2], self.config, setting, per_group)  # the same units as the clone's
             if not chosen:
-                return None
+                return None  # known before the model is cloned
+            candidate = model.clone()
             try:
                 analysis = rebind(base[1], model, candidate)
             except ValueError as e:
                 logger.debug("prune: the candidate is analyzed again: %s", e)
         if analysis is None:
+            candidate = model.clone() if candidate is None else candidate
             analysis = self._analyze(candidate)
             chosen = select(analysis, score_units(analysis, stats), self.config, setting, per_group)
             if not chosen:
