@@ -31,6 +31,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "compact": "onnxopt.passes.compact:CompactPass",
     "distill": "onnxopt.passes.distill:DistillPass",
     "fuse": "onnxopt.passes.fuse:FusePass",
+    "depth": "onnxopt.passes.depth:DepthPass",
 }
 
 

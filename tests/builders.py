@@ -230,3 +230,45 @@ def tiny_bert_feeds(batch: int = 1, tokens: int = 16, *, vocab: int = 100, seed:
     for row in range(1, batch):
         mask[row, rng.integers(max(1, tokens // 2), tokens + 1) :] = 0
     return {"input_ids": rng.integers(0, vocab, (batch, tokens)).astype(np.int64), "attention_mask": mask}
+
+
+def residual_net(scales=(1e-4, 1.0), biases=(0.0, 0.0), seed=0, extra=None, channels=8) -> onnx.ModelProto:
+    """x (N,4,8,8) -> Conv+Relu -> two residual blocks (Conv 3x3, Relu, Conv 1x1 whose weights are scaled by
+    ``scales[i]`` and whose bias is ``biases[i]``) -> GlobalAveragePool -> Flatten -> Gemm (5 classes). ``extra``:
+    ``"projection"`` makes the first block's skip a 1x1 Conv of its input (not a block), ``"exposed"`` makes the
+    first block's Relu a graph output too (not a block either)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def conv(name, src, cin, cout, k, scale=1.0, bias=0.0):
+        w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k) * scale).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}.w"))
+        inits.append(numpy_helper.from_array(np.full(cout, bias, np.float32), f"{name}.b"))
+        nodes.append(helper.make_node("Conv", [src, f"{name}.w", f"{name}.b"], [name], name=name,
+                                      pads=[k // 2] * 4))  # fmt: skip
+        return name
+
+    def relu(src):
+        nodes.append(helper.make_node("Relu", [src], [f"{src}.relu"], name=f"{src}.relu"))
+        return f"{src}.relu"
+
+    h = relu(conv("stem", "x", 4, channels, 3))
+    outputs = []
+    for i, (scale, bias) in enumerate(zip(scales, biases, strict=True)):
+        inner = relu(conv(f"b{i}.c1", h, channels, channels, 3))
+        if extra == "exposed" and i == 0:
+            outputs.append(helper.make_tensor_value_info(inner, TensorProto.FLOAT, ["N", channels, 8, 8]))
+        branch = conv(f"b{i}.c2", inner, channels, channels, 1, scale, bias)
+        skip = conv(f"b{i}.proj", h, channels, channels, 1) if extra == "projection" and i == 0 else h
+        nodes.append(helper.make_node("Add", [skip, branch], [f"b{i}.add"], name=f"b{i}.add"))
+        h = f"b{i}.add"
+    nodes.append(helper.make_node("GlobalAveragePool", [h], ["pool"], name="pool"))
+    nodes.append(helper.make_node("Flatten", ["pool"], ["flat"], name="flat"))
+    inits.append(numpy_helper.from_array((rng.standard_normal((channels, 5)) / 3).astype(np.float32), "fc.w"))
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.w"], ["y"], name="fc"))
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5]), *outputs],
+        inits,
+    )

@@ -1,0 +1,111 @@
+"""depth: which Adds are residual blocks, the block the budget spares goes and the one it needs stays, the mean form,
+the greedy limit, numerics against onnxruntime on the original, and the error without data."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt import cli
+from onnxopt.budget import Budget
+from onnxopt.manager import PassManager
+from onnxopt.passes.depth import DepthConfig, DepthPass, blocks
+from tests import builders
+
+
+def _data(n=48, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, 4, 8, 8)).astype(np.float32)
+
+
+def _run(proto, tmp_path, budget, config=None):
+    path = builders.save(proto, tmp_path / "m.onnx")
+    manager = PassManager([DepthPass(config)], data={"x": _data()}, eval_data={"x": _data(seed=2)}, budget=budget)
+    report = manager.run(path)
+    return report, ir.to_proto(report.model)
+
+
+def _cosine(a, b):
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return float((np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
+
+def test_blocks_are_adds_of_a_value_and_a_branch_that_only_it_feeds():
+    found = blocks(ir.from_proto(builders.residual_net()))
+    assert [b.name for b in found] == ["b0.add", "b1.add"]
+    model = ir.from_proto(builders.residual_net())
+    nodes = list(model.graph)
+    assert [[nodes[k].name for k in b.nodes] for b in blocks(model)] == [
+        ["b0.c1", "b0.c1.relu", "b0.c2"], ["b1.c1", "b1.c1.relu", "b1.c2"]
+    ]  # fmt: skip
+    # a projection shortcut: the branch does not depend on the skip value (both read the block's input)
+    assert [b.name for b in blocks(ir.from_proto(builders.residual_net(extra="projection")))] == ["b1.add"]
+    # a branch value the graph also returns cannot go
+    assert [b.name for b in blocks(ir.from_proto(builders.residual_net(extra="exposed")))] == ["b1.add"]
+    # no layer in the branch, or a constant addend: not a block
+    plain = builders.make_model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"]),
+         helper.make_node("Add", ["y", "c"], ["z"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.ones((2, 3), np.float32), "c")],
+    )  # fmt: skip
+    assert blocks(ir.from_proto(plain)) == []
+
+
+def test_the_block_the_budget_spares_goes_and_the_one_it_needs_stays(tmp_path):
+    proto = builders.residual_net(scales=(1e-4, 1.0))
+    report, out = _run(proto, tmp_path, Budget(min_cosine=0.999))
+    names = [n.name for n in out.graph.node]
+    assert "b0.c1" not in names and "b0.c2" not in names and "b0.add" not in names
+    assert {"b1.c1", "b1.c2", "b1.add"} <= set(names)
+    record = next(r for r in report.passes if r.name == "depth")
+    assert [c.site for c in record.changes] == ["b0.add"] and "dropped" in record.changes[0].what
+    x = _data(seed=3)
+    before, after = builders.run(proto, {"x": x})["y"], builders.run(out, {"x": x})["y"]
+    assert _cosine(before, after) >= 0.999 and not np.allclose(before, after, atol=0)
+    onnx.checker.check_model(out, full_check=True)
+    _, again = _run(proto, tmp_path, Budget(min_cosine=0.999))
+    assert again.SerializeToString() == out.SerializeToString()  # the same command, the same model
+
+
+def test_a_branch_that_only_shifts_its_input_is_replaced_by_its_mean(tmp_path):
+    """Block 0's branch is a constant 0.5 (zero weights, bias 0.5): dropping it breaks a tight budget, its mean
+    keeps the output to rounding."""
+    proto = builders.residual_net(scales=(0.0, 1.0), biases=(0.5, 0.0))
+    report, out = _run(proto, tmp_path, Budget(min_cosine=0.99999))
+    record = next(r for r in report.passes if r.name == "depth")
+    assert [c.site for c in record.changes] == ["b0.add"] and "mean" in record.changes[0].what
+    names = [n.name for n in out.graph.node]
+    assert "b0.c1" not in names and "b0.c2" not in names and "b0.add" in names  # x + the constant
+    x = _data(seed=3)
+    np.testing.assert_allclose(builders.run(out, {"x": x})["y"], builders.run(proto, {"x": x})["y"], atol=1e-5)
+    zeros, _ = _run(proto, tmp_path, Budget(min_cosine=0.99999), DepthConfig(refit=False))
+    assert not next(r for r in zeros.passes if r.name == "depth").changes
+
+
+def test_max_blocks_stops_the_greedy_search(tmp_path):
+    proto = builders.residual_net(scales=(1e-4, 1e-4))
+    both, _ = _run(proto, tmp_path, Budget(min_cosine=0.999))
+    assert len(next(r for r in both.passes if r.name == "depth").changes) == 2
+    one, out = _run(proto, tmp_path, Budget(min_cosine=0.999), DepthConfig(max_blocks=1))
+    record = next(r for r in one.passes if r.name == "depth")
+    assert len(record.changes) == 1 and any("max_blocks=1" in s.reason for s in record.skipped)
+    assert sum(n.op_type == "Add" for n in out.graph.node) == 1
+
+
+def test_without_a_budget_check_it_is_a_usage_error(tmp_path, capsys):
+    path = builders.save(builders.residual_net(), tmp_path / "m.onnx")
+    code = cli.main(["run", str(path), "--passes", "depth", "-o", str(tmp_path / "out.onnx")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "pass 'depth' needs calibration data: give --data" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("bad", [-1])
+def test_config_is_checked(bad):
+    with pytest.raises(ValueError, match="max_blocks"):
+        DepthConfig(max_blocks=bad)
