@@ -287,6 +287,8 @@ def test_ladder_follows_the_model_and_what_is_installed():
         "prune(budget=0.5),share",
     ]  # fmt: skip
     assert all("refit" not in dict(s.options) for p in with_torch for s in p if s.name == "prune")  # auto
+    residual, _ = goal.ladder(_load_proto(builders.residual_net()), latency, torch=False)
+    assert [",".join(s.label for s in p) for p in residual][-2:] == ["depth", "depth(budget=0.5),quant"]
     encoder, _ = goal.ladder(_load_proto(builders.tiny_bert()), latency, torch=False)
     names = [",".join(s.label for s in p) for p in encoder]
     assert names[:3] == ["quant", "fuse", "fuse,quant"] and "prune(budget=0.5),fuse,quant" in names
@@ -501,11 +503,12 @@ def test_adapt_continues_from_the_whole_budget_point_when_it_leaves_enough(quant
     assert search.adapt(goal.split_budget([prune, quant]))[0].share == 0.5
 
 
-@pytest.mark.parametrize("how", ["misses the budget", "changes nothing"])
+@pytest.mark.parametrize("how", ["misses the budget", "changes nothing", "ends slower than quant alone"])
 def test_a_widened_share_that_misses_falls_back_to_the_split(workdir, monkeypatch, how):
-    """When the pipeline with the widened share misses the budget, or its last step changes nothing (prune took so
-    much that quant kept float), the split pipeline runs after it; one that holds with a model of its own ends
-    the candidate (the test above)."""
+    """When the pipeline with the widened share misses the budget, its last step changes nothing (prune took so
+    much that quant kept float), or it ends slower than quant alone (quant kept layers float to hold what budget
+    was left), the split pipeline runs after it; one that holds with a model of its own ends the candidate (the
+    test above)."""
     from onnxopt.validate import Budget
 
     d, model = workdir
@@ -516,14 +519,17 @@ def test_a_widened_share_that_misses_falls_back_to_the_split(workdir, monkeypatc
         if point.pipeline.endswith(",quant") and "budget=0.5" not in point.pipeline:
             if how == "misses the budget":
                 point.ok = point.reached = False
-            else:
+            elif how == "changes nothing":
                 point.same_as = "prune"
+            else:
+                point.latency_ratio = point.latency_ratio_batch1 = 50.0
+                point.reached = False
 
     monkeypatch.setattr(goal, "_fill", widened_fails)
     result = goal.seek(
         model, Target("latency", 0.01), data=str(d / "calib.npz"), eval_data=str(d / "eval.npz"),
         budget=Budget(min_cosine=0.99), pipelines=["quant", "prune", "prune,quant"],
-        options={"quant": {"recipes": "qdq-u8-pc", "rounds": 3}, "prune": {"steps": 3}}, rounds=3,
+        options={"quant": {"recipes": "qdq-u8-pc", "rounds": 3, "objective": "size"}, "prune": {"steps": 3}}, rounds=3,
     )  # fmt: skip
     names = [p.pipeline for p in result.points]
     assert names == ["quant", "prune", "prune,quant", "prune(budget=0.5)", "prune(budget=0.5),quant"]
