@@ -24,7 +24,8 @@ splits a pipeline's budget (:func:`split_budget`: in ``prune,quant`` prune gets 
 quarter), the pipeline continues from that point instead (:meth:`_Search.adapt`: MobileNetV2's ``quant`` gains
 top-1, so ``prune,quant`` quantizes the model ``prune`` made with the whole budget); if that pipeline then misses
 the budget, its last step changes nothing, or it ends no better than its later steps alone (``quant`` on its own),
-the split one runs after it.
+the split one runs after it. A pipeline with a step that changed nothing (``depth`` that kept every block) is the
+model of the pipeline without that step, which is not run again (:meth:`_Search._same_as_run`).
 
 Every pipeline runs through :class:`~onnxopt.manager.PassManager` with the user's budget, metric and data, each of
 its lossy passes searching the strongest setting that holds the budget (the strengths). What is expensive is done
@@ -518,6 +519,11 @@ class _Search:
             prefix = candidate[:length]
             if prefix in self.stages:
                 continue
+            same = self._same_as_run(prefix)
+            if same is not None:  # not run again: the stage of the prefix that gives its model
+                self.stages[prefix] = self.stages[same]
+                skipped.append(f"{_pipeline(prefix)}: the same model as {_pipeline(same)}")
+                continue
             parent = self.stages.get(prefix[:-1]) if length > 1 else None
             if length > 1 and (parent is None or parent.model is None):
                 failed = parent is None or parent.point.note.startswith("failed")
@@ -611,8 +617,25 @@ class _Search:
         point.seconds = time.perf_counter() - t0
         chain = [*(parent.chain if parent is not None else []), report]
         used = [*(parent.passes if parent is not None else []), *passes]
-        self.stages[prefix] = _Stage(report.model if point.ok else None, chain, used, point)
+        idle = not any(r.modified for r in report.passes if r.name == step.name)
+        self.stages[prefix] = _Stage(report.model if point.ok else None, chain, used, point, idle)
         return point
+
+    def _same_as_run(self, prefix: tuple[Step, ...]) -> tuple[Step, ...] | None:
+        """A prefix already run that gives ``prefix``'s model: ``prefix`` without its steps that changed nothing
+        (a lossy step that changed nothing with the whole budget changes nothing with a share of it either), when
+        that is shorter and has run; else None. MobileNetV2's ``depth`` removes no block, so ``depth,quant`` is
+        ``quant``, and a ``distill`` that kept nothing makes ``prune,distill,quant`` ``prune,quant``."""
+
+        def idle(i: int) -> bool:
+            stage = self.stages.get(prefix[: i + 1])
+            whole = self.stages.get((*prefix[:i], dataclasses.replace(prefix[i], share=1.0)))
+            return any(s is not None and s.idle and s.point.ok for s in (stage, whole))
+
+        kept = tuple(step for i, step in enumerate(prefix[:-1]) if not idle(i)) + prefix[-1:]
+        if len(prefix) == 1 and prefix[0].share < 1 and idle(0):
+            return (dataclasses.replace(prefix[0], share=1.0),)
+        return kept if kept != prefix and kept in self.stages else None
 
 
 class _OutOfTime(BaseException):
@@ -626,6 +649,7 @@ class _Stage:
     chain: list  # the RunReports from the original to this point
     passes: list  # the pass objects of those runs, in order
     point: Point
+    idle: bool = False  # its last step's pass changed nothing (only the cleanup ran)
 
 
 def _held(stage: _Stage | None) -> bool:

@@ -553,3 +553,22 @@ def test_the_best_point_ties_within_the_margin_and_the_better_metric_wins():
     assert goal._best([quant, same], latency) is quant  # equal metric: the earlier
     assert goal._best([quant, prune_quant], Target("size", 0.3)) is prune_quant  # sizes are exact: smaller wins
     assert goal._best([point("a", 0.4, None), point("b", 0.41, 0.1)], latency).pipeline == "b"  # no figure: loses
+
+
+def test_a_pipeline_whose_earlier_step_changed_nothing_is_not_run_again(tmp_path):
+    """depth removes no block of a network whose blocks all matter: depth,quant is the quant point's model, and
+    neither the widened nor the split pipeline runs quant again."""
+    from onnxopt.validate import Budget
+
+    model = builders.save(builders.residual_net(scales=(1.0, 1.0)), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    for name in ("calib", "eval"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((32, 4, 8, 8)).astype(np.float32))
+    result = goal.seek(
+        model, Target("latency", 0.01), data=str(tmp_path / "calib.npz"), eval_data=str(tmp_path / "eval.npz"),
+        budget=Budget(min_cosine=0.9999), pipelines=["quant", "depth", "depth,quant"],
+        options={"quant": {"recipes": "qdq-u8-pc", "rounds": 3, "objective": "size"}}, rounds=3,
+    )  # fmt: skip
+    assert [p.pipeline for p in result.points] == ["quant", "depth"]
+    assert "depth,quant: the same model as quant" in result.skipped
+    assert "depth(budget=0.5),quant: the same model as quant" in result.skipped
