@@ -215,6 +215,8 @@ TOOLS: dict[str, tuple[Tool, tuple[str, ...]]] = {
     "onnxopt fuse,quant dynamic": (_onnxopt("fuse,quant", "--quant-mode", "dynamic"), TEXT),
     "onnxopt svd": (_onnxopt("svd"), TEXT),
     "onnxopt prune,quant": (_onnxopt("prune,quant"), IMAGE),
+    "onnxopt depth": (_onnxopt("depth"), IMAGE),
+    "onnxopt depth,quant": (_onnxopt("depth,quant"), IMAGE),
     "onnxopt svd,quant dynamic": (_onnxopt("svd,quant", "--quant-mode", "dynamic"), TEXT),
     "onnxopt goal latency=0.4": (_onnxopt_goal("latency=0.4"), BOTH),
 }
