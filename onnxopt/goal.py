@@ -287,7 +287,7 @@ def ladder(
         pipelines += [(prune,), (prune, quant)]
         if encoder:
             pipelines.append((prune, fuse, quant))
-        if residual:  # whole blocks: EfficientNet-Lite0 lost 13% of its MACs for 0.31 pp, which prune never finds
+        if residual:  # whole blocks: ResNet-56's goal reaches 0.36x with depth,quant, where prune,quant stays at 0.40x
             pipelines += [(Step("depth"),), (Step("depth"), quant)]
         if torch:
             pipelines += [(prune, Step("distill")), (prune, Step("distill"), quant)]
