@@ -103,7 +103,8 @@ def blocks(model: ir.Model, shapes: Mapping[str, tuple[int, ...] | None] | None 
             for v in nodes[k].outputs
         )
         if private:
-            rank = len(branch.shape) if branch.shape is not None else 0
+            concrete = (shapes or {}).get(branch.name or "")
+            rank = len(branch.shape) if branch.shape is not None else len(concrete) if concrete is not None else 0
             found.append(Block(i, slot, tuple(sorted(cone.values())), node.name or node.outputs[0].name,
                                branch.name or "", rank))  # fmt: skip
     return found

@@ -109,3 +109,20 @@ def test_without_a_budget_check_it_is_a_usage_error(tmp_path, capsys):
 def test_config_is_checked(bad):
     with pytest.raises(ValueError, match="max_blocks"):
         DepthConfig(max_blocks=bad)
+
+
+def test_a_transformer_encoders_attention_and_ffn_residuals_are_blocks():
+    """The attention branch reads the shared mask too, which is made once outside every block and stays; with no
+    budget every block goes, leaving the embeddings and the LayerNorms, and the model still runs."""
+    proto = builders.tiny_bert()
+    assert [b.name for b in blocks(ir.from_proto(proto), shapes={})] == [
+        "layer0/attn/residual", "layer0/ffn/residual", "layer1/attn/residual", "layer1/ffn/residual"
+    ]  # fmt: skip
+    data, held = builders.tiny_bert_feeds(batch=48), builders.tiny_bert_feeds(batch=48, seed=1)
+    manager = PassManager([DepthPass()], data=data, eval_data=held, budget=Budget(min_cosine=0.0))
+    report = manager.run(ir.from_proto(proto))
+    assert len(next(r for r in report.passes if r.name == "depth").changes) == 4
+    out = ir.to_proto(report.model)
+    assert not {"MatMul", "Softmax"} & {n.op_type for n in out.graph.node}
+    got = builders.run(out, builders.tiny_bert_feeds(batch=2))["last_hidden_state"]
+    assert got.shape == (2, 16, 32) and np.isfinite(got).all()
