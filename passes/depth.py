@@ -19,7 +19,6 @@ still holds the budget.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -32,8 +31,6 @@ from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip, budg
 from onnxopt.stats import StatsRequest, get_stats
 
 __all__ = ["DepthConfig", "DepthPass", "Block", "blocks", "drop"]
-
-logger = logging.getLogger(__name__)
 
 # a branch must hold one of these to be a block (an Add of x and Relu(x) is not a block worth a check)
 LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -198,9 +195,9 @@ class DepthPass(OptPass):
         macs = {b.add: sum(by_name.get(nodes[k].name, 0) for k in b.nodes) for b in found}
         total = max(counted.macs, 1)
         forms = {b.add: [None, *self._means(model, b)] for b in found}
-        self.expect_trials(sum(len(f) for f in forms.values()) + len(found))
+        self.expect_trials(sum(len(f) for f in forms.values()) + len(found) - 1)
         budget = self.context.budget
-        held: list[tuple[float, Block, np.ndarray | None, float]] = []  # (rank key, block, form, spent)
+        held: list[tuple[float, Block, np.ndarray | None]] = []  # (MACs saved per budget used, block, form)
         skipped: list[Skip] = []
         for block in found:  # zeros first (the Add goes too); the mean only where zeros break the budget
             best, report = None, None
@@ -213,15 +210,16 @@ class DepthPass(OptPass):
             if best is None:
                 skipped.append(Skip(block.name, f"alone it breaks the budget: {budget_figures(report)}"))
             else:
-                held.append((macs[block.add] / max(best[1], MIN_SPENT), block, best[0], best[1]))
+                held.append((macs[block.add] / max(best[1], MIN_SPENT), block, best[0]))
         held.sort(key=lambda h: (-h[0], h[1].add))
         chosen: list[tuple[Block, np.ndarray | None]] = []
-        for _, block, form, _used in held:
+        for _, block, form in held:
             if config.max_blocks and len(chosen) >= config.max_blocks:
                 skipped.append(Skip(block.name, f"max_blocks={config.max_blocks} reached"))
                 continue
-            report = check(drop(model.clone(), [*chosen, (block, form)]))
-            if report.ok:
+            # the first block alone is the model its own check passed: not checked again
+            report = check(drop(model.clone(), [*chosen, (block, form)])) if chosen else None
+            if report is None or report.ok:
                 chosen.append((block, form))
             else:
                 reason = f"with the blocks before it, breaks the budget: {budget_figures(report)}"
@@ -262,7 +260,7 @@ def _cost(model: ir.Model, context) -> cost_mod.ModelCost:
 def _output_shapes(model: ir.Model, counted: cost_mod.ModelCost) -> dict[str, tuple[int, ...] | None]:
     """Each node's first output's concrete shape, by value name (graph inputs: their counted shapes)."""
     by_node = {c.name: c.output_shape for c in counted.nodes}
-    shapes = {name: tuple(d for d in dims) if dims is not None else None for name, dims in counted.input_shapes.items()}
+    shapes = {name: None if dims is None else tuple(dims) for name, dims in counted.input_shapes.items()}
     for node in model.graph:
         if node.name in by_node and node.outputs and node.outputs[0].name:
             shapes[node.outputs[0].name] = by_node[node.name]

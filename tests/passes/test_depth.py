@@ -105,10 +105,9 @@ def test_without_a_budget_check_it_is_a_usage_error(tmp_path, capsys):
     assert not (tmp_path / "out.onnx").exists()
 
 
-@pytest.mark.parametrize("bad", [-1])
-def test_config_is_checked(bad):
+def test_config_is_checked():
     with pytest.raises(ValueError, match="max_blocks"):
-        DepthConfig(max_blocks=bad)
+        DepthConfig(max_blocks=-1)
 
 
 def test_a_transformer_encoders_attention_and_ffn_residuals_are_blocks():
