@@ -268,13 +268,13 @@ def ladder(
     ``torch``: whether the ``distill`` pass can run (default: torch is importable); ``input_shapes``: the shapes
     the MACs are counted at (the data's: a symbolic sequence length leaves MatMul MACs uncounted).
     """
-    from onnxopt.passes.depth import blocks as depth_blocks
+    from onnxopt.blocks import blocks as residual_blocks
 
     if torch is None:
         torch = importlib.util.find_spec("torch") is not None
     heavy = _matmul_share(model, input_shapes) >= MATMUL_HEAVY
     encoder = _has_attention(model)
-    residual = bool(depth_blocks(model, shapes={}))
+    residual = bool(residual_blocks(model, shapes={}))
     prune, fuse = Step("prune"), Step("fuse")  # prune's refit: auto, kept where it lets prune go further
     skipped = []
     if target.kind == "latency":

@@ -6,34 +6,32 @@ ResNet-56, six of its 27 blocks cost 0.4 pp of top-1 or less, some even gain; on
 costs 0.15 pp; on MobileNetV2 every block costs 1.5 pp or more. Channel pruning cannot find this: it removes
 channels of a block, never its whole branch.
 
-The pass finds every residual block (:func:`blocks`): an ``Add`` of a value ``x`` and a branch value whose nodes
-all depend on ``x``, serve only the branch, include a layer (Conv, Gemm, MatMul), and give a value of ``x``'s
-shape. A block is removed by replacing its branch with a constant: zeros (``y = x``: the ``Add`` goes too), or
-the branch's per-channel mean over the calibration data (``y = x + mean``, as ``prune``'s refit keeps a removed
+The pass finds every residual block (:func:`onnxopt.blocks.blocks`): an ``Add`` of a value ``x`` and a branch value
+whose nodes all depend on ``x``, serve only the branch, include a layer (Conv, Gemm, MatMul), and give a value of
+``x``'s shape. A block is removed by replacing its branch with a constant: zeros (``y = x``: the ``Add`` goes too),
+or the branch's per-channel mean over the calibration data (``y = x + mean``, as ``prune``'s refit keeps a removed
 channel's mean; it held where zeros did not on three of ResNet-56's blocks). Each block alone is checked against
-the run's budget, with zeros and, where they break it, with the mean; then the blocks that held are taken
-greedily, the most MACs saved per budget used first, each kept when the model with it and every block kept before
-still holds the budget.
+the run's budget, with zeros and, where they break it, with the mean; then the blocks that held are taken greedily,
+the most MACs saved per budget used first, each kept when the model with it and every block kept before still holds
+the budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxopt import cost as cost_mod
+from onnxopt.blocks import Block, blocks
 from onnxopt.budget import spent
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip, budget_figures
 from onnxopt.stats import StatsRequest, get_stats
 
 __all__ = ["DepthConfig", "DepthPass", "Block", "blocks", "drop"]
 
-# a branch must hold one of these to be a block (an Add of x and Relu(x) is not a block worth a check)
-LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # the channel axis of a branch's mean, by the rank of the branch's value: images NCHW (1), sequences
 # (batch, tokens, features) (-1); other ranks get the zeros form only
 CHANNEL_AXIS = {4: 1, 3: -1, 2: -1}
@@ -51,92 +49,6 @@ class DepthConfig(PassConfig):
     def __post_init__(self) -> None:
         if self.max_blocks < 0:
             raise ValueError("depth: max_blocks >= 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class Block:
-    """One residual block: ``graph[add]`` adds the skip value (input ``1 - slot``) and the branch (input ``slot``),
-    computed by the nodes at ``nodes`` (indices in the graph's order, which a clone keeps)."""
-
-    add: int
-    slot: int
-    nodes: tuple[int, ...]
-    name: str
-    branch: str  # the branch value's name (its statistics)
-    rank: int
-
-
-def blocks(model: ir.Model, shapes: Mapping[str, tuple[int, ...] | None] | None = None) -> list[Block]:
-    """Every residual block of ``model``'s main graph, in graph order (see the module doc for what counts).
-
-    A block's Add must give its skip's shape: checked on ``shapes`` (value name -> the concrete shape the data
-    gives it) where it has both, else on the declared shapes, inferred into ``model`` first where an Add's are
-    missing (an image model with symbolic height and width needs ``shapes``). ``shapes={}`` checks no shape
-    (:meth:`DepthPass.stats_request`, which asks for every candidate's statistics before the data's shapes are
-    known)."""
-    if shapes is None and any(n.op_type == "Add" and n.outputs[0].shape is None for n in model.graph):
-        ShapeInferencePass(strict_mode=False)(model)
-    nodes = list(model.graph)
-    index = {id(n): i for i, n in enumerate(nodes)}
-    outputs = {id(v) for v in model.graph.outputs}
-    found = []
-    for i, node in enumerate(nodes):
-        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-            continue
-        a, b = node.inputs
-        if a is None or b is None or a.producer() is None or b.producer() is None:
-            continue
-        slot = 0 if index[id(a.producer())] > index[id(b.producer())] else 1
-        branch, skip = node.inputs[slot], node.inputs[1 - slot]
-        if shapes != {} and not _same_shape(skip, node.outputs[0], shapes or {}):
-            continue
-        cone = _cone(branch, skip, index)
-        if not cone or id(branch.producer()) not in cone or not any(nodes[k].op_type in LAYERS for k in cone.values()):
-            continue
-        inside = set(cone) | {id(node)}
-        private = all(
-            id(v) not in outputs and all(id(user) in inside for user, _ in v.uses())
-            for k in cone.values()
-            for v in nodes[k].outputs
-        )
-        if private:
-            concrete = (shapes or {}).get(branch.name or "")
-            rank = len(branch.shape) if branch.shape is not None else len(concrete) if concrete is not None else 0
-            found.append(Block(i, slot, tuple(sorted(cone.values())), node.name or node.outputs[0].name,
-                               branch.name or "", rank))  # fmt: skip
-    return found
-
-
-def _same_shape(skip: ir.Value, out: ir.Value, shapes: Mapping[str, tuple[int, ...] | None]) -> bool:
-    """Whether the Add's output has the skip's shape, so that ``y = x`` keeps it (unknown: no)."""
-    known = shapes.get(skip.name or ""), shapes.get(out.name or "")
-    if known[0] is not None and known[1] is not None:
-        return tuple(known[0]) == tuple(known[1])
-    if skip.shape is None or out.shape is None or len(skip.shape) != len(out.shape):
-        return False
-    return all(str(s) == str(o) and s is not None for s, o in zip(skip.shape, out.shape, strict=True))
-
-
-def _cone(branch: ir.Value, skip: ir.Value, index: dict[int, int]) -> dict[int, int]:
-    """The nodes that compute ``branch`` from ``skip``: ancestors of ``branch`` that depend on ``skip`` (by id,
-    with their graph indices). Ancestors that do not depend on it (an attention mask made once) stay."""
-    depends: dict[int, bool] = {}
-    stack = [branch.producer()]
-    order = []
-    seen = set()
-    while stack:  # ancestors, up to the skip value's producer and the graph's inputs
-        node = stack.pop()
-        if node is None or id(node) in seen or id(node) not in index:
-            continue
-        seen.add(id(node))
-        order.append(node)
-        stack.extend(v.producer() for v in node.inputs if v is not None and v is not skip)
-    for node in sorted(order, key=lambda n: index[id(n)]):  # graph order: producers first
-        depends[id(node)] = any(
-            v is skip or (v is not None and v.producer() is not None and depends.get(id(v.producer()), False))
-            for v in node.inputs
-        )
-    return {id(n): index[id(n)] for n in order if depends[id(n)]}
 
 
 def drop(model: ir.Model, chosen: list[tuple[Block, np.ndarray | None]]) -> ir.Model:

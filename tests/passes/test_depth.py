@@ -1,4 +1,4 @@
-"""depth: which Adds are residual blocks, the block the budget spares goes and the one it needs stays, the mean form,
+"""depth: the block the budget spares goes and the one it needs stays, the mean form,
 the greedy limit, numerics against onnxruntime on the original, and the error without data."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import cli
+from onnxopt.blocks import blocks
 from onnxopt.budget import Budget
 from onnxopt.manager import PassManager
-from onnxopt.passes.depth import DepthConfig, DepthPass, blocks
+from onnxopt.passes.depth import DepthConfig, DepthPass
 from tests import builders
 
 
@@ -30,29 +30,6 @@ def _run(proto, tmp_path, budget, config=None):
 def _cosine(a, b):
     a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     return float((np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
-
-
-def test_blocks_are_adds_of_a_value_and_a_branch_that_only_it_feeds():
-    found = blocks(ir.from_proto(builders.residual_net()))
-    assert [b.name for b in found] == ["b0.add", "b1.add"]
-    model = ir.from_proto(builders.residual_net())
-    nodes = list(model.graph)
-    assert [[nodes[k].name for k in b.nodes] for b in blocks(model)] == [
-        ["b0.c1", "b0.c1.relu", "b0.c2"], ["b1.c1", "b1.c1.relu", "b1.c2"]
-    ]  # fmt: skip
-    # a projection shortcut: the branch does not depend on the skip value (both read the block's input)
-    assert [b.name for b in blocks(ir.from_proto(builders.residual_net(extra="projection")))] == ["b1.add"]
-    # a branch value the graph also returns cannot go
-    assert [b.name for b in blocks(ir.from_proto(builders.residual_net(extra="exposed")))] == ["b1.add"]
-    # no layer in the branch, or a constant addend: not a block
-    plain = builders.make_model(
-        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"]),
-         helper.make_node("Add", ["y", "c"], ["z"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])],
-        [numpy_helper.from_array(np.ones((2, 3), np.float32), "c")],
-    )  # fmt: skip
-    assert blocks(ir.from_proto(plain)) == []
 
 
 def test_the_block_the_budget_spares_goes_and_the_one_it_needs_stays(tmp_path):
