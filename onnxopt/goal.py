@@ -45,7 +45,8 @@ The search stops at the first point that holds the budget and reaches the target
 point within the budget (the fastest for a latency target, points within 5% of it tying; the smallest for a size
 target; on a tie the better metric, then the earlier, cheaper one) with ``reached = False`` and a reason made of
 what was measured: the best ratio and its pipeline, the pipelines that missed the budget and how, what ``quant``
-found (the recipe it chose, or why it kept float), whether the CPU has VNNI int8 instructions, and for a latency
+found (the recipe it chose, or why it kept float), whether the CPU has VNNI int8 instructions, the share of the
+MACs ``prune`` and ``depth`` keep on their own (:mod:`onnxopt._goal_reason`), and for a latency
 target where the best model's time goes, at the batch whose ratio misses (the data's or one sample): the kinds of
 kernel that take a tenth of it or more, each with its time against the original's (:mod:`onnxopt.profile`;
 MobileNetV2's depthwise convolutions run about as fast in int8 as in float on one sample). Without any point within
@@ -65,6 +66,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from onnxopt import _goal_reason as why
 from onnxopt.errors import UsageError, first_line
 
 if TYPE_CHECKING:
@@ -396,9 +398,9 @@ def seek(
     if not reached and target.kind == "latency" and report is not None and chosen.latency_us is not None:
         # at the batch whose ratio misses the target (the worse of the two)
         one = search.one_sample is not None and (chosen.latency_ratio_batch1 or 0) > (chosen.latency_ratio or 0)
-        profiles = _profiles(Path(model), report.model, search.one_sample if one else feeds.feeds)
-    where = _where_text(chosen, profiles) if profiles is not None else ""
-    reason = _reason(target, points, chosen, reached, search.stages, skipped, search.time_note, where)
+        profiles = why.profiles(Path(model), report.model, search.one_sample if one else feeds.feeds)
+    where = why.where_text(chosen, profiles) if profiles is not None else ""
+    reason = why.reason(target, points, chosen, reached, search.stages, skipped, search.time_note, where)
     return GoalResult(
         target, points, chosen, reached, reason, report, list(stage.passes) if stage is not None else [],
         feeds.shapes, feeds.source, skipped, time.perf_counter() - start, profiles,
@@ -793,97 +795,3 @@ def _combined(chain: list, base) -> RunReport:
     seconds = sum(r.seconds for r in chain)
     before = base if base is not None else chain[0].before
     return RunReport(last.model, before, last.after, passes, last.validation, seconds, stages, last.cost_shapes_from)
-
-
-def _profiles(original: Path, model: ir.Model, feeds) -> dict[str, Profile] | None:
-    """Where the time goes in the original and in the chosen model on ``feeds``; None when a profile cannot be
-    taken (the reason is given without it)."""
-    from onnxopt.profile import profile
-
-    try:
-        return {"original": profile(original, feeds), "chosen": profile(model, feeds)}
-    except Exception as e:
-        logger.info("goal: no profile of the chosen model (%s)", first_line(e))
-        return None
-
-
-def _where_text(chosen: Point, profiles: Mapping[str, Profile]) -> str:
-    from onnxopt import graph as graph_io
-    from onnxopt.profile import shares_text
-
-    shares = shares_text(profiles["original"], profiles["chosen"])
-    if not shares:
-        return ""
-    at = ", ".join(f"{name}={graph_io.shape_text(shape)}" for name, shape in profiles["chosen"].feeds.items())
-    return f"where {chosen.pipeline}'s time goes (onnxruntime's profile at {at}): {shares}"
-
-
-def _reason(
-    target: Target,
-    points: Sequence[Point],
-    chosen: Point | None,
-    reached: bool,
-    stages,
-    skipped,
-    time_note: str = "",
-    where: str = "",
-) -> str:
-    """Why the search ended where it did, from what was measured."""
-    if reached and chosen is not None:
-        return f"{chosen.pipeline} reaches {target.kind} {target.value(chosen):.2f}x within the budget"
-    facts = []
-    if chosen is not None:
-        facts.append(f"best within the budget {target.value(chosen):.2f}x {target.kind} ({chosen.pipeline})")
-    else:
-        facts.append("no pipeline holds the budget")
-    for point in points:
-        if not point.ok:
-            facts.append(f"{point.pipeline} {point.note or 'misses the budget'}")
-    quant = _quant_facts(stages)
-    facts += quant
-    if quant and target.kind == "latency":
-        vnni = _cpu_vnni()
-        if vnni is False:
-            facts.append("this CPU has no AVX-512 VNNI / AVX-VNNI int8 instructions")
-    if where:
-        facts.append(where)
-    prune = next((p for p in points if p.pipeline.startswith("prune") and "," not in p.pipeline and p.ok), None)
-    if prune is not None and prune.macs_ratio is not None:
-        facts.append(f"prune keeps {prune.macs_ratio:.2f} of the MACs within the budget")
-    facts += [f"not tried: {s}" for s in skipped]
-    if time_note:
-        facts.insert(1, time_note)
-    return f"target {target.describe()} not reached: " + "; ".join(facts)
-
-
-def _quant_facts(stages) -> list[str]:
-    """What each quant run measured: the recipe it chose and its speed against its float input, or why it kept
-    float; pipelines with the same finding share one fact."""
-    found: dict[str, list[str]] = {}
-    for prefix, stage in stages.items():
-        if not stage.chain or prefix[-1].name != "quant":
-            continue
-        record = next((r for r in stage.chain[-1].passes if r.name == "quant"), None)
-        if record is None:
-            continue
-        details = record.details
-        chosen = details.get("quant_chosen")
-        if chosen is not None:
-            ratio = next((r["latency_ratio"] for r in details.get("quant_recipes", []) if r["recipe"] == chosen), None)
-            fact = f"int8 recipe {chosen}" + (f" at {ratio:.2f}x its float input" if ratio is not None else "")
-        else:
-            fact = "float kept: " + next((s.reason for s in record.skipped if s.site == "model"), "no recipe won")
-        found.setdefault(fact, []).append(_pipeline(prefix))
-    return [f"{', '.join(where)}: {fact}" for fact, where in found.items()]
-
-
-def _cpu_vnni() -> bool | None:
-    """Whether the CPU advertises VNNI int8 dot products (``/proc/cpuinfo`` flags; ``None``: unknown)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    if flags is None:
-        return None
-    return "avx512_vnni" in flags or "avx_vnni" in flags
