@@ -224,7 +224,7 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="fraction of integer/boolean output values allowed to differ (default 0, or free under a task budget)",
     )
-    metric = parser.add_argument_group("task metric (see README, Budgets)")
+    metric = parser.add_argument_group("task metric (see README, Task metrics)")
     metric.add_argument(
         "--metric",
         metavar="NAME",
@@ -302,7 +302,7 @@ Optimize MODEL with the passes named, validate the result against MODEL and writ
   onnxopt run model.onnx --passes prune,quant --data calib.npz --eval eval.npz -o out.onnx
   onnxopt run model.onnx --target latency=0.5 --data calib.npz --eval eval.npz -o out.onnx  (passes chosen)
 
-Lossy passes (prune, split, svd, quant, share) search the strongest setting within the error budget: by
+Lossy passes (prune, split, svd, quant, share, depth) search the strongest setting within the error budget: by
 default 0.5 pp of accuracy when the data has labels, else a per-sample cosine of 0.999; runs of exact passes
 only must match to 1e-5. --config reads all of it from a recipe file.
 """
@@ -711,9 +711,6 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
-_GOAL_PASSES = ("simplify", "prune", "quant", "svd", "distill", "share", "fuse")  # what onnxopt.goal's ladder runs
-
-
 def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, held_out: Any) -> int:
     """``run --target``: the goal search (:mod:`onnxopt.goal`), each point printed as it is measured.
 
@@ -730,7 +727,7 @@ def _run_goal(args: argparse.Namespace, source: Path, output: Path, calib: Any, 
     if calib is None:
         raise UsageError("--target needs calibration data: give --data (every pipeline it tries is lossy)")
     options = _pass_options(args, list(registry.available()))
-    unused = [name for name in options if name not in _GOAL_PASSES]
+    unused = [name for name in options if name not in goal.PASSES]
     if unused:
         raise UsageError(f"--target does not use the '{unused[0]}' pass: drop its --{unused[0]}-* options")
     if args.keep_initializer_inputs:

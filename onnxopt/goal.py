@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from onnxopt.manager import RunReport
     from onnxopt.profile import Profile
 
-__all__ = ["Target", "Step", "Point", "GoalResult", "ladder", "seek", "split_budget", "pareto_front", "KINDS"]
+__all__ = ["Target", "Step", "Point", "GoalResult", "ladder", "seek", "split_budget", "pareto_front", "KINDS", "PASSES"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ KINDS = ("latency", "size")
 MATMUL_HEAVY = 0.5  # share of the MACs in Gemm/MatMul from which svd joins the ladder
 MARGIN = 0.05  # latency ratios this close (relative) to the best tie when the best point is chosen (quant's margin)
 RESERVE = 0.25  # part of the budget _Search.adapt keeps for later lossy steps beyond what their own points used
+# every pass the ladder may run (simplify wraps each step): the passes whose options `run --target` accepts
+PASSES = frozenset({"simplify", "quant", "fuse", "svd", "prune", "depth", "distill", "share"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,8 +24,9 @@ from onnxopt.goal import Point, Target
 from tests import builders
 
 HIDDEN, ALIVE, INPUTS = 2048, 16, 256  # wide enough that the pruned model is faster on one sample too (0.17x)
-# cheap settings for every run: one int8 recipe timed in 3 rounds, short searches
-FAST = ["--quant-recipes", "qdq-u8-pc", "--quant-rounds", "3", "--prune-steps", "3"]
+# cheap settings for every run: one int8 recipe timed in 3 rounds, short searches (and an option of every pass on
+# the ladder that has one the search can take: --target accepts them all)
+FAST = ["--quant-recipes", "qdq-u8-pc", "--quant-rounds", "3", "--prune-steps", "3", "--depth-max-blocks", "1"]
 
 
 def _dead_mlp(seed: int = 0) -> onnx.ModelProto:
@@ -296,6 +297,9 @@ def test_ladder_follows_the_model_and_what_is_installed():
         steps = [s.name for s in pipeline]
         if "fuse" in steps:
             assert not {"prune", "svd", "distill"} & set(steps[steps.index("fuse") :])
+    # every pass a ladder runs takes its options from `run --target` (goal.PASSES)
+    ladders = [with_torch, without, sized, residual, encoder]
+    assert {s.name for pipelines in ladders for p in pipelines for s in p} | {"simplify"} == goal.PASSES
 
 
 def _load_proto(proto):
