@@ -97,9 +97,11 @@ def quant_facts(stages) -> list[str]:
     from onnxopt.goal import _pipeline
 
     found: dict[str, list[str]] = {}
-    for prefix, stage in stages.items():
-        if not stage.chain or prefix[-1].name != "quant":
+    seen = set()
+    for prefix, stage in stages.items():  # a pipeline that is the same model as one run shares its stage: once
+        if not stage.chain or prefix[-1].name != "quant" or id(stage) in seen:
             continue
+        seen.add(id(stage))
         record = next((r for r in stage.chain[-1].passes if r.name == "quant"), None)
         if record is None:
             continue

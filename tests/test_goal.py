@@ -577,3 +577,4 @@ def test_a_pipeline_whose_earlier_step_changed_nothing_is_not_run_again(tmp_path
     assert "depth,quant: the same model as quant" in result.skipped
     assert "depth(budget=0.5),quant: the same model as quant" in result.skipped
     assert "depth keeps 1.00 of the MACs within the budget" in result.reason  # the target, 0.01x, is not reached
+    assert "; quant: " in result.reason and "quant, depth" not in result.reason  # its finding once, not its aliases
