@@ -43,8 +43,8 @@ def blocks(model: ir.Model, shapes: Mapping[str, tuple[int, ...] | None] | None 
 
     A block's Add must give its skip's shape: checked on ``shapes`` (value name -> the concrete shape the data
     gives it) where it has both, else on the declared shapes, inferred into ``model`` first where an Add's are
-    missing (an image model with symbolic height and width needs ``shapes``). ``shapes={}`` checks no shape
-    (the ``depth`` pass's statistics request, which asks for every candidate's statistics before the data's shapes are
+    missing (an image model with symbolic height and width needs ``shapes``). ``shapes={}`` checks no shape (the
+    ``depth`` pass's statistics request, which asks for every candidate's statistics before the data's shapes are
     known)."""
     if shapes is None and any(n.op_type == "Add" and n.outputs[0].shape is None for n in model.graph):
         ShapeInferencePass(strict_mode=False)(model)
