@@ -550,7 +550,7 @@ class _Search:
             if not point.ok:
                 break
         last = self.stages.get(candidate)
-        return None, last is not None and last.point.ok and last.point.same_as is None and not self._beaten(candidate)
+        return False, last is not None and last.point.ok and last.point.same_as is None and not self._beaten(candidate)
 
     def _beaten(self, candidate: tuple[Step, ...]) -> bool:
         """Whether a later step of ``candidate`` alone (its single-step point, whole budget) reached a ratio at least
@@ -636,9 +636,9 @@ class _Search:
             whole = self.stages.get((*prefix[:i], dataclasses.replace(prefix[i], share=1.0)))
             return any(s is not None and s.idle and s.point.ok for s in (stage, whole))
 
-        kept = tuple(step for i, step in enumerate(prefix[:-1]) if not idle(i)) + prefix[-1:]
         if len(prefix) == 1 and prefix[0].share < 1 and idle(0):
             return (dataclasses.replace(prefix[0], share=1.0),)
+        kept = tuple(step for i, step in enumerate(prefix[:-1]) if not idle(i)) + prefix[-1:]
         return kept if kept != prefix and kept in self.stages else None
 
 

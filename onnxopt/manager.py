@@ -294,6 +294,7 @@ class PassManager:
             budget = self.budget or self._default_budget(check_data, model)
             self._check_up_front(judge, check_data, budget, given=held_out or calib)
             passed: list[ValidationReport] = []  # passing budget checks of the current pass, newest last
+            cost_shapes, cost_shapes_from = self._cost_shapes(model, held_out or calib)
             context = PassContext(
                 budget=budget,
                 data=calib,
@@ -303,11 +304,11 @@ class PassManager:
                 else self._checker(judge, check_data, budget, passed, metric=self.metric, executor=self.executor),
                 seed=self.seed,
                 original=original_path,
+                input_shapes=cost_shapes,
             )
             width = 1 if self.executor is None else self.executor.candidates_at_once(check_data)
             if width > 1:  # a search may score candidates at once
                 context.prefetch, context.parallel = getattr(context.check, "prefetch", None), width
-            cost_shapes, cost_shapes_from = self._cost_shapes(model, held_out or calib)
             before = cost.estimate(model, input_shapes=cost_shapes)
             records, stages, first_check = [], [StageRecord("original", before.bytes)], None
             shares = self._budget_shares()

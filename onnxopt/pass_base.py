@@ -76,6 +76,9 @@ class PassContext:
     seed: int = 0
     # the model the pipeline started from, as a file (what ``distill`` learns to reproduce)
     original: Path | None = None
+    # the per-sample input shapes the run counts MACs at (the data's first batch; PassManager._cost_shapes): a
+    # pass that needs concrete shapes (an image model's symbolic height and width) counts at the same ones
+    input_shapes: dict[str, list[int]] | None = None
     # how many budget checks the running pass's search expects to make (progress displays; see expect_trials)
     expected_trials: int | None = None
     # candidates worth scoring at once (an executor's workers; 1: one after the other), and how: ``prefetch(models)``

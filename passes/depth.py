@@ -25,6 +25,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxopt import cost as cost_mod
+from onnxopt import graph as graph_io
 from onnxopt.blocks import Block, blocks
 from onnxopt.budget import spent
 from onnxopt.pass_base import Change, OptPass, OptResult, PassConfig, Skip, budget_figures
@@ -64,11 +65,7 @@ def drop(model: ir.Model, chosen: list[tuple[Block, np.ndarray | None]]) -> ir.M
             ir.convenience.replace_all_uses_with(add.outputs[0], skip)
             continue
         value = np.zeros((1,) * block.rank, np.float32) if constant is None else constant
-        name = f"{block.name}_depth_constant"
-        tensor = ir.tensor(value.astype(np.float32), name=name)
-        init = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                        const_value=tensor)  # fmt: skip
-        model.graph.register_initializer(init)
+        init = graph_io.add_initializer(model.graph, f"{block.name}_depth_constant", value.astype(np.float32))
         add.replace_input_with(block.slot, init)
     RemoveUnusedNodesPass()(model)
     return model
@@ -161,12 +158,9 @@ class DepthPass(OptPass):
 
 
 def _cost(model: ir.Model, context) -> cost_mod.ModelCost:
-    """The model's cost per sample at the data's shapes (an image model's symbolic height and width made
+    """The model's cost per sample at the run's shapes (the data's: an image model's symbolic height and width made
     concrete), which also gives each node's output shape."""
-    source = context.eval_data or context.data
-    first = next(iter(source), None) if source is not None else None
-    shapes = cost_mod.shapes_from_feeds(model, first.feeds) if first is not None else None
-    return cost_mod.estimate(model, input_shapes=shapes)
+    return cost_mod.estimate(model, input_shapes=context.input_shapes or None)
 
 
 def _output_shapes(model: ir.Model, counted: cost_mod.ModelCost) -> dict[str, tuple[int, ...] | None]:
